@@ -1,0 +1,284 @@
+//! The binary interface between the BPF programs, the dispatcher and the
+//! workers: map keys and values, ring records, counters.
+//!
+//! Every type is `#[repr(C)]`, has no padding the kernel could leave
+//! uninitialised, and is `Copy`, so user space can read and write it as
+//! plain bytes. Sizes are fixed: changing one is an ABI change for the
+//! dispatcher, the worker library and the programs at once.
+
+use crate::scan::Scanner;
+
+/// Head bytes the kernel frames itself. A request head (request line,
+/// headers and the blank line) longer than this takes the slow path.
+/// A power of two so indices can be masked for the verifier.
+pub const HEAD_MAX: usize = 4096;
+
+/// Body bytes carried by one ring record.
+pub const BODY_CHUNK: usize = 4096;
+
+/// Ring slots: one ring per (pool, worker) pair. Pools are numbered from 0.
+pub const MAX_SLOTS: u32 = 64;
+
+/// Pools the route table can name.
+pub const MAX_POOLS: u32 = 64;
+
+/// Path bytes that take part in route matching. Longer paths are matched on
+/// their first `PATH_KEY_MAX` bytes, which is exact because route prefixes
+/// are limited to `PATH_KEY_MAX - 1` bytes.
+pub const PATH_KEY_MAX: usize = 120;
+
+/// Bytes of route-key data: a 64-bit host hash, then the path bytes.
+pub const ROUTE_KEY_LEN: usize = 8 + PATH_KEY_MAX;
+
+/// Host hash that stands for "any host" (`*` in a route).
+pub const WILDCARD_HOST: u64 = 0;
+
+/// Largest Content-Length the scanner accepts before it hands the request
+/// to the slow path (which answers 413 or streams it).
+pub const MAX_CONTENT_LENGTH: u64 = 1 << 40;
+
+/// Kind of a [`RecordHeader`]: the record carries the request head.
+pub const RECORD_HEAD: u8 = 1;
+/// Kind of a [`RecordHeader`]: the record carries body bytes.
+pub const RECORD_BODY: u8 = 2;
+
+/// Record flag: this record completes the request.
+pub const REC_LAST: u8 = 1;
+/// Record flag: the client asked to close the connection after this
+/// request (`Connection: close`, or HTTP/1.0 without keep-alive).
+pub const REC_CLOSE: u8 = 2;
+/// Record flag: the request was framed by the dispatcher's slow path.
+pub const REC_SLOW: u8 = 4;
+
+/// Header of every request record, in a ring or on a worker's control
+/// socket. `len` data bytes follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// The connection: its socket cookie.
+    pub conn: u64,
+    /// Request number on the connection, from 0. Responses are written back
+    /// in this order.
+    pub seq: u32,
+    /// Data bytes that follow the header.
+    pub len: u32,
+    /// On a head record: the body length the request announced.
+    pub content_length: u64,
+    /// [`RECORD_HEAD`] or [`RECORD_BODY`].
+    pub kind: u8,
+    /// `REC_*` bits.
+    pub flags: u8,
+    /// Pool the request was routed to.
+    pub pool: u16,
+    pub _pad: u32,
+}
+
+pub const RECORD_HEADER_LEN: usize = core::mem::size_of::<RecordHeader>();
+const _: () = assert!(RECORD_HEADER_LEN == 32);
+
+impl RecordHeader {
+    /// The header as the bytes that precede a record's data.
+    pub fn to_bytes(&self) -> [u8; RECORD_HEADER_LEN] {
+        // SAFETY: repr(C) without padding (size asserted above).
+        unsafe { core::mem::transmute_copy(self) }
+    }
+
+    /// Reads a header from the start of `b` (any alignment).
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() < RECORD_HEADER_LEN {
+            return None;
+        }
+        // SAFETY: every bit pattern is a valid RecordHeader; the length was checked.
+        Some(unsafe { core::ptr::read_unaligned(b.as_ptr() as *const RecordHeader) })
+    }
+}
+
+/// A record whose data is a request head.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HeadRecord {
+    pub hdr: RecordHeader,
+    pub data: [u8; HEAD_MAX],
+}
+
+/// A record whose data is (part of) a request body.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BodyRecord {
+    pub hdr: RecordHeader,
+    pub data: [u8; BODY_CHUNK],
+}
+
+/// Connection mode: the kernel is looking for the next request head.
+pub const MODE_HEAD: u32 = 0;
+/// Connection mode: the kernel is copying the body of request `seq`.
+pub const MODE_BODY: u32 = 1;
+/// Connection mode: user space owns the byte stream from the hand-off point.
+pub const MODE_SLOW: u32 = 2;
+/// Connection mode: the client asked to close; later bytes are discarded.
+pub const MODE_DRAIN: u32 = 3;
+
+/// Why the kernel handed a connection to the slow path (index into
+/// the `HANDOFFS` counters).
+pub mod reason {
+    /// The head is longer than [`super::HEAD_MAX`].
+    pub const HEAD_TOO_LARGE: u32 = 1;
+    /// The scanner met something it does not frame itself (see
+    /// [`crate::scan::slow`]).
+    pub const UNSUPPORTED: u32 = 2;
+    /// Content-Length above the configured fast-path body limit.
+    pub const BODY_TOO_LARGE: u32 = 3;
+    /// The pool's queue is full: the slow path answers 503.
+    pub const QUEUE_FULL: u32 = 4;
+    /// No route matched: the slow path answers 404.
+    pub const NO_ROUTE: u32 = 5;
+    /// The pool has no ring (misconfiguration, or a ring lookup failed).
+    pub const NO_RING: u32 = 6;
+    /// More requests in one segment than the program's tail-call budget.
+    pub const TOO_MANY_STEPS: u32 = 7;
+    /// The ring filled up while a body was being copied.
+    pub const RING_FULL_MID_BODY: u32 = 8;
+    /// A helper failed (reading the segment, allocating state).
+    pub const INTERNAL: u32 = 9;
+    /// Number of reasons, for sizing the counters array.
+    pub const COUNT: u32 = 10;
+
+    /// Name of a reason, for the CLI and logs.
+    pub fn name(r: u32) -> &'static str {
+        match r {
+            HEAD_TOO_LARGE => "head_too_large",
+            UNSUPPORTED => "unsupported",
+            BODY_TOO_LARGE => "body_too_large",
+            QUEUE_FULL => "queue_full",
+            NO_ROUTE => "no_route",
+            NO_RING => "no_ring",
+            TOO_MANY_STEPS => "too_many_steps",
+            RING_FULL_MID_BODY => "ring_full_mid_body",
+            INTERNAL => "internal",
+            _ => "none",
+        }
+    }
+}
+
+/// Per-connection framing state, keyed by socket cookie in `CONN_STATE`.
+///
+/// The kernel writes it; user space reads it once when a connection is
+/// handed to the slow path, and deletes it when the connection closes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConnState {
+    /// `MODE_*`.
+    pub mode: u32,
+    /// Sequence number of the request being framed (= requests framed so far).
+    pub seq: u32,
+    /// Ring slot of the request whose body is being copied.
+    pub slot: u32,
+    /// Pool of that request.
+    pub pool: u32,
+    /// Head bytes of the current request buffered in `rec.data`.
+    pub head_len: u32,
+    /// MODE_SLOW: bytes at the start of the first passed segment that the
+    /// kernel already consumed; user space skips them.
+    pub handoff_skip: u32,
+    /// MODE_SLOW: bytes of `rec.data` that precede the first passed
+    /// segment; user space parses them before the socket's bytes.
+    pub handoff_prefix: u32,
+    /// MODE_SLOW: a `reason::*`.
+    pub handoff_reason: u32,
+    /// MODE_SLOW with QUEUE_FULL / NO_ROUTE: the pool the request routed to.
+    pub handoff_pool: u32,
+    /// Request flags (`REC_CLOSE`) of the request whose body is being copied.
+    pub req_flags: u32,
+    /// Body bytes of request `seq` still to copy.
+    pub body_left: u64,
+    /// Scanner state for the head being framed.
+    pub scan: Scanner,
+    /// The head being assembled, laid out as the ring record it becomes.
+    pub rec: HeadRecord,
+    /// Room after `rec.data` so a copy of up to `HEAD_MAX` bytes at any
+    /// offset below `HEAD_MAX` stays inside the value, which is what the
+    /// verifier can check.
+    pub spill: [u8; HEAD_MAX],
+}
+
+/// A route: which pool serves matching requests.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteValue {
+    pub pool: u32,
+    pub _pad: u32,
+}
+
+/// Data part of a route-table (LPM trie) key: host hash (little endian),
+/// then path bytes, then a 0 byte when the path ended inside the key.
+pub type RouteKeyData = [u8; ROUTE_KEY_LEN];
+
+/// Where a pool's requests go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolInfo {
+    /// First ring slot of the pool.
+    pub first_slot: u32,
+    /// Number of slots (workers) of the pool; 0 means the pool is stopped.
+    pub slots: u32,
+    /// Queue limit in bytes of queued records per slot; above it the
+    /// request gets 503 from the slow path.
+    pub queue_bytes: u32,
+    pub _pad: u32,
+}
+
+/// Global settings of the programs, in `CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Largest Content-Length the kernel copies itself; larger bodies take
+    /// the slow path.
+    pub max_fast_body: u64,
+    /// The dispatcher's listening port (host byte order); the sockops
+    /// program only tracks connections accepted on it.
+    pub listen_port: u32,
+    /// Nonzero when the programs may take the fast path at all.
+    pub enabled: u32,
+}
+
+/// Per-pool counters kept by the kernel, one per-CPU entry per pool.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolCounters {
+    /// Requests framed and queued by the kernel.
+    pub fast_requests: u64,
+    /// Body bytes queued by the kernel.
+    pub fast_body_bytes: u64,
+    /// Requests the kernel found the pool's queue full for.
+    pub queue_full: u64,
+    /// Connections handed to the slow path while routed to this pool.
+    pub slow_handoffs: u64,
+}
+
+/// Per-pool counters kept by the dispatcher's slow path, written by user
+/// space into the `SLOW_STATS` array so `bpftool` shows both sides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlowCounters {
+    /// Requests parsed in user space (httparse) and sent to the pool.
+    pub parsed_requests: u64,
+    /// Requests answered with an error by the dispatcher itself.
+    pub errors: u64,
+}
+
+/// Index in `POOL_COUNTERS` / `SLOW_STATS` for requests that matched no
+/// route.
+pub const UNROUTED: u32 = MAX_POOLS;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, and valid for any bit pattern.
+    unsafe impl aya::Pod for RecordHeader {}
+    unsafe impl aya::Pod for ConnState {}
+    unsafe impl aya::Pod for RouteValue {}
+    unsafe impl aya::Pod for PoolInfo {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for PoolCounters {}
+    unsafe impl aya::Pod for SlowCounters {}
+}

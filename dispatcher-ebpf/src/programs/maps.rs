@@ -1,0 +1,70 @@
+//! The programs' maps. Names are lower case so `bpftool map show` lists
+//! them readably; user space finds them by these names.
+#![allow(non_upper_case_globals)]
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf, SockHash},
+    macros::btf_map,
+};
+use dispatcher_ebpf::abi::{
+    reason, Config, ConnState, PoolCounters, PoolInfo, RouteKeyData, RouteValue, SlowCounters,
+    MAX_POOLS, MAX_SLOTS,
+};
+
+use crate::classify::Scratch;
+
+/// Connections accepted on the listening port, keyed by socket cookie.
+/// The stream verdict program is attached to this map.
+#[btf_map]
+pub static conns: SockHash<u64, 65536> = SockHash::new();
+
+/// Per-connection framing state, keyed by socket cookie. Created by the
+/// sockops program when the connection is established, deleted by the
+/// dispatcher when it closes.
+#[btf_map]
+pub static conn_state: HashMap<u64, ConnState, 65536, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
+
+/// One all-zero `ConnState`: the value new connections start from (too
+/// large to build on the BPF stack).
+#[btf_map]
+pub static zero_state: Array<ConnState, 1> = Array::new();
+
+/// Host + path prefix → pool.
+#[btf_map]
+pub static routes: LpmTrie<RouteKeyData, RouteValue, 65536> = LpmTrie::new();
+
+/// Pool → its ring slots and queue limit.
+#[btf_map]
+pub static pools: Array<PoolInfo, { MAX_POOLS as usize }> = Array::new();
+
+/// Ring slot → the ring buffer its worker consumes. The inner rings are
+/// created by the dispatcher, one per slot; the size here is the template's.
+#[btf_map]
+pub static rings: ArrayOfMaps<RingBuf<u8, { 1 << 22 }>, { MAX_SLOTS as usize }> = ArrayOfMaps::new();
+
+/// Global settings, index 0.
+#[btf_map]
+pub static config: Array<Config, 1> = Array::new();
+
+/// Per-pool kernel counters; the last entry counts unrouted requests.
+#[btf_map]
+pub static pool_stats: PerCpuArray<PoolCounters, { MAX_POOLS as usize + 1 }> = PerCpuArray::new();
+
+/// Hand-offs to the slow path, by `reason`.
+#[btf_map]
+pub static handoffs: PerCpuArray<u64, { reason::COUNT as usize }> = PerCpuArray::new();
+
+/// Per-pool slow-path counters, written by the dispatcher.
+#[btf_map]
+pub static slow_stats: Array<SlowCounters, { MAX_POOLS as usize + 1 }> = Array::new();
+
+/// Per-CPU working memory of the verdict program (kept off the 512-byte
+/// stack, and kept across its tail calls within one segment).
+#[btf_map]
+pub static scratch: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+/// The verdict program's continuation, tail-called once per request
+/// after the first in a segment.
+#[btf_map]
+pub static steps: ProgramArray<1> = ProgramArray::new();

@@ -1,0 +1,208 @@
+//! Queueing framed requests on a pool's ring, and the counters.
+//!
+//! A pool owns one ring per worker slot. A request head goes to the slot
+//! with the least queued data, so a slow worker does not collect a backlog
+//! while a sibling idles; its body records follow it to the same slot.
+//! A queue over its limit is never a silent drop: the request is handed to
+//! the slow path, which answers 503.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::BPF_RB_AVAIL_DATA,
+    helpers::generated::{
+        bpf_ringbuf_discard, bpf_ringbuf_output, bpf_ringbuf_query, bpf_ringbuf_reserve,
+        bpf_ringbuf_submit, bpf_skb_load_bytes,
+    },
+    programs::SkBuffContext,
+};
+use dispatcher_ebpf::abi::{
+    reason, BodyRecord, ConnState, RecordHeader, BODY_CHUNK, HEAD_MAX, MAX_POOLS, MAX_SLOTS,
+    RECORD_BODY, RECORD_HEADER_LEN, RECORD_HEAD, REC_LAST, UNROUTED,
+};
+
+use crate::maps::{handoffs, pool_stats, pools, rings};
+
+/// Web-garden slots a pool may have (bounds the shortest-queue scan).
+pub const MAX_GARDEN: u32 = 8;
+
+/// Bytes of ring space per record besides its data: the ring's own 8-byte
+/// header, rounded up to 8.
+const RING_OVERHEAD: u64 = 8 + 8;
+
+#[inline(always)]
+fn ring_ptr(slot: u32) -> Option<*mut c_void> {
+    rings.get(slot).map(|r| r as *const _ as *mut c_void)
+}
+
+/// Ring space `body` bytes of body take.
+#[inline(always)]
+fn body_space(body: u64) -> u64 {
+    let records = body.div_ceil(BODY_CHUNK as u64);
+    records * (core::mem::size_of::<BodyRecord>() as u64 + RING_OVERHEAD)
+}
+
+/// Queues the head in `st.rec` (its first `end` data bytes) for `pool`.
+/// Returns the slot it went to, or the hand-off reason.
+#[inline(always)]
+pub fn push_head(
+    st: &mut ConnState,
+    cookie: u64,
+    pool: u32,
+    end: u32,
+    content_length: u64,
+    flags: u8,
+) -> Result<u32, u32> {
+    if pool >= MAX_POOLS {
+        return Err(reason::NO_RING);
+    }
+    let Some(info) = pools.get(pool) else { return Err(reason::NO_RING) };
+    let slots = info.slots;
+    if slots == 0 {
+        return Err(reason::NO_RING);
+    }
+    // Shortest queue among the pool's slots.
+    let mut best = info.first_slot;
+    let mut best_q = u64::MAX;
+    let mut i = 0;
+    while i < MAX_GARDEN {
+        if i >= slots {
+            break;
+        }
+        let slot = info.first_slot + i;
+        if slot >= MAX_SLOTS {
+            break;
+        }
+        if let Some(r) = ring_ptr(slot) {
+            // SAFETY: `r` is a ring buffer map.
+            let q = unsafe { bpf_ringbuf_query(r, BPF_RB_AVAIL_DATA as u64) };
+            if q < best_q {
+                best_q = q;
+                best = slot;
+            }
+        }
+        i += 1;
+    }
+    let Some(ring) = ring_ptr(best) else { return Err(reason::NO_RING) };
+    let need = RECORD_HEADER_LEN as u64 + end as u64 + RING_OVERHEAD + body_space(content_length);
+    if best_q.saturating_add(need) > info.queue_bytes as u64 {
+        count_queue_full(pool);
+        return Err(reason::QUEUE_FULL);
+    }
+    st.rec.hdr = RecordHeader {
+        conn: cookie,
+        seq: st.seq,
+        len: end,
+        content_length,
+        kind: RECORD_HEAD,
+        flags,
+        pool: pool as u16,
+        _pad: 0,
+    };
+    let size = RECORD_HEADER_LEN as u64 + end as u64;
+    if size > (RECORD_HEADER_LEN + HEAD_MAX) as u64 {
+        return Err(reason::INTERNAL);
+    }
+    // SAFETY: `st.rec` is at least `size` bytes of map memory.
+    let ret = unsafe { bpf_ringbuf_output(ring, &mut st.rec as *mut _ as *mut c_void, size, 0) };
+    if ret != 0 {
+        count_queue_full(pool);
+        return Err(reason::QUEUE_FULL);
+    }
+    if let Some(c) = pool_stats.get_ptr_mut(pool) {
+        // SAFETY: per-CPU value.
+        unsafe { (*c).fast_requests += 1 };
+    }
+    Ok(best)
+}
+
+/// Body records one invocation writes at most (the program tail-calls
+/// itself for more).
+const MAX_BODY_RECORDS: u32 = 32;
+
+/// Queues `n` body bytes from segment offset `off` on the request's slot.
+/// Returns how many were queued (fewer only if the ring filled up).
+#[inline(always)]
+pub fn push_body(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32, n: u32) -> u32 {
+    let Some(ring) = ring_ptr(st.slot) else { return 0 };
+    let mut done: u32 = 0;
+    let mut i = 0;
+    while i < MAX_BODY_RECORDS {
+        if done >= n {
+            break;
+        }
+        let left = n - done;
+        let chunk = if left < BODY_CHUNK as u32 { left } else { BODY_CHUNK as u32 };
+        if chunk == 0 {
+            break;
+        }
+        // Same value for chunk in 1..=BODY_CHUNK, in a form whose range
+        // the verifier can see.
+        let chunk = crate::bounded(chunk, BODY_CHUNK as u32);
+        // SAFETY: ring buffer map; fixed size the verifier can check.
+        let rec = unsafe { bpf_ringbuf_reserve(ring, core::mem::size_of::<BodyRecord>() as u64, 0) }
+            as *mut BodyRecord;
+        if rec.is_null() {
+            break;
+        }
+        // SAFETY: `rec` is a reserved BodyRecord; chunk <= BODY_CHUNK.
+        let ret = unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb as *const c_void,
+                off + done,
+                (*rec).data.as_mut_ptr() as *mut c_void,
+                chunk,
+            )
+        };
+        if ret != 0 {
+            unsafe { bpf_ringbuf_discard(rec as *mut c_void, 0) };
+            break;
+        }
+        let last = st.body_left == (done + chunk) as u64;
+        let flags = if last { REC_LAST | st.req_flags as u8 } else { 0 };
+        unsafe {
+            (*rec).hdr = RecordHeader {
+                conn: cookie,
+                seq: st.seq,
+                len: chunk,
+                content_length: st.body_left - done as u64,
+                kind: RECORD_BODY,
+                flags,
+                pool: st.pool as u16,
+                _pad: 0,
+            };
+            bpf_ringbuf_submit(rec as *mut c_void, 0);
+        }
+        done += chunk;
+        i += 1;
+    }
+    if st.pool < MAX_POOLS {
+        if let Some(c) = pool_stats.get_ptr_mut(st.pool) {
+            // SAFETY: per-CPU value.
+            unsafe { (*c).fast_body_bytes += done as u64 };
+        }
+    }
+    done
+}
+
+#[inline(always)]
+fn count_queue_full(pool: u32) {
+    if let Some(c) = pool_stats.get_ptr_mut(pool) {
+        // SAFETY: per-CPU value.
+        unsafe { (*c).queue_full += 1 };
+    }
+}
+
+/// Counts a hand-off by reason and, when known, by pool.
+#[inline(always)]
+pub fn count_handoff(why: u32, pool: u32) {
+    if let Some(c) = handoffs.get_ptr_mut(why) {
+        // SAFETY: per-CPU value.
+        unsafe { *c += 1 };
+    }
+    let p = if pool < MAX_POOLS { pool } else { UNROUTED };
+    if let Some(c) = pool_stats.get_ptr_mut(p) {
+        // SAFETY: per-CPU value.
+        unsafe { (*c).slow_handoffs += 1 };
+    }
+}

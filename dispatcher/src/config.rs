@@ -1,0 +1,336 @@
+//! The configuration file (TOML), its validation, and the built-in demo.
+//!
+//! Errors name the file, the line and the field at fault: syntax and type
+//! errors come from the TOML parser with their position; semantic errors
+//! (a bad route, a duplicate pool) carry the span of the value.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use dispatcher_ebpf::{
+    abi::{MAX_POOLS, MAX_SLOTS},
+    route::{route_keys, RouteError, MAX_ROUTE_PREFIX},
+};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Default fast-path body limit: bodies up to this many bytes are copied
+/// by the kernel; larger ones go through the dispatcher.
+pub const DEFAULT_MAX_FAST_BODY: u64 = 64 * 1024;
+/// Default ring size per worker slot.
+pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
+/// Default queue limit per worker slot (bytes of queued records).
+pub const DEFAULT_QUEUE_BYTES: u32 = 2 << 20;
+/// Default instance name (pin directory `/sys/fs/bpf/<instance>`).
+pub const DEFAULT_INSTANCE: &str = "dispatcher";
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default user workers run as when the dispatcher runs as root.
+pub const DEFAULT_WORKER_USER: &str = "nobody";
+/// Default time a connection's oldest request may wait for its response.
+pub const DEFAULT_RESPONSE_TIMEOUT_SECS: u64 = 60;
+/// Default largest request body the slow path accepts (413 above).
+pub const DEFAULT_MAX_BODY: u64 = 64 << 20;
+
+/// The built-in demo configuration (`dispatcher serve` without `--config`).
+pub const DEMO: &str = include_str!("../../examples/demo.toml");
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<Spanned<String>>,
+    instance: Option<Spanned<String>>,
+    #[serde(default)]
+    fast_path: RawFastPath,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    pool: Vec<RawPool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFastPath {
+    max_body: Option<u64>,
+    #[serde(default = "default_true")]
+    enabled: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_body: Option<u64>,
+    response_timeout_secs: Option<u64>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: Spanned<String>,
+    routes: Vec<Spanned<String>>,
+    command: Spanned<String>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    queue_bytes: Option<Spanned<u32>>,
+    ring_bytes: Option<Spanned<u32>>,
+    user: Option<String>,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub instance: String,
+    /// Largest body the kernel copies itself.
+    pub max_fast_body: u64,
+    /// Whether the kernel fast path is used at all.
+    pub fast_path: bool,
+    /// Largest body the slow path accepts.
+    pub max_body: u64,
+    pub response_timeout_secs: u64,
+    pub pools: Vec<Pool>,
+    /// Directory relative worker arguments and commands resolve against.
+    pub base_dir: PathBuf,
+}
+
+/// One application pool: its routes and how to start its worker.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    pub name: String,
+    pub routes: Vec<Route>,
+    pub command: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub queue_bytes: u32,
+    pub ring_bytes: u32,
+    /// User the worker runs as (when the dispatcher is root).
+    pub user: String,
+}
+
+/// A URL prefix: `host/path-prefix`, host `*` for any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Lower-cased host without port or trailing dot; `None` for `*`.
+    pub host: Option<String>,
+    pub prefix: String,
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", self.host.as_deref().unwrap_or("*"), self.prefix)
+    }
+}
+
+/// A configuration error with its location.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}{}: {msg}", line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub msg: String,
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    src: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, span: Option<Range<usize>>, msg: impl Into<String>) -> ConfigError {
+        let line = span.map(|s| self.src[..s.start.min(self.src.len())].matches('\n').count() + 1);
+        ConfigError { file: self.file.to_string(), line, msg: msg.into() }
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: None,
+            msg: format!("cannot read: {e}"),
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        Self::parse(&src, &path.display().to_string(), base)
+    }
+
+    /// Validates configuration text; `file` names it in errors.
+    pub fn parse(src: &str, file: &str, base_dir: PathBuf) -> Result<Config, ConfigError> {
+        let cx = Ctx { file, src };
+        let raw: RawConfig = toml::from_str(src).map_err(|e| {
+            let msg = e.message().to_string();
+            cx.err(e.span(), msg)
+        })?;
+        let listen = match &raw.listen {
+            Some(l) => l.get_ref().parse::<SocketAddr>().map_err(|e| {
+                cx.err(Some(l.span()), format!("field `listen`: `{}` is not an address:port ({e})", l.get_ref()))
+            })?,
+            None => DEFAULT_LISTEN.parse().unwrap(),
+        };
+        if !listen.is_ipv4() {
+            return Err(cx.err(raw.listen.as_ref().map(|l| l.span()), "field `listen`: only IPv4 addresses are supported so far"));
+        }
+        let instance = match &raw.instance {
+            Some(i) => {
+                let v = i.get_ref();
+                if v.is_empty() || v.len() > 32 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                    return Err(cx.err(Some(i.span()), format!("field `instance`: `{v}` must be 1-32 characters of [A-Za-z0-9_-]")));
+                }
+                v.clone()
+            }
+            None => DEFAULT_INSTANCE.to_string(),
+        };
+        if raw.pool.is_empty() {
+            return Err(cx.err(None, "no `[[pool]]` defined: at least one pool is needed"));
+        }
+        if raw.pool.len() > MAX_POOLS as usize || raw.pool.len() > MAX_SLOTS as usize {
+            return Err(cx.err(None, format!("{} pools defined; at most {} are supported", raw.pool.len(), MAX_POOLS)));
+        }
+        let mut names = HashSet::new();
+        let mut seen_routes: BTreeMap<(Option<String>, String), String> = BTreeMap::new();
+        let mut pools = Vec::new();
+        for p in &raw.pool {
+            let name = p.name.get_ref();
+            if name.is_empty() || name.len() > 32 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(cx.err(Some(p.name.span()), format!("pool field `name`: `{name}` must be 1-32 characters of [A-Za-z0-9_-]")));
+            }
+            if !names.insert(name.clone()) {
+                return Err(cx.err(Some(p.name.span()), format!("pool field `name`: pool `{name}` is defined twice")));
+            }
+            if p.routes.is_empty() {
+                return Err(cx.err(Some(p.name.span()), format!("pool `{name}`: field `routes` is empty")));
+            }
+            let mut routes = Vec::new();
+            for r in &p.routes {
+                let route = parse_route(r.get_ref(), listen.port())
+                    .map_err(|m| cx.err(Some(r.span()), format!("pool `{name}`, field `routes`: `{}`: {m}", r.get_ref())))?;
+                let k = (route.host.clone(), route.prefix.clone());
+                if let Some(other) = seen_routes.insert(k, name.clone()) {
+                    return Err(cx.err(Some(r.span()), format!("pool `{name}`, field `routes`: `{}` is already routed to pool `{other}`", r.get_ref())));
+                }
+                routes.push(route);
+            }
+            if p.command.get_ref().trim().is_empty() {
+                return Err(cx.err(Some(p.command.span()), format!("pool `{name}`: field `command` is empty")));
+            }
+            let queue_bytes = p.queue_bytes.as_ref().map(|q| *q.get_ref()).unwrap_or(DEFAULT_QUEUE_BYTES);
+            let ring_bytes = match &p.ring_bytes {
+                Some(r) => {
+                    let v = *r.get_ref();
+                    if !v.is_power_of_two() || v < 4096 {
+                        return Err(cx.err(Some(r.span()), format!("pool `{name}`, field `ring_bytes`: {v} must be a power of two of at least 4096")));
+                    }
+                    v
+                }
+                None => DEFAULT_RING_BYTES,
+            };
+            if queue_bytes > ring_bytes {
+                let span = p.queue_bytes.as_ref().map(|q| q.span());
+                return Err(cx.err(span, format!("pool `{name}`, field `queue_bytes`: {queue_bytes} exceeds the ring size {ring_bytes}")));
+            }
+            pools.push(Pool {
+                name: name.clone(),
+                routes,
+                command: p.command.get_ref().clone(),
+                args: p.args.clone(),
+                env: p.env.clone(),
+                queue_bytes,
+                ring_bytes,
+                user: p.user.clone().unwrap_or_else(|| DEFAULT_WORKER_USER.to_string()),
+            });
+        }
+        Ok(Config {
+            listen,
+            instance,
+            max_fast_body: raw.fast_path.max_body.unwrap_or(DEFAULT_MAX_FAST_BODY),
+            fast_path: raw.fast_path.enabled,
+            max_body: raw.limits.max_body.unwrap_or(DEFAULT_MAX_BODY),
+            response_timeout_secs: raw.limits.response_timeout_secs.unwrap_or(DEFAULT_RESPONSE_TIMEOUT_SECS),
+            pools,
+            base_dir,
+        })
+    }
+}
+
+/// Parses `host[:port]/prefix`.
+pub fn parse_route(s: &str, listen_port: u16) -> Result<Route, String> {
+    let slash = s.find('/').ok_or("a route is `host/path-prefix` (host `*` for any); there is no `/`")?;
+    let (host, prefix) = s.split_at(slash);
+    if host.is_empty() {
+        return Err("the host is empty; use `*` for any host".into());
+    }
+    let host = if host == "*" {
+        None
+    } else {
+        let name = dispatcher_ebpf::scan::strip_port(host.as_bytes());
+        let port = &host[name.len()..];
+        if !port.is_empty() {
+            let p: u16 = port[1..].parse().map_err(|_| format!("`{port}` is not a port"))?;
+            if p != listen_port {
+                return Err(format!("names port {p} but the dispatcher listens on port {listen_port}"));
+            }
+        }
+        let mut name = std::str::from_utf8(name).unwrap().to_ascii_lowercase();
+        if name.ends_with('.') {
+            name.pop();
+        }
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~[]:".contains(&b)) {
+            return Err(format!("`{name}` is not a host name"));
+        }
+        Some(name)
+    };
+    route_keys(1, prefix.as_bytes()).map_err(|e| match e {
+        RouteError::NotAbsolute => "the path prefix must start with `/`".to_string(),
+        RouteError::TooLong => format!("the path prefix is longer than {MAX_ROUTE_PREFIX} bytes"),
+        RouteError::BadByte => "the path prefix may not contain `?`, `#`, `%`, `\\`, spaces, control bytes, `//` or dot segments".to_string(),
+    })?;
+    Ok(Route { host, prefix: prefix.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn demo_config_is_valid() {
+        let c = Config::parse(DEMO, "demo", PathBuf::from(".")).unwrap();
+        assert_eq!(c.pools.len(), 2);
+    }
+
+    #[test]
+    fn bad_route_names_file_line_and_field() {
+        let src = "listen = \"127.0.0.1:9000\"\n\n[[pool]]\nname = \"a\"\ncommand = \"x\"\nroutes = [\"*/ok/\",\n  \"*noslash\"]\n";
+        let e = Config::parse(src, "my.toml", PathBuf::from(".")).unwrap_err();
+        assert_eq!(e.line, Some(7), "{e}");
+        let s = e.to_string();
+        assert!(s.starts_with("my.toml:7:"), "{s}");
+        assert!(s.contains("field `routes`"), "{s}");
+    }
+
+    #[test]
+    fn unknown_field_is_reported_with_line() {
+        let src = "[[pool]]\nname = \"a\"\ncommand = \"x\"\nroutes = [\"*/\"]\nqueue_lenght = 5\n";
+        let e = Config::parse(src, "f.toml", PathBuf::from(".")).unwrap_err();
+        assert_eq!(e.line, Some(5), "{e}");
+        assert!(e.to_string().contains("queue_lenght"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_route_and_port_mismatch() {
+        let src = "[[pool]]\nname = \"a\"\ncommand = \"x\"\nroutes = [\"*/\"]\n[[pool]]\nname = \"b\"\ncommand = \"x\"\nroutes = [\"*/\"]\n";
+        let e = Config::parse(src, "f.toml", PathBuf::from(".")).unwrap_err();
+        assert!(e.to_string().contains("already routed to pool `a`"), "{e}");
+        assert_eq!(parse_route("example.com:81/x", 80).unwrap_err(), "names port 81 but the dispatcher listens on port 80");
+        assert_eq!(parse_route("Example.COM.:80/x", 80).unwrap().host.as_deref(), Some("example.com"));
+    }
+}

@@ -1,0 +1,377 @@
+//! Loads, configures, pins and attaches the BPF programs and maps.
+//!
+//! Everything is pinned under `/sys/fs/bpf/<instance>/` (root only), so
+//! `bpftool map show pinned /sys/fs/bpf/<instance>/routes` works while the
+//! dispatcher runs; [`Kernel`]'s drop removes the pins, and dropping the
+//! loaded object detaches the programs.
+
+use std::{
+    fs,
+    os::fd::{AsFd, AsRawFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, ArrayOfMaps, HashMap, Map, MapData, PerCpuArray, ProgramArray, SockHash,
+    },
+    programs::{links::CgroupAttachMode, SkSkb, SockOps},
+    Ebpf, EbpfLoader, VerifierLogLevel,
+};
+use dispatcher_ebpf::{
+    abi::{
+        reason, Config as KConfig, ConnState, PoolCounters, PoolInfo, RouteKeyData, RouteValue,
+        SlowCounters, MAX_POOLS, UNROUTED, WILDCARD_HOST,
+    },
+    route::{request_key, route_keys, wildcard, RouteKey},
+    scan::host_hash,
+};
+
+use crate::config::Config;
+
+/// The BPF object built by `cargo xtask build` (see build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dispatcher-ebpf.o"));
+
+const BPF_FS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// The loaded programs and maps of one dispatcher instance.
+pub struct Kernel {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    /// One ring per pool (slot = pool index for now).
+    rings: Vec<MapData>,
+}
+
+/// Where a slow-path request routes, mirroring the kernel's lookup.
+pub enum Routed {
+    Pool(u32),
+    NoRoute,
+}
+
+impl Kernel {
+    /// Loads everything for `cfg`. Fails with a message naming what is
+    /// missing (root, bpffs, cgroup v2, a verifier rejection with its log).
+    pub fn load(cfg: &Config) -> Result<Kernel> {
+        if OBJECT.is_empty() {
+            bail!("this dispatcher binary was built without its BPF programs; build it with `cargo xtask build` (or run `cargo xtask run`)");
+        }
+        if !nix::unistd::geteuid().is_root() {
+            bail!(
+                "loading BPF programs needs root (CAP_BPF and CAP_NET_ADMIN); kernel.unprivileged_bpf_disabled = {}",
+                fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled").unwrap_or_default().trim()
+            );
+        }
+        ensure_bpffs()?;
+        let pin_dir = Path::new(BPF_FS).join(&cfg.instance);
+        if pin_dir.exists() {
+            // The caller holds the instance lock, so this is a leftover of a
+            // run that was killed.
+            tracing::warn!(dir = %pin_dir.display(), "removing pins left by an earlier run");
+            fs::remove_dir_all(&pin_dir).with_context(|| format!("removing stale {}", pin_dir.display()))?;
+        }
+        fs::create_dir(&pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+        let mut k = Kernel { ebpf: load_object()?, pin_dir, rings: Vec::new() };
+        k.configure(cfg)?;
+        Ok(k)
+    }
+
+    fn map(&mut self, name: &str) -> Result<&mut Map> {
+        self.ebpf.map_mut(name).ok_or_else(|| anyhow!("BPF object has no map `{name}`"))
+    }
+
+    fn configure(&mut self, cfg: &Config) -> Result<()> {
+        // Rings first, then pools and routes, then programs; the sockops
+        // program starts tracking connections only once all is in place.
+        for (i, p) in cfg.pools.iter().enumerate() {
+            let obj = aya_obj::Map::new_from_params(
+                aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32,
+                0,
+                0,
+                p.ring_bytes,
+                0,
+            );
+            let name: String = format!("ring_{}", p.name).chars().take(15).collect();
+            let ring = MapData::create(obj, &name, None).with_context(|| format!("creating the ring of pool `{}`", p.name))?;
+            ring.pin(self.pin_dir.join(format!("ring_{}", p.name)))
+                .with_context(|| format!("pinning the ring of pool `{}`", p.name))?;
+            let mut rings: ArrayOfMaps<&mut MapData, MapData> = ArrayOfMaps::try_from(self.map("rings")?)?;
+            rings.set(i as u32, &ring, 0).with_context(|| format!("setting slot {i} in `rings`"))?;
+            self.rings.push(ring);
+        }
+        {
+            let mut pools: Array<&mut MapData, PoolInfo> = Array::try_from(self.map("pools")?)?;
+            for (i, p) in cfg.pools.iter().enumerate() {
+                let info = PoolInfo { first_slot: i as u32, slots: 1, queue_bytes: p.queue_bytes, _pad: 0 };
+                pools.set(i as u32, info, 0).context("writing `pools`")?;
+            }
+        }
+        {
+            let mut routes: LpmTrie<&mut MapData, RouteKeyData, RouteValue> = LpmTrie::try_from(self.map("routes")?)?;
+            for (i, p) in cfg.pools.iter().enumerate() {
+                for r in &p.routes {
+                    let h = r.host.as_deref().map(|h| host_hash(h.as_bytes())).unwrap_or(WILDCARD_HOST);
+                    let (keys, n) = route_keys(h, r.prefix.as_bytes()).map_err(|e| anyhow!("route {r}: {e:?}"))?;
+                    for k in &keys[..n] {
+                        routes
+                            .insert(&Key::new(k.prefix_len, k.data), RouteValue { pool: i as u32, _pad: 0 }, 0)
+                            .with_context(|| format!("inserting route {r}"))?;
+                    }
+                }
+            }
+        }
+        // Programs.
+        let conns_fd = {
+            let conns: SockHash<&mut MapData, u64> = SockHash::try_from(self.map("conns")?)?;
+            conns.fd().try_clone().context("duplicating the `conns` fd")?
+        };
+        {
+            let step: &mut SkSkb = self
+                .ebpf
+                .program_mut("classify_step")
+                .ok_or_else(|| anyhow!("no program classify_step"))?
+                .try_into()?;
+            step.load().map_err(verifier("classify_step"))?;
+            let fd = step.fd()?.try_clone()?;
+            step.pin(self.pin_dir.join("classify_step")).context("pinning classify_step")?;
+            let mut steps: ProgramArray<&mut MapData> = ProgramArray::try_from(self.map("steps")?)?;
+            steps.set(0, &fd, 0).context("setting steps[0]")?;
+        }
+        {
+            let verdict: &mut SkSkb =
+                self.ebpf.program_mut("classify").ok_or_else(|| anyhow!("no program classify"))?.try_into()?;
+            verdict.load().map_err(verifier("classify"))?;
+            verdict.attach(&conns_fd).context("attaching the stream verdict to `conns`")?;
+            verdict.pin(self.pin_dir.join("classify")).context("pinning classify")?;
+        }
+        {
+            let mut c: Array<&mut MapData, KConfig> = Array::try_from(self.map("config")?)?;
+            c.set(
+                0,
+                KConfig {
+                    max_fast_body: cfg.max_fast_body,
+                    listen_port: cfg.listen.port() as u32,
+                    enabled: cfg.fast_path as u32,
+                },
+                0,
+            )
+            .context("writing `config`")?;
+        }
+        {
+            let cgroup = cgroup2_root()?;
+            let cg = fs::File::open(&cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+            let ops: &mut SockOps =
+                self.ebpf.program_mut("track_conn").ok_or_else(|| anyhow!("no program track_conn"))?.try_into()?;
+            ops.load().map_err(verifier("track_conn"))?;
+            // Through a bpf_link (flags must be 0), which the kernel always
+            // attaches in multi mode next to other programs of the cgroup.
+            ops.attach(cg.as_fd(), CgroupAttachMode::Single)
+                .with_context(|| format!("attaching sockops to cgroup {}", cgroup.display()))?;
+            ops.pin(self.pin_dir.join("track_conn")).context("pinning track_conn")?;
+        }
+        for name in ["conns", "conn_state", "routes", "pools", "rings", "config", "pool_stats", "handoffs", "slow_stats"] {
+            let path = self.pin_dir.join(name);
+            self.map(name)?.pin(&path).with_context(|| format!("pinning map {name} at {}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// A duplicate fd of pool `pool`'s ring, for its worker.
+    pub fn ring_fd(&self, pool: usize) -> Result<OwnedFd> {
+        let fd = self.rings[pool].fd().as_fd().try_clone_to_owned().context("duplicating a ring fd")?;
+        Ok(fd)
+    }
+
+    /// The framing state of connection `cookie`, if the kernel tracks it.
+    pub fn conn_state(&self, cookie: u64) -> Option<Box<ConnState>> {
+        let map = self.ebpf.map("conn_state")?;
+        let fd = map_fd(map)?;
+        lookup_boxed::<u64, ConnState>(fd, &cookie)
+    }
+
+    /// Forgets connection `cookie` (it closed).
+    pub fn forget_conn(&mut self, cookie: u64) {
+        if let Ok(m) = self.map("conn_state") {
+            if let Ok(mut h) = HashMap::<&mut MapData, u64, ConnState>::try_from(m) {
+                let _ = h.remove(&cookie);
+            }
+        }
+    }
+
+    /// Routes a request the slow path parsed, with the kernel's own table.
+    pub fn route(&self, host: Option<&[u8]>, path: &[u8]) -> Routed {
+        let Some(m) = self.ebpf.map("routes") else { return Routed::NoRoute };
+        let Ok(trie) = LpmTrie::<&MapData, RouteKeyData, RouteValue>::try_from(m) else { return Routed::NoRoute };
+        let h = match host {
+            Some(h) if !dispatcher_ebpf::scan::strip_port(h).is_empty() => host_hash(h),
+            _ => WILDCARD_HOST,
+        };
+        let key = request_key(h, path);
+        let look = |k: &RouteKey| trie.get(&Key::new(k.prefix_len, k.data), 0).ok();
+        if h != WILDCARD_HOST {
+            if let Some(v) = look(&key) {
+                return Routed::Pool(v.pool);
+            }
+        }
+        match look(&wildcard(&key)) {
+            Some(v) => Routed::Pool(v.pool),
+            None => Routed::NoRoute,
+        }
+    }
+
+    /// Adds to the slow-path counters of `pool` (or unrouted).
+    pub fn count_slow(&mut self, pool: Option<u32>, parsed: u64, errors: u64) {
+        let idx = pool.filter(|p| *p < MAX_POOLS).unwrap_or(UNROUTED);
+        if let Ok(m) = self.map("slow_stats") {
+            if let Ok(mut a) = Array::<&mut MapData, SlowCounters>::try_from(m) {
+                let mut v = a.get(&idx, 0).unwrap_or_default();
+                v.parsed_requests += parsed;
+                v.errors += errors;
+                let _ = a.set(idx, v, 0);
+            }
+        }
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        if let Err(e) = fs::remove_dir_all(&self.pin_dir) {
+            tracing::warn!(dir = %self.pin_dir.display(), "could not remove pins: {e}");
+        }
+    }
+}
+
+/// Counters read from the pinned maps of a running instance.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Stats {
+    pub pools: Vec<PoolStats>,
+    pub handoffs: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct PoolStats {
+    pub index: u32,
+    pub fast_requests: u64,
+    pub fast_body_bytes: u64,
+    pub queue_full: u64,
+    pub slow_handoffs: u64,
+    pub slow_parsed: u64,
+    pub slow_errors: u64,
+}
+
+/// Reads the counters of running instance `instance` from its pins.
+pub fn read_stats(instance: &str, npools: Option<u32>) -> Result<Stats> {
+    let dir = Path::new(BPF_FS).join(instance);
+    let open = |name: &str| {
+        let p = dir.join(name);
+        MapData::from_pin(&p).with_context(|| format!("opening {} (is instance `{instance}` running?)", p.display()))
+    };
+    let pc: PerCpuArray<MapData, PoolCounters> = PerCpuArray::try_from(Map::PerCpuArray(open("pool_stats")?))?;
+    let slow: Array<MapData, SlowCounters> = Array::try_from(Map::Array(open("slow_stats")?))?;
+    let ho: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(open("handoffs")?))?;
+    let pools_info: Array<MapData, PoolInfo> = Array::try_from(Map::Array(open("pools")?))?;
+    let mut stats = Stats::default();
+    for i in 0..=MAX_POOLS {
+        if i < MAX_POOLS && npools.map_or(pools_info.get(&i, 0).map(|p| p.slots == 0).unwrap_or(true), |n| i >= n) {
+            continue;
+        }
+        let mut s = PoolStats { index: i, ..Default::default() };
+        for v in pc.get(&i, 0)?.iter() {
+            s.fast_requests += v.fast_requests;
+            s.fast_body_bytes += v.fast_body_bytes;
+            s.queue_full += v.queue_full;
+            s.slow_handoffs += v.slow_handoffs;
+        }
+        let sl = slow.get(&i, 0)?;
+        s.slow_parsed = sl.parsed_requests;
+        s.slow_errors = sl.errors;
+        stats.pools.push(s);
+    }
+    for r in 1..reason::COUNT {
+        let total: u64 = ho.get(&r, 0)?.iter().sum();
+        stats.handoffs.insert(reason::name(r).to_string(), total);
+    }
+    Ok(stats)
+}
+
+fn load_object() -> Result<Ebpf> {
+    // DISPATCHER_VERIFIER_LOG=1 prints the verifier's whole log on a
+    // rejection (it is long); otherwise only its summary.
+    let level = if std::env::var_os("DISPATCHER_VERIFIER_LOG").is_some() {
+        VerifierLogLevel::VERBOSE | VerifierLogLevel::STATS
+    } else {
+        VerifierLogLevel::STATS
+    };
+    EbpfLoader::new()
+        .verifier_log_level(level)
+        .load(OBJECT)
+        .context("loading the BPF object")
+}
+
+fn verifier(prog: &'static str) -> impl Fn(aya::programs::ProgramError) -> anyhow::Error {
+    move |e| match e {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+            anyhow!("the verifier rejected program `{prog}`: {io_error}\n{verifier_log}")
+        }
+        e => anyhow!("loading program `{prog}`: {e}"),
+    }
+}
+
+fn ensure_bpffs() -> Result<()> {
+    let st = nix::sys::statfs::statfs(BPF_FS).with_context(|| format!("statfs {BPF_FS}"))?;
+    if st.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    nix::mount::mount(Some("bpf"), BPF_FS, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .with_context(|| format!("mounting the BPF filesystem on {BPF_FS}"))?;
+    Ok(())
+}
+
+/// The cgroup v2 mount point (the sockops program attaches to its root).
+fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    for line in mounts.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() > 2 && f[2] == "cgroup2" {
+            return Ok(PathBuf::from(f[1]));
+        }
+    }
+    bail!("no cgroup v2 hierarchy is mounted (needed to attach the sockops program); mount one with `mount -t cgroup2 none /sys/fs/cgroup`")
+}
+
+fn map_fd(map: &Map) -> Option<std::os::fd::RawFd> {
+    let data: &MapData = match map {
+        Map::HashMap(d) => d,
+        _ => return None,
+    };
+    Some(data.fd().as_fd().as_raw_fd())
+}
+
+/// `bpf_map_lookup_elem` into a heap value (ConnState is too large for
+/// comfortable stack copies).
+fn lookup_boxed<K, V: Copy>(fd: std::os::fd::RawFd, key: &K) -> Option<Box<V>> {
+    let mut val: Box<std::mem::MaybeUninit<V>> = Box::new_uninit();
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let attr = Attr { map_fd: fd as u32, _pad: 0, key: key as *const K as u64, value: val.as_mut_ptr() as u64, flags: 0 };
+    // SAFETY: BPF_MAP_LOOKUP_ELEM (1) with a correctly sized attr; the
+    // kernel writes value_size bytes, which is size_of::<V>() for this map.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 1, &attr as *const Attr, std::mem::size_of::<Attr>()) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: the kernel filled the value.
+    Some(unsafe { val.assume_init() })
+}

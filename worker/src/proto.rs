@@ -1,0 +1,66 @@
+//! The control channel between the dispatcher and one worker: a Unix
+//! stream socket the worker inherits (fd number in `DISPATCHER_CTL_FD`).
+//!
+//! Dispatcher → worker: requests the dispatcher's slow path framed, as
+//! [`RecordHeader`] + `len` bytes, exactly like ring records but with
+//! [`REC_SLOW`](dispatcher_ebpf::abi::REC_SLOW) set (and `len` not limited
+//! to a ring record's size). A record of kind [`RECORD_ABORT`] tells the
+//! worker the connection is gone: drop its partial requests.
+//!
+//! Worker → dispatcher: responses, as [`ResponseHeader`] + `len` bytes of
+//! raw HTTP/1.1 response (status line, headers, body). A response may be
+//! sent in several frames; the one with [`RESP_LAST`] ends it. The
+//! dispatcher writes responses to the client in `seq` order per connection.
+
+pub use dispatcher_ebpf::abi::{RecordHeader, RECORD_BODY, RECORD_HEADER_LEN, RECORD_HEAD, REC_CLOSE, REC_LAST, REC_SLOW};
+
+/// Record kind (dispatcher → worker): connection `conn` closed; forget its
+/// partial requests.
+pub const RECORD_ABORT: u8 = 3;
+
+/// Response flag: this frame ends the response.
+pub const RESP_LAST: u32 = 1;
+/// Response flag: close the connection after this response.
+pub const RESP_CLOSE: u32 = 2;
+
+/// Header of a response frame on the control socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResponseHeader {
+    pub conn: u64,
+    pub seq: u32,
+    /// Response bytes that follow.
+    pub len: u32,
+    /// `RESP_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+pub const RESPONSE_HEADER_LEN: usize = core::mem::size_of::<ResponseHeader>();
+
+/// Largest frame either side accepts on the control socket.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Environment variable naming the inherited ring buffer fd.
+pub const ENV_RING_FD: &str = "DISPATCHER_RING_FD";
+/// Environment variable naming the inherited control socket fd.
+pub const ENV_CTL_FD: &str = "DISPATCHER_CTL_FD";
+/// Environment variable with the pool name.
+pub const ENV_POOL: &str = "DISPATCHER_POOL";
+
+impl ResponseHeader {
+    pub fn to_bytes(&self) -> [u8; RESPONSE_HEADER_LEN] {
+        // SAFETY: repr(C), no padding.
+        unsafe { core::mem::transmute_copy(self) }
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() < RESPONSE_HEADER_LEN {
+            return None;
+        }
+        // SAFETY: every bit pattern is valid; unaligned read.
+        Some(unsafe { core::ptr::read_unaligned(b.as_ptr() as *const ResponseHeader) })
+    }
+}
+
+const _: () = assert!(RESPONSE_HEADER_LEN == 24);
