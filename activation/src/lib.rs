@@ -1,1 +1,195 @@
-//! placeholder
+//! Process manager for worker pools: the WAS part of dispatcher.
+//!
+//! A pool's worker is started with its queue handles (the pool's ring fd
+//! and a control socket) at fixed fd numbers named in its environment, as
+//! an unprivileged user when the dispatcher runs as root, and restarted
+//! with a growing back-off when it exits. The caller makes fresh handles
+//! for each start (a control socket cannot be reused across workers).
+//!
+//! This is the always-running, one-worker-per-pool model; on-demand start,
+//! idle time-out, recycling and rapid-fail protection build on it.
+
+use std::{
+    ffi::CString,
+    os::fd::{AsRawFd, OwnedFd},
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use tokio::{process::Command, sync::watch};
+
+/// Fd number the worker finds its ring at.
+pub const RING_FD: i32 = 3;
+/// Fd number the worker finds its control socket at.
+pub const CTL_FD: i32 = 4;
+/// First restart delay; doubles per quick exit up to [`MAX_BACKOFF`].
+pub const MIN_BACKOFF: Duration = Duration::from_millis(200);
+/// Longest restart delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A worker that ran this long resets the back-off.
+pub const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+/// Time a worker gets between SIGTERM and SIGKILL at shutdown.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How to start one pool's worker.
+#[derive(Clone, Debug)]
+pub struct WorkerSpec {
+    pub pool: String,
+    pub command: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Run as this user (name) when started by root; ignored otherwise.
+    pub user: Option<String>,
+}
+
+/// What a worker inherits.
+pub struct Handles {
+    /// The pool's ring buffer (a BPF map fd), if the pool has one.
+    pub ring: Option<OwnedFd>,
+    /// The worker's end of its control socket.
+    pub ctl: OwnedFd,
+}
+
+/// Errors starting a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("pool `{pool}`: user `{user}` does not exist")]
+    NoSuchUser { pool: String, user: String },
+    #[error("pool `{pool}`: starting `{command}`: {source}")]
+    Spawn { pool: String, command: String, source: std::io::Error },
+    #[error("pool `{pool}`: making the worker's handles: {source}")]
+    Handles { pool: String, #[source] source: anyhow::Error },
+}
+
+struct Ids {
+    uid: u32,
+    gid: u32,
+}
+
+fn lookup_user(name: &str) -> Option<Ids> {
+    let u = nix::unistd::User::from_name(name).ok().flatten()?;
+    Some(Ids { uid: u.uid.as_raw(), gid: u.gid.as_raw() })
+}
+
+/// Starts one worker process with `handles`.
+pub fn spawn(spec: &WorkerSpec, handles: Handles) -> Result<tokio::process::Child, Error> {
+    let ids = match (&spec.user, nix::unistd::geteuid().is_root()) {
+        (Some(u), true) => Some(lookup_user(u).ok_or_else(|| Error::NoSuchUser { pool: spec.pool.clone(), user: u.clone() })?),
+        _ => None,
+    };
+    let mut cmd = Command::new(&spec.command);
+    cmd.args(&spec.args)
+        .env("DISPATCHER_POOL", &spec.pool)
+        .env("DISPATCHER_CTL_FD", CTL_FD.to_string())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    if handles.ring.is_some() {
+        cmd.env("DISPATCHER_RING_FD", RING_FD.to_string());
+    } else {
+        cmd.env_remove("DISPATCHER_RING_FD");
+    }
+    for (k, v) in &spec.env {
+        cmd.env(k, v);
+    }
+    let ring = handles.ring.as_ref().map(|f| f.as_raw_fd());
+    let ctl = handles.ctl.as_raw_fd();
+    let user = spec.user.as_ref().map(|u| CString::new(u.as_str()).unwrap_or_default());
+    // SAFETY: only async-signal-safe calls (dup2, fcntl, setgroups,
+    // setgid, setuid, prctl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Move the handles to their fixed numbers; dup2 clears CLOEXEC.
+            // The ctl fd goes to a scratch number first in case it is 3.
+            let tmp = libc::fcntl(ctl, libc::F_DUPFD, 64);
+            if tmp < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(r) = ring {
+                if libc::dup2(r, RING_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::dup2(tmp, CTL_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(tmp);
+            // Die with the dispatcher rather than outlive it.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            if let (Some(ids), Some(user)) = (&ids, &user) {
+                if libc::initgroups(user.as_ptr(), ids.gid) != 0
+                    || libc::setgid(ids.gid) != 0
+                    || libc::setuid(ids.uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|source| Error::Spawn {
+        pool: spec.pool.clone(),
+        command: spec.command.display().to_string(),
+        source,
+    })?;
+    // The child has its copies; ours close when `handles` drops here.
+    drop(handles);
+    Ok(child)
+}
+
+/// Keeps one worker of `spec` running until `stop` turns true: starts it
+/// with handles from `make_handles`, restarts it when it exits (with
+/// back-off), and stops it (SIGTERM, then SIGKILL) at shutdown.
+pub async fn supervise<F>(spec: WorkerSpec, mut make_handles: F, mut stop: watch::Receiver<bool>)
+where
+    F: FnMut() -> anyhow::Result<Handles>,
+{
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let started = Instant::now();
+        let child = make_handles()
+            .map_err(|source| Error::Handles { pool: spec.pool.clone(), source })
+            .and_then(|h| spawn(&spec, h));
+        match child {
+            Ok(mut child) => {
+                let pid = child.id().unwrap_or(0);
+                tracing::info!(pool = %spec.pool, pid, "worker started");
+                tokio::select! {
+                    status = child.wait() => {
+                        match status {
+                            Ok(s) => tracing::warn!(pool = %spec.pool, pid, status = %s, "worker exited"),
+                            Err(e) => tracing::warn!(pool = %spec.pool, pid, "waiting for worker: {e}"),
+                        }
+                    }
+                    _ = stop.changed() => {
+                        terminate(&mut child, pid).await;
+                        return;
+                    }
+                }
+            }
+            Err(e) => tracing::error!("{e}"),
+        }
+        if started.elapsed() >= HEALTHY_AFTER {
+            backoff = MIN_BACKOFF;
+        }
+        tracing::info!(pool = %spec.pool, delay_ms = backoff.as_millis() as u64, "restarting worker");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn terminate(child: &mut tokio::process::Child, pid: u32) {
+    if pid != 0 {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    if tokio::time::timeout(SHUTDOWN_GRACE, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+}

@@ -239,11 +239,21 @@ impl Kernel {
     }
 }
 
+impl Kernel {
+    /// Removes the pins (the maps and programs live on while this process
+    /// holds them, and go when it exits).
+    pub fn unpin(&self) {
+        if let Err(e) = fs::remove_dir_all(&self.pin_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %self.pin_dir.display(), "could not remove pins: {e}");
+            }
+        }
+    }
+}
+
 impl Drop for Kernel {
     fn drop(&mut self) {
-        if let Err(e) = fs::remove_dir_all(&self.pin_dir) {
-            tracing::warn!(dir = %self.pin_dir.display(), "could not remove pins: {e}");
-        }
+        self.unpin();
     }
 }
 

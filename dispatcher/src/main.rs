@@ -1,12 +1,109 @@
-mod config;
-mod kernel;
+//! `dispatcher`: the daemon and its inspection commands.
+//!
+//! Where things happen: `kernel` loads and pins the BPF programs and maps;
+//! `serve` accepts connections and starts the pools; `connection` writes
+//! responses in order and runs the slow path (`slow` frames what the kernel
+//! handed over); `pools` talks to the workers; `config` reads the TOML.
 
-use anyhow::Result;
+mod config;
+mod conns;
+mod connection;
+mod kernel;
+mod pools;
+mod serve;
+mod slow;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+/// An eBPF-accelerated HTTP request dispatcher: the kernel frames and routes
+/// requests into per-pool queues, unprivileged workers pull them.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load the BPF programs, start the pools' workers and serve HTTP until
+    /// Ctrl-C or SIGTERM. Needs root.
+    Serve {
+        /// Configuration file (TOML; see examples/dispatcher.toml). Without
+        /// it, the built-in demo configuration is used.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Override the configuration's listen address (e.g. 127.0.0.1:9000).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Override the configuration's instance name.
+        #[arg(long)]
+        instance: Option<String>,
+    },
+    /// Check a configuration file and print what it routes where.
+    Check {
+        /// Configuration file to check.
+        config: PathBuf,
+    },
+    /// Print the counters of a running instance as JSON: per pool, requests
+    /// the kernel queued and those the slow path parsed; hand-offs by reason.
+    Stats {
+        /// Instance name.
+        #[arg(long, default_value = config::DEFAULT_INSTANCE)]
+        instance: String,
+    },
+}
+
 fn main() -> Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())).init();
-    let cfg = config::Config::parse(config::DEMO, "demo", ".".into())?;
-    let k = kernel::Kernel::load(&cfg)?;
-    println!("loaded; pins in {}", k.pin_dir().display());
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    Ok(())
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    match cli.cmd {
+        Cmd::Serve { config, listen, instance } => {
+            let mut cfg = match config {
+                Some(p) => config::Config::load(&p)?,
+                None => config::Config::parse(config::DEMO, "built-in demo configuration", PathBuf::from("."))?,
+            };
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if let Some(i) = instance {
+                cfg.instance = i;
+            }
+            let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            rt.block_on(serve::serve(cfg))?;
+            rt.shutdown_timeout(std::time::Duration::from_millis(200));
+            Ok(())
+        }
+        Cmd::Check { config } => {
+            let cfg = config::Config::load(&config)?;
+            println!("{}: ok; listens on {}, instance `{}`", config.display(), cfg.listen, cfg.instance);
+            for p in &cfg.pools {
+                let routes: Vec<String> = p.routes.iter().map(|r| r.to_string()).collect();
+                println!("  pool {:<16} {} <- {}", p.name, p.command, routes.join(", "));
+            }
+            Ok(())
+        }
+        Cmd::Stats { instance } => {
+            let names: Vec<String> = std::fs::read_to_string(std::path::Path::new(serve::RUN_DIR).join(&instance).join("pools"))
+                .map(|s| s.lines().map(str::to_string).collect())
+                .unwrap_or_default();
+            let stats = kernel::read_stats(&instance, Some(names.len() as u32).filter(|n| *n > 0))?;
+            let mut pools = serde_json::Map::new();
+            for p in &stats.pools {
+                let name = names.get(p.index as usize).cloned().unwrap_or_else(|| {
+                    if p.index == dispatcher_ebpf::abi::UNROUTED { "(unrouted)".into() } else { format!("#{}", p.index) }
+                });
+                pools.insert(name, serde_json::to_value(p)?);
+            }
+            let out = serde_json::json!({ "instance": instance, "pools": pools, "handoffs": stats.handoffs });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+    }
 }

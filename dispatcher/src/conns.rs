@@ -1,0 +1,75 @@
+//! Which connection task a worker's response goes to.
+//!
+//! A fast-path request can be framed by the kernel, served by a worker
+//! and answered before `accept()` has even returned the connection here,
+//! so a response for an unknown connection is kept for a while
+//! ([`EARLY_TTL`]) and handed over when the connection registers.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+
+use crate::pools::Frame;
+
+/// How long a response for a not-yet-registered connection is kept.
+pub const EARLY_TTL: Duration = Duration::from_secs(10);
+/// Most early frames kept at once (beyond, the oldest connections' go).
+pub const EARLY_MAX: usize = 4096;
+
+/// The registry.
+#[derive(Default)]
+pub struct Conns {
+    live: Mutex<HashMap<u64, mpsc::UnboundedSender<Frame>>>,
+    early: Mutex<HashMap<u64, (Instant, Vec<Frame>)>>,
+}
+
+impl Conns {
+    /// Registers connection `cookie`; returns its frame receiver, with any
+    /// frames that arrived before it.
+    pub fn register(&self, cookie: u64) -> mpsc::UnboundedReceiver<Frame> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut live = self.live.lock().unwrap();
+        if let Some((_, frames)) = self.early.lock().unwrap().remove(&cookie) {
+            for f in frames {
+                let _ = tx.send(f);
+            }
+        }
+        live.insert(cookie, tx);
+        rx
+    }
+
+    pub fn unregister(&self, cookie: u64) {
+        self.live.lock().unwrap().remove(&cookie);
+        self.early.lock().unwrap().remove(&cookie);
+    }
+
+    /// Hands a response frame to its connection.
+    pub fn deliver(&self, cookie: u64, frame: Frame) {
+        let live = self.live.lock().unwrap();
+        if let Some(tx) = live.get(&cookie) {
+            let _ = tx.send(frame);
+            return;
+        }
+        let mut early = self.early.lock().unwrap();
+        if early.len() >= EARLY_MAX && !early.contains_key(&cookie) {
+            let now = Instant::now();
+            early.retain(|_, (t, _)| now.duration_since(*t) < EARLY_TTL);
+            if early.len() >= EARLY_MAX {
+                tracing::warn!(conn = cookie, "too many responses for unknown connections; dropping one");
+                return;
+            }
+        }
+        early.entry(cookie).or_insert_with(|| (Instant::now(), Vec::new())).1.push(frame);
+    }
+
+    /// Drops early frames older than [`EARLY_TTL`] (their connection
+    /// closed before it was accepted).
+    pub fn expire(&self) {
+        let now = Instant::now();
+        self.early.lock().unwrap().retain(|_, (t, _)| now.duration_since(*t) < EARLY_TTL);
+    }
+}

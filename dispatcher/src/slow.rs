@@ -1,0 +1,521 @@
+//! The slow path's request framer: what the kernel hands over, parsed in
+//! user space with httparse.
+//!
+//! It applies the same rules as the kernel scanner where both can decide,
+//! and also handles what the kernel leaves to it: long heads, chunked
+//! bodies (de-chunked, forwarded with a Content-Length), large bodies
+//! (streamed), encoded or unnormalised paths (routed on their normalised
+//! form), and malformed input (a precise 4xx, then the connection closes).
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// Longest head the slow path accepts; longer gets 431.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Most headers a request may have; more gets 431.
+pub const MAX_HEADERS: usize = dispatcher_ebpf::scan::MAX_HEADERS as usize;
+/// Longest request target; longer gets 414.
+pub const MAX_TARGET: usize = 8 * 1024;
+
+/// One thing the framer found in the byte stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A request head. Body bytes (if `content_length > 0`) follow as
+    /// `Body` events.
+    Head(Head),
+    /// Body bytes of the last head; `last` ends the request.
+    Body { data: Bytes, last: bool },
+    /// The input is not acceptable: answer `status` and close. Nothing
+    /// more is parsed.
+    Error { status: u16, why: &'static str },
+}
+
+/// A parsed request head.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Head {
+    /// The head bytes to forward (rewritten for de-chunked bodies).
+    pub bytes: Bytes,
+    pub content_length: u64,
+    /// Host header value (or the authority of an absolute-form target).
+    pub host: Option<Vec<u8>>,
+    /// The path the request routes on: decoded and normalised.
+    pub route_path: Vec<u8>,
+    pub close: bool,
+    /// The client waits for `100 Continue` before sending the body.
+    pub expect_continue: bool,
+    pub method: String,
+}
+
+enum State {
+    Head,
+    Body { left: u64 },
+    Chunked(Box<Chunked>),
+    Done,
+}
+
+struct Chunked {
+    head: Head,
+    body: BytesMut,
+    phase: ChunkPhase,
+}
+
+enum ChunkPhase {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// Incremental request framer for one connection.
+pub struct SlowParser {
+    buf: BytesMut,
+    state: State,
+    max_body: u64,
+}
+
+impl SlowParser {
+    pub fn new(max_body: u64) -> Self {
+        SlowParser { buf: BytesMut::new(), state: State::Head, max_body }
+    }
+
+    /// Whether the parser stopped (after an error).
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    /// Whether the parser is between requests with nothing buffered.
+    #[cfg(test)]
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Head) && self.buf.is_empty()
+    }
+
+    /// Feeds received bytes; returns what they completed.
+    pub fn feed(&mut self, data: &[u8]) -> Vec<Event> {
+        self.buf.extend_from_slice(data);
+        let mut out = Vec::new();
+        loop {
+            let progressed = match &mut self.state {
+                State::Done => false,
+                State::Head => self.head(&mut out),
+                State::Body { left } => {
+                    if self.buf.is_empty() {
+                        false
+                    } else {
+                        let n = (*left).min(self.buf.len() as u64) as usize;
+                        let data = self.buf.split_to(n).freeze();
+                        *left -= n as u64;
+                        let last = *left == 0;
+                        if last {
+                            self.state = State::Head;
+                        }
+                        out.push(Event::Body { data, last });
+                        true
+                    }
+                }
+                State::Chunked(_) => self.chunked(&mut out),
+            };
+            if !progressed || matches!(out.last(), Some(Event::Error { .. })) {
+                break;
+            }
+        }
+        out
+    }
+
+    fn fail(&mut self, out: &mut Vec<Event>, status: u16, why: &'static str) -> bool {
+        self.state = State::Done;
+        self.buf.clear();
+        out.push(Event::Error { status, why });
+        false
+    }
+
+    fn head(&mut self, out: &mut Vec<Event>) -> bool {
+        if self.buf.is_empty() {
+            return false;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        let n = match req.parse(&self.buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => {
+                if self.buf.len() > MAX_HEAD {
+                    return self.fail(out, 431, "request head too large");
+                }
+                return false;
+            }
+            Err(httparse::Error::TooManyHeaders) => return self.fail(out, 431, "too many headers"),
+            Err(_) => return self.fail(out, 400, "malformed request head"),
+        };
+        if n > MAX_HEAD {
+            return self.fail(out, 431, "request head too large");
+        }
+        let method = req.method.unwrap_or("").to_string();
+        let target = req.path.unwrap_or("");
+        let version = req.version.unwrap_or(1);
+        if target.len() > MAX_TARGET {
+            return self.fail(out, 414, "request target too long");
+        }
+        let mut host: Option<Vec<u8>> = None;
+        let mut hosts = 0;
+        let mut cl: Option<u64> = None;
+        let mut te: Option<Vec<u8>> = None;
+        let mut close = version == 0;
+        let mut expect_continue = false;
+        for h in req.headers.iter() {
+            let v = trim(h.value);
+            if h.name.eq_ignore_ascii_case("host") {
+                hosts += 1;
+                host = Some(v.to_vec());
+            } else if h.name.eq_ignore_ascii_case("content-length") {
+                let Some(x) = parse_len(v) else { return self.fail(out, 400, "invalid Content-Length") };
+                if cl.is_some_and(|c| c != x) {
+                    return self.fail(out, 400, "conflicting Content-Length headers");
+                }
+                cl = Some(x);
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                if te.is_some() {
+                    return self.fail(out, 501, "several Transfer-Encoding headers");
+                }
+                te = Some(v.to_ascii_lowercase());
+            } else if h.name.eq_ignore_ascii_case("connection") {
+                for tok in v.split(|&b| b == b',').map(trim) {
+                    if tok.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if tok.eq_ignore_ascii_case(b"keep-alive") && version == 0 {
+                        close = false;
+                    }
+                }
+            } else if h.name.eq_ignore_ascii_case("expect") {
+                if v.eq_ignore_ascii_case(b"100-continue") {
+                    expect_continue = true;
+                } else {
+                    return self.fail(out, 417, "unsupported Expect");
+                }
+            }
+        }
+        if hosts > 1 {
+            return self.fail(out, 400, "several Host headers");
+        }
+        if version == 1 && hosts == 0 {
+            return self.fail(out, 400, "HTTP/1.1 request without Host");
+        }
+        // The target: origin-form routes on its path; absolute-form on its
+        // authority and path; CONNECT and `*` are not served.
+        let path_part: &str = if let Some(rest) = target.strip_prefix("http://").or_else(|| target.strip_prefix("https://")) {
+            let slash = rest.find('/').unwrap_or(rest.len());
+            host = Some(rest[..slash].as_bytes().to_vec());
+            if slash == rest.len() {
+                "/"
+            } else {
+                &rest[slash..]
+            }
+        } else if target.starts_with('/') {
+            target
+        } else if method == "CONNECT" {
+            return self.fail(out, 405, "CONNECT is not supported");
+        } else if target == "*" && method == "OPTIONS" {
+            "/"
+        } else {
+            return self.fail(out, 400, "invalid request target");
+        };
+        let path_only = path_part.split(['?', '#']).next().unwrap_or("/");
+        let Some(route_path) = normalize_path(path_only.as_bytes()) else {
+            return self.fail(out, 400, "invalid percent-encoding in path");
+        };
+        let head_bytes = self.buf.split_to(n).freeze();
+        let mut head = Head {
+            bytes: head_bytes,
+            content_length: 0,
+            host,
+            route_path,
+            close,
+            expect_continue,
+            method,
+        };
+        match te {
+            Some(te) => {
+                // Only `chunked` (as the last and only coding) is framed.
+                if te != b"chunked" {
+                    return self.fail(out, 501, "unsupported Transfer-Encoding");
+                }
+                if cl.is_some() {
+                    return self.fail(out, 400, "both Transfer-Encoding and Content-Length");
+                }
+                head.bytes = rewrite_dechunked(&head.bytes);
+                self.state = State::Chunked(Box::new(Chunked { head, body: BytesMut::new(), phase: ChunkPhase::Size }));
+                true
+            }
+            None => {
+                let cl = cl.unwrap_or(0);
+                if cl > self.max_body {
+                    return self.fail(out, 413, "request body too large");
+                }
+                head.content_length = cl;
+                out.push(Event::Head(head));
+                if cl > 0 {
+                    self.state = State::Body { left: cl };
+                }
+                true
+            }
+        }
+    }
+
+    fn chunked(&mut self, out: &mut Vec<Event>) -> bool {
+        let State::Chunked(c) = &mut self.state else { return false };
+        match c.phase {
+            ChunkPhase::Size => {
+                let Some(eol) = find_crlf(&self.buf) else {
+                    if self.buf.len() > 1024 {
+                        return self.fail(out, 400, "chunk size line too long");
+                    }
+                    return false;
+                };
+                let line = &self.buf[..eol];
+                let size_part = line.split(|&b| b == b';').next().unwrap_or(b"");
+                let size_part = trim(size_part);
+                let size = match std::str::from_utf8(size_part).ok().and_then(|s| u64::from_str_radix(s, 16).ok()) {
+                    Some(s) if !size_part.is_empty() && size_part.len() <= 16 => s,
+                    _ => return self.fail(out, 400, "invalid chunk size"),
+                };
+                self.buf.advance(eol + 2);
+                if c.body.len() as u64 + size > self.max_body {
+                    return self.fail(out, 413, "request body too large");
+                }
+                c.phase = if size == 0 { ChunkPhase::Trailers } else { ChunkPhase::Data(size) };
+                true
+            }
+            ChunkPhase::Data(left) => {
+                if self.buf.is_empty() {
+                    return false;
+                }
+                let n = left.min(self.buf.len() as u64) as usize;
+                c.body.extend_from_slice(&self.buf[..n]);
+                self.buf.advance(n);
+                c.phase = if left == n as u64 { ChunkPhase::DataEnd } else { ChunkPhase::Data(left - n as u64) };
+                true
+            }
+            ChunkPhase::DataEnd => {
+                if self.buf.len() < 2 {
+                    return false;
+                }
+                if &self.buf[..2] != b"\r\n" {
+                    return self.fail(out, 400, "chunk data not followed by CRLF");
+                }
+                self.buf.advance(2);
+                c.phase = ChunkPhase::Size;
+                true
+            }
+            ChunkPhase::Trailers => {
+                let Some(eol) = find_crlf(&self.buf) else {
+                    if self.buf.len() > MAX_HEAD {
+                        return self.fail(out, 431, "trailers too large");
+                    }
+                    return false;
+                };
+                self.buf.advance(eol + 2);
+                if eol > 0 {
+                    // A trailer field: dropped (it was not in the head the
+                    // worker gets).
+                    return true;
+                }
+                let State::Chunked(c) = std::mem::replace(&mut self.state, State::Head) else { unreachable!() };
+                let Chunked { mut head, body, .. } = *c;
+                head.content_length = body.len() as u64;
+                head.bytes = add_content_length(&head.bytes, body.len() as u64);
+                out.push(Event::Head(head));
+                if !body.is_empty() {
+                    out.push(Event::Body { data: body.freeze(), last: true });
+                }
+                true
+            }
+        }
+    }
+}
+
+fn find_crlf(b: &[u8]) -> Option<usize> {
+    b.windows(2).position(|w| w == b"\r\n")
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    let s = v.iter().position(|b| !matches!(b, b' ' | b'\t')).unwrap_or(v.len());
+    let e = v.iter().rposition(|b| !matches!(b, b' ' | b'\t')).map_or(s, |e| e + 1);
+    &v[s..e.max(s)]
+}
+
+fn parse_len(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 15 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Removes the Transfer-Encoding header from a head (the body will be
+/// forwarded de-chunked).
+fn rewrite_dechunked(head: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(head.len());
+    for line in split_lines(head) {
+        let is_te = line
+            .iter()
+            .position(|&b| b == b':')
+            .is_some_and(|c| line[..c].eq_ignore_ascii_case(b"transfer-encoding"));
+        if !is_te {
+            out.extend_from_slice(line);
+        }
+    }
+    Bytes::from(out)
+}
+
+/// Inserts `Content-Length: n` before the blank line ending `head`.
+fn add_content_length(head: &[u8], n: u64) -> Bytes {
+    let end = head.len().saturating_sub(2);
+    let mut out = Vec::with_capacity(head.len() + 32);
+    out.extend_from_slice(&head[..end]);
+    out.extend_from_slice(format!("Content-Length: {n}\r\n\r\n").as_bytes());
+    Bytes::from(out)
+}
+
+/// Lines of a head, each with its line end.
+fn split_lines(head: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = head;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let n = rest.iter().position(|&b| b == b'\n').map_or(rest.len(), |i| i + 1);
+        let (l, r) = rest.split_at(n);
+        rest = r;
+        Some(l)
+    })
+}
+
+/// The path a request routes on: percent-decoded, `\` as `/`, repeated
+/// slashes collapsed, dot segments resolved (as HTTP.sys canonicalises
+/// before routing). `None` for an invalid percent-encoding.
+pub fn normalize_path(path: &[u8]) -> Option<Vec<u8>> {
+    let mut dec = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < path.len() {
+        let b = path[i];
+        if b == b'%' {
+            let h = path.get(i + 1..i + 3)?;
+            let v = u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()?;
+            dec.push(v);
+            i += 3;
+        } else {
+            dec.push(if b == b'\\' { b'/' } else { b });
+            i += 1;
+        }
+    }
+    let mut segs: Vec<&[u8]> = Vec::new();
+    let trailing = dec.ends_with(b"/") || dec.ends_with(b"/.") || dec.ends_with(b"/..");
+    for seg in dec.split(|&b| b == b'/') {
+        match seg {
+            b"" | b"." => {}
+            b".." => {
+                segs.pop();
+            }
+            s => segs.push(s),
+        }
+    }
+    let mut out = vec![b'/'];
+    for (k, s) in segs.iter().enumerate() {
+        if k > 0 {
+            out.push(b'/');
+        }
+        out.extend_from_slice(s);
+    }
+    if trailing && !segs.is_empty() {
+        out.push(b'/');
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heads(ev: &[Event]) -> Vec<&Head> {
+        ev.iter().filter_map(|e| if let Event::Head(h) = e { Some(h) } else { None }).collect()
+    }
+
+    #[test]
+    fn pipelined_requests_split_anywhere() {
+        let input = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nHost: y\r\nContent-Length: 5\r\n\r\nhelloGET /c HTTP/1.1\r\nHost: z\r\n\r\n";
+        for split in 0..input.len() {
+            let mut p = SlowParser::new(1 << 20);
+            let mut ev = p.feed(&input[..split]);
+            ev.extend(p.feed(&input[split..]));
+            let hs = heads(&ev);
+            assert_eq!(hs.len(), 3, "split {split}");
+            assert_eq!(hs[1].content_length, 5);
+            let body: Vec<u8> = ev
+                .iter()
+                .filter_map(|e| if let Event::Body { data, .. } = e { Some(data.to_vec()) } else { None })
+                .flatten()
+                .collect();
+            assert_eq!(body, b"hello");
+            assert!(p.is_idle());
+        }
+    }
+
+    #[test]
+    fn errors_have_the_right_status() {
+        let cases: &[(&[u8], u16)] = &[
+            (b"GET / HTTP/1.1\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999\r\n\r\n", 413),
+            (b"\x01\x02garbage\r\n\r\n", 400),
+            (b"GET /%zz HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", 405),
+        ];
+        for (input, status) in cases {
+            let mut p = SlowParser::new(1 << 20);
+            let ev = p.feed(input);
+            assert!(
+                matches!(ev.last(), Some(Event::Error { status: s, .. }) if s == status),
+                "{:?} -> {ev:?}",
+                String::from_utf8_lossy(input)
+            );
+            assert!(p.is_done());
+        }
+        let mut p = SlowParser::new(1 << 20);
+        let mut big = b"GET / HTTP/1.1\r\nHost: a\r\nX: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_HEAD + 10));
+        assert!(matches!(p.feed(&big).last(), Some(Event::Error { status: 431, .. })));
+    }
+
+    #[test]
+    fn chunked_body_is_dechunked_with_a_content_length() {
+        let mut p = SlowParser::new(1 << 20);
+        let ev = p.feed(b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nT: 1\r\n\r\n");
+        let h = heads(&ev)[0];
+        assert_eq!(h.content_length, 11);
+        let text = std::str::from_utf8(&h.bytes).unwrap();
+        assert!(!text.to_ascii_lowercase().contains("transfer-encoding"), "{text}");
+        assert!(text.ends_with("Content-Length: 11\r\n\r\n"), "{text}");
+        assert!(matches!(&ev[1], Event::Body { data, last: true } if &data[..] == b"hello world"));
+        assert!(p.is_idle());
+    }
+
+    #[test]
+    fn paths_normalise_like_http_sys() {
+        let n = |p: &str| String::from_utf8(normalize_path(p.as_bytes()).unwrap()).unwrap();
+        assert_eq!(n("/a/../b"), "/b");
+        assert_eq!(n("/%61pp/x"), "/app/x");
+        assert_eq!(n("//app//x/"), "/app/x/");
+        assert_eq!(n("/app/."), "/app/");
+        assert_eq!(n("/.."), "/");
+        assert_eq!(n("/a\\b"), "/a/b");
+        assert!(normalize_path(b"/%4").is_none());
+    }
+
+    #[test]
+    fn connection_semantics() {
+        let mut p = SlowParser::new(1 << 20);
+        let ev = p.feed(b"GET / HTTP/1.0\r\n\r\nGET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\nConnection: foo, close\r\n\r\n");
+        let hs = heads(&ev);
+        assert_eq!(hs.iter().map(|h| h.close).collect::<Vec<_>>(), vec![true, false, true]);
+    }
+}
