@@ -189,12 +189,19 @@ pub struct ConnState {
     pub handoff_pool: u32,
     /// Request flags (`REC_CLOSE`) of the request whose body is being copied.
     pub req_flags: u32,
+    /// Offset in the segment being processed where the next step starts
+    /// (kept across the verdict program's tail calls; per connection, not
+    /// per CPU, because a verdict may be interrupted by another socket's).
+    pub seg_off: u32,
+    pub _pad: u32,
     /// Body bytes of request `seq` still to copy.
     pub body_left: u64,
     /// Scanner state for the head being framed.
     pub scan: Scanner,
     /// The head being assembled, laid out as the ring record it becomes.
     pub rec: HeadRecord,
+    /// Route lookup key of the request being routed.
+    pub key: LpmKey,
     /// Room after `rec.data` so a copy of up to `HEAD_MAX` bytes at any
     /// offset below `HEAD_MAX` stays inside the value, which is what the
     /// verifier can check.
@@ -207,6 +214,15 @@ pub struct ConnState {
 pub struct RouteValue {
     pub pool: u32,
     pub _pad: u32,
+}
+
+/// A route-table key as the LPM trie takes it: prefix length in bits,
+/// then the data.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct LpmKey {
+    pub prefix_len: u32,
+    pub data: RouteKeyData,
 }
 
 /// Data part of a route-table (LPM trie) key: host hash (little endian),

@@ -52,12 +52,18 @@ struct RawConfig {
     pool: Vec<RawPool>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFastPath {
     max_body: Option<u64>,
     #[serde(default = "default_true")]
     enabled: bool,
+}
+
+impl Default for RawFastPath {
+    fn default() -> Self {
+        RawFastPath { max_body: None, enabled: true }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -305,6 +311,8 @@ mod tests {
     fn demo_config_is_valid() {
         let c = Config::parse(DEMO, "demo", PathBuf::from(".")).unwrap();
         assert_eq!(c.pools.len(), 2);
+        assert!(c.fast_path, "the fast path is on by default");
+        assert_eq!(c.max_fast_body, DEFAULT_MAX_FAST_BODY);
     }
 
     #[test]

@@ -1,1 +1,306 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: start the real `dispatcher` binary
+//! with a test configuration, talk HTTP/1.1 to it over real sockets, read
+//! its counters, and clean up even when a test fails.
+//!
+//! The tests need root (they load BPF programs). Without root they say so
+//! and pass as skipped, except under `CI=true`, where they fail.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+/// How long a dispatcher may take to load its programs and start workers.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Socket read timeout of the test client.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
+/// Response header the demo workers add with their pool's name.
+pub const POOL_HEADER: &str = "x-dispatcher-pool";
+
+/// True when the test can run; otherwise explains why not, and fails
+/// under CI (where every test must really run).
+pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let msg = "this test loads BPF programs and needs root (CAP_BPF + CAP_NET_ADMIN); run `cargo xtask test` as root";
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{msg}");
+    }
+    eprintln!("skipped: {msg}");
+    false
+}
+
+/// Where the built binaries are (`cargo xtask test` sets DISPATCHER_BIN_DIR).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("DISPATCHER_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("target");
+    for p in ["release", "debug"] {
+        if root.join(p).join("dispatcher").exists() {
+            return root.join(p);
+        }
+    }
+    panic!("no dispatcher binary found; build with `cargo xtask build` or run `cargo xtask test`");
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A running dispatcher, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Dispatcher {
+    pub port: u16,
+    pub instance: String,
+    child: Child,
+    _dir: TempDir,
+}
+
+/// A pool line for [`Dispatcher::start`]: name, routes, worker args.
+pub struct PoolDef<'a> {
+    pub name: &'a str,
+    pub routes: &'a [&'a str],
+    pub args: &'a [&'a str],
+}
+
+impl<'a> PoolDef<'a> {
+    pub fn echo(name: &'a str, routes: &'a [&'a str]) -> Self {
+        PoolDef { name, routes, args: &["--pool-header", "echo"] }
+    }
+}
+
+impl Dispatcher {
+    /// Starts a dispatcher with these pools and extra top-level TOML.
+    pub fn start(pools: &[PoolDef], extra: &str) -> Dispatcher {
+        let port = free_port();
+        let instance = format!("test{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let dir = TempDir::new(&instance);
+        let mut cfg = format!("listen = \"127.0.0.1:{port}\"\ninstance = \"{instance}\"\n{extra}\n");
+        for p in pools {
+            let q = |v: &[&str]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+            cfg.push_str(&format!(
+                "[[pool]]\nname = {:?}\nroutes = [{}]\ncommand = \"dispatcher-worker\"\nargs = [{}]\n",
+                p.name,
+                q(p.routes),
+                q(p.args)
+            ));
+        }
+        let cfg_path = dir.path.join("dispatcher.toml");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let log = std::fs::File::create(dir.path.join("dispatcher.log")).unwrap();
+        let child = Command::new(bin_dir().join("dispatcher"))
+            .args(["serve", "--config"])
+            .arg(&cfg_path)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting dispatcher");
+        let mut d = Dispatcher { port, instance, child, _dir: dir };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!("dispatcher exited during start-up ({st}):\n{}", self.log());
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() && self.log().contains("worker started") {
+                return;
+            }
+            if t0.elapsed() > START_TIMEOUT {
+                panic!("dispatcher did not start within {START_TIMEOUT:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The dispatcher's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path.join("dispatcher.log")).unwrap_or_default()
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.port)
+    }
+
+    /// `dispatcher stats` for this instance, as JSON.
+    pub fn stats(&self) -> serde_json::Value {
+        let out = Command::new(bin_dir().join("dispatcher"))
+            .args(["stats", "--instance", &self.instance])
+            .output()
+            .expect("running dispatcher stats");
+        assert!(out.status.success(), "dispatcher stats failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("stats JSON")
+    }
+
+    /// A counter of a pool from [`Dispatcher::stats`].
+    pub fn pool_stat(&self, pool: &str, field: &str) -> u64 {
+        self.stats()["pools"][pool][field].as_u64().unwrap_or_else(|| panic!("no {pool}.{field} in stats"))
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf").join(&self.instance)
+    }
+
+    /// Stops it with SIGTERM and waits; returns whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        // SAFETY: signalling our child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(15) {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+        // Whatever happened, leave no pins behind.
+        let _ = std::fs::remove_dir_all(self.pin_dir());
+        if std::thread::panicking() {
+            eprintln!("--- dispatcher log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A temporary directory, removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("dispatcher-{name}"));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A parsed response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The pool that answered (from the demo workers' header).
+    pub fn pool(&self) -> &str {
+        self.header(POOL_HEADER).unwrap_or("<none>")
+    }
+}
+
+/// A keep-alive HTTP/1.1 client on one connection.
+pub struct Client {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(port: u16) -> Client {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connecting");
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Client { stream, buf: Vec::new() }
+    }
+
+    pub fn send(&mut self, raw: &[u8]) {
+        self.stream.write_all(raw).expect("writing request");
+    }
+
+    /// `GET path` with `Host: host`.
+    pub fn get(&mut self, host: &str, path: &str) -> Response {
+        self.send(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: dispatcher-tests\r\n\r\n").as_bytes());
+        self.read_response()
+    }
+
+    /// Reads one response (Content-Length framed).
+    pub fn read_response(&mut self) -> Response {
+        self.try_read_response().expect("reading response")
+    }
+
+    /// Reads one response; `None` if the server closed first.
+    pub fn try_read_response(&mut self) -> Option<Response> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut r = httparse::Response::new(&mut headers);
+            if let Ok(httparse::Status::Complete(n)) = r.parse(&self.buf) {
+                let status = r.code.unwrap();
+                let hs: Vec<(String, String)> = r
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).to_string()))
+                    .collect();
+                let len: usize = hs
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                    .map(|(_, v)| v.trim().parse().unwrap())
+                    .unwrap_or(0);
+                if status == 100 {
+                    self.buf.drain(..n);
+                    continue;
+                }
+                if self.buf.len() >= n + len {
+                    let body = self.buf[n..n + len].to_vec();
+                    self.buf.drain(..n + len);
+                    return Some(Response { status, headers: hs, body });
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(k) => self.buf.extend_from_slice(&chunk[..k]),
+                Err(e) => panic!("reading response: {e} (have {} bytes)", self.buf.len()),
+            }
+        }
+    }
+
+    /// Whether the server closed the connection (reads EOF within the
+    /// timeout, after any buffered bytes).
+    pub fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.stream.read(&mut b), Ok(0)) || matches!(self.stream.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+    }
+}
+
+/// FNV-1a 64 of some bytes (the tests' checksum).
+pub fn checksum(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &x in b {
+        h = (h ^ x as u64).wrapping_mul(0x100000001b3);
+    }
+    h
+}

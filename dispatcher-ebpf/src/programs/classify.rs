@@ -10,7 +10,7 @@
 //!
 //! One invocation handles one step: a head, or a run of body bytes. When a
 //! segment holds more, the program tail-calls itself (`steps[0]`) with the
-//! segment offset in the per-CPU scratch, so the verifier sees one request's
+//! segment offset in the connection's state, so the verifier sees one request's
 //! worth of code and a segment may carry up to 32 pipelined requests.
 
 use core::ffi::c_void;
@@ -18,12 +18,13 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{sk_action::{SK_DROP, SK_PASS}, BPF_NOEXIST},
     helpers::generated::{bpf_get_socket_cookie, bpf_loop, bpf_skb_load_bytes},
+    btf_maps::lpm_trie::Key,
     macros::stream_verdict,
     programs::SkBuffContext,
 };
 use dispatcher_ebpf::{
     abi::{
-        reason, ConnState, RouteKeyData, BODY_CHUNK, HEAD_MAX, MODE_BODY, MODE_DRAIN, MODE_HEAD,
+        reason, ConnState, LpmKey, RouteKeyData, BODY_CHUNK, HEAD_MAX, MODE_BODY, MODE_DRAIN, MODE_HEAD,
         MODE_SLOW, PATH_KEY_MAX, RECORD_HEAD, REC_CLOSE, REC_LAST, ROUTE_KEY_LEN, UNROUTED,
         WILDCARD_HOST,
     },
@@ -32,19 +33,9 @@ use dispatcher_ebpf::{
 };
 
 use crate::{
-    maps::{config, conn_state, routes, scratch, steps, zero_state},
+    maps::{config, conn_state, routes, steps, zero_state},
     queue,
 };
-
-/// Per-CPU working memory, see `maps::scratch`.
-#[repr(C)]
-pub struct Scratch {
-    /// Offset in the current segment where the next step starts.
-    pub off: u32,
-    pub _pad: u32,
-    /// Route lookup key.
-    pub key: aya_ebpf::btf_maps::lpm_trie::Key<RouteKeyData>,
-}
 
 /// Result of one step.
 enum Next {
@@ -56,24 +47,17 @@ enum Next {
 
 #[stream_verdict]
 pub fn classify(ctx: SkBuffContext) -> u32 {
-    if let Some(s) = scratch.get_ptr_mut(0) {
-        // SAFETY: per-CPU value, this program owns it until it returns.
-        unsafe { (*s).off = 0 };
-    }
-    run(&ctx)
+    run(&ctx, true)
 }
 
 /// The same program, reached by tail call for the next step of a segment.
 #[stream_verdict]
 pub fn classify_step(ctx: SkBuffContext) -> u32 {
-    run(&ctx)
+    run(&ctx, false)
 }
 
 #[inline(always)]
-fn run(ctx: &SkBuffContext) -> u32 {
-    let Some(s) = scratch.get_ptr_mut(0) else { return SK_PASS };
-    // SAFETY: per-CPU map value, valid for the program's run.
-    let s = unsafe { &mut *s };
+fn run(ctx: &SkBuffContext, first: bool) -> u32 {
     let skb = ctx.skb.skb;
     let cookie = unsafe { bpf_get_socket_cookie(skb as *mut c_void) };
     let Some(st) = conn_state.get_ptr_mut(cookie) else {
@@ -85,12 +69,15 @@ fn run(ctx: &SkBuffContext) -> u32 {
     // are processed one at a time (the socket is locked).
     let st = unsafe { &mut *st };
     let len = ctx.len();
-    let off = s.off;
+    if first {
+        st.seg_off = 0;
+    }
+    let off = st.seg_off;
     if off >= len {
         return SK_DROP;
     }
     let next = match st.mode {
-        MODE_HEAD => head_step(ctx, st, s, cookie, off, len),
+        MODE_HEAD => head_step(ctx, st, cookie, off, len),
         MODE_BODY => body_step(ctx, st, cookie, off, len),
         MODE_DRAIN => return SK_DROP,
         _ => return SK_PASS,
@@ -100,7 +87,7 @@ fn run(ctx: &SkBuffContext) -> u32 {
             if off >= len {
                 return SK_DROP;
             }
-            s.off = off;
+            st.seg_off = off;
             // SAFETY: steps[0] holds classify_step, a program of this type.
             unsafe { steps.tail_call(ctx, 0) };
             // The tail-call budget is spent: user space takes the rest.
@@ -165,7 +152,6 @@ extern "C" fn scan_byte(i: u64, ctx: *mut c_void) -> i64 {
 fn head_step(
     ctx: &SkBuffContext,
     st: &mut ConnState,
-    s: &mut Scratch,
     cookie: u64,
     off: u32,
     len: u32,
@@ -228,7 +214,7 @@ fn head_step(
     if cl > cfg.max_fast_body {
         return Next::Handoff { reason: reason::BODY_TOO_LARGE, pool: UNROUTED, skip: off };
     }
-    let Some(pool) = route(st, s) else {
+    let Some(pool) = route(st) else {
         return Next::Handoff { reason: reason::NO_ROUTE, pool: UNROUTED, skip: off };
     };
     let close = if st.scan.wants_close() { REC_CLOSE } else { 0 };
@@ -260,26 +246,28 @@ fn finish_request(st: &mut ConnState, close: u32) {
 
 /// Looks the scanned request up in the route table: its host, then `*`.
 #[inline(always)]
-fn route(st: &ConnState, s: &mut Scratch) -> Option<u32> {
+fn route(st: &mut ConnState) -> Option<u32> {
     let plen = st.scan.path_len as usize;
     let n = if plen < PATH_KEY_MAX { plen } else { PATH_KEY_MAX };
-    let d: &mut RouteKeyData = &mut s.key.data;
+    let d: &mut RouteKeyData = &mut st.key.data;
     d[8..8 + PATH_KEY_MAX].copy_from_slice(&st.scan.path);
     let mut bytes = n;
     if n < PATH_KEY_MAX {
         d[(8 + n) & (ROUTE_KEY_LEN - 1)] = 0;
         bytes = n + 1;
     }
-    s.key.prefix_len = HOST_BITS + 8 * bytes as u32;
+    st.key.prefix_len = HOST_BITS + 8 * bytes as u32;
     let host = st.scan.host_hash;
+    // SAFETY: LpmKey has the layout of aya's (packed) Key<RouteKeyData>.
+    let key = unsafe { &*(&st.key as *const LpmKey as *const Key<RouteKeyData>) };
     if host != WILDCARD_HOST {
-        d[..8].copy_from_slice(&host.to_le_bytes());
-        if let Some(v) = routes.get(&s.key) {
+        st.key.data[..8].copy_from_slice(&host.to_le_bytes());
+        if let Some(v) = routes.get(key) {
             return Some(v.pool);
         }
     }
-    s.key.data[..8].copy_from_slice(&WILDCARD_HOST.to_le_bytes());
-    routes.get(&s.key).map(|v| v.pool)
+    st.key.data[..8].copy_from_slice(&WILDCARD_HOST.to_le_bytes());
+    routes.get(key).map(|v| v.pool)
 }
 
 #[inline(always)]

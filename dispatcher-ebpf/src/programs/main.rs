@@ -7,6 +7,8 @@
 //! - `queue`: ring selection, record writes, counters.
 //! - `maps`: every map, with the names `bpftool` shows.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// Atomic adds on the BPF target (see queue::atomic_add).
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics), allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod classify;

@@ -12,7 +12,6 @@ use dispatcher_ebpf::abi::{
     MAX_POOLS, MAX_SLOTS,
 };
 
-use crate::classify::Scratch;
 
 /// Connections accepted on the listening port, keyed by socket cookie.
 /// The stream verdict program is attached to this map.
@@ -58,11 +57,6 @@ pub static handoffs: PerCpuArray<u64, { reason::COUNT as usize }> = PerCpuArray:
 /// Per-pool slow-path counters, written by the dispatcher.
 #[btf_map]
 pub static slow_stats: Array<SlowCounters, { MAX_POOLS as usize + 1 }> = Array::new();
-
-/// Per-CPU working memory of the verdict program (kept off the 512-byte
-/// stack, and kept across its tail calls within one segment).
-#[btf_map]
-pub static scratch: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 
 /// The verdict program's continuation, tail-called once per request
 /// after the first in a segment.

@@ -111,7 +111,7 @@ pub fn push_head(
     }
     if let Some(c) = pool_stats.get_ptr_mut(pool) {
         // SAFETY: per-CPU value.
-        unsafe { (*c).fast_requests += 1 };
+        unsafe { atomic_add(&mut (*c).fast_requests, 1) };
     }
     Ok(best)
 }
@@ -179,17 +179,28 @@ pub fn push_body(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32,
     if st.pool < MAX_POOLS {
         if let Some(c) = pool_stats.get_ptr_mut(st.pool) {
             // SAFETY: per-CPU value.
-            unsafe { (*c).fast_body_bytes += done as u64 };
+            unsafe { atomic_add(&mut (*c).fast_body_bytes, done as u64) };
         }
     }
     done
+}
+
+/// Adds to a per-CPU counter with an atomic add: a verdict running in
+/// process context can be interrupted on its CPU by another one, so a
+/// plain read-modify-write could lose counts.
+#[inline(always)]
+unsafe fn atomic_add(c: *mut u64, v: u64) {
+    // SAFETY: `c` points to an aligned u64 in map memory.
+    // The BPF target has no compare-and-swap, so `AtomicU64::fetch_add` is
+    // not offered; the intrinsic lowers to BPF's atomic add.
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(c, v) };
 }
 
 #[inline(always)]
 fn count_queue_full(pool: u32) {
     if let Some(c) = pool_stats.get_ptr_mut(pool) {
         // SAFETY: per-CPU value.
-        unsafe { (*c).queue_full += 1 };
+        unsafe { atomic_add(&mut (*c).queue_full, 1) };
     }
 }
 
@@ -198,11 +209,11 @@ fn count_queue_full(pool: u32) {
 pub fn count_handoff(why: u32, pool: u32) {
     if let Some(c) = handoffs.get_ptr_mut(why) {
         // SAFETY: per-CPU value.
-        unsafe { *c += 1 };
+        unsafe { atomic_add(&mut *c, 1) };
     }
     let p = if pool < MAX_POOLS { pool } else { UNROUTED };
     if let Some(c) = pool_stats.get_ptr_mut(p) {
         // SAFETY: per-CPU value.
-        unsafe { (*c).slow_handoffs += 1 };
+        unsafe { atomic_add(&mut (*c).slow_handoffs, 1) };
     }
 }

@@ -1,0 +1,134 @@
+//! Framing across segments: bodies, heads split byte by byte, several
+//! requests in one write, malformed input.
+
+use std::{io::Write, thread, time::Duration};
+
+use tests::{checksum, privileged, Dispatcher, PoolDef};
+
+/// Size of the large POST.
+const BIG_BODY: usize = 1 << 20;
+
+fn echo_pools(extra: &str) -> Dispatcher {
+    Dispatcher::start(&[PoolDef::echo("a", &["*/a"]), PoolDef::echo("b", &["*/b"]), PoolDef::echo("root", &["*/"])], extra)
+}
+
+fn body_of_echo(body: &[u8]) -> &[u8] {
+    let at = body.windows(4).position(|w| w == b"\r\n\r\n").expect("echo head") + 4;
+    &body[at..]
+}
+
+fn big_body() -> Vec<u8> {
+    (0..BIG_BODY).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()
+}
+
+fn post_big(d: &Dispatcher) {
+    let body = big_body();
+    let mut c = d.connect();
+    c.send(format!("POST /a/upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+    c.send(&body);
+    let r = c.read_response();
+    assert_eq!((r.status, r.pool()), (200, "a"));
+    assert_eq!(r.header("x-echo-body-length"), Some(BIG_BODY.to_string().as_str()));
+    let got = body_of_echo(&r.body);
+    assert_eq!(got.len(), body.len());
+    assert_eq!(checksum(got), checksum(&body));
+    // And the connection goes on.
+    let r = c.get("x", "/b");
+    assert_eq!((r.status, r.pool()), (200, "b"));
+}
+
+#[test]
+fn one_mib_post_through_the_slow_path() {
+    if !privileged() {
+        return;
+    }
+    let d = echo_pools("");
+    post_big(&d);
+    assert!(d.stats()["handoffs"]["body_too_large"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn one_mib_post_through_the_kernel() {
+    if !privileged() {
+        return;
+    }
+    let d = echo_pools(&format!("[fast_path]\nmax_body = {}\n", 2 * BIG_BODY));
+    post_big(&d);
+    assert_eq!(d.pool_stat("a", "slow_parsed"), 0, "{}", d.stats());
+    assert_eq!(d.pool_stat("a", "fast_body_bytes"), BIG_BODY as u64);
+}
+
+#[test]
+fn a_request_written_one_byte_at_a_time() {
+    if !privileged() {
+        return;
+    }
+    let d = echo_pools("");
+    let mut c = d.connect();
+    let req = b"POST /b/slowly HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+    for b in req {
+        c.stream.write_all(&[*b]).unwrap();
+        thread::sleep(Duration::from_millis(2));
+    }
+    let r = c.read_response();
+    assert_eq!((r.status, r.pool()), (200, "b"));
+    assert_eq!(body_of_echo(&r.body), b"hello");
+    assert_eq!(d.pool_stat("b", "slow_parsed"), 0, "split heads are framed in the kernel");
+}
+
+#[test]
+fn two_requests_for_different_pools_in_one_write() {
+    if !privileged() {
+        return;
+    }
+    let d = echo_pools("");
+    let mut c = d.connect();
+    c.send(b"GET /a/1 HTTP/1.1\r\nHost: x\r\n\r\nPOST /b/2 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nxyzGET /3 HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r1 = c.read_response();
+    let r2 = c.read_response();
+    let r3 = c.read_response();
+    assert_eq!((r1.status, r1.pool()), (200, "a"));
+    assert_eq!((r2.status, r2.pool()), (200, "b"));
+    assert_eq!(body_of_echo(&r2.body), b"xyz");
+    assert_eq!((r3.status, r3.pool()), (200, "root"));
+    assert_eq!(r1.header("x-echo-path"), Some("/a/1"));
+}
+
+#[test]
+fn malformed_request_gets_400_and_only_its_connection_closes() {
+    if !privileged() {
+        return;
+    }
+    let d = echo_pools("");
+    let mut good = d.connect();
+    assert_eq!(good.get("x", "/a").status, 200);
+
+    for garbage in [
+        &b"GARBAGE\x01\x02 / HTTP/1.1\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+    ] {
+        let mut bad = d.connect();
+        bad.send(garbage);
+        let r = bad.read_response();
+        assert_eq!(r.status, 400, "{:?}", String::from_utf8_lossy(garbage));
+        assert!(bad.is_closed(), "the bad connection must be closed");
+        // The good connection is unaffected.
+        let r = good.get("x", "/b");
+        assert_eq!((r.status, r.pool()), (200, "b"));
+    }
+}
+
+#[test]
+fn connection_close_is_honoured() {
+    if !privileged() {
+        return;
+    }
+    let d = echo_pools("");
+    let mut c = d.connect();
+    c.send(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let r = c.read_response();
+    assert_eq!((r.status, r.pool()), (200, "a"));
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.is_closed());
+}

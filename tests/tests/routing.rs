@@ -1,0 +1,116 @@
+//! Requests land in the right pool: by path prefix (segment boundaries),
+//! by host (an explicit host beats `*`), over keep-alive connections, and
+//! on the kernel's fast path.
+
+use std::thread;
+
+use tests::{privileged, Dispatcher, PoolDef};
+
+/// Connections and requests of the keep-alive load check.
+const CONNECTIONS: usize = 10;
+const REQUESTS_PER_CONNECTION: usize = 100;
+
+fn four_pools() -> Dispatcher {
+    Dispatcher::start(
+        &[
+            PoolDef::echo("app", &["*/app"]),
+            PoolDef::echo("files", &["*/files/"]),
+            PoolDef::echo("one", &["one.test/"]),
+            PoolDef::echo("two", &["two.test/", "two.test/app"]),
+            PoolDef::echo("root", &["*/"]),
+        ],
+        "",
+    )
+}
+
+/// (host, path, pool that must answer)
+const CASES: &[(&str, &str, &str)] = &[
+    ("x.test", "/", "root"),
+    ("x.test", "/app", "app"),
+    ("x.test", "/app?q=1", "app"),
+    ("x.test", "/app/", "app"),
+    ("x.test", "/app/deep/er", "app"),
+    ("x.test", "/apple", "root"),
+    ("x.test", "/files", "root"),
+    ("x.test", "/files/a.txt", "files"),
+    ("ONE.test", "/app", "one"),
+    ("one.test.", "/files/x", "one"),
+    ("two.test:80", "/anything", "two"),
+    ("two.test", "/app/x", "two"),
+];
+
+#[test]
+fn routes_by_prefix_and_host_on_the_fast_path() {
+    if !privileged() {
+        return;
+    }
+    let d = four_pools();
+    let mut c = d.connect();
+    for (host, path, pool) in CASES {
+        let r = c.get(host, path);
+        assert_eq!(r.status, 200, "{host}{path}");
+        assert_eq!(r.pool(), *pool, "{host}{path}");
+        assert_eq!(r.header("x-echo-path"), Some(path.split('?').next().unwrap()), "{host}{path}");
+    }
+
+    // 1,000 requests over 10 keep-alive connections, all answered by the
+    // right pool.
+    let port = d.port;
+    let handles: Vec<_> = (0..CONNECTIONS)
+        .map(|k| {
+            thread::spawn(move || {
+                let mut c = tests::Client::connect(port);
+                for i in 0..REQUESTS_PER_CONNECTION {
+                    let (host, path, pool) = CASES[(k * 7 + i) % CASES.len()];
+                    let r = c.get(host, path);
+                    assert_eq!((r.status, r.pool()), (200, pool), "conn {k} request {i}: {host}{path}");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("a client thread failed");
+    }
+
+    // None of these plain GETs reached the user-space parser.
+    let stats = d.stats();
+    let mut fast = 0;
+    for pool in ["app", "files", "one", "two", "root"] {
+        assert_eq!(stats["pools"][pool]["slow_parsed"], 0, "pool {pool} saw slow-path requests: {stats}");
+        fast += stats["pools"][pool]["fast_requests"].as_u64().unwrap();
+    }
+    let total = CASES.len() + CONNECTIONS * REQUESTS_PER_CONNECTION;
+    assert_eq!(fast as usize, total, "{stats}");
+}
+
+#[test]
+fn a_long_head_takes_the_slow_path_and_routes_the_same() {
+    if !privileged() {
+        return;
+    }
+    let d = four_pools();
+    let mut c = d.connect();
+    let pad = "p".repeat(6000);
+    c.send(format!("GET /app/x HTTP/1.1\r\nHost: x.test\r\nX-Pad: {pad}\r\n\r\n").as_bytes());
+    let r = c.read_response();
+    assert_eq!((r.status, r.pool()), (200, "app"));
+    // The connection stays usable (now on the slow path).
+    let r = c.get("one.test", "/y");
+    assert_eq!((r.status, r.pool()), (200, "one"));
+    assert_eq!(d.pool_stat("app", "slow_parsed"), 1);
+    assert_eq!(d.pool_stat("one", "slow_parsed"), 1);
+    assert!(d.stats()["handoffs"]["head_too_large"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn unrouted_requests_get_404() {
+    if !privileged() {
+        return;
+    }
+    let d = Dispatcher::start(&[PoolDef::echo("only", &["*/only/"])], "");
+    let mut c = d.connect();
+    let r = c.get("x", "/elsewhere");
+    assert_eq!(r.status, 404);
+    let r = c.get("x", "/only/here");
+    assert_eq!((r.status, r.pool()), (200, "only"));
+}
