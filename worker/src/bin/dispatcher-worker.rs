@@ -1,0 +1,172 @@
+//! The ready worker: pulls requests from its pool's queue and answers them
+//! by echoing them back or by serving files from a directory.
+
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use worker::{Request, Response, Worker};
+
+/// A dispatcher worker. Started by the dispatcher with its pool's queue
+/// handles (DISPATCHER_RING_FD, DISPATCHER_CTL_FD); not useful on its own.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Add `X-Dispatcher-Pool: <pool>` and `X-Dispatcher-Worker: <pid>` to
+    /// every response, to see which pool and process answered.
+    #[arg(long)]
+    pool_header: bool,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand, Clone)]
+enum Mode {
+    /// Answer 200 with the request echoed back: the request line, the
+    /// headers as received, a blank line, then the body.
+    Echo,
+    /// Serve the files under DIR (GET and HEAD; a directory serves its
+    /// index.html).
+    Static {
+        /// Directory to serve.
+        dir: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let mut w = Worker::from_env()?;
+    let pid = std::process::id();
+    let mode_name = match &cli.mode {
+        Mode::Echo => "echo".to_string(),
+        Mode::Static { dir } => format!("static {}", dir.display()),
+    };
+    tracing::info!(pool = w.pool(), mode = %mode_name, pid, "worker ready");
+    let pool = w.pool().to_string();
+    let responder = w.responder();
+    loop {
+        let req = match w.receive().await {
+            Ok(r) => r,
+            Err(worker::Error::Closed) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let mode = cli.mode.clone();
+        let responder = responder.clone();
+        let pool = pool.clone();
+        let tag = cli.pool_header;
+        tokio::spawn(async move {
+            let mut resp = match mode {
+                Mode::Echo => echo(&req),
+                Mode::Static { dir } => serve_file(&dir, &req).await,
+            };
+            if tag {
+                resp = resp.header("X-Dispatcher-Pool", pool).header("X-Dispatcher-Worker", pid.to_string());
+            }
+            let _ = responder.respond(&req, resp).await;
+        });
+    }
+}
+
+fn echo(req: &Request) -> Response {
+    let mut body = Vec::with_capacity(req.raw_head.len() + req.body.len());
+    body.extend_from_slice(&req.raw_head);
+    body.extend_from_slice(&req.body);
+    Response::new(200)
+        .header("Content-Type", "application/octet-stream")
+        .header("X-Echo-Method", req.method.clone())
+        .header("X-Echo-Path", req.path().to_string())
+        .header("X-Echo-Host", req.host().unwrap_or("").to_string())
+        .header("X-Echo-Body-Length", req.body.len().to_string())
+        .body(body)
+}
+
+/// Maps a request path to a file under `root`: percent-decoded; `..`,
+/// NUL and backslashes refused.
+fn map_path(root: &Path, path: &str) -> Option<PathBuf> {
+    let bytes = path.as_bytes();
+    let mut dec = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let h = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            dec.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            dec.push(bytes[i]);
+            i += 1;
+        }
+    }
+    let s = String::from_utf8(dec).ok()?;
+    if s.contains('\0') || s.contains('\\') {
+        return None;
+    }
+    let mut out = root.to_path_buf();
+    for c in Path::new(&s).components() {
+        match c {
+            Component::RootDir | Component::CurDir => {}
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(out)
+}
+
+fn content_type(p: &Path) -> &'static str {
+    match p.extension().and_then(|e| e.to_str()).unwrap_or("") {
+        "html" | "htm" => "text/html; charset=utf-8",
+        "css" => "text/css",
+        "js" => "text/javascript",
+        "json" => "application/json",
+        "txt" => "text/plain; charset=utf-8",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "svg" => "image/svg+xml",
+        "ico" => "image/x-icon",
+        _ => "application/octet-stream",
+    }
+}
+
+async fn serve_file(root: &Path, req: &Request) -> Response {
+    if req.method != "GET" && req.method != "HEAD" {
+        return Response::text(405, "only GET and HEAD\n").header("Allow", "GET, HEAD");
+    }
+    let Some(mut p) = map_path(root, req.path()) else {
+        return Response::text(400, "bad path\n");
+    };
+    if tokio::fs::metadata(&p).await.map(|m| m.is_dir()).unwrap_or(false) {
+        p.push("index.html");
+    }
+    match tokio::fs::read(&p).await {
+        Ok(data) => Response::new(200).header("Content-Type", content_type(&p)).body(data),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Response::text(404, "not found\n"),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Response::text(403, "forbidden\n"),
+        Err(_) => Response::text(500, "could not read the file\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_stay_under_the_root() {
+        let r = Path::new("/srv");
+        assert_eq!(map_path(r, "/a/b.html"), Some(PathBuf::from("/srv/a/b.html")));
+        assert_eq!(map_path(r, "/a%20b"), Some(PathBuf::from("/srv/a b")));
+        assert_eq!(map_path(r, "/"), Some(PathBuf::from("/srv")));
+        assert_eq!(map_path(r, "/../etc/passwd"), None);
+        assert_eq!(map_path(r, "/a/%2e%2e/%2e%2e/etc"), None);
+        assert_eq!(map_path(r, "/a%00"), None);
+        assert_eq!(map_path(r, "/%zz"), None);
+    }
+}

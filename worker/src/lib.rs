@@ -1,0 +1,251 @@
+//! The worker side of dispatcher: pull requests from your pool's queue,
+//! answer them.
+//!
+//! A worker process inherits two handles from its parent (see
+//! [`proto`]): the pool's BPF ring buffer, where the kernel queues the
+//! requests it framed, and a control socket, where the dispatcher sends the
+//! requests it framed itself and where responses go. No BPF privilege is
+//! needed to consume a ring whose fd you were given.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), worker::Error> {
+//! let mut w = worker::Worker::from_env()?;
+//! let responder = w.responder();
+//! loop {
+//!     let req = w.receive().await?;
+//!     responder.respond(&req, worker::Response::text(200, "hello\n")).await?;
+//! }
+//! # }
+//! ```
+
+pub mod proto;
+pub mod reassembly;
+pub mod request;
+pub mod response;
+
+use std::{
+    collections::VecDeque,
+    os::fd::{FromRawFd, OwnedFd},
+};
+
+use aya::maps::{Map, MapData, RingBuf};
+use bytes::Bytes;
+use dispatcher_ebpf::abi::{RecordHeader, RECORD_HEADER_LEN};
+use tokio::{
+    io::{unix::AsyncFd, AsyncReadExt, AsyncWriteExt},
+    net::UnixStream,
+    sync::mpsc,
+};
+
+use proto::{ResponseHeader, MAX_FRAME, RESP_CLOSE, RESP_LAST};
+use reassembly::{Done, Raw, Reassembly};
+pub use request::Request;
+pub use response::Response;
+
+/// What can go wrong for a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("environment variable {var}: {why}")]
+    Env { var: &'static str, why: String },
+    #[error("ring buffer fd {fd}: {source}")]
+    Ring { fd: i32, source: aya::maps::MapError },
+    #[error("control socket: {0}")]
+    Control(#[source] std::io::Error),
+    #[error("the dispatcher closed the control socket")]
+    Closed,
+    #[error("request {conn}/{seq}: malformed head")]
+    BadHead { conn: u64, seq: u32 },
+}
+
+/// A worker's connection to its pool.
+pub struct Worker {
+    pool: String,
+    ring: Option<AsyncFd<RingBuf<MapData>>>,
+    frames: mpsc::Receiver<(RecordHeader, Vec<u8>)>,
+    reassembly: Reassembly,
+    ready: VecDeque<Raw>,
+    responder: Responder,
+}
+
+/// Sends responses; cloneable, so requests can be handled concurrently.
+#[derive(Clone)]
+pub struct Responder {
+    tx: mpsc::UnboundedSender<Bytes>,
+}
+
+fn env_fd(var: &'static str) -> Result<Option<OwnedFd>, Error> {
+    match std::env::var(var) {
+        Err(_) => Ok(None),
+        Ok(v) => {
+            let fd: i32 = v.parse().map_err(|_| Error::Env { var, why: format!("`{v}` is not a file descriptor number") })?;
+            // SAFETY: fcntl F_GETFD only checks that the fd is open.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                return Err(Error::Env { var, why: format!("fd {fd} is not open") });
+            }
+            // SAFETY: the parent handed us this fd to own.
+            Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
+        }
+    }
+}
+
+impl Worker {
+    /// The handles the dispatcher's process manager passes.
+    pub fn from_env() -> Result<Worker, Error> {
+        let ctl = env_fd(proto::ENV_CTL_FD)?
+            .ok_or(Error::Env { var: proto::ENV_CTL_FD, why: "not set (is this started by the dispatcher?)".into() })?;
+        let ring = env_fd(proto::ENV_RING_FD)?;
+        let pool = std::env::var(proto::ENV_POOL).unwrap_or_else(|_| "default".into());
+        Worker::from_fds(ring, ctl, pool)
+    }
+
+    /// A worker over explicit handles; `ring` may be absent (control
+    /// socket only). Must be called inside a tokio runtime.
+    pub fn from_fds(ring: Option<OwnedFd>, ctl: OwnedFd, pool: String) -> Result<Worker, Error> {
+        let ring = match ring {
+            Some(fd) => {
+                use std::os::fd::AsRawFd;
+                let raw = fd.as_raw_fd();
+                let data = MapData::from_fd(fd).map_err(|source| Error::Ring { fd: raw, source })?;
+                let rb = RingBuf::try_from(Map::RingBuf(data)).map_err(|source| Error::Ring { fd: raw, source })?;
+                // SAFETY: the RingBuf owns the fd for as long as the AsyncFd lives.
+                Some(unsafe { AsyncFd::register(rb) }.map_err(|e| Error::Control(e.into()))?)
+            }
+            None => None,
+        };
+        let std = std::os::unix::net::UnixStream::from(ctl);
+        std.set_nonblocking(true).map_err(Error::Control)?;
+        let (mut rd, mut wr) = UnixStream::from_std(std).map_err(Error::Control)?.into_split();
+        let (ftx, frames) = mpsc::channel(1024);
+        // A reader task makes the control socket a cancel-safe stream.
+        tokio::spawn(async move {
+            let mut h = [0u8; RECORD_HEADER_LEN];
+            loop {
+                if rd.read_exact(&mut h).await.is_err() {
+                    return;
+                }
+                let hdr = RecordHeader::from_bytes(&h).expect("header length");
+                if hdr.len as usize > MAX_FRAME {
+                    tracing::error!(len = hdr.len, "oversized record on the control socket");
+                    return;
+                }
+                let mut data = vec![0u8; hdr.len as usize];
+                if rd.read_exact(&mut data).await.is_err() || ftx.send((hdr, data)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+        tokio::spawn(async move {
+            while let Some(b) = rx.recv().await {
+                if wr.write_all(&b).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Worker { pool, ring, frames, reassembly: Reassembly::default(), ready: VecDeque::new(), responder: Responder { tx } })
+    }
+
+    /// The pool this worker serves.
+    pub fn pool(&self) -> &str {
+        &self.pool
+    }
+
+    /// A handle to answer requests with.
+    pub fn responder(&self) -> Responder {
+        self.responder.clone()
+    }
+
+    /// The next complete request, from the ring or the control socket.
+    /// Malformed requests are answered (400) here and never returned.
+    pub async fn receive(&mut self) -> Result<Request, Error> {
+        loop {
+            while let Some(raw) = self.ready.pop_front() {
+                let (conn, seq) = (raw.conn, raw.seq);
+                match Request::parse(raw) {
+                    Ok(r) => return Ok(r),
+                    Err(_) => self.responder.reject(conn, seq),
+                }
+            }
+            if self.drain_ring() {
+                continue;
+            }
+            let has_ring = self.ring.is_some();
+            let ring = self.ring.as_mut();
+            tokio::select! {
+                g = async { ring.unwrap().readable_mut().await }, if has_ring => {
+                    let mut g = g.map_err(Error::Control)?;
+                    g.clear_ready();
+                }
+                f = self.frames.recv() => {
+                    let Some((hdr, data)) = f else { return Err(Error::Closed) };
+                    self.push(&hdr, &data);
+                }
+            }
+        }
+    }
+
+    fn push(&mut self, hdr: &RecordHeader, data: &[u8]) {
+        match self.reassembly.push(hdr, data) {
+            Some(Done::Request(raw)) => self.ready.push_back(raw),
+            Some(Done::Invalid { conn, seq }) => self.responder.reject(conn, seq),
+            None => {}
+        }
+    }
+
+    /// Takes every record the ring holds; true if there were any.
+    fn drain_ring(&mut self) -> bool {
+        let Some(ring) = self.ring.as_mut() else { return false };
+        let mut records = Vec::new();
+        {
+            let rb = ring.get_mut();
+            while let Some(item) = rb.next() {
+                if let Some(hdr) = RecordHeader::from_bytes(&item) {
+                    let end = (RECORD_HEADER_LEN + hdr.len as usize).min(item.len());
+                    records.push((hdr, item[RECORD_HEADER_LEN..end].to_vec()));
+                }
+            }
+        }
+        let any = !records.is_empty();
+        for (h, d) in records {
+            self.push(&h, &d);
+        }
+        any
+    }
+}
+
+impl Responder {
+    /// Sends `resp` as the answer to `req`.
+    pub async fn respond(&self, req: &Request, resp: Response) -> Result<(), Error> {
+        let close = req.close || resp.close;
+        let bytes = resp.serialize(req.method == "HEAD", close);
+        self.send(req.conn, req.seq, &bytes, close)
+    }
+
+    fn send(&self, conn: u64, seq: u32, bytes: &[u8], close: bool) -> Result<(), Error> {
+        let max = MAX_FRAME;
+        let n = bytes.len().div_ceil(max).max(1);
+        for (i, chunk) in bytes.chunks(max).chain(std::iter::once(&[][..]).take(if bytes.is_empty() { 1 } else { 0 })).enumerate() {
+            let last = i + 1 == n;
+            let mut flags = 0;
+            if last {
+                flags |= RESP_LAST;
+                if close {
+                    flags |= RESP_CLOSE;
+                }
+            }
+            let h = ResponseHeader { conn, seq, len: chunk.len() as u32, flags, _pad: 0 };
+            let mut frame = Vec::with_capacity(chunk.len() + proto::RESPONSE_HEADER_LEN);
+            frame.extend_from_slice(&h.to_bytes());
+            frame.extend_from_slice(chunk);
+            self.tx.send(Bytes::from(frame)).map_err(|_| Error::Closed)?;
+        }
+        Ok(())
+    }
+
+    /// Answers a request the worker could not parse: 400, then close.
+    fn reject(&self, conn: u64, seq: u32) {
+        tracing::debug!(conn, seq, "malformed request");
+        let r = Response::text(400, "malformed request\n").serialize(false, true);
+        let _ = self.send(conn, seq, &r, true);
+    }
+}

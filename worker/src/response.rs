@@ -1,0 +1,100 @@
+//! A response, and its HTTP/1.1 serialisation.
+
+use bytes::Bytes;
+
+/// An HTTP response a handler returns.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    /// Close the connection after this response.
+    pub close: bool,
+}
+
+impl Response {
+    pub fn new(status: u16) -> Self {
+        Response { status, headers: Vec::new(), body: Bytes::new(), close: false }
+    }
+
+    /// A `text/plain` response.
+    pub fn text(status: u16, s: impl Into<String>) -> Self {
+        Response::new(status).header("Content-Type", "text/plain; charset=utf-8").body(s.into())
+    }
+
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn body(mut self, b: impl Into<Bytes>) -> Self {
+        self.body = b.into();
+        self
+    }
+
+    pub fn close(mut self) -> Self {
+        self.close = true;
+        self
+    }
+
+    /// The bytes on the wire. `head_only` for HEAD requests (the length is
+    /// still the body's); `close` adds `Connection: close`.
+    pub fn serialize(&self, head_only: bool, close: bool) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128 + self.body.len());
+        out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status)).as_bytes());
+        for (n, v) in &self.headers {
+            if n.eq_ignore_ascii_case("content-length") || n.eq_ignore_ascii_case("connection") {
+                continue;
+            }
+            out.extend_from_slice(n.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(format!("Content-Length: {}\r\n", self.body.len()).as_bytes());
+        if close {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if !head_only {
+            out.extend_from_slice(&self.body);
+        }
+        out
+    }
+}
+
+/// The reason phrase of a status code.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        413 => "Content Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serialises_with_length_and_close() {
+        let r = Response::text(404, "nope").header("X-A", "1").header("Content-Length", "99");
+        let s = String::from_utf8(r.serialize(false, true)).unwrap();
+        assert_eq!(s, "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\nX-A: 1\r\nContent-Length: 4\r\nConnection: close\r\n\r\nnope");
+        let s = String::from_utf8(r.serialize(true, false)).unwrap();
+        assert!(s.ends_with("Content-Length: 4\r\n\r\n"), "{s}");
+    }
+}
