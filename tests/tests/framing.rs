@@ -55,7 +55,7 @@ fn one_mib_post_through_the_kernel() {
     let d = echo_pools(&format!("[fast_path]\nmax_body = {}\n", 2 * BIG_BODY));
     post_big(&d);
     assert_eq!(d.pool_stat("a", "slow_parsed"), 0, "{}", d.stats());
-    assert_eq!(d.pool_stat("a", "fast_body_bytes"), BIG_BODY as u64);
+    assert_eq!(d.pool_stat("a", "fast_body_bytes"), BIG_BODY as u64, "{}", d.stats());
 }
 
 #[test]

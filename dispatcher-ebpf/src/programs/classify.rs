@@ -16,7 +16,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{sk_action::{SK_DROP, SK_PASS}, BPF_NOEXIST},
+    bindings::sk_action::{SK_DROP, SK_PASS},
     helpers::generated::{bpf_get_socket_cookie, bpf_loop, bpf_skb_load_bytes},
     btf_maps::lpm_trie::Key,
     macros::stream_verdict,
@@ -24,8 +24,8 @@ use aya_ebpf::{
 };
 use dispatcher_ebpf::{
     abi::{
-        reason, ConnState, LpmKey, RouteKeyData, BODY_CHUNK, HEAD_MAX, MODE_BODY, MODE_DRAIN, MODE_HEAD,
-        MODE_SLOW, PATH_KEY_MAX, RECORD_HEAD, REC_CLOSE, REC_LAST, ROUTE_KEY_LEN, UNROUTED,
+        reason, ConnState, LpmKey, RouteKeyData, HEAD_MAX, MODE_BODY, MODE_DRAIN, MODE_HEAD,
+        MODE_SLOW, PATH_KEY_MAX, REC_CLOSE, REC_LAST, ROUTE_KEY_LEN, UNROUTED,
         WILDCARD_HOST,
     },
     route::HOST_BITS,
@@ -33,7 +33,7 @@ use dispatcher_ebpf::{
 };
 
 use crate::{
-    maps::{config, conn_state, routes, steps, zero_state},
+    maps::{config, conn_state, routes, steps},
     queue,
 };
 
@@ -234,7 +234,6 @@ fn head_step(
     } else {
         finish_request(st, close as u32);
     }
-    let _ = RECORD_HEAD;
     Next::At(off + consumed)
 }
 
@@ -274,15 +273,14 @@ fn route(st: &mut ConnState) -> Option<u32> {
 fn body_step(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32, len: u32) -> Next {
     let avail = (len - off) as u64;
     let n = if st.body_left < avail { st.body_left as u32 } else { avail as u32 };
-    let done = queue::push_body(ctx, st, cookie, off, n);
+    let (done, failed) = queue::push_body(ctx, st, cookie, off, n);
     st.body_left -= done as u64;
-    if done < n {
+    if failed {
         return Next::Handoff { reason: reason::RING_FULL_MID_BODY, pool: st.pool, skip: off + done };
     }
     if st.body_left == 0 {
         let close = st.req_flags;
         finish_request(st, close);
     }
-    let _ = (BODY_CHUNK, BPF_NOEXIST, &zero_state);
     Next::At(off + done)
 }

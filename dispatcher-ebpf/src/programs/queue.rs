@@ -120,12 +120,14 @@ pub fn push_head(
 /// itself for more).
 const MAX_BODY_RECORDS: u32 = 32;
 
-/// Queues `n` body bytes from segment offset `off` on the request's slot.
-/// Returns how many were queued (fewer only if the ring filled up).
+/// Queues up to `n` body bytes from segment offset `off` on the request's
+/// slot, at most `MAX_BODY_RECORDS` records' worth. Returns how many were
+/// queued, and whether the ring refused a record (full).
 #[inline(always)]
-pub fn push_body(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32, n: u32) -> u32 {
-    let Some(ring) = ring_ptr(st.slot) else { return 0 };
+pub fn push_body(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32, n: u32) -> (u32, bool) {
+    let Some(ring) = ring_ptr(st.slot) else { return (0, true) };
     let mut done: u32 = 0;
+    let mut failed = false;
     let mut i = 0;
     while i < MAX_BODY_RECORDS {
         if done >= n {
@@ -143,6 +145,7 @@ pub fn push_body(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32,
         let rec = unsafe { bpf_ringbuf_reserve(ring, core::mem::size_of::<BodyRecord>() as u64, 0) }
             as *mut BodyRecord;
         if rec.is_null() {
+            failed = true;
             break;
         }
         // SAFETY: `rec` is a reserved BodyRecord; chunk <= BODY_CHUNK.
@@ -156,6 +159,7 @@ pub fn push_body(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32,
         };
         if ret != 0 {
             unsafe { bpf_ringbuf_discard(rec as *mut c_void, 0) };
+            failed = true;
             break;
         }
         let last = st.body_left == (done + chunk) as u64;
@@ -182,7 +186,7 @@ pub fn push_body(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32,
             unsafe { atomic_add(&mut (*c).fast_body_bytes, done as u64) };
         }
     }
-    done
+    (done, failed)
 }
 
 /// Adds to a per-CPU counter with an atomic add: a verdict running in
