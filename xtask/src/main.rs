@@ -1,0 +1,186 @@
+//! `cargo xtask`: build, run and test dispatcher.
+//!
+//! The BPF programs are built for `bpfel-unknown-none` by a toolchain that
+//! may not be the one running this (see `toolchain`), then embedded into
+//! the `dispatcher` binary through `DISPATCHER_EBPF_OBJ`.
+
+mod toolchain;
+
+use std::{
+    ffi::OsString,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use toolchain::{step, Apt};
+
+/// Build, run and test dispatcher.
+#[derive(Parser)]
+#[command(about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Find or install the BPF toolchain, build the BPF programs, then the
+    /// user-space binaries (release) into target/release.
+    Build {
+        /// Build user space in debug mode instead.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Build, then start the dispatcher (as root) with the built-in demo
+    /// configuration, or with ARGS passed to `dispatcher serve`
+    /// (e.g. `-- --config examples/dispatcher.toml`).
+    Run {
+        /// Arguments for `dispatcher serve`.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Build, install the test tools (curl, wrk, bpftool), and run the whole
+    /// test suite (unit, property and end-to-end tests; the latter need root).
+    Test {
+        /// Arguments for `cargo test` (e.g. `-- --nocapture`, or a filter).
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Environment variables an outer `cargo run` sets that would confuse an
+/// inner cargo using another toolchain.
+fn clean_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().to_string();
+        let drop = k == "RUSTC"
+            || k == "RUSTC_WRAPPER"
+            || k == "RUSTC_WORKSPACE_WRAPPER"
+            || k == "RUSTDOC"
+            || k == "RUSTUP_TOOLCHAIN"
+            || k == "RUSTFLAGS"
+            || k == "CARGO"
+            || k == "CARGO_TARGET_DIR"
+            || k == "CARGO_BUILD_TARGET"
+            || k == "CARGO_ENCODED_RUSTFLAGS"
+            || k == "CARGO_MANIFEST_DIR"
+            || k == "CARGO_MANIFEST_PATH"
+            || k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_")
+            || k == "CARGO_PRIMARY_PACKAGE"
+            || k == "CARGO_CRATE_NAME";
+        if drop {
+            cmd.env_remove(&k);
+        }
+    }
+}
+
+/// Builds the BPF object; returns its path.
+fn build_bpf(apt: &mut Apt) -> Result<PathBuf> {
+    let tc = toolchain::bpf_toolchain(apt)?;
+    let linker_dir = toolchain::bpf_linker(apt)?;
+    let root = workspace_root();
+    let arch = std::env::consts::ARCH;
+    let t = Instant::now();
+    step("BPF programs", &format!("building with toolchain `{}`", tc.name));
+    let mut cmd = Command::new("rustup");
+    clean_env(&mut cmd);
+    cmd.current_dir(&root)
+        .args(["run", &tc.name, "cargo", "build", "--package", "dispatcher-ebpf", "--bin", "dispatcher-ebpf", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--target-dir"])
+        .arg(root.join("target/bpf"))
+        .env("CARGO_ENCODED_RUSTFLAGS", format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf"))
+        .env("PATH", format!("{}:{}", linker_dir.display(), std::env::var("PATH").unwrap_or_default()));
+    if tc.bootstrap {
+        cmd.env("RUSTC_BOOTSTRAP", "1");
+    }
+    let status = cmd.status().context("running cargo for the BPF target")?;
+    if !status.success() {
+        bail!("building the BPF programs failed (see above)");
+    }
+    let obj = root.join("target/bpf/bpfel-unknown-none/release/dispatcher-ebpf");
+    if !obj.exists() {
+        bail!("the BPF build succeeded but {} is missing", obj.display());
+    }
+    step("BPF programs", &format!("done in {}s", t.elapsed().as_secs()));
+    Ok(obj)
+}
+
+fn build_user(obj: &Path, release: bool) -> Result<PathBuf> {
+    let root = workspace_root();
+    let t = Instant::now();
+    step("user space", if release { "building (release)" } else { "building (debug)" });
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(&root).args(["build", "--workspace", "--exclude", "xtask"]).env("DISPATCHER_EBPF_OBJ", obj);
+    if release {
+        cmd.arg("--release");
+    }
+    if !cmd.status().context("running cargo build")?.success() {
+        bail!("building user space failed (see above)");
+    }
+    step("user space", &format!("done in {}s", t.elapsed().as_secs()));
+    Ok(root.join("target").join(if release { "release" } else { "debug" }))
+}
+
+fn require_root(what: &str) -> Result<()> {
+    let uid = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())?;
+    if uid != "0" {
+        let v = std::fs::read_to_string("/proc/sys/kernel/unprivileged_bpf_disabled").unwrap_or_default();
+        bail!(
+            "{what} loads BPF programs and needs root (CAP_BPF + CAP_NET_ADMIN); kernel.unprivileged_bpf_disabled = {}. Run it with sudo.",
+            v.trim()
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let mut apt = Apt::new();
+    match cli.cmd {
+        Cmd::Build { debug } => {
+            let obj = build_bpf(&mut apt)?;
+            build_user(&obj, !debug)?;
+        }
+        Cmd::Run { args } => {
+            require_root("`cargo xtask run`")?;
+            let obj = build_bpf(&mut apt)?;
+            let bin = build_user(&obj, true)?;
+            toolchain::ensure_packages(&mut apt, &[("bpftool", "bpftool"), ("curl", "curl")], "inspection tools (bpftool, curl)")?;
+            let exe = bin.join("dispatcher");
+            step("run", &format!("{} serve {} (Ctrl-C to stop)", exe.display(), args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")));
+            let err = Command::new(&exe).arg("serve").args(&args).exec();
+            bail!("starting {}: {err}", exe.display());
+        }
+        Cmd::Test { args } => {
+            toolchain::ensure_packages(
+                &mut apt,
+                &[("curl", "curl"), ("wrk", "wrk"), ("bpftool", "bpftool"), ("iproute2", "ip")],
+                "test tools (curl, wrk, bpftool, iproute2)",
+            )?;
+            let obj = build_bpf(&mut apt)?;
+            let bin = build_user(&obj, true)?;
+            let t = Instant::now();
+            step("tests", "running cargo test --release --workspace");
+            let status = Command::new("cargo")
+                .current_dir(workspace_root())
+                .args(["test", "--release", "--workspace", "--exclude", "xtask"])
+                .args(&args)
+                .env("DISPATCHER_EBPF_OBJ", &obj)
+                .env("DISPATCHER_BIN_DIR", &bin)
+                .status()
+                .context("running cargo test")?;
+            step("tests", &format!("finished in {}s", t.elapsed().as_secs()));
+            std::process::exit(status.code().unwrap_or(1));
+        }
+    }
+    Ok(())
+}
