@@ -114,6 +114,9 @@ pub fn spawn(spec: &WorkerSpec, handles: Handles) -> Result<tokio::process::Chil
                 return Err(std::io::Error::last_os_error());
             }
             libc::close(tmp);
+            // Its own process group: a Ctrl-C at the terminal reaches the
+            // dispatcher, which then stops the workers in order.
+            libc::setpgid(0, 0);
             // Die with the dispatcher rather than outlive it.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
             if let (Some(ids), Some(user)) = (&ids, &user) {
@@ -171,6 +174,9 @@ where
                 }
             }
             Err(e) => tracing::error!("{e}"),
+        }
+        if *stop.borrow() {
+            return;
         }
         if started.elapsed() >= HEALTHY_AFTER {
             backoff = MIN_BACKOFF;

@@ -70,11 +70,13 @@ pub struct PoolDef<'a> {
     pub name: &'a str,
     pub routes: &'a [&'a str],
     pub args: &'a [&'a str],
+    /// More TOML lines for the pool's table.
+    pub extra: &'a str,
 }
 
 impl<'a> PoolDef<'a> {
     pub fn echo(name: &'a str, routes: &'a [&'a str]) -> Self {
-        PoolDef { name, routes, args: &["--pool-header", "echo"] }
+        PoolDef { name, routes, args: &["--pool-header", "echo"], extra: "" }
     }
 }
 
@@ -88,10 +90,11 @@ impl Dispatcher {
         for p in pools {
             let q = |v: &[&str]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
             cfg.push_str(&format!(
-                "[[pool]]\nname = {:?}\nroutes = [{}]\ncommand = \"dispatcher-worker\"\nargs = [{}]\n",
+                "[[pool]]\nname = {:?}\nroutes = [{}]\ncommand = \"dispatcher-worker\"\nargs = [{}]\n{}\n",
                 p.name,
                 q(p.routes),
-                q(p.args)
+                q(p.args),
+                p.extra
             ));
         }
         let cfg_path = dir.path.join("dispatcher.toml");
