@@ -33,6 +33,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_WORKER_USER: &str = "nobody";
 /// Default time a connection's oldest request may wait for its response.
 pub const DEFAULT_RESPONSE_TIMEOUT_SECS: u64 = 60;
+/// Default time a request head may take to arrive in full (408 after).
+pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 30;
+/// Default time an idle keep-alive connection is kept open.
+pub const DEFAULT_KEEPALIVE_TIMEOUT_SECS: u64 = 75;
 /// Default largest request body the slow path accepts (413 above).
 pub const DEFAULT_MAX_BODY: u64 = 64 << 20;
 
@@ -71,6 +75,8 @@ impl Default for RawFastPath {
 struct RawLimits {
     max_body: Option<u64>,
     response_timeout_secs: Option<u64>,
+    header_timeout_secs: Option<u64>,
+    keepalive_timeout_secs: Option<u64>,
 }
 
 fn default_true() -> bool {
@@ -104,6 +110,8 @@ pub struct Config {
     /// Largest body the slow path accepts.
     pub max_body: u64,
     pub response_timeout_secs: u64,
+    pub header_timeout_secs: u64,
+    pub keepalive_timeout_secs: u64,
     pub pools: Vec<Pool>,
     /// Directory relative worker arguments and commands resolve against.
     pub base_dir: PathBuf,
@@ -261,7 +269,9 @@ impl Config {
             max_fast_body: raw.fast_path.max_body.unwrap_or(DEFAULT_MAX_FAST_BODY),
             fast_path: raw.fast_path.enabled,
             max_body: raw.limits.max_body.unwrap_or(DEFAULT_MAX_BODY),
-            response_timeout_secs: raw.limits.response_timeout_secs.unwrap_or(DEFAULT_RESPONSE_TIMEOUT_SECS),
+            response_timeout_secs: raw.limits.response_timeout_secs.unwrap_or(DEFAULT_RESPONSE_TIMEOUT_SECS).max(1),
+            header_timeout_secs: raw.limits.header_timeout_secs.unwrap_or(DEFAULT_HEADER_TIMEOUT_SECS).max(1),
+            keepalive_timeout_secs: raw.limits.keepalive_timeout_secs.unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT_SECS).max(1),
             pools,
             base_dir,
         })

@@ -15,7 +15,7 @@ use std::{
 
 use bytes::Bytes;
 use dispatcher_ebpf::abi::{
-    reason, RecordHeader, MODE_SLOW, RECORD_BODY, RECORD_HEAD, REC_CLOSE, REC_LAST, REC_SLOW,
+    reason, RecordHeader, MODE_BODY, MODE_HEAD, MODE_SLOW, RECORD_BODY, RECORD_HEAD, REC_CLOSE, REC_LAST, REC_SLOW,
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::mpsc};
 use tracing::Instrument;
@@ -30,6 +30,8 @@ use crate::{
 
 /// How often an idle connection checks its oldest request's age.
 const TICK: Duration = Duration::from_secs(1);
+/// How often an idle connection looks at the kernel's state.
+const RECHECK: Duration = Duration::from_secs(5);
 /// Bytes read from the socket at a time on the slow path.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -46,6 +48,8 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, cookie: u64, rx: mpsc
         slow: None,
         sent: HashMap::new(),
         last_progress: Instant::now(),
+        next_check: Instant::now(),
+        kernel_seen: (0, 0, 0),
     };
     c.run(rx).instrument(span).await;
     c.cleanup();
@@ -83,7 +87,12 @@ struct Conn {
     /// Slow-path requests sent to pools and not yet answered: seq →
     /// (pool, bytes), for the queue accounting and aborts.
     sent: HashMap<u32, (u32, u64)>,
+    /// Last time bytes moved on the connection (either way).
     last_progress: Instant,
+    /// When the time-outs next look at the kernel's state.
+    next_check: Instant,
+    /// (seq, head_len, body_left) of the kernel's state at the last look.
+    kernel_seen: (u32, u32, u64),
 }
 
 enum Flow {
@@ -95,7 +104,6 @@ impl Conn {
     async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Frame>) {
         let mut buf = vec![0u8; READ_CHUNK];
         let mut eof = false;
-        let timeout = Duration::from_secs(self.shared.cfg.response_timeout_secs);
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
@@ -104,6 +112,7 @@ impl Conn {
                     match self.stream.try_read(&mut buf) {
                         Ok(0) => { eof = true; }
                         Ok(n) => {
+                            self.last_progress = Instant::now();
                             let data = buf[..n].to_vec();
                             if let Flow::Close = self.on_bytes(&data).await { return; }
                         }
@@ -116,23 +125,66 @@ impl Conn {
                     if let Flow::Close = self.on_frame(f).await { return; }
                 }
                 _ = tick.tick() => {
-                    if self.outstanding() > 0 && self.last_progress.elapsed() >= timeout {
-                        tracing::warn!(conn = self.cookie, seq = self.next, "no response in time; answering 504");
-                        let r = local_response(504, "the worker did not answer in time", true, false);
-                        let _ = self.stream.write_all(&r).await;
-                        return;
-                    }
+                    if let Flow::Close = self.check_timers().await { return; }
                 }
             }
             if eof && self.outstanding() == 0 {
                 return;
             }
-            if eof {
-                // Wait for the responses to the requests already received,
-                // and for nothing else.
-                let _ = timeout;
-            }
         }
+    }
+
+    /// Enforces the response, header and keep-alive time-outs. Runs every
+    /// TICK but looks at the kernel's state only once nothing happened on
+    /// the connection for the shortest of them, so idle connections cost
+    /// nothing.
+    async fn check_timers(&mut self) -> Flow {
+        let cfg = &self.shared.cfg;
+        let idle = self.last_progress.elapsed();
+        let header = Duration::from_secs(cfg.header_timeout_secs);
+        if idle < header.min(Duration::from_secs(cfg.response_timeout_secs)) {
+            return Flow::Continue;
+        }
+        if Instant::now() < self.next_check {
+            return Flow::Continue;
+        }
+        self.next_check = Instant::now() + RECHECK.min(header);
+        let (received, partial_head) = match &self.slow {
+            Some(s) => (s.seq, !s.parser.is_idle() || s.body_left > 0),
+            None => match self.shared.kernel.lock().unwrap().conn_state(self.cookie) {
+                Some(st) => {
+                    // The kernel consumed bytes since the last look: the
+                    // client is making progress.
+                    let seen = (st.seq, st.head_len, st.body_left);
+                    if seen != self.kernel_seen {
+                        self.kernel_seen = seen;
+                        self.last_progress = Instant::now();
+                        return Flow::Continue;
+                    }
+                    (st.seq, st.mode == MODE_HEAD && st.head_len > 0 || st.mode == MODE_BODY)
+                }
+                None => (0, false),
+            },
+        };
+        if received > self.next {
+            if idle >= Duration::from_secs(cfg.response_timeout_secs) {
+                tracing::warn!(conn = self.cookie, seq = self.next, "no response in time; answering 504");
+                let r = local_response(504, "the worker did not answer in time", true, false);
+                let _ = self.stream.write_all(&r).await;
+                return Flow::Close;
+            }
+            return Flow::Continue;
+        }
+        if partial_head && idle >= header {
+            tracing::debug!(conn = self.cookie, "request not received in time; answering 408");
+            let r = local_response(408, "the request did not arrive in time", true, false);
+            let _ = self.stream.write_all(&r).await;
+            return Flow::Close;
+        }
+        if !partial_head && idle >= Duration::from_secs(cfg.keepalive_timeout_secs) {
+            return Flow::Close;
+        }
+        Flow::Continue
     }
 
     /// Requests received (by the kernel or the slow path) and not yet
@@ -182,8 +234,13 @@ impl Conn {
     }
 
     /// Queues a response the dispatcher makes itself.
-    async fn answer(&mut self, seq: u32, status: u16, why: &str, close: bool, retry_after: bool) -> Flow {
-        let data = Bytes::from(local_response(status, why, close, retry_after));
+    async fn answer(&mut self, seq: u32, status: u16, why: &str, close: bool, retry_after: bool, head_only: bool) -> Flow {
+        let mut data = local_response(status, why, close, retry_after);
+        if head_only {
+            let end = data.windows(4).position(|w| w == b"\r\n\r\n").map_or(data.len(), |p| p + 4);
+            data.truncate(end);
+        }
+        let data = Bytes::from(data);
         self.shared.kernel.lock().unwrap().count_slow(None, 0, 1);
         self.on_frame(Frame { seq, data, last: true, close }).await
     }
@@ -283,13 +340,15 @@ impl Conn {
                 let queue_full = std::mem::take(&mut s.first_queue_full);
                 let routed = self.shared.kernel.lock().unwrap().route(h.host.as_deref(), &h.route_path);
                 let pool = match routed {
-                    Routed::NoRoute => return self.answer(seq, 404, "no route matches this host and path", h.close, false).await,
+                    Routed::NoRoute => {
+                        return self.answer(seq, 404, "no route matches this host and path", h.close, false, h.method == "HEAD").await
+                    }
                     Routed::Pool(p) => p,
                 };
                 let link = &self.shared.pools[pool as usize];
                 let size = h.bytes.len() as u64 + h.content_length;
                 if queue_full || !link.has_worker() || link.inflight.load(Ordering::Relaxed) + size > link.queue_bytes.max(size) {
-                    return self.answer(seq, 503, "the pool's queue is full", h.close, true).await;
+                    return self.answer(seq, 503, "the pool's queue is full", h.close, true, h.method == "HEAD").await;
                 }
                 if h.expect_continue && self.next == seq && self.pending.is_empty() {
                     let _ = self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
@@ -334,7 +393,7 @@ impl Conn {
                     s.seq - 1
                 };
                 tracing::debug!(conn = self.cookie, status, why, "rejecting request");
-                self.answer(seq, status, why, true, false).await
+                self.answer(seq, status, why, true, false, false).await
             }
         }
     }

@@ -83,7 +83,6 @@ impl SlowParser {
     }
 
     /// Whether the parser is between requests with nothing buffered.
-    #[cfg(test)]
     pub fn is_idle(&self) -> bool {
         matches!(self.state, State::Head) && self.buf.is_empty()
     }

@@ -132,3 +132,23 @@ fn connection_close_is_honoured() {
     assert_eq!(r.header("connection"), Some("close"));
     assert!(c.is_closed());
 }
+
+#[test]
+fn an_incomplete_head_gets_408_and_an_idle_connection_is_closed() {
+    if !privileged() {
+        return;
+    }
+    let d = echo_pools("[limits]\nheader_timeout_secs = 1\nkeepalive_timeout_secs = 2\n");
+    // A head that never completes (held in the kernel's per-connection buffer).
+    let mut c = d.connect();
+    c.send(b"GET /a HTTP/1.1\r\nHost: x\r\n");
+    let t0 = std::time::Instant::now();
+    let r = c.read_response();
+    assert_eq!(r.status, 408);
+    assert!(c.is_closed());
+    assert!(t0.elapsed() < Duration::from_secs(10), "408 took {:?}", t0.elapsed());
+    // An idle keep-alive connection is closed after its time-out, quietly.
+    let mut idle = d.connect();
+    assert_eq!(idle.get("x", "/a").status, 200);
+    assert!(idle.try_read_response().is_none(), "expected a quiet close");
+}

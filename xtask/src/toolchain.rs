@@ -182,7 +182,9 @@ pub fn bpf_linker(apt: &mut Apt) -> Result<PathBuf> {
             return Ok(c.parent().unwrap().to_path_buf());
         }
     }
-    if !Path::new("/usr/lib/llvm-22/bin/llvm-config").exists() {
+    // bpf-linker links against libLLVM.so, which only the -dev package
+    // provides (llvm-config alone may come from llvm-22).
+    if !dpkg_installed("llvm-22-dev") && !Path::new("/usr/lib/llvm-22/lib/libLLVM.so").exists() {
         apt.install(&["llvm-22-dev"], "bpf-linker (LLVM 22 libraries)")?;
     }
     step("bpf-linker", &format!("installing {BPF_LINKER_VERSION} with cargo (about 3 minutes on 2 cores)..."));
