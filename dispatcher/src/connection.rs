@@ -276,9 +276,10 @@ impl Conn {
             body_left: 0,
             body_to: BodyTo::Discard,
         };
-        if why == reason::RING_FULL_MID_BODY {
-            // The head and part of the body are in the worker's ring; the
-            // rest of the body goes over its control socket.
+        if st.body_left > 0 {
+            // Handed over mid-body (the ring filled up, or the segment used
+            // up the tail-call budget): the head and part of the body are
+            // in the worker's ring; the rest goes over its control socket.
             s.body_left = st.body_left;
             s.body_to = BodyTo::Pool { pool: st.pool, seq: st.seq, close: st.req_flags != 0 };
             s.seq = st.seq + 1;
