@@ -152,3 +152,37 @@ fn an_incomplete_head_gets_408_and_an_idle_connection_is_closed() {
     assert_eq!(idle.get("x", "/a").status, 200);
     assert!(idle.try_read_response().is_none(), "expected a quiet close");
 }
+
+/// More pipelined requests in one write than the verdict's tail-call budget
+/// (about 32 per segment).
+const PIPELINED: usize = 48;
+
+#[test]
+fn many_pipelined_requests_in_one_write_are_all_answered_in_order() {
+    if !privileged() {
+        return;
+    }
+    let d = echo_pools("");
+    let mut c = d.connect();
+    let mut batch = Vec::new();
+    for i in 0..PIPELINED {
+        let pool = if i % 2 == 0 { "a" } else { "b" };
+        batch.extend_from_slice(format!("GET /{pool}/{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    }
+    c.send(&batch);
+    for i in 0..PIPELINED {
+        let pool = if i % 2 == 0 { "a" } else { "b" };
+        let r = c.read_response();
+        assert_eq!((r.status, r.pool()), (200, pool), "request {i}");
+        assert_eq!(r.header("x-echo-path"), Some(format!("/{pool}/{i}").as_str()));
+    }
+    // The kernel framed what its budget allowed and handed over the rest.
+    let stats = d.stats();
+    let fast = stats["pools"]["a"]["fast_requests"].as_u64().unwrap() + stats["pools"]["b"]["fast_requests"].as_u64().unwrap();
+    let slow = stats["pools"]["a"]["slow_parsed"].as_u64().unwrap() + stats["pools"]["b"]["slow_parsed"].as_u64().unwrap();
+    assert_eq!(fast + slow, PIPELINED as u64, "{stats}");
+    assert!(fast >= 30, "{stats}");
+    if slow > 0 {
+        assert!(stats["handoffs"]["too_many_steps"].as_u64().unwrap() >= 1, "{stats}");
+    }
+}
