@@ -18,6 +18,7 @@
 //! # }
 //! ```
 
+pub mod direct;
 pub mod proto;
 pub mod reassembly;
 pub mod request;

@@ -16,6 +16,10 @@ struct Cli {
     /// every response, to see which pool and process answered.
     #[arg(long)]
     pool_header: bool,
+    /// Serve HTTP directly on this address instead of pulling from a
+    /// dispatcher pool (the benchmarks' no-dispatch baseline).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -44,7 +48,20 @@ fn main() -> Result<()> {
     rt.block_on(run(cli))
 }
 
+async fn handle(mode: Mode, req: Request) -> Response {
+    match mode {
+        Mode::Echo => echo(&req),
+        Mode::Static { dir } => serve_file(&dir, &req).await,
+    }
+}
+
 async fn run(cli: Cli) -> Result<()> {
+    if let Some(addr) = cli.listen {
+        tracing::info!(%addr, pid = std::process::id(), "serving directly");
+        let mode = cli.mode.clone();
+        worker::direct::serve(addr, move |req| handle(mode.clone(), req)).await?;
+        return Ok(());
+    }
     let mut w = Worker::from_env()?;
     let pid = std::process::id();
     let mode_name = match &cli.mode {
@@ -65,10 +82,7 @@ async fn run(cli: Cli) -> Result<()> {
         let pool = pool.clone();
         let tag = cli.pool_header;
         tokio::spawn(async move {
-            let mut resp = match mode {
-                Mode::Echo => echo(&req),
-                Mode::Static { dir } => serve_file(&dir, &req).await,
-            };
+            let mut resp = handle(mode, req.clone()).await;
             if tag {
                 resp = resp.header("X-Dispatcher-Pool", pool).header("X-Dispatcher-Worker", pid.to_string());
             }
