@@ -4,6 +4,7 @@
 //! may not be the one running this (see `toolchain`), then embedded into
 //! the `dispatcher` binary through `DISPATCHER_EBPF_OBJ`.
 
+mod bench;
 mod toolchain;
 
 use std::{
@@ -42,6 +43,21 @@ enum Cmd {
         /// Arguments for `dispatcher serve`.
         #[arg(last = true)]
         args: Vec<OsString>,
+    },
+    /// Build, then measure the same echo logic served directly, behind
+    /// nginx, and behind the dispatcher (fast and slow path) with wrk,
+    /// interleaved; writes bench/results/{results.md,results.json,throughput.svg}.
+    /// Needs root.
+    Bench {
+        /// Keep-alive connection counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "16,256")]
+        connections: Vec<u32>,
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// Interleaved rounds (the figures are medians over them).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
     },
     /// Build, install the test tools (curl, wrk, bpftool), and run the whole
     /// test suite (unit, property and end-to-end tests; the latter need root).
@@ -159,6 +175,14 @@ fn main() -> Result<()> {
             step("run", &format!("{} serve {} (Ctrl-C to stop)", exe.display(), args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")));
             let err = Command::new(&exe).arg("serve").args(&args).exec();
             bail!("starting {}: {err}", exe.display());
+        }
+        Cmd::Bench { connections, seconds, rounds } => {
+            require_root("`cargo xtask bench`")?;
+            toolchain::ensure_packages(&mut apt, &[("wrk", "wrk"), ("nginx", "nginx")], "benchmark tools (wrk, nginx)")?;
+            let obj = build_bpf(&mut apt)?;
+            let bin = build_user(&obj, true)?;
+            let out = bench::run(&bin, &workspace_root(), &bench::Options { connections, seconds, rounds })?;
+            step("bench", &format!("results in {}", out.display()));
         }
         Cmd::Test { args } => {
             toolchain::ensure_packages(

@@ -1,0 +1,313 @@
+//! `cargo xtask bench`: the same echo logic behind four dispatch paths,
+//! measured side by side in one run with wrk.
+//!
+//! - direct: the worker serving HTTP itself (no dispatch; the upper bound)
+//! - nginx: nginx reverse-proxying to direct with upstream keep-alive
+//! - fast: the dispatcher's kernel path
+//! - slow: the dispatcher with kernel classification off (user space only)
+//!
+//! Runs are interleaved (every setup once per round) so machine noise hits
+//! all setups alike; each figure is the median of the rounds with min and
+//! max, and ratios are computed within a round. Results go to
+//! `bench/results/` as markdown, JSON and an SVG chart.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+/// Setups, in the order they are reported.
+const SETUPS: [&str; 4] = ["direct", "nginx", "fast", "slow"];
+
+/// Options of a bench run.
+pub struct Options {
+    pub connections: Vec<u32>,
+    pub seconds: u32,
+    pub rounds: u32,
+}
+
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            // SAFETY: signalling our own children.
+            unsafe { libc_kill(c.id() as i32) };
+        }
+        for c in &mut self.0 {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+unsafe fn libc_kill(pid: i32) {
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_port(port: u16, what: &str) -> Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(30) {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what} did not start listening on port {port}")
+}
+
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+}
+
+fn parse_latency(s: &str) -> f64 {
+    let s = s.trim();
+    let (num, mul) = if let Some(v) = s.strip_suffix("us") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1000.0)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1_000_000.0)
+    } else {
+        (s, 1.0)
+    };
+    num.parse::<f64>().unwrap_or(f64::NAN) * mul
+}
+
+fn wrk(port: u16, conns: u32, seconds: u32) -> Result<Sample> {
+    let threads = conns.min(2).to_string();
+    let out = Command::new("wrk")
+        .args(["-t", &threads, "-c", &conns.to_string(), "-d", &format!("{seconds}s"), "--latency"])
+        .arg(format!("http://127.0.0.1:{port}/echo/bench"))
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut s = Sample::default();
+    for line in text.lines() {
+        let l = line.trim();
+        if let Some(v) = l.strip_prefix("Requests/sec:") {
+            s.rps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = l.strip_prefix("50%") {
+            s.p50_us = parse_latency(v);
+        } else if let Some(v) = l.strip_prefix("99%") {
+            s.p99_us = parse_latency(v);
+        } else if l.starts_with("Non-2xx") || l.starts_with("Socket errors") {
+            s.errors += l.split(|c: char| !c.is_ascii_digit()).filter_map(|x| x.parse::<u64>().ok()).sum::<u64>();
+        }
+    }
+    if s.rps == 0.0 {
+        bail!("wrk printed no throughput:\n{text}");
+    }
+    Ok(s)
+}
+
+fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn start_dispatcher(bin: &Path, dir: &Path, name: &str, port: u16, fast: bool) -> Result<Child> {
+    let cfg = format!(
+        "listen = \"127.0.0.1:{port}\"\ninstance = \"bench-{name}\"\n[fast_path]\nenabled = {fast}\n[[pool]]\nname = \"echo\"\nroutes = [\"*/\"]\ncommand = \"dispatcher-worker\"\nargs = [\"echo\"]\n"
+    );
+    let path = dir.join(format!("{name}.toml"));
+    fs::write(&path, cfg)?;
+    let log = fs::File::create(dir.join(format!("{name}.log")))?;
+    Command::new(bin.join("dispatcher"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting the dispatcher")
+}
+
+fn start_nginx(dir: &Path, port: u16, upstream: u16) -> Result<Child> {
+    let conf = format!(
+        r#"worker_processes auto;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream direct {{ server 127.0.0.1:{upstream}; keepalive 256; }}
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        keepalive_requests 1000000;
+        location / {{
+            proxy_pass http://direct;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+        }}
+    }}
+}}
+"#,
+        dir = dir.display()
+    );
+    let path = dir.join("nginx.conf");
+    fs::write(&path, conf)?;
+    Command::new("nginx")
+        .args(["-e", &dir.join("nginx-error.log").display().to_string(), "-c"])
+        .arg(&path)
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nginx")
+}
+
+/// Runs the benchmark and writes the results.
+pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("dispatcher-bench-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    let ports = [free_port(), free_port(), free_port(), free_port()];
+    let mut procs = Procs(Vec::new());
+    procs.0.push(
+        Command::new(bin.join("dispatcher-worker"))
+            .args(["--listen", &format!("127.0.0.1:{}", ports[0]), "echo"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the direct worker")?,
+    );
+    wait_port(ports[0], "direct worker")?;
+    procs.0.push(start_nginx(&dir, ports[1], ports[0])?);
+    wait_port(ports[1], "nginx")?;
+    procs.0.push(start_dispatcher(bin, &dir, "fast", ports[2], true)?);
+    wait_port(ports[2], "dispatcher (fast)")?;
+    procs.0.push(start_dispatcher(bin, &dir, "slow", ports[3], false)?);
+    wait_port(ports[3], "dispatcher (slow)")?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    // samples[conn][setup][round]
+    let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); SETUPS.len()]; o.connections.len()];
+    let total = o.connections.len() as u32 * o.rounds * SETUPS.len() as u32;
+    let mut k = 0;
+    for round in 0..o.rounds {
+        for (ci, &c) in o.connections.iter().enumerate() {
+            for (si, setup) in SETUPS.iter().enumerate() {
+                k += 1;
+                println!("[xtask] bench {k}/{total}: round {} {setup} c={c} {}s", round + 1, o.seconds);
+                let s = wrk(ports[si], c, o.seconds)?;
+                samples[ci][si].push(s);
+            }
+        }
+    }
+    drop(procs);
+    let _ = fs::remove_dir_all(&dir);
+    write_results(root, o, &samples)
+}
+
+fn uname() -> String {
+    Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+}
+
+fn write_results(root: &Path, o: &Options, samples: &[Vec<Vec<Sample>>]) -> Result<PathBuf> {
+    let out = root.join("bench/results");
+    fs::create_dir_all(&out)?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = uname();
+    let mut md = String::new();
+    writeln!(md, "# dispatcher benchmark\n")?;
+    writeln!(md, "Machine: {cores} cores, Linux {kernel}. wrk, small echo responses, keep-alive; {} interleaved rounds of {} s; median (min–max).\n", o.rounds, o.seconds)?;
+    writeln!(md, "| connections | setup | req/s | p50 µs | p99 µs | errors | fast/nginx | fast/direct |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    let mut json = Vec::new();
+    for (ci, &c) in o.connections.iter().enumerate() {
+        // Pairwise ratios within each round.
+        let ratio = |a: usize, b: usize| -> (f64, f64, f64) {
+            median(samples[ci][a].iter().zip(&samples[ci][b]).map(|(x, y)| x.rps / y.rps).collect())
+        };
+        let (fn_med, fn_min, fn_max) = ratio(2, 1);
+        let (fd_med, fd_min, fd_max) = ratio(2, 0);
+        for (si, setup) in SETUPS.iter().enumerate() {
+            let s = &samples[ci][si];
+            let rps = median(s.iter().map(|x| x.rps).collect());
+            let p50 = median(s.iter().map(|x| x.p50_us).collect());
+            let p99 = median(s.iter().map(|x| x.p99_us).collect());
+            let errors: u64 = s.iter().map(|x| x.errors).sum();
+            let ratios = if *setup == "fast" {
+                format!("{fn_med:.2} ({fn_min:.2}–{fn_max:.2}) | {fd_med:.2} ({fd_min:.2}–{fd_max:.2})")
+            } else {
+                " | ".to_string()
+            };
+            writeln!(md, "| {c} | {setup} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} | {errors} | {ratios} |", rps.0, rps.1, rps.2, p50.0, p99.0)?;
+            json.push(format!(
+                "{{\"connections\":{c},\"setup\":\"{setup}\",\"rps\":{:.1},\"rps_min\":{:.1},\"rps_max\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"errors\":{errors}}}",
+                rps.0, rps.1, rps.2, p50.0, p99.0
+            ));
+        }
+    }
+    fs::write(out.join("results.md"), &md)?;
+    fs::write(
+        out.join("results.json"),
+        format!("{{\"cores\":{cores},\"kernel\":\"{kernel}\",\"rounds\":{},\"seconds\":{},\"results\":[{}]}}\n", o.rounds, o.seconds, json.join(",")),
+    )?;
+    fs::write(out.join("throughput.svg"), chart(o, samples, cores, &kernel))?;
+    print!("{md}");
+    Ok(out)
+}
+
+/// A grouped bar chart of median throughput per connection count.
+fn chart(o: &Options, samples: &[Vec<Vec<Sample>>], cores: usize, kernel: &str) -> String {
+    let colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"];
+    let (w, h, left, bottom, top) = (720.0, 400.0, 70.0, 50.0, 40.0);
+    let max = samples
+        .iter()
+        .flat_map(|c| c.iter().map(|s| median(s.iter().map(|x| x.rps).collect()).0))
+        .fold(1.0f64, f64::max)
+        * 1.1;
+    let group_w = (w - left - 20.0) / o.connections.len() as f64;
+    let bar_w = group_w / (SETUPS.len() as f64 + 1.0);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"20\" font-size=\"14\">Median requests/s (wrk, echo) — {cores} cores, Linux {kernel}</text>\n"
+    );
+    for (ci, &c) in o.connections.iter().enumerate() {
+        let gx = left + ci as f64 * group_w;
+        for (si, _) in SETUPS.iter().enumerate() {
+            let v = median(samples[ci][si].iter().map(|x| x.rps).collect()).0;
+            let bh = (h - bottom - top) * v / max;
+            let x = gx + (si as f64 + 0.5) * bar_w;
+            let y = h - bottom - bh;
+            let _ = writeln!(svg, "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"/>", bar_w * 0.9, colors[si]);
+            let _ = writeln!(svg, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{:.0}k</text>", x + bar_w * 0.45, y - 3.0, v / 1000.0);
+        }
+        let _ = writeln!(svg, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{c} connections</text>", gx + group_w / 2.0, h - bottom + 18.0);
+    }
+    for (si, s) in SETUPS.iter().enumerate() {
+        let x = left + si as f64 * 110.0;
+        let _ = writeln!(svg, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{s}</text>", h - 22.0, colors[si], x + 16.0, h - 12.0);
+    }
+    let _ = writeln!(svg, "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>", h - bottom, w - 20.0, h - bottom);
+    svg.push_str("</svg>\n");
+    svg
+}
