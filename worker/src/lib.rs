@@ -186,31 +186,32 @@ impl Worker {
     }
 
     fn push(&mut self, hdr: &RecordHeader, data: &[u8]) {
-        match self.reassembly.push(hdr, data) {
-            Some(Done::Request(raw)) => self.ready.push_back(raw),
-            Some(Done::Invalid { conn, seq }) => self.responder.reject(conn, seq),
-            None => {}
-        }
+        deliver(&mut self.reassembly, &mut self.ready, &self.responder, hdr, data);
     }
 
-    /// Takes every record the ring holds; true if there were any.
+    /// Takes every record the ring holds; true if there were any. Records
+    /// are reassembled straight from ring memory (one copy).
     fn drain_ring(&mut self) -> bool {
-        let Some(ring) = self.ring.as_mut() else { return false };
-        let mut records = Vec::new();
-        {
-            let rb = ring.get_mut();
-            while let Some(item) = rb.next() {
-                if let Some(hdr) = RecordHeader::from_bytes(&item) {
-                    let end = (RECORD_HEADER_LEN + hdr.len as usize).min(item.len());
-                    records.push((hdr, item[RECORD_HEADER_LEN..end].to_vec()));
-                }
+        let Worker { ring, reassembly, ready, responder, .. } = self;
+        let Some(ring) = ring.as_mut() else { return false };
+        let rb = ring.get_mut();
+        let mut any = false;
+        while let Some(item) = rb.next() {
+            any = true;
+            if let Some(hdr) = RecordHeader::from_bytes(&item) {
+                let end = (RECORD_HEADER_LEN + hdr.len as usize).min(item.len());
+                deliver(reassembly, ready, responder, &hdr, &item[RECORD_HEADER_LEN..end]);
             }
         }
-        let any = !records.is_empty();
-        for (h, d) in records {
-            self.push(&h, &d);
-        }
         any
+    }
+}
+
+fn deliver(reassembly: &mut Reassembly, ready: &mut VecDeque<Raw>, responder: &Responder, hdr: &RecordHeader, data: &[u8]) {
+    match reassembly.push(hdr, data) {
+        Some(Done::Request(raw)) => ready.push_back(raw),
+        Some(Done::Invalid { conn, seq }) => responder.reject(conn, seq),
+        None => {}
     }
 }
 
