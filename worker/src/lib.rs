@@ -43,6 +43,10 @@ use reassembly::{Done, Raw, Reassembly};
 pub use request::Request;
 pub use response::Response;
 
+/// Bytes the control socket's reader buffers, and its writer batches, per
+/// syscall.
+const BATCH_BYTES: usize = 256 * 1024;
+
 /// What can go wrong for a worker.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -115,7 +119,8 @@ impl Worker {
         };
         let std = std::os::unix::net::UnixStream::from(ctl);
         std.set_nonblocking(true).map_err(Error::Control)?;
-        let (mut rd, mut wr) = UnixStream::from_std(std).map_err(Error::Control)?.into_split();
+        let (rd, mut wr) = UnixStream::from_std(std).map_err(Error::Control)?.into_split();
+        let mut rd = tokio::io::BufReader::with_capacity(BATCH_BYTES, rd);
         let (ftx, frames) = mpsc::channel(1024);
         // A reader task makes the control socket a cancel-safe stream.
         tokio::spawn(async move {
@@ -137,8 +142,18 @@ impl Worker {
         });
         let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
         tokio::spawn(async move {
+            // One write per wake-up for every response queued meanwhile.
+            let mut batch = Vec::new();
             while let Some(b) = rx.recv().await {
-                if wr.write_all(&b).await.is_err() {
+                batch.clear();
+                batch.extend_from_slice(&b);
+                while let Ok(more) = rx.try_recv() {
+                    batch.extend_from_slice(&more);
+                    if batch.len() >= BATCH_BYTES {
+                        break;
+                    }
+                }
+                if wr.write_all(&batch).await.is_err() {
                     return;
                 }
             }
