@@ -22,6 +22,10 @@ pub const MAX_SLOTS: u32 = 64;
 /// Pools the route table can name.
 pub const MAX_POOLS: u32 = 64;
 
+/// Entries the route table holds (a route takes one, or two when its
+/// prefix does not end with `/`).
+pub const MAX_ROUTE_ENTRIES: u32 = 1 << 18;
+
 /// Path bytes that take part in route matching. Longer paths are matched on
 /// their first `PATH_KEY_MAX` bytes, which is exact because route prefixes
 /// are limited to `PATH_KEY_MAX - 1` bytes.

@@ -12,7 +12,7 @@ use std::{
 };
 
 use dispatcher_ebpf::{
-    abi::{MAX_POOLS, MAX_SLOTS},
+    abi::{MAX_POOLS, MAX_ROUTE_ENTRIES, MAX_SLOTS},
     route::{route_keys, RouteError, MAX_ROUTE_PREFIX},
 };
 use serde::Deserialize;
@@ -262,6 +262,10 @@ impl Config {
                 ring_bytes,
                 user: p.user.clone().unwrap_or_else(|| DEFAULT_WORKER_USER.to_string()),
             });
+        }
+        let entries: usize = pools.iter().flat_map(|p| &p.routes).map(|r| if r.prefix.ends_with('/') { 1 } else { 2 }).sum();
+        if entries > MAX_ROUTE_ENTRIES as usize {
+            return Err(cx.err(None, format!("the routes need {entries} route-table entries; at most {MAX_ROUTE_ENTRIES} fit (a prefix without a trailing `/` takes two)")));
         }
         Ok(Config {
             listen,

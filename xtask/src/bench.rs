@@ -5,6 +5,7 @@
 //! - nginx: nginx reverse-proxying to direct with upstream keep-alive
 //! - fast: the dispatcher's kernel path
 //! - slow: the dispatcher with kernel classification off (user space only)
+//! - fast-100k: the fast path with 100,000 more routes (route-table scaling)
 //!
 //! Runs are interleaved (every setup once per round) so machine noise hits
 //! all setups alike; each figure is the median of the rounds with min and
@@ -22,8 +23,11 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-/// Setups, in the order they are reported.
-const SETUPS: [&str; 4] = ["direct", "nginx", "fast", "slow"];
+/// Setups, in the order they are reported. `fast-100k` is the fast path
+/// with 100,000 more routes (other hosts) in its table.
+const SETUPS: [&str; 5] = ["direct", "nginx", "fast", "slow", "fast-100k"];
+/// Extra routes of the `fast-100k` setup.
+const EXTRA_ROUTES: usize = 100_000;
 
 /// Options of a bench run.
 pub struct Options {
@@ -79,6 +83,49 @@ struct Sample {
     p50_us: f64,
     p99_us: f64,
     errors: u64,
+    /// Whole-system CPU seconds (from /proc/stat) per 100k requests.
+    cpu_per_100k: f64,
+}
+
+/// Busy CPU seconds of the whole system so far (/proc/stat).
+fn system_busy_seconds() -> f64 {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or("");
+    let f: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let busy: u64 = f.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).take(8).sum();
+    busy as f64 / 100.0
+}
+
+/// Peak resident memory (VmHWM, KiB) of `pid` and all its descendants.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![pid];
+    let mut seen = std::collections::HashSet::new();
+    while let Some(p) = stack.pop() {
+        if !seen.insert(p) {
+            continue;
+        }
+        if let Ok(st) = fs::read_to_string(format!("/proc/{p}/status")) {
+            total += st
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        if let Ok(entries) = fs::read_dir("/proc") {
+            for e in entries.flatten() {
+                let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+                let ppid = fs::read_to_string(format!("/proc/{child}/stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok()));
+                if ppid == Some(p) {
+                    stack.push(child);
+                }
+            }
+        }
+    }
+    total
 }
 
 fn parse_latency(s: &str) -> f64 {
@@ -97,6 +144,7 @@ fn parse_latency(s: &str) -> f64 {
 
 fn wrk(port: u16, conns: u32, seconds: u32) -> Result<Sample> {
     let threads = conns.min(2).to_string();
+    let cpu0 = system_busy_seconds();
     let out = Command::new("wrk")
         .args(["-t", &threads, "-c", &conns.to_string(), "-d", &format!("{seconds}s"), "--latency"])
         .arg(format!("http://127.0.0.1:{port}/echo/bench"))
@@ -119,6 +167,7 @@ fn wrk(port: u16, conns: u32, seconds: u32) -> Result<Sample> {
     if s.rps == 0.0 {
         bail!("wrk printed no throughput:\n{text}");
     }
+    s.cpu_per_100k = (system_busy_seconds() - cpu0) / (s.rps * seconds as f64) * 100_000.0;
     Ok(s)
 }
 
@@ -127,9 +176,13 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-fn start_dispatcher(bin: &Path, dir: &Path, name: &str, port: u16, fast: bool) -> Result<Child> {
+fn start_dispatcher(bin: &Path, dir: &Path, name: &str, port: u16, fast: bool, extra_routes: usize) -> Result<Child> {
+    let mut routes = String::from("\"*/\"");
+    for i in 0..extra_routes {
+        let _ = write!(routes, ", \"h{i}.bench/p{i}/\"");
+    }
     let cfg = format!(
-        "listen = \"127.0.0.1:{port}\"\ninstance = \"bench-{name}\"\n[fast_path]\nenabled = {fast}\n[[pool]]\nname = \"echo\"\nroutes = [\"*/\"]\ncommand = \"dispatcher-worker\"\nargs = [\"echo\"]\n"
+        "listen = \"127.0.0.1:{port}\"\ninstance = \"bench-{name}\"\n[fast_path]\nenabled = {fast}\n[[pool]]\nname = \"echo\"\nroutes = [{routes}]\ncommand = \"dispatcher-worker\"\nargs = [\"echo\"]\n"
     );
     let path = dir.join(format!("{name}.toml"));
     fs::write(&path, cfg)?;
@@ -189,7 +242,7 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("dispatcher-bench-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
-    let ports = [free_port(), free_port(), free_port(), free_port()];
+    let ports = [free_port(), free_port(), free_port(), free_port(), free_port()];
     let mut procs = Procs(Vec::new());
     procs.0.push(
         Command::new(bin.join("dispatcher-worker"))
@@ -202,10 +255,12 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
     wait_port(ports[0], "direct worker")?;
     procs.0.push(start_nginx(&dir, ports[1], ports[0])?);
     wait_port(ports[1], "nginx")?;
-    procs.0.push(start_dispatcher(bin, &dir, "fast", ports[2], true)?);
+    procs.0.push(start_dispatcher(bin, &dir, "fast", ports[2], true, 0)?);
     wait_port(ports[2], "dispatcher (fast)")?;
-    procs.0.push(start_dispatcher(bin, &dir, "slow", ports[3], false)?);
+    procs.0.push(start_dispatcher(bin, &dir, "slow", ports[3], false, 0)?);
     wait_port(ports[3], "dispatcher (slow)")?;
+    procs.0.push(start_dispatcher(bin, &dir, "fast100k", ports[4], true, EXTRA_ROUTES)?);
+    wait_port(ports[4], "dispatcher (fast, 100k routes)")?;
     std::thread::sleep(Duration::from_secs(1));
 
     // samples[conn][setup][round]
@@ -222,16 +277,17 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
             }
         }
     }
+    let rss: Vec<u64> = procs.0.iter().map(|c| peak_rss_kib(c.id())).collect();
     drop(procs);
     let _ = fs::remove_dir_all(&dir);
-    write_results(root, o, &samples)
+    write_results(root, o, &samples, &rss)
 }
 
 fn uname() -> String {
     Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
 }
 
-fn write_results(root: &Path, o: &Options, samples: &[Vec<Vec<Sample>>]) -> Result<PathBuf> {
+fn write_results(root: &Path, o: &Options, samples: &[Vec<Vec<Sample>>], rss: &[u64]) -> Result<PathBuf> {
     let out = root.join("bench/results");
     fs::create_dir_all(&out)?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
@@ -239,8 +295,8 @@ fn write_results(root: &Path, o: &Options, samples: &[Vec<Vec<Sample>>]) -> Resu
     let mut md = String::new();
     writeln!(md, "# dispatcher benchmark\n")?;
     writeln!(md, "Machine: {cores} cores, Linux {kernel}. wrk, small echo responses, keep-alive; {} interleaved rounds of {} s; median (min–max).\n", o.rounds, o.seconds)?;
-    writeln!(md, "| connections | setup | req/s | p50 µs | p99 µs | errors | fast/nginx | fast/direct |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "| connections | setup | req/s | p50 µs | p99 µs | CPU s / 100k req | errors | fast/nginx | fast/direct |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
     let mut json = Vec::new();
     for (ci, &c) in o.connections.iter().enumerate() {
         // Pairwise ratios within each round.
@@ -255,18 +311,26 @@ fn write_results(root: &Path, o: &Options, samples: &[Vec<Vec<Sample>>]) -> Resu
             let p50 = median(s.iter().map(|x| x.p50_us).collect());
             let p99 = median(s.iter().map(|x| x.p99_us).collect());
             let errors: u64 = s.iter().map(|x| x.errors).sum();
+            let cpu = median(s.iter().map(|x| x.cpu_per_100k).collect());
             let ratios = if *setup == "fast" {
                 format!("{fn_med:.2} ({fn_min:.2}–{fn_max:.2}) | {fd_med:.2} ({fd_min:.2}–{fd_max:.2})")
             } else {
                 " | ".to_string()
             };
-            writeln!(md, "| {c} | {setup} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} | {errors} | {ratios} |", rps.0, rps.1, rps.2, p50.0, p99.0)?;
+            writeln!(md, "| {c} | {setup} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} | {:.2} | {errors} | {ratios} |", rps.0, rps.1, rps.2, p50.0, p99.0, cpu.0)?;
             json.push(format!(
-                "{{\"connections\":{c},\"setup\":\"{setup}\",\"rps\":{:.1},\"rps_min\":{:.1},\"rps_max\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"errors\":{errors}}}",
-                rps.0, rps.1, rps.2, p50.0, p99.0
+                "{{\"connections\":{c},\"setup\":\"{setup}\",\"rps\":{:.1},\"rps_min\":{:.1},\"rps_max\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"cpu_s_per_100k\":{:.3},\"errors\":{errors}}}",
+                rps.0, rps.1, rps.2, p50.0, p99.0, cpu.0
             ));
         }
     }
+    // Route-table scaling: 100k extra routes vs the plain fast path, per round.
+    writeln!(md)?;
+    for (ci, &c) in o.connections.iter().enumerate() {
+        let r = median(samples[ci][4].iter().zip(&samples[ci][2]).map(|(x, y)| x.rps / y.rps).collect());
+        writeln!(md, "Route-table scaling at {c} connections: 100,001 vs 1 route, throughput ratio {:.2} ({:.2}–{:.2}).", r.0, r.1, r.2)?;
+    }
+    writeln!(md, "\nPeak RSS (VmHWM, process and its children, KiB): {}.", SETUPS.iter().zip(rss).map(|(s, r)| format!("{s} {r}")).collect::<Vec<_>>().join(", "))?;
     fs::write(out.join("results.md"), &md)?;
     fs::write(
         out.join("results.json"),
@@ -279,7 +343,7 @@ fn write_results(root: &Path, o: &Options, samples: &[Vec<Vec<Sample>>]) -> Resu
 
 /// A grouped bar chart of median throughput per connection count.
 fn chart(o: &Options, samples: &[Vec<Vec<Sample>>], cores: usize, kernel: &str) -> String {
-    let colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"];
+    let colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"];
     let (w, h, left, bottom, top) = (720.0, 400.0, 70.0, 50.0, 40.0);
     let max = samples
         .iter()
@@ -304,7 +368,7 @@ fn chart(o: &Options, samples: &[Vec<Vec<Sample>>], cores: usize, kernel: &str) 
         let _ = writeln!(svg, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{c} connections</text>", gx + group_w / 2.0, h - bottom + 18.0);
     }
     for (si, s) in SETUPS.iter().enumerate() {
-        let x = left + si as f64 * 110.0;
+        let x = left + si as f64 * 120.0;
         let _ = writeln!(svg, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{s}</text>", h - 22.0, colors[si], x + 16.0, h - 12.0);
     }
     let _ = writeln!(svg, "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>", h - bottom, w - 20.0, h - bottom);

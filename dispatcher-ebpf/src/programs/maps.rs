@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use dispatcher_ebpf::abi::{
     reason, Config, ConnState, PoolCounters, PoolInfo, RouteKeyData, RouteValue, SlowCounters,
-    MAX_POOLS, MAX_SLOTS,
+    MAX_POOLS, MAX_ROUTE_ENTRIES, MAX_SLOTS,
 };
 
 
@@ -31,7 +31,7 @@ pub static zero_state: Array<ConnState, 1> = Array::new();
 
 /// Host + path prefix → pool.
 #[btf_map]
-pub static routes: LpmTrie<RouteKeyData, RouteValue, 65536> = LpmTrie::new();
+pub static routes: LpmTrie<RouteKeyData, RouteValue, { MAX_ROUTE_ENTRIES as usize }> = LpmTrie::new();
 
 /// Pool → its ring slots and queue limit.
 #[btf_map]
