@@ -102,13 +102,18 @@ enum Flow {
 
 impl Conn {
     async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Frame>) {
-        let mut buf = vec![0u8; READ_CHUNK];
+        // Allocated on the first read: on the fast path most connections
+        // never read anything in user space.
+        let mut buf = Vec::new();
         let mut eof = false;
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
                 r = self.stream.readable(), if !eof && !self.slow.as_ref().is_some_and(|s| s.parser.is_done()) => {
                     if r.is_err() { return; }
+                    if buf.is_empty() {
+                        buf.resize(READ_CHUNK, 0);
+                    }
                     match self.stream.try_read(&mut buf) {
                         Ok(0) => { eof = true; }
                         Ok(n) => {
