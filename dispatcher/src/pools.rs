@@ -15,15 +15,12 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use dispatcher_ebpf::abi::RecordHeader;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncReadExt,
     sync::{mpsc, watch},
 };
-use worker::proto::{ResponseHeader, MAX_FRAME, RESPONSE_HEADER_LEN, RESP_CLOSE, RESP_LAST};
+use worker::proto::{ResponseHeader, BATCH_BYTES, MAX_FRAME, RESPONSE_HEADER_LEN, RESP_CLOSE, RESP_LAST};
 
 use crate::{config::Pool, conns::Conns};
-
-/// Bytes a control-socket reader buffers, and a writer batches, per syscall.
-const BATCH_BYTES: usize = 256 * 1024;
 
 /// One pool at run time.
 pub struct PoolLink {
@@ -82,28 +79,15 @@ fn connect(link: &Arc<PoolLink>, conns: &Arc<Conns>) -> Result<OwnedFd> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("socketpair")?;
     ours.set_nonblocking(true)?;
     let ours = tokio::net::UnixStream::from_std(ours)?;
-    let (rd, mut wr) = ours.into_split();
+    let (rd, wr) = ours.into_split();
     // Many response frames per read syscall.
     let mut rd = tokio::io::BufReader::with_capacity(BATCH_BYTES, rd);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
     *link.tx.lock().unwrap() = Some(tx);
     let name = link.name.clone();
     tokio::spawn(async move {
-        // One write per wake-up for everything queued meanwhile.
-        let mut batch = Vec::new();
-        while let Some(b) = rx.recv().await {
-            batch.clear();
-            batch.extend_from_slice(&b);
-            while let Ok(more) = rx.try_recv() {
-                batch.extend_from_slice(&more);
-                if batch.len() >= BATCH_BYTES {
-                    break;
-                }
-            }
-            if let Err(e) = wr.write_all(&batch).await {
-                tracing::debug!(pool = %name, "control socket write: {e}");
-                break;
-            }
+        if let Err(e) = worker::proto::write_batched(wr, rx).await {
+            tracing::debug!(pool = %name, "control socket write: {e}");
         }
     });
     let conns = conns.clone();

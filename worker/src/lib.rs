@@ -33,19 +33,15 @@ use aya::maps::{Map, MapData, RingBuf};
 use bytes::Bytes;
 use dispatcher_ebpf::abi::{RecordHeader, RECORD_HEADER_LEN};
 use tokio::{
-    io::{unix::AsyncFd, AsyncReadExt, AsyncWriteExt},
+    io::{unix::AsyncFd, AsyncReadExt},
     net::UnixStream,
     sync::mpsc,
 };
 
-use proto::{ResponseHeader, MAX_FRAME, RESP_CLOSE, RESP_LAST};
+use proto::{ResponseHeader, BATCH_BYTES, MAX_FRAME, RESP_CLOSE, RESP_LAST};
 use reassembly::{Done, Raw, Reassembly};
 pub use request::Request;
 pub use response::Response;
-
-/// Bytes the control socket's reader buffers, and its writer batches, per
-/// syscall.
-const BATCH_BYTES: usize = 256 * 1024;
 
 /// What can go wrong for a worker.
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +115,7 @@ impl Worker {
         };
         let std = std::os::unix::net::UnixStream::from(ctl);
         std.set_nonblocking(true).map_err(Error::Control)?;
-        let (rd, mut wr) = UnixStream::from_std(std).map_err(Error::Control)?.into_split();
+        let (rd, wr) = UnixStream::from_std(std).map_err(Error::Control)?.into_split();
         let mut rd = tokio::io::BufReader::with_capacity(BATCH_BYTES, rd);
         let (ftx, frames) = mpsc::channel(1024);
         // A reader task makes the control socket a cancel-safe stream.
@@ -140,24 +136,8 @@ impl Worker {
                 }
             }
         });
-        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
-        tokio::spawn(async move {
-            // One write per wake-up for every response queued meanwhile.
-            let mut batch = Vec::new();
-            while let Some(b) = rx.recv().await {
-                batch.clear();
-                batch.extend_from_slice(&b);
-                while let Ok(more) = rx.try_recv() {
-                    batch.extend_from_slice(&more);
-                    if batch.len() >= BATCH_BYTES {
-                        break;
-                    }
-                }
-                if wr.write_all(&batch).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+        tokio::spawn(proto::write_batched(wr, rx));
         Ok(Worker { pool, ring, frames, reassembly: Reassembly::default(), ready: VecDeque::new(), responder: Responder { tx } })
     }
 

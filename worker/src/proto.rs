@@ -64,3 +64,30 @@ impl ResponseHeader {
 }
 
 const _: () = assert!(RESPONSE_HEADER_LEN == 24);
+
+/// Bytes a control-socket end buffers per read, and batches per write.
+pub const BATCH_BYTES: usize = 256 * 1024;
+
+/// Writes everything sent on `rx` to `wr`, one `write` per wake-up for all
+/// that was queued meanwhile (both ends of the control socket use it: the
+/// per-frame syscall was the dispatcher's main cost). Ends when `rx` closes
+/// or a write fails, returning the error.
+pub async fn write_batched<W: tokio::io::AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut batch = Vec::new();
+    while let Some(b) = rx.recv().await {
+        batch.clear();
+        batch.extend_from_slice(&b);
+        while let Ok(more) = rx.try_recv() {
+            batch.extend_from_slice(&more);
+            if batch.len() >= BATCH_BYTES {
+                break;
+            }
+        }
+        wr.write_all(&batch).await?;
+    }
+    Ok(())
+}
