@@ -23,6 +23,8 @@ use tokio::{process::Command, sync::watch};
 pub const RING_FD: i32 = 3;
 /// Fd number the worker finds its control socket at.
 pub const CTL_FD: i32 = 4;
+/// Fd number the worker finds its lease socket at (when it has one).
+pub const LEASE_FD: i32 = 5;
 /// First restart delay; doubles per quick exit up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_millis(200);
 /// Longest restart delay.
@@ -49,6 +51,9 @@ pub struct Handles {
     pub ring: Option<OwnedFd>,
     /// The worker's end of its control socket.
     pub ctl: OwnedFd,
+    /// The worker's end of its lease socket (connections it may write to
+    /// directly arrive there), if the dispatcher grants leases.
+    pub lease: Option<OwnedFd>,
 }
 
 /// Errors starting a worker.
@@ -89,22 +94,39 @@ pub fn spawn(spec: &WorkerSpec, handles: Handles) -> Result<tokio::process::Chil
     } else {
         cmd.env_remove("DISPATCHER_RING_FD");
     }
+    if handles.lease.is_some() {
+        cmd.env("DISPATCHER_LEASE_FD", LEASE_FD.to_string());
+    } else {
+        cmd.env_remove("DISPATCHER_LEASE_FD");
+    }
     for (k, v) in &spec.env {
         cmd.env(k, v);
     }
     let ring = handles.ring.as_ref().map(|f| f.as_raw_fd());
     let ctl = handles.ctl.as_raw_fd();
+    let lease = handles.lease.as_ref().map(|f| f.as_raw_fd());
     let user = spec.user.as_ref().map(|u| CString::new(u.as_str()).unwrap_or_default());
     // SAFETY: only async-signal-safe calls (dup2, fcntl, setgroups,
     // setgid, setuid, prctl) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             // Move the handles to their fixed numbers; dup2 clears CLOEXEC.
-            // The ctl fd goes to a scratch number first in case it is 3.
+            // The ctl and lease fds go to scratch numbers first in case
+            // one of them sits on a number an earlier dup2 overwrites.
             let tmp = libc::fcntl(ctl, libc::F_DUPFD, 64);
             if tmp < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            let lease_tmp = match lease {
+                Some(l) => {
+                    let t = libc::fcntl(l, libc::F_DUPFD, 64);
+                    if t < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Some(t)
+                }
+                None => None,
+            };
             if let Some(r) = ring {
                 if libc::dup2(r, RING_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -114,6 +136,12 @@ pub fn spawn(spec: &WorkerSpec, handles: Handles) -> Result<tokio::process::Chil
                 return Err(std::io::Error::last_os_error());
             }
             libc::close(tmp);
+            if let Some(t) = lease_tmp {
+                if libc::dup2(t, LEASE_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(t);
+            }
             // Its own process group: a Ctrl-C at the terminal reaches the
             // dispatcher, which then stops the workers in order.
             libc::setpgid(0, 0);

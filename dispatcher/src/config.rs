@@ -62,11 +62,13 @@ struct RawFastPath {
     max_body: Option<u64>,
     #[serde(default = "default_true")]
     enabled: bool,
+    #[serde(default = "default_true")]
+    direct_responses: bool,
 }
 
 impl Default for RawFastPath {
     fn default() -> Self {
-        RawFastPath { max_body: None, enabled: true }
+        RawFastPath { max_body: None, enabled: true, direct_responses: true }
     }
 }
 
@@ -107,6 +109,9 @@ pub struct Config {
     pub max_fast_body: u64,
     /// Whether the kernel fast path is used at all.
     pub fast_path: bool,
+    /// Whether workers may write a connection's responses straight into
+    /// its socket (a lease on the connection, see `worker::proto`).
+    pub direct_responses: bool,
     /// Largest body the slow path accepts.
     pub max_body: u64,
     pub response_timeout_secs: u64,
@@ -272,6 +277,7 @@ impl Config {
             instance,
             max_fast_body: raw.fast_path.max_body.unwrap_or(DEFAULT_MAX_FAST_BODY),
             fast_path: raw.fast_path.enabled,
+            direct_responses: raw.fast_path.direct_responses,
             max_body: raw.limits.max_body.unwrap_or(DEFAULT_MAX_BODY),
             response_timeout_secs: raw.limits.response_timeout_secs.unwrap_or(DEFAULT_RESPONSE_TIMEOUT_SECS).max(1),
             header_timeout_secs: raw.limits.header_timeout_secs.unwrap_or(DEFAULT_HEADER_TIMEOUT_SECS).max(1),

@@ -6,6 +6,16 @@
 //! socket only becomes readable when the kernel hands the connection over
 //! (SK_PASS) or the client closes; the hand-off point is read once from the
 //! connection's `ConnState`.
+//!
+//! Once it has written a worker's first response on the connection, this
+//! task may also leave the responses to that worker: it passes the worker
+//! the socket (a *lease*, protocol in `worker::proto`) and writes nothing
+//! more until the lease is back. It takes the lease back (revokes it) as
+//! soon as somebody else has something to write (another pool's response,
+//! its own error answer, the slow path), the connection idles long enough
+//! for a time-out to be due, or the client closes its side. While the
+//! lease is out the socket is parked outside tokio's poller (see
+//! `parking`).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -19,11 +29,12 @@ use dispatcher_ebpf::abi::{
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::mpsc};
 use tracing::Instrument;
-use worker::proto::{MAX_FRAME, RECORD_ABORT};
+use worker::proto::{lease, LeaseMsg, MAX_FRAME, RECORD_ABORT};
 
 use crate::{
+    conns::ToConn,
     kernel::Routed,
-    pools::Frame,
+    pools::{Frame, LeaseTx},
     serve::Shared,
     slow::{Event, SlowParser},
 };
@@ -36,13 +47,13 @@ const RECHECK: Duration = Duration::from_secs(5);
 const READ_CHUNK: usize = 64 * 1024;
 
 /// Serves connection `cookie` until it closes.
-pub async fn serve(shared: Arc<Shared>, stream: TcpStream, cookie: u64, rx: mpsc::UnboundedReceiver<Frame>) {
+pub async fn serve(shared: Arc<Shared>, stream: TcpStream, cookie: u64, rx: mpsc::UnboundedReceiver<ToConn>) {
     let peer = stream.peer_addr().ok();
     let span = tracing::debug_span!("conn", id = cookie, peer = ?peer);
     let mut c = Conn {
         shared: shared.clone(),
         cookie,
-        stream,
+        sock: Sock::Polled(stream),
         next: 0,
         pending: BTreeMap::new(),
         slow: None,
@@ -50,6 +61,11 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, cookie: u64, rx: mpsc
         last_progress: Instant::now(),
         next_check: Instant::now(),
         kernel_seen: (0, 0, 0),
+        lease: None,
+        lease_gen: 0,
+        lease_peers: Vec::new(),
+        eof: false,
+        written: 0,
     };
     c.run(rx).instrument(span).await;
     c.cleanup();
@@ -78,7 +94,7 @@ struct Slow {
 struct Conn {
     shared: Arc<Shared>,
     cookie: u64,
-    stream: TcpStream,
+    sock: Sock,
     /// Sequence number of the next response to write.
     next: u32,
     /// Responses (or parts) waiting for earlier ones.
@@ -93,6 +109,47 @@ struct Conn {
     next_check: Instant,
     /// (seq, head_len, body_left) of the kernel's state at the last look.
     kernel_seen: (u32, u32, u64),
+    /// A worker holds the connection: it writes responses from `next` on.
+    lease: Option<Held>,
+    /// Generation of the last lease granted.
+    lease_gen: u32,
+    /// Every lease socket that asked about this connection (told to
+    /// forget it when it closes).
+    lease_peers: Vec<Arc<LeaseTx>>,
+    /// The client closed its side.
+    eof: bool,
+    /// Bytes this task wrote to the socket (to tell, when a lease holder
+    /// dies, whether it wrote anything).
+    written: u64,
+}
+
+/// The client's socket.
+enum Sock {
+    /// In tokio's poller.
+    Polled(TcpStream),
+    /// Out of it while a worker holds the lease (see `parking`).
+    Parked(std::net::TcpStream),
+    /// Lost moving between the two (the connection closes).
+    Gone,
+}
+
+impl Sock {
+    fn fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        match self {
+            Sock::Polled(s) => Some(s.as_fd()),
+            Sock::Parked(s) => Some(s.as_fd()),
+            Sock::Gone => None,
+        }
+    }
+}
+
+/// A lease out on the connection.
+struct Held {
+    gen: u32,
+    to: Arc<LeaseTx>,
+    /// Asked back; waiting for the worker's release.
+    revoked: bool,
 }
 
 enum Flow {
@@ -101,21 +158,31 @@ enum Flow {
 }
 
 impl Conn {
-    async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<Frame>) {
+    async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<ToConn>) {
         // Allocated on the first read: on the fast path most connections
         // never read anything in user space.
         let mut buf = Vec::new();
-        let mut eof = false;
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
-                r = self.stream.readable(), if !eof && !self.slow.as_ref().is_some_and(|s| s.parser.is_done()) => {
+                r = async {
+                    match &self.sock {
+                        Sock::Polled(s) => s.readable().await,
+                        _ => std::future::pending().await,
+                    }
+                }, if !self.eof && !self.slow.as_ref().is_some_and(|s| s.parser.is_done()) => {
                     if r.is_err() { return; }
                     if buf.is_empty() {
                         buf.resize(READ_CHUNK, 0);
                     }
-                    match self.stream.try_read(&mut buf) {
-                        Ok(0) => { eof = true; }
+                    let Sock::Polled(stream) = &self.sock else { continue };
+                    match stream.try_read(&mut buf) {
+                        Ok(0) => {
+                            self.eof = true;
+                            // What is still owed is known only once the
+                            // worker says where it stopped.
+                            self.revoke();
+                        }
                         Ok(n) => {
                             self.last_progress = Instant::now();
                             let data = buf[..n].to_vec();
@@ -125,15 +192,27 @@ impl Conn {
                         Err(_) => return,
                     }
                 }
-                f = rx.recv() => {
-                    let Some(f) = f else { return };
-                    if let Flow::Close = self.on_frame(f).await { return; }
+                m = rx.recv() => {
+                    match m {
+                        None => return,
+                        Some(ToConn::Frame(f)) => {
+                            if let Flow::Close = self.on_frame(f).await { return; }
+                        }
+                        Some(ToConn::Wake) => {
+                            // Bytes to read or the peer closed: the socket
+                            // is ours to poll again once the lease is back.
+                            self.revoke();
+                            if self.lease.is_none() {
+                                self.unpark();
+                            }
+                        }
+                    }
                 }
                 _ = tick.tick() => {
                     if let Flow::Close = self.check_timers().await { return; }
                 }
             }
-            if eof && self.outstanding() == 0 {
+            if self.eof && self.lease.is_none() && self.outstanding() == 0 {
                 return;
             }
         }
@@ -144,10 +223,19 @@ impl Conn {
     /// the connection for the shortest of them, so idle connections cost
     /// nothing.
     async fn check_timers(&mut self) -> Flow {
+        if let Flow::Close = self.flush().await {
+            return Flow::Close;
+        }
         let cfg = &self.shared.cfg;
         let idle = self.last_progress.elapsed();
         let header = Duration::from_secs(cfg.header_timeout_secs);
         if idle < header.min(Duration::from_secs(cfg.response_timeout_secs)) {
+            return Flow::Continue;
+        }
+        if self.lease.is_some() {
+            // The worker's writes are not seen here: ask where it is
+            // before judging the connection idle or late.
+            self.revoke();
             return Flow::Continue;
         }
         if Instant::now() < self.next_check {
@@ -175,7 +263,7 @@ impl Conn {
             if idle >= Duration::from_secs(cfg.response_timeout_secs) {
                 tracing::warn!(conn = self.cookie, seq = self.next, "no response in time; answering 504");
                 let r = local_response(504, "the worker did not answer in time", true, false);
-                let _ = self.stream.write_all(&r).await;
+                self.write(&r).await;
                 return Flow::Close;
             }
             return Flow::Continue;
@@ -183,7 +271,7 @@ impl Conn {
         if partial_head && idle >= header {
             tracing::debug!(conn = self.cookie, "request not received in time; answering 408");
             let r = local_response(408, "the request did not arrive in time", true, false);
-            let _ = self.stream.write_all(&r).await;
+            self.write(&r).await;
             return Flow::Close;
         }
         if !partial_head && idle >= Duration::from_secs(cfg.keepalive_timeout_secs) {
@@ -203,36 +291,171 @@ impl Conn {
     }
 
     async fn on_frame(&mut self, f: Frame) -> Flow {
+        if let Some(gen) = f.release {
+            return self.on_release(gen, f.seq).await;
+        }
+        if let Some(a) = &f.ask {
+            if !self.lease_peers.iter().any(|p| Arc::ptr_eq(p, a)) {
+                self.lease_peers.push(a.clone());
+            }
+        }
         if f.seq < self.next {
             return Flow::Continue;
         }
+        // Somebody other than the lease holder has a response to write
+        // (or the holder sent one around its lease): take the lease back.
+        self.revoke();
         self.pending.entry(f.seq).or_default().push(f);
         self.flush().await
     }
 
+    /// The worker gave lease `gen` back, having written everything before
+    /// `seq`.
+    async fn on_release(&mut self, gen: u32, seq: u32) -> Flow {
+        if !self.lease.as_ref().is_some_and(|l| l.gen == gen) {
+            return Flow::Continue;
+        }
+        self.lease = None;
+        self.unpark();
+        if seq > self.next {
+            // Slow-path requests are never answered under a lease, so
+            // nothing in `sent` is settled by this; drop stale frames.
+            self.next = seq;
+            self.pending = self.pending.split_off(&seq);
+        }
+        self.flush().await
+    }
+
+    /// The worker holding the lease exited without giving it back. If it
+    /// wrote nothing since the grant, the connection goes on from where
+    /// the lease started; otherwise what it wrote of its last response is
+    /// unknown, and the connection has to close.
+    fn lease_lost(&mut self) -> Flow {
+        self.lease = None;
+        self.unpark();
+        let Sock::Polled(stream) = &self.sock else { return Flow::Close };
+        match socket_written(stream) {
+            Ok(n) if n == self.written => {
+                tracing::debug!(conn = self.cookie, seq = self.next, "lease holder exited before writing; taking the connection back");
+                Flow::Continue
+            }
+            Ok(n) => {
+                tracing::warn!(conn = self.cookie, wrote = n - self.written.min(n), "the worker holding the connection exited mid-stream; closing it");
+                Flow::Close
+            }
+            Err(e) => {
+                tracing::warn!(conn = self.cookie, "the worker holding the connection exited; closing it ({e})");
+                Flow::Close
+            }
+        }
+    }
+
+    /// Asks the lease holder, if any, to give the connection back.
+    fn revoke(&mut self) {
+        if let Some(l) = &mut self.lease {
+            if !l.revoked {
+                l.revoked = true;
+                l.to.send(LeaseMsg { conn: self.cookie, kind: lease::REVOKE, gen: l.gen, ..Default::default() }, None);
+            }
+        }
+    }
+
+    /// Answers a worker's request for a lease, made with the response just
+    /// written: granted when the connection has nothing else to write and
+    /// nobody else is expected to write on it.
+    fn answer_ask(&mut self, to: Arc<LeaseTx>) {
+        let grant = self.shared.cfg.direct_responses
+            && self.lease.is_none()
+            && self.slow.is_none()
+            && self.pending.is_empty()
+            && !self.eof;
+        let fd = if grant { self.sock.fd().and_then(dup_fd) } else { None };
+        let Some(fd) = fd else {
+            to.send(LeaseMsg { conn: self.cookie, kind: lease::DENY, from: self.next, ..Default::default() }, None);
+            return;
+        };
+        self.lease_gen = self.lease_gen.wrapping_add(1);
+        let msg = LeaseMsg { conn: self.cookie, kind: lease::GRANT, from: self.next, gen: self.lease_gen, _pad: 0 };
+        if to.send(msg, Some(fd)) {
+            self.lease = Some(Held { gen: self.lease_gen, to, revoked: false });
+            self.park();
+        }
+    }
+
+    /// Takes the socket out of tokio's poller while a worker writes to it.
+    fn park(&mut self) {
+        let Sock::Polled(_) = self.sock else { return };
+        let Sock::Polled(s) = std::mem::replace(&mut self.sock, Sock::Gone) else { unreachable!() };
+        match s.into_std() {
+            Ok(std) => match self.shared.parking.park(&std, self.cookie) {
+                Ok(()) => self.sock = Sock::Parked(std),
+                Err(e) => {
+                    tracing::warn!(conn = self.cookie, "parking a connection: {e}");
+                    self.sock = TcpStream::from_std(std).map_or(Sock::Gone, Sock::Polled);
+                }
+            },
+            Err(e) => tracing::warn!(conn = self.cookie, "taking a connection out of the poller: {e}"),
+        }
+    }
+
+    /// Puts a parked socket back into tokio's poller.
+    fn unpark(&mut self) {
+        let Sock::Parked(_) = self.sock else { return };
+        let Sock::Parked(std) = std::mem::replace(&mut self.sock, Sock::Gone) else { unreachable!() };
+        self.shared.parking.unpark(&std);
+        match TcpStream::from_std(std) {
+            Ok(s) => self.sock = Sock::Polled(s),
+            Err(e) => tracing::warn!(conn = self.cookie, "putting a connection back in the poller: {e}"),
+        }
+    }
+
+    /// Writes all of `data` (the socket must not be leased). False when
+    /// the connection is unusable.
+    async fn write(&mut self, data: &[u8]) -> bool {
+        self.unpark();
+        let Sock::Polled(s) = &mut self.sock else { return false };
+        if s.write_all(data).await.is_err() {
+            return false;
+        }
+        self.written += data.len() as u64;
+        true
+    }
+
     /// Writes every response that is next in order.
     async fn flush(&mut self) -> Flow {
-        while let Some(frames) = self.pending.get_mut(&self.next) {
+        if self.lease.as_ref().is_some_and(|l| l.to.is_closed()) {
+            if let Flow::Close = self.lease_lost() {
+                return Flow::Close;
+            }
+        }
+        while self.lease.is_none() {
+            let Some(frames) = self.pending.get_mut(&self.next) else { break };
+            let frames = std::mem::take(frames);
             let mut done = None;
-            for f in frames.drain(..) {
-                if self.stream.write_all(&f.data).await.is_err() {
+            for f in frames {
+                if !self.write(&f.data).await {
                     return Flow::Close;
                 }
                 self.last_progress = Instant::now();
                 if f.last {
-                    done = Some(f.close);
+                    done = Some((f.close, f.ask));
                     break;
                 }
             }
-            let Some(close) = done else { break };
+            let Some((close, ask)) = done else { break };
             self.pending.remove(&self.next);
             if let Some((pool, bytes)) = self.sent.remove(&self.next) {
                 self.shared.pools[pool as usize].release(bytes);
             }
             self.next += 1;
             if close {
-                let _ = self.stream.shutdown().await;
+                if let Sock::Polled(s) = &mut self.sock {
+                    let _ = s.shutdown().await;
+                }
                 return Flow::Close;
+            }
+            if let Some(to) = ask {
+                self.answer_ask(to);
             }
         }
         Flow::Continue
@@ -247,7 +470,7 @@ impl Conn {
         }
         let data = Bytes::from(data);
         self.shared.kernel.lock().unwrap().count_slow(None, 0, 1);
-        self.on_frame(Frame { seq, data, last: true, close }).await
+        self.on_frame(Frame::whole(seq, data, close)).await
     }
 
     fn start_slow(&mut self) -> Option<Vec<u8>> {
@@ -297,6 +520,8 @@ impl Conn {
         let mut input: Vec<u8>;
         let mut data = data;
         if self.slow.is_none() {
+            // User space takes the connection for good: so do its writes.
+            self.revoke();
             let Some(prefix) = self.start_slow() else { return Flow::Close };
             let s = self.slow.as_mut().unwrap();
             let skip = s.skip.min(data.len());
@@ -351,13 +576,14 @@ impl Conn {
                     }
                     Routed::Pool(p) => p,
                 };
-                let link = &self.shared.pools[pool as usize];
+                let link = self.shared.pools[pool as usize].clone();
                 let size = h.bytes.len() as u64 + h.content_length;
                 if queue_full || !link.has_worker() || link.inflight.load(Ordering::Relaxed) + size > link.queue_bytes.max(size) {
                     return self.answer(seq, 503, "the pool's queue is full", h.close, true, h.method == "HEAD").await;
                 }
-                if h.expect_continue && self.next == seq && self.pending.is_empty() {
-                    let _ = self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                if h.expect_continue && self.next == seq && self.pending.is_empty() && self.lease.is_none() {
+                    const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+                    self.write(CONTINUE).await;
                 }
                 link.inflight.fetch_add(size, Ordering::Relaxed);
                 self.sent.insert(seq, (pool, size));
@@ -419,6 +645,17 @@ impl Conn {
     }
 
     fn cleanup(&mut self) {
+        if let Sock::Parked(s) = &self.sock {
+            self.shared.parking.unpark(s);
+        }
+        if let (true, Some(fd)) = (self.lease_gen > 0, self.sock.fd()) {
+            // A worker may still hold a copy of the socket: end the
+            // connection itself, not just our descriptor.
+            let _ = nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(&fd), nix::sys::socket::Shutdown::Both);
+        }
+        for p in self.lease_peers.drain(..) {
+            p.send(LeaseMsg { conn: self.cookie, kind: lease::FORGET, ..Default::default() }, None);
+        }
         let mut aborted = std::collections::BTreeSet::new();
         for (_, (pool, bytes)) in self.sent.drain() {
             self.shared.pools[pool as usize].release(bytes);
@@ -431,6 +668,52 @@ impl Conn {
         self.shared.conns.unregister(self.cookie);
         self.shared.kernel.lock().unwrap().forget_conn(self.cookie);
     }
+}
+
+/// Bytes written into a TCP socket by anyone since it opened: acknowledged
+/// plus still queued, read until no ACK moved them in between.
+fn socket_written(stream: &TcpStream) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    /// `struct tcp_info` up to `tcpi_bytes_acked` (linux/tcp.h).
+    #[repr(C)]
+    #[derive(Default)]
+    struct TcpInfoHead {
+        _u8s: [u8; 8],
+        _u32s: [u32; 24],
+        _pacing: [u64; 2],
+        bytes_acked: u64,
+    }
+    let fd = stream.as_raw_fd();
+    let outq = || {
+        let mut q: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ writes one int.
+        match unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut q) } {
+            0 => Ok(q as u64),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    };
+    for _ in 0..8 {
+        let before = outq()?;
+        let mut info = TcpInfoHead::default();
+        let mut len = std::mem::size_of::<TcpInfoHead>() as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes of tcp_info.
+        if unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info as *mut _ as *mut _, &mut len) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if (len as usize) < std::mem::size_of::<TcpInfoHead>() {
+            return Err(std::io::Error::other("tcp_info without tcpi_bytes_acked"));
+        }
+        if outq()? == before {
+            return Ok(info.bytes_acked + before);
+        }
+    }
+    Err(std::io::Error::other("the send queue kept moving"))
+}
+
+/// A duplicate of the connection's socket to pass to a worker (the
+/// original stays with this task).
+fn dup_fd(fd: std::os::fd::BorrowedFd<'_>) -> Option<std::os::fd::OwnedFd> {
+    fd.try_clone_to_owned().map_err(|e| tracing::warn!("dup of a client socket: {e}")).ok()
 }
 
 fn body_header(conn: u64, seq: u32, len: u32, pool: u32, last: bool, close: bool) -> RecordHeader {

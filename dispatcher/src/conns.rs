@@ -15,6 +15,16 @@ use tokio::sync::mpsc;
 
 use crate::pools::Frame;
 
+/// What a connection task is told.
+#[derive(Debug)]
+pub enum ToConn {
+    /// A response frame (or a lease release) from a worker.
+    Frame(Frame),
+    /// Look at the socket: the kernel handed the connection to user space,
+    /// or the peer closed while the connection was parked.
+    Wake,
+}
+
 /// How long a response for a not-yet-registered connection is kept.
 pub const EARLY_TTL: Duration = Duration::from_secs(10);
 /// Most early frames kept at once (beyond, the oldest connections' go).
@@ -23,19 +33,19 @@ pub const EARLY_MAX: usize = 4096;
 /// The registry.
 #[derive(Default)]
 pub struct Conns {
-    live: Mutex<HashMap<u64, mpsc::UnboundedSender<Frame>>>,
+    live: Mutex<HashMap<u64, mpsc::UnboundedSender<ToConn>>>,
     early: Mutex<HashMap<u64, (Instant, Vec<Frame>)>>,
 }
 
 impl Conns {
     /// Registers connection `cookie`; returns its frame receiver, with any
     /// frames that arrived before it.
-    pub fn register(&self, cookie: u64) -> mpsc::UnboundedReceiver<Frame> {
+    pub fn register(&self, cookie: u64) -> mpsc::UnboundedReceiver<ToConn> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut live = self.live.lock().unwrap();
         if let Some((_, frames)) = self.early.lock().unwrap().remove(&cookie) {
             for f in frames {
-                let _ = tx.send(f);
+                let _ = tx.send(ToConn::Frame(f));
             }
         }
         live.insert(cookie, tx);
@@ -51,7 +61,7 @@ impl Conns {
     pub fn deliver(&self, cookie: u64, frame: Frame) {
         let live = self.live.lock().unwrap();
         if let Some(tx) = live.get(&cookie) {
-            let _ = tx.send(frame);
+            let _ = tx.send(ToConn::Frame(frame));
             return;
         }
         let mut early = self.early.lock().unwrap();
@@ -64,6 +74,14 @@ impl Conns {
             }
         }
         early.entry(cookie).or_insert_with(|| (Instant::now(), Vec::new())).1.push(frame);
+    }
+
+    /// Wakes connection `cookie`'s task (unknown connections are ignored:
+    /// a task looks at its socket when it starts anyway).
+    pub fn wake(&self, cookie: u64) {
+        if let Some(tx) = self.live.lock().unwrap().get(&cookie) {
+            let _ = tx.send(ToConn::Wake);
+        }
     }
 
     /// Drops early frames older than [`EARLY_TTL`] (their connection

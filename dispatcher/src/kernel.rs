@@ -171,7 +171,7 @@ impl Kernel {
                 .with_context(|| format!("attaching sockops to cgroup {}", cgroup.display()))?;
             ops.pin(self.pin_dir.join("track_conn")).context("pinning track_conn")?;
         }
-        for name in ["conns", "conn_state", "routes", "pools", "rings", "config", "pool_stats", "handoffs", "slow_stats"] {
+        for name in ["conns", "conn_state", "routes", "pools", "rings", "config", "pool_stats", "handoffs", "slow_stats", "handoff_events"] {
             let path = self.pin_dir.join(name);
             self.map(name)?.pin(&path).with_context(|| format!("pinning map {name} at {}", path.display()))?;
         }
@@ -236,6 +236,13 @@ impl Kernel {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The ring the verdict program announces hand-offs on (see
+    /// `parking`); taken once, by the task that reads it.
+    pub fn take_handoff_events(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
+        let m = self.ebpf.take_map("handoff_events").ok_or_else(|| anyhow!("BPF object has no map `handoff_events`"))?;
+        Ok(aya::maps::RingBuf::try_from(m)?)
     }
 }
 

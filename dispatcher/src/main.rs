@@ -9,6 +9,7 @@ mod config;
 mod conns;
 mod connection;
 mod kernel;
+mod parking;
 mod pools;
 mod serve;
 mod slow;
@@ -76,6 +77,8 @@ fn main() -> Result<()> {
             if let Some(i) = instance {
                 cfg.instance = i;
             }
+            // One descriptor per client connection.
+            worker::raise_fd_limit();
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(serve::serve(cfg))?;
             rt.shutdown_timeout(std::time::Duration::from_millis(200));

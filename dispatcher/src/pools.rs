@@ -1,9 +1,11 @@
 //! The dispatcher's side of each pool: the control socket of its current
-//! worker (slow-path requests out, responses in), and the worker's
-//! supervision through `activation`.
+//! worker (slow-path requests out, responses in), its lease socket
+//! (connections handed to the worker for direct responses), and the
+//! worker's supervision through `activation`.
 
 use std::{
-    os::fd::OwnedFd,
+    io,
+    os::fd::{AsRawFd, OwnedFd},
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -15,10 +17,13 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use dispatcher_ebpf::abi::RecordHeader;
 use tokio::{
-    io::AsyncReadExt,
+    io::{unix::AsyncFd, AsyncReadExt, Interest},
     sync::{mpsc, watch},
 };
-use worker::proto::{ResponseHeader, BATCH_BYTES, MAX_FRAME, RESPONSE_HEADER_LEN, RESP_CLOSE, RESP_LAST};
+use worker::proto::{
+    LeaseMsg, ResponseHeader, BATCH_BYTES, MAX_FRAME, RESPONSE_HEADER_LEN, RESP_CLOSE, RESP_LAST, RESP_RELEASE,
+    RESP_WANT_LEASE,
+};
 
 use crate::{config::Pool, conns::Conns};
 
@@ -71,11 +76,151 @@ pub struct Frame {
     pub data: Bytes,
     pub last: bool,
     pub close: bool,
+    /// The worker asks for a lease on the connection once this response
+    /// is written; the answer goes to this lease socket.
+    pub ask: Option<Arc<LeaseTx>>,
+    /// Not a response: the worker gives lease `gen` back, having written
+    /// every response before `seq` (and possibly a prefix of `seq`, whose
+    /// rest follows as ordinary frames).
+    pub release: Option<u32>,
+}
+
+impl Frame {
+    /// A whole response the dispatcher writes.
+    pub fn whole(seq: u32, data: Bytes, close: bool) -> Frame {
+        Frame { seq, data, last: true, close, ask: None, release: None }
+    }
+}
+
+/// The dispatcher's end of one worker's lease socket: grants (with the
+/// connection's socket), denials, revocations and forgets, in order.
+///
+/// A message is sent at once when nothing is queued ahead of it, so a
+/// grant is in the worker's socket before the client can have read the
+/// response that preceded it and sent its next request (which the worker
+/// should already write itself); a full socket queues the rest for a
+/// writer task.
+#[derive(Debug)]
+pub struct LeaseTx {
+    sock: AsyncFd<OwnedFd>,
+    /// Messages not sent yet; the front one is the next to go.
+    queue: Mutex<std::collections::VecDeque<(LeaseMsg, Option<OwnedFd>)>>,
+    wake: tokio::sync::Notify,
+    /// The worker is gone (its control or lease socket closed), and with
+    /// it whatever it held.
+    dead: std::sync::atomic::AtomicBool,
+}
+
+impl LeaseTx {
+    /// Sends `msg` (with `fd` passed along for a grant), or queues it.
+    /// False when the worker is gone.
+    pub fn send(&self, msg: LeaseMsg, fd: Option<OwnedFd>) -> bool {
+        let mut q = self.queue.lock().unwrap();
+        if self.is_closed() {
+            return false;
+        }
+        if q.is_empty() {
+            match send_lease(self.sock.get_ref(), &msg, fd.as_ref()) {
+                // `fd` (our duplicate of the client's socket) closes here:
+                // the worker has its own now.
+                Ok(()) => return true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    tracing::debug!("lease socket: {e}");
+                    self.dead.store(true, Ordering::Relaxed);
+                    return false;
+                }
+            }
+        }
+        q.push_back((msg, fd));
+        self.wake.notify_one();
+        true
+    }
+
+    /// The worker exited: leases it held are lost.
+    fn mark_dead(&self) {
+        self.dead.store(true, Ordering::Relaxed);
+        self.queue.lock().unwrap().clear();
+        self.wake.notify_one();
+    }
+
+    /// The worker exited.
+    pub fn is_closed(&self) -> bool {
+        self.dead.load(Ordering::Relaxed)
+    }
+
+    /// Sends what [`LeaseTx::send`] had to queue, as the socket drains.
+    async fn write_queued(self: Arc<Self>) {
+        loop {
+            self.wake.notified().await;
+            if self.is_closed() {
+                // Drops our end of the socket once the last holder goes.
+                return;
+            }
+            loop {
+                let blocked = {
+                    let mut q = self.queue.lock().unwrap();
+                    let Some((msg, fd)) = q.front() else { break };
+                    match send_lease(self.sock.get_ref(), msg, fd.as_ref()) {
+                        Ok(()) => {
+                            q.pop_front();
+                            false
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+                        Err(e) => {
+                            tracing::debug!("lease socket: {e}");
+                            self.dead.store(true, Ordering::Relaxed);
+                            q.clear();
+                            return;
+                        }
+                    }
+                };
+                if blocked {
+                    let Ok(mut g) = self.sock.writable().await else { return };
+                    g.clear_ready();
+                }
+            }
+        }
+    }
+}
+
+/// Makes a lease socket pair and the writer task for our end.
+fn lease_socket() -> Result<(Arc<LeaseTx>, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+        .context("lease socketpair")?;
+    let fl = nix::fcntl::fcntl(ours.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).context("F_GETFL")?;
+    let fl = nix::fcntl::OFlag::from_bits_truncate(fl) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(ours.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(fl)).context("F_SETFL")?;
+    // SAFETY: the AsyncFd owns the fd for as long as it is registered.
+    let sock = unsafe { AsyncFd::register_with_interest(ours, Interest::WRITABLE) }?;
+    let tx = Arc::new(LeaseTx { sock, queue: Default::default(), wake: Default::default(), dead: Default::default() });
+    tokio::spawn(tx.clone().write_queued());
+    Ok((tx, theirs))
+}
+
+fn send_lease(sock: &OwnedFd, msg: &LeaseMsg, fd: Option<&OwnedFd>) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let bytes = msg.to_bytes();
+    let iov = [io::IoSlice::new(&bytes)];
+    let raw = fd.map(|f| [f.as_raw_fd()]);
+    let cmsgs: Vec<ControlMessage> = raw.as_ref().map(|r| ControlMessage::ScmRights(r)).into_iter().collect();
+    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL, None)
+        .map(|_| ())
+        .map_err(io::Error::from)
 }
 
 /// Makes a control socket for a new worker of `link`: our end is served
-/// by a reader (responses → connections) and a writer task.
-fn connect(link: &Arc<PoolLink>, conns: &Arc<Conns>) -> Result<OwnedFd> {
+/// by a reader (responses → connections) and a writer task. With `leases`,
+/// also a lease socket; returns the worker's ends.
+fn connect(link: &Arc<PoolLink>, conns: &Arc<Conns>, leases: bool) -> Result<(OwnedFd, Option<OwnedFd>)> {
+    let (lease_tx, lease_fd) = match leases {
+        true => {
+            let (tx, fd) = lease_socket()?;
+            (Some(tx), Some(fd))
+        }
+        false => (None, None),
+    };
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("socketpair")?;
     ours.set_nonblocking(true)?;
     let ours = tokio::net::UnixStream::from_std(ours)?;
@@ -107,14 +252,18 @@ fn connect(link: &Arc<PoolLink>, conns: &Arc<Conns>) -> Result<OwnedFd> {
             if rd.read_exact(&mut data).await.is_err() {
                 break;
             }
-            conns.deliver(
-                h.conn,
-                Frame { seq: h.seq, data: Bytes::from(data), last: h.flags & RESP_LAST != 0, close: h.flags & RESP_CLOSE != 0 },
-            );
+            let release = (h.flags & RESP_RELEASE != 0).then_some(h.lease);
+            let ask = if h.flags & RESP_WANT_LEASE != 0 { lease_tx.clone() } else { None };
+            let last = h.flags & RESP_LAST != 0;
+            let close = h.flags & RESP_CLOSE != 0;
+            conns.deliver(h.conn, Frame { seq: h.seq, data: Bytes::from(data), last, close, ask, release });
         }
         tracing::debug!(pool = %name, "control socket closed");
+        if let Some(l) = lease_tx {
+            l.mark_dead();
+        }
     });
-    Ok(theirs.into())
+    Ok((theirs.into(), lease_fd))
 }
 
 /// Starts supervising `link`'s worker.
@@ -125,6 +274,7 @@ pub fn supervise(
     args: Vec<String>,
     ring: impl Fn() -> Result<OwnedFd> + Send + 'static,
     conns: Arc<Conns>,
+    leases: bool,
     stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     let spec = activation::WorkerSpec {
@@ -137,8 +287,8 @@ pub fn supervise(
     tokio::spawn(activation::supervise(
         spec,
         move || {
-            let ctl = connect(&link, &conns)?;
-            Ok(activation::Handles { ring: Some(ring()?), ctl })
+            let (ctl, lease) = connect(&link, &conns, leases)?;
+            Ok(activation::Handles { ring: Some(ring()?), ctl, lease })
         },
         stop,
     ))

@@ -19,6 +19,7 @@ use crate::{
     conns::Conns,
     connection,
     kernel::Kernel,
+    parking::Parking,
     pools::{self, PoolLink},
 };
 
@@ -31,6 +32,8 @@ pub struct Shared {
     pub kernel: Mutex<Kernel>,
     pub conns: Arc<Conns>,
     pub pools: Vec<Arc<PoolLink>>,
+    /// Where leased connections wait (out of tokio's poller).
+    pub parking: Arc<Parking>,
 }
 
 /// The demo site built into the binary (`@demo-static` in the demo config).
@@ -46,7 +49,8 @@ pub async fn serve(cfg: Config) -> Result<()> {
     fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o755)).ok();
     let _lock = lock_instance(&run_dir, &cfg.instance)?;
 
-    let kernel = Kernel::load(&cfg)?;
+    let mut kernel = Kernel::load(&cfg)?;
+    let handoff_events = kernel.take_handoff_events()?;
     tracing::info!(pins = %kernel.pin_dir().display(), "BPF programs loaded and attached");
     fs::write(run_dir.join("pools"), cfg.pools.iter().map(|p| format!("{}\n", p.name)).collect::<String>())?;
 
@@ -57,7 +61,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let conns = Arc::new(Conns::default());
     let pools: Vec<Arc<PoolLink>> =
         cfg.pools.iter().map(|p| Arc::new(PoolLink::new(p))).collect();
-    let shared = Arc::new(Shared { cfg: cfg.clone(), kernel: Mutex::new(kernel), conns: conns.clone(), pools });
+    let parking = Parking::start(conns.clone()).context("making the parked connections' epoll set")?;
+    watch_handoffs(handoff_events, conns.clone())?;
+    let shared = Arc::new(Shared { cfg: cfg.clone(), kernel: Mutex::new(kernel), conns: conns.clone(), pools, parking });
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut supervisors = Vec::new();
@@ -76,7 +82,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         let sh = shared.clone();
         let ring = move || sh.kernel.lock().unwrap().ring_fd(i);
-        supervisors.push(pools::supervise(shared.pools[i].clone(), p, command, args, ring, conns.clone(), stop_rx.clone()));
+        supervisors.push(pools::supervise(shared.pools[i].clone(), p, command, args, ring, conns.clone(), cfg.direct_responses, stop_rx.clone()));
     }
 
     tracing::info!(listen = %cfg.listen, pools = cfg.pools.len(), "dispatcher ready");
@@ -118,6 +124,26 @@ pub async fn serve(cfg: Config) -> Result<()> {
     // explicitly; the programs detach when this process's fds close.
     shared.kernel.lock().unwrap_or_else(|e| e.into_inner()).unpin();
     let _ = fs::remove_dir_all(&run_dir);
+    Ok(())
+}
+
+/// Wakes the connection of each cookie the verdict program puts on the
+/// `handoff_events` ring.
+fn watch_handoffs(ring: aya::maps::RingBuf<aya::maps::MapData>, conns: Arc<Conns>) -> Result<()> {
+    // SAFETY: the AsyncFd owns the ring (and its fd) while registered.
+    let mut ring = unsafe { tokio::io::unix::AsyncFd::register(ring) }.context("polling `handoff_events`")?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut g) = ring.readable_mut().await else { return };
+            let rb = g.get_inner_mut();
+            while let Some(item) = rb.next() {
+                if let Ok(b) = <[u8; 8]>::try_from(&item[..item.len().min(8)]) {
+                    conns.wake(u64::from_ne_bytes(b));
+                }
+            }
+            g.clear_ready();
+        }
+    });
     Ok(())
 }
 

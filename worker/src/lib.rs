@@ -19,6 +19,7 @@
 //! ```
 
 pub mod direct;
+mod outbound;
 pub mod proto;
 pub mod reassembly;
 pub mod request;
@@ -38,7 +39,8 @@ use tokio::{
     sync::mpsc,
 };
 
-use proto::{ResponseHeader, BATCH_BYTES, MAX_FRAME, RESP_CLOSE, RESP_LAST};
+use outbound::Outbound;
+use proto::{BATCH_BYTES, MAX_FRAME};
 use reassembly::{Done, Raw, Reassembly};
 pub use request::Request;
 pub use response::Response;
@@ -71,7 +73,7 @@ pub struct Worker {
 /// Sends responses; cloneable, so requests can be handled concurrently.
 #[derive(Clone)]
 pub struct Responder {
-    tx: mpsc::UnboundedSender<Bytes>,
+    out: std::sync::Arc<Outbound>,
 }
 
 fn env_fd(var: &'static str) -> Result<Option<OwnedFd>, Error> {
@@ -89,19 +91,33 @@ fn env_fd(var: &'static str) -> Result<Option<OwnedFd>, Error> {
     }
 }
 
+/// Raises the soft open-files limit to the hard one.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
 impl Worker {
     /// The handles the dispatcher's process manager passes.
     pub fn from_env() -> Result<Worker, Error> {
+        // Every leased connection is a descriptor here.
+        raise_fd_limit();
         let ctl = env_fd(proto::ENV_CTL_FD)?
             .ok_or(Error::Env { var: proto::ENV_CTL_FD, why: "not set (is this started by the dispatcher?)".into() })?;
         let ring = env_fd(proto::ENV_RING_FD)?;
+        let lease = env_fd(proto::ENV_LEASE_FD)?;
         let pool = std::env::var(proto::ENV_POOL).unwrap_or_else(|_| "default".into());
-        Worker::from_fds(ring, ctl, pool)
+        Worker::from_fds(ring, ctl, lease, pool)
     }
 
     /// A worker over explicit handles; `ring` may be absent (control
-    /// socket only). Must be called inside a tokio runtime.
-    pub fn from_fds(ring: Option<OwnedFd>, ctl: OwnedFd, pool: String) -> Result<Worker, Error> {
+    /// socket only), and so may `lease` (then every response goes through
+    /// the dispatcher). Must be called inside a tokio runtime.
+    pub fn from_fds(ring: Option<OwnedFd>, ctl: OwnedFd, lease: Option<OwnedFd>, pool: String) -> Result<Worker, Error> {
         let ring = match ring {
             Some(fd) => {
                 use std::os::fd::AsRawFd;
@@ -138,7 +154,11 @@ impl Worker {
         });
         let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
         tokio::spawn(proto::write_batched(wr, rx));
-        Ok(Worker { pool, ring, frames, reassembly: Reassembly::default(), ready: VecDeque::new(), responder: Responder { tx } })
+        let out = std::sync::Arc::new(Outbound::new(tx, lease.is_some()));
+        if let Some(fd) = lease {
+            out.spawn_lease_reader(fd).map_err(Error::Control)?;
+        }
+        Ok(Worker { pool, ring, frames, reassembly: Reassembly::default(), ready: VecDeque::new(), responder: Responder { out } })
     }
 
     /// The pool this worker serves.
@@ -211,38 +231,23 @@ fn deliver(reassembly: &mut Reassembly, ready: &mut VecDeque<Raw>, responder: &R
 }
 
 impl Responder {
-    /// Sends `resp` as the answer to `req`.
+    /// Sends `resp` as the answer to `req`: written straight to the client
+    /// when this worker holds the connection's lease, through the
+    /// dispatcher otherwise.
     pub async fn respond(&self, req: &Request, resp: Response) -> Result<(), Error> {
         let close = req.close || resp.close;
         let bytes = resp.serialize(req.method == "HEAD", close);
-        self.send(req.conn, req.seq, &bytes, close)
-    }
-
-    fn send(&self, conn: u64, seq: u32, bytes: &[u8], close: bool) -> Result<(), Error> {
-        let max = MAX_FRAME;
-        let n = bytes.len().div_ceil(max).max(1);
-        for (i, chunk) in bytes.chunks(max).chain(std::iter::once(&[][..]).take(if bytes.is_empty() { 1 } else { 0 })).enumerate() {
-            let last = i + 1 == n;
-            let mut flags = 0;
-            if last {
-                flags |= RESP_LAST;
-                if close {
-                    flags |= RESP_CLOSE;
-                }
-            }
-            let h = ResponseHeader { conn, seq, len: chunk.len() as u32, flags, _pad: 0 };
-            let mut frame = Vec::with_capacity(chunk.len() + proto::RESPONSE_HEADER_LEN);
-            frame.extend_from_slice(&h.to_bytes());
-            frame.extend_from_slice(chunk);
-            self.tx.send(Bytes::from(frame)).map_err(|_| Error::Closed)?;
+        if self.out.respond(req.conn, req.seq, bytes, close, req.from_kernel) {
+            Ok(())
+        } else {
+            Err(Error::Closed)
         }
-        Ok(())
     }
 
     /// Answers a request the worker could not parse: 400, then close.
     fn reject(&self, conn: u64, seq: u32) {
         tracing::debug!(conn, seq, "malformed request");
         let r = Response::text(400, "malformed request\n").serialize(false, true);
-        let _ = self.send(conn, seq, &r, true);
+        let _ = self.out.respond(conn, seq, r, true, false);
     }
 }

@@ -11,6 +11,21 @@
 //! raw HTTP/1.1 response (status line, headers, body). A response may be
 //! sent in several frames; the one with [`RESP_LAST`] ends it. The
 //! dispatcher writes responses to the client in `seq` order per connection.
+//!
+//! **Leases** (the direct response path). A worker may write a
+//! connection's responses straight into the client's socket instead of
+//! sending them through the dispatcher. It asks with [`RESP_WANT_LEASE`] on
+//! a response; once the dispatcher has written that response it answers on
+//! the *lease socket* (a `SOCK_SEQPACKET` pair, fd in `DISPATCHER_LEASE_FD`)
+//! with a [`LeaseMsg`]: a grant carries the connection's socket (SCM_RIGHTS)
+//! and the first sequence number the worker now writes. While a worker holds
+//! a lease it writes that connection's responses itself, strictly in `seq`
+//! order; anything it cannot write in order (a gap, a response that closes
+//! the connection, a slow-path request) makes it give the lease back first
+//! with a [`RESP_RELEASE`] frame on the control socket, so the dispatcher
+//! knows where the worker stopped before it writes anything itself. The
+//! dispatcher revokes a lease when some other party (another pool, its slow
+//! path, a time-out) has something to write on the connection.
 
 pub use dispatcher_ebpf::abi::{RecordHeader, RECORD_BODY, RECORD_HEADER_LEN, RECORD_HEAD, REC_CLOSE, REC_LAST, REC_SLOW};
 
@@ -22,6 +37,12 @@ pub const RECORD_ABORT: u8 = 3;
 pub const RESP_LAST: u32 = 1;
 /// Response flag: close the connection after this response.
 pub const RESP_CLOSE: u32 = 2;
+/// Response flag (on the last frame): the worker asks for a lease on the
+/// connection once this response is written.
+pub const RESP_WANT_LEASE: u32 = 4;
+/// A lease release (no data): the worker wrote every response before
+/// `seq` and none from `seq` on; `lease` names the lease given back.
+pub const RESP_RELEASE: u32 = 8;
 
 /// Header of a response frame on the control socket.
 #[repr(C)]
@@ -33,7 +54,8 @@ pub struct ResponseHeader {
     pub len: u32,
     /// `RESP_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// The lease generation, on a [`RESP_RELEASE`] frame.
+    pub lease: u32,
 }
 
 pub const RESPONSE_HEADER_LEN: usize = core::mem::size_of::<ResponseHeader>();
@@ -45,6 +67,9 @@ pub const MAX_FRAME: usize = 1 << 20;
 pub const ENV_RING_FD: &str = "DISPATCHER_RING_FD";
 /// Environment variable naming the inherited control socket fd.
 pub const ENV_CTL_FD: &str = "DISPATCHER_CTL_FD";
+/// Environment variable naming the inherited lease socket fd (absent:
+/// the dispatcher writes every response itself).
+pub const ENV_LEASE_FD: &str = "DISPATCHER_LEASE_FD";
 /// Environment variable with the pool name.
 pub const ENV_POOL: &str = "DISPATCHER_POOL";
 
@@ -90,4 +115,49 @@ pub async fn write_batched<W: tokio::io::AsyncWrite + Unpin>(
         wr.write_all(&batch).await?;
     }
     Ok(())
+}
+
+/// Lease message kinds (dispatcher → worker, on the lease socket).
+pub mod lease {
+    /// Here is the connection's socket; write its responses from `from` on.
+    pub const GRANT: u32 = 1;
+    /// No lease for this connection now (the worker may ask again later).
+    pub const DENY: u32 = 2;
+    /// Give lease `gen` back (with a release frame on the control socket).
+    pub const REVOKE: u32 = 3;
+    /// The connection is gone: drop whatever is kept for it.
+    pub const FORGET: u32 = 4;
+}
+
+/// One message on the lease socket; a grant carries the socket as
+/// SCM_RIGHTS ancillary data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaseMsg {
+    pub conn: u64,
+    /// A [`lease`] kind.
+    pub kind: u32,
+    /// GRANT: the first response the worker writes itself.
+    pub from: u32,
+    /// GRANT, REVOKE: the lease generation (per connection).
+    pub gen: u32,
+    pub _pad: u32,
+}
+
+pub const LEASE_MSG_LEN: usize = core::mem::size_of::<LeaseMsg>();
+const _: () = assert!(LEASE_MSG_LEN == 24);
+
+impl LeaseMsg {
+    pub fn to_bytes(&self) -> [u8; LEASE_MSG_LEN] {
+        // SAFETY: repr(C), no padding.
+        unsafe { core::mem::transmute_copy(self) }
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() < LEASE_MSG_LEN {
+            return None;
+        }
+        // SAFETY: every bit pattern is valid; unaligned read.
+        Some(unsafe { core::ptr::read_unaligned(b.as_ptr() as *const LeaseMsg) })
+    }
 }

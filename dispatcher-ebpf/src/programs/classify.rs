@@ -33,7 +33,7 @@ use dispatcher_ebpf::{
 };
 
 use crate::{
-    maps::{config, conn_state, routes, steps},
+    maps::{config, conn_state, handoff_events, routes, steps},
     queue,
 };
 
@@ -91,11 +91,11 @@ fn run(ctx: &SkBuffContext, first: bool) -> u32 {
             // SAFETY: steps[0] holds classify_step, a program of this type.
             unsafe { steps.tail_call(ctx, 0) };
             // The tail-call budget is spent: user space takes the rest.
-            handoff(st, reason::TOO_MANY_STEPS, UNROUTED, off, 0)
+            handoff(st, cookie, reason::TOO_MANY_STEPS, UNROUTED, off, 0)
         }
         Next::Handoff { reason, pool, skip } => {
             let prefix = st.head_len;
-            handoff(st, reason, pool, skip, prefix)
+            handoff(st, cookie, reason, pool, skip, prefix)
         }
     }
 }
@@ -103,13 +103,16 @@ fn run(ctx: &SkBuffContext, first: bool) -> u32 {
 /// Gives the connection to user space from segment offset `skip`, after
 /// `prefix` buffered head bytes.
 #[inline(always)]
-fn handoff(st: &mut ConnState, why: u32, pool: u32, skip: u32, prefix: u32) -> u32 {
+fn handoff(st: &mut ConnState, cookie: u64, why: u32, pool: u32, skip: u32, prefix: u32) -> u32 {
     st.mode = MODE_SLOW;
     st.handoff_skip = skip;
     st.handoff_prefix = prefix;
     st.handoff_reason = why;
     st.handoff_pool = pool;
     queue::count_handoff(why, pool);
+    // Lost only if the dispatcher stopped reading the ring; it then finds
+    // the hand-off at its next idle check of the connection.
+    let _ = handoff_events.output(cookie, 0);
     SK_PASS
 }
 

@@ -58,6 +58,13 @@ pub static handoffs: PerCpuArray<u64, { reason::COUNT as usize }> = PerCpuArray:
 #[btf_map]
 pub static slow_stats: Array<SlowCounters, { MAX_POOLS as usize + 1 }> = Array::new();
 
+/// Cookies of connections just handed to user space. The dispatcher
+/// stops polling a connection whose responses a worker writes (every
+/// received segment would wake it, even those the kernel drops), so this
+/// is how it learns there are bytes to read.
+#[btf_map]
+pub static handoff_events: RingBuf<u64, { 1 << 16 }> = RingBuf::new();
+
 /// The verdict program's continuation, tail-called once per request
 /// after the first in a segment.
 #[btf_map]

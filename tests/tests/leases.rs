@@ -1,0 +1,252 @@
+//! Direct responses: once the dispatcher has written a worker's first
+//! response on a connection, it passes the worker the socket (a lease) and
+//! the worker writes the connection's responses itself. Whoever else has
+//! something to write (another pool, the slow path, a time-out, the client
+//! closing) makes the dispatcher take the lease back first, so responses
+//! stay in request order whatever mix of writers a connection has.
+//!
+//! Who holds the socket is read from the kernel: the server side's inode in
+//! /proc/net/tcp against the worker's /proc/<pid>/fd.
+
+use std::{
+    io::Write,
+    net::Shutdown,
+    time::{Duration, Instant},
+};
+
+use tests::{privileged, Client, Dispatcher, PoolDef};
+
+/// How long a lease change (grant, give-back, close) may take to show.
+const SETTLE: Duration = Duration::from_secs(5);
+/// Requests pipelined in one write across two pools.
+const PIPELINED: usize = 24;
+/// Rounds of the pipelined mix (each starts from a leased connection).
+const ROUNDS: usize = 5;
+/// Requests [`leased`] makes at most before the worker must hold the socket.
+const LEASE_TRIES: usize = 10;
+/// Header bytes that push a request past the kernel's head limit.
+const LONG_HEADER: usize = 6000;
+
+/// The inode of the server side of the connection from client port
+/// `client_port` to `server_port` (from /proc/net/tcp).
+fn server_inode(server_port: u16, client_port: u16) -> Option<u64> {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    for line in tcp.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let port = |a: &str| u16::from_str_radix(a.rsplit(':').next()?, 16).ok();
+        if port(f[1]) == Some(server_port) && port(f[2]) == Some(client_port) {
+            return f[9].parse().ok().filter(|i| *i != 0);
+        }
+    }
+    None
+}
+
+/// Whether process `pid` has socket `inode` open.
+fn holds(pid: u32, inode: u64) -> bool {
+    let want = format!("socket:[{inode}]");
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    dir.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == want))
+}
+
+/// Waits up to [`SETTLE`] for `cond`.
+fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < SETTLE {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn worker_pid(r: &tests::Response) -> u32 {
+    r.header("x-dispatcher-worker").expect("worker pid header").parse().unwrap()
+}
+
+/// A GET answered by `pool` for `path`.
+fn get_ok(c: &mut Client, path: &str, pool: &str) -> u32 {
+    let r = c.get("x", path);
+    assert_eq!((r.status, r.pool(), r.header("x-echo-path")), (200, pool, Some(path)), "{r:?}");
+    worker_pid(&r)
+}
+
+/// Requests on `c` to pool `a` until its worker holds the socket (the
+/// first grant can lose a race with the client's next request; the worker
+/// then asks again). Returns the worker's pid and the socket's inode.
+fn leased(d: &Dispatcher, c: &mut Client) -> (u32, u64) {
+    let mut pid = 0;
+    let mut inode = 0;
+    for i in 0..LEASE_TRIES {
+        pid = get_ok(c, &format!("/a/lease{i}"), "a");
+        // Known once the dispatcher accepted the connection (it has).
+        inode = server_inode(d.port, c.stream.local_addr().unwrap().port()).expect("connection in /proc/net/tcp");
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(200) {
+            if holds(pid, inode) {
+                return (pid, inode);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    panic!("worker {pid} never got socket {inode} in {LEASE_TRIES} requests:\n{}", d.log());
+}
+
+fn two_pools(extra: &str) -> Dispatcher {
+    Dispatcher::start(&[PoolDef::echo("a", &["*/a/"]), PoolDef::echo("b", &["*/b/"])], extra)
+}
+
+#[test]
+fn a_keep_alive_connection_is_leased_to_its_worker_and_given_up_at_close() {
+    if !privileged() {
+        return;
+    }
+    let d = two_pools("");
+    let mut c = d.connect();
+    let (pid, inode) = leased(&d, &mut c);
+    // Written by the worker itself now.
+    for i in 1..5 {
+        assert_eq!(get_ok(&mut c, &format!("/a/{i}"), "a"), pid);
+    }
+    assert!(holds(pid, inode));
+    drop(c);
+    assert!(eventually(|| !holds(pid, inode)), "worker {pid} kept socket {inode} after the client closed");
+}
+
+#[test]
+fn with_direct_responses_off_the_worker_never_holds_the_socket() {
+    if !privileged() {
+        return;
+    }
+    let d = two_pools("[fast_path]\ndirect_responses = false\n");
+    let mut c = d.connect();
+    let pid = get_ok(&mut c, "/a/0", "a");
+    for i in 1..5 {
+        get_ok(&mut c, &format!("/a/{i}"), "a");
+    }
+    let inode = server_inode(d.port, c.stream.local_addr().unwrap().port()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!holds(pid, inode));
+}
+
+#[test]
+fn a_leased_connection_switching_pools_keeps_request_order() {
+    if !privileged() {
+        return;
+    }
+    let d = two_pools("");
+    let mut c = d.connect();
+    let mut n = 0;
+    for _ in 0..ROUNDS {
+        // Each round starts with the connection leased to `a`'s worker.
+        leased(&d, &mut c);
+        let mut batch = Vec::new();
+        let mut want = Vec::new();
+        for i in 0..PIPELINED {
+            let pool = if i % 3 == 1 { "b" } else { "a" };
+            let path = format!("/{pool}/{n}");
+            batch.extend_from_slice(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+            want.push((pool, path));
+            n += 1;
+        }
+        c.send(&batch);
+        for (pool, path) in want {
+            let r = c.read_response();
+            assert_eq!((r.status, r.pool(), r.header("x-echo-path")), (200, pool, Some(path.as_str())), "{r:?}");
+        }
+    }
+}
+
+#[test]
+fn a_slow_path_request_on_a_leased_connection_is_answered_in_order() {
+    if !privileged() {
+        return;
+    }
+    let d = two_pools("");
+    let mut c = d.connect();
+    leased(&d, &mut c);
+    // Fast, slow (head too long for the kernel), fast: one write.
+    let long = "v".repeat(LONG_HEADER);
+    let batch = format!(
+        "GET /a/2 HTTP/1.1\r\nHost: x\r\n\r\nGET /b/3 HTTP/1.1\r\nHost: x\r\nX-Long: {long}\r\n\r\nGET /a/4 HTTP/1.1\r\nHost: x\r\n\r\n"
+    );
+    c.send(batch.as_bytes());
+    for (pool, path) in [("a", "/a/2"), ("b", "/b/3"), ("a", "/a/4")] {
+        let r = c.read_response();
+        assert_eq!((r.status, r.pool(), r.header("x-echo-path")), (200, pool, Some(path)), "{r:?}");
+    }
+    get_ok(&mut c, "/a/5", "a");
+    let stats = d.stats();
+    assert!(stats["handoffs"]["head_too_large"].as_u64().unwrap() >= 1, "{stats}");
+}
+
+#[test]
+fn a_half_closed_leased_connection_gets_its_answer_then_closes() {
+    if !privileged() {
+        return;
+    }
+    let d = two_pools("");
+    let mut c = d.connect();
+    let (pid, inode) = leased(&d, &mut c);
+    c.stream.write_all(b"GET /a/last HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    c.stream.shutdown(Shutdown::Write).unwrap();
+    let r = c.read_response();
+    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/a/last")));
+    assert!(c.is_closed(), "the dispatcher kept a half-closed connection open");
+    assert!(eventually(|| !holds(pid, inode)));
+}
+
+#[test]
+fn an_idle_leased_connection_is_closed_at_the_keep_alive_timeout() {
+    if !privileged() {
+        return;
+    }
+    let d = two_pools("[limits]\nheader_timeout_secs = 1\nresponse_timeout_secs = 1\nkeepalive_timeout_secs = 2\n");
+    let mut c = d.connect();
+    let (pid, inode) = leased(&d, &mut c);
+    let t0 = Instant::now();
+    assert!(c.is_closed(), "an idle leased connection stayed open");
+    assert!(t0.elapsed() < tests::IO_TIMEOUT);
+    assert!(eventually(|| !holds(pid, inode)));
+}
+
+/// Kills process `pid` (a worker the dispatcher started for the test).
+fn kill(pid: u32) {
+    // SAFETY: signalling a worker process of this test's dispatcher.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+}
+
+#[test]
+fn a_lease_holder_that_dies_before_writing_leaves_a_usable_connection() {
+    if !privileged() {
+        return;
+    }
+    let d = two_pools("");
+    let mut c = d.connect();
+    let (pid, _) = leased(&d, &mut c);
+    kill(pid);
+    // Nothing was written under the lease, so the dispatcher takes the
+    // connection back where the lease began; the restarted worker answers.
+    let r = c.get("x", "/a/after");
+    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/a/after")));
+    assert_ne!(worker_pid(&r), pid);
+}
+
+#[test]
+fn a_lease_holder_that_dies_after_writing_closes_the_connection() {
+    if !privileged() {
+        return;
+    }
+    let d = two_pools("");
+    let mut c = d.connect();
+    let (pid, _) = leased(&d, &mut c);
+    assert_eq!(get_ok(&mut c, "/a/direct", "a"), pid);
+    kill(pid);
+    // What the dead worker wrote is unknown to the dispatcher: the only
+    // safe end is to close (like a proxy whose upstream died).
+    assert!(c.is_closed(), "the connection stayed open after its writer died");
+    assert!(d.log().contains("exited mid-stream"), "{}", d.log());
+    let mut c2 = d.connect();
+    let r = c2.get("x", "/a/new");
+    assert_eq!(r.status, 200);
+}

@@ -1,0 +1,435 @@
+//! Where a worker's responses go: straight into the client's socket when
+//! the worker holds a lease on the connection, through the dispatcher
+//! otherwise (the protocol is described in [`crate::proto`]).
+//!
+//! The direct path is the reason leases exist: without one, every response
+//! costs the dispatcher a read from the control socket and a write to the
+//! client, which measured as more CPU per request than the worker itself
+//! spends (docs/performance.md).
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    io,
+    os::fd::{AsRawFd, OwnedFd, RawFd},
+    sync::{Arc, Mutex, OnceLock},
+};
+
+use bytes::Bytes;
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    sync::mpsc,
+};
+
+use crate::proto::{self, lease, LeaseMsg, ResponseHeader, MAX_FRAME, RESP_CLOSE, RESP_LAST, RESP_RELEASE, RESP_WANT_LEASE};
+
+/// The response router one worker's [`Responder`](crate::Responder)s share.
+pub(crate) struct Outbound {
+    ctl: mpsc::UnboundedSender<Bytes>,
+    /// The dispatcher gave us a lease socket, so asking makes sense.
+    leases: bool,
+    conns: Mutex<HashMap<u64, Entry>>,
+    /// The lease socket, also read synchronously (see `respond`).
+    lease_sock: OnceLock<Arc<OwnedFd>>,
+}
+
+enum Entry {
+    /// Asked for a lease with response `at`. `sent_after`: a later
+    /// response already went through the dispatcher, so a grant has to be
+    /// given back unused (the dispatcher may not have written it yet).
+    Asked { at: u32, sent_after: bool },
+    Leased(Lease),
+}
+
+/// A connection this worker writes to itself.
+struct Lease {
+    gen: u32,
+    sock: Arc<Sock>,
+    /// The next response to write; everything before it is in the socket
+    /// or in `backlog`.
+    next: u32,
+    /// Responses accepted in order but not yet (fully) in the socket
+    /// because its send buffer is full: (seq, bytes still to write).
+    backlog: VecDeque<(u32, Bytes)>,
+    /// Responses that finished before an earlier one: seq → (bytes, close).
+    queued: BTreeMap<u32, (Bytes, bool)>,
+    /// A task waits for the socket to become writable.
+    flushing: bool,
+    /// The client is gone: what is left is dropped.
+    dead: bool,
+}
+
+/// The client's socket, as passed by the dispatcher.
+struct Sock {
+    /// Registered with the reactor only once the send buffer fills up.
+    /// Declared before `fd` so it deregisters before the fd closes.
+    waiter: OnceLock<AsyncFd<RawFd>>,
+    fd: OwnedFd,
+}
+
+impl Sock {
+    fn waiter(&self) -> io::Result<&AsyncFd<RawFd>> {
+        if let Some(w) = self.waiter.get() {
+            return Ok(w);
+        }
+        // SAFETY: `waiter` drops before `fd` closes (field order).
+        let w = unsafe { AsyncFd::register_with_interest(self.fd.as_raw_fd(), Interest::WRITABLE) }?;
+        // Only the lease's single flusher task gets here.
+        let _ = self.waiter.set(w);
+        Ok(self.waiter.get().expect("just set"))
+    }
+
+    /// Writes as much of `b` as the socket takes now.
+    fn send(&self, b: &[u8]) -> io::Result<usize> {
+        let mut done = 0;
+        while done < b.len() {
+            // SAFETY: valid buffer; MSG_NOSIGNAL so a closed peer is EPIPE,
+            // not a signal.
+            let n = unsafe {
+                libc::send(
+                    self.fd.as_raw_fd(),
+                    b[done..].as_ptr().cast(),
+                    b.len() - done,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock if done > 0 => return Ok(done),
+                    _ => return Err(e),
+                }
+            }
+            done += n as usize;
+        }
+        Ok(done)
+    }
+}
+
+impl Lease {
+    /// Takes response `seq` (the next in order). True when a flusher has
+    /// to be started.
+    fn push(&mut self, seq: u32, bytes: Bytes) -> bool {
+        if self.dead {
+            return false;
+        }
+        if self.backlog.is_empty() {
+            match self.sock.send(&bytes) {
+                Ok(n) if n == bytes.len() => return false,
+                Ok(n) => self.backlog.push_back((seq, bytes.slice(n..))),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.backlog.push_back((seq, bytes)),
+                Err(_) => {
+                    self.dead = true;
+                    return false;
+                }
+            }
+        } else {
+            self.backlog.push_back((seq, bytes));
+        }
+        !std::mem::replace(&mut self.flushing, true)
+    }
+
+    /// Writes the backlog out as far as the socket takes it; true once it
+    /// is empty.
+    fn drain(&mut self) -> bool {
+        while let Some((_, b)) = self.backlog.front_mut() {
+            match self.sock.send(b) {
+                Ok(n) if n == b.len() => {
+                    self.backlog.pop_front();
+                }
+                Ok(n) => {
+                    *b = b.slice(n..);
+                    return false;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(_) => {
+                    self.dead = true;
+                    self.backlog.clear();
+                }
+            }
+        }
+        true
+    }
+}
+
+impl Outbound {
+    pub(crate) fn new(ctl: mpsc::UnboundedSender<Bytes>, leases: bool) -> Self {
+        Outbound { ctl, leases, conns: Mutex::new(HashMap::new()), lease_sock: OnceLock::new() }
+    }
+
+    /// Sends response `seq` on `conn`. `from_kernel`: the request came
+    /// from the ring (the slow path's responses always go through the
+    /// dispatcher, which revoked the lease when it took the connection).
+    pub(crate) fn respond(self: &Arc<Self>, conn: u64, seq: u32, bytes: Vec<u8>, close: bool, from_kernel: bool) -> bool {
+        if from_kernel && matches!(self.conns.lock().unwrap().get(&conn), Some(Entry::Asked { .. })) {
+            // The dispatcher sends a grant before the client can have sent
+            // this request, but the ring may have woken us first.
+            self.poll_leases();
+        }
+        let mut map = self.conns.lock().unwrap();
+        match map.get_mut(&conn) {
+            Some(Entry::Leased(l)) => {
+                if from_kernel && seq >= l.next {
+                    l.queued.insert(seq, (Bytes::from(bytes), close));
+                    self.advance(&mut map, conn);
+                    return true;
+                }
+                if seq >= l.next {
+                    self.release(&mut map, conn);
+                }
+                self.via_ctl(conn, seq, &bytes, close, false)
+            }
+            Some(Entry::Asked { at, sent_after }) => {
+                if seq > *at {
+                    *sent_after = true;
+                }
+                self.via_ctl(conn, seq, &bytes, close, false)
+            }
+            None => {
+                let ask = self.leases && from_kernel && !close;
+                if ask {
+                    map.insert(conn, Entry::Asked { at: seq, sent_after: false });
+                }
+                self.via_ctl(conn, seq, &bytes, close, ask)
+            }
+        }
+    }
+
+    /// Writes the queued responses that are next in order.
+    fn advance(self: &Arc<Self>, map: &mut HashMap<u64, Entry>, conn: u64) {
+        let Some(Entry::Leased(l)) = map.get_mut(&conn) else { return };
+        let mut flusher = false;
+        let mut give_back = false;
+        while let Some((bytes, close)) = l.queued.remove(&l.next) {
+            if close {
+                // The dispatcher closes connections: it writes this one.
+                l.queued.insert(l.next, (bytes, close));
+                give_back = true;
+                break;
+            }
+            flusher |= l.push(l.next, bytes);
+            l.next = l.next.wrapping_add(1);
+        }
+        if flusher {
+            self.spawn_flusher(conn, l.gen, l.sock.clone());
+        }
+        if give_back {
+            self.release(map, conn);
+        }
+    }
+
+    /// Gives `conn`'s lease back: a release frame saying where the direct
+    /// writes stopped, then whatever was not written yet, through the
+    /// dispatcher.
+    fn release(&self, map: &mut HashMap<u64, Entry>, conn: u64) {
+        let Some(Entry::Leased(l)) = map.remove(&conn) else { return };
+        let first = l.backlog.front().map_or(l.next, |(s, _)| *s);
+        let h = ResponseHeader { conn, seq: first, len: 0, flags: RESP_RELEASE, lease: l.gen };
+        let _ = self.ctl.send(Bytes::copy_from_slice(&h.to_bytes()));
+        for (seq, rest) in l.backlog {
+            self.via_ctl(conn, seq, &rest, false, false);
+        }
+        for (seq, (bytes, close)) in l.queued {
+            self.via_ctl(conn, seq, &bytes, close, false);
+        }
+    }
+
+    fn spawn_flusher(self: &Arc<Self>, conn: u64, gen: u32, sock: Arc<Sock>) {
+        let out = self.clone();
+        tokio::spawn(async move {
+            let waiter = match sock.waiter() {
+                Ok(w) => w,
+                Err(e) => {
+                    tracing::warn!(conn, "cannot wait for the client's socket: {e}");
+                    out.with_lease(conn, gen, |l| {
+                        l.dead = true;
+                        l.backlog.clear();
+                    });
+                    return;
+                }
+            };
+            loop {
+                let Ok(mut ready) = waiter.writable().await else { return };
+                let done = out
+                    .with_lease(conn, gen, |l| {
+                        let empty = l.drain();
+                        if empty {
+                            l.flushing = false;
+                        }
+                        empty
+                    })
+                    .unwrap_or(true);
+                if done {
+                    return;
+                }
+                ready.clear_ready();
+            }
+        });
+    }
+
+    fn with_lease<R>(&self, conn: u64, gen: u32, f: impl FnOnce(&mut Lease) -> R) -> Option<R> {
+        match self.conns.lock().unwrap().get_mut(&conn) {
+            Some(Entry::Leased(l)) if l.gen == gen => Some(f(l)),
+            _ => None,
+        }
+    }
+
+    /// Sends a response through the dispatcher, in frames of at most
+    /// [`MAX_FRAME`] bytes. False when the control socket is gone.
+    pub(crate) fn via_ctl(&self, conn: u64, seq: u32, bytes: &[u8], close: bool, ask: bool) -> bool {
+        let n = bytes.len().div_ceil(MAX_FRAME).max(1);
+        let chunks: Box<dyn Iterator<Item = &[u8]>> =
+            if bytes.is_empty() { Box::new(std::iter::once(&[][..])) } else { Box::new(bytes.chunks(MAX_FRAME)) };
+        for (i, chunk) in chunks.enumerate() {
+            let mut flags = 0;
+            if i + 1 == n {
+                flags |= RESP_LAST;
+                if close {
+                    flags |= RESP_CLOSE;
+                }
+                if ask {
+                    flags |= RESP_WANT_LEASE;
+                }
+            }
+            let h = ResponseHeader { conn, seq, len: chunk.len() as u32, flags, lease: 0 };
+            let mut frame = Vec::with_capacity(chunk.len() + proto::RESPONSE_HEADER_LEN);
+            frame.extend_from_slice(&h.to_bytes());
+            frame.extend_from_slice(chunk);
+            if self.ctl.send(Bytes::from(frame)).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Handles one message from the dispatcher's lease socket.
+    fn on_lease(self: &Arc<Self>, m: LeaseMsg, fd: Option<OwnedFd>) {
+        let mut map = self.conns.lock().unwrap();
+        match m.kind {
+            lease::GRANT => {
+                let usable = matches!(map.get(&m.conn), Some(Entry::Asked { sent_after: false, .. }));
+                match fd {
+                    Some(fd) if usable => {
+                        let sock = Arc::new(Sock { waiter: OnceLock::new(), fd });
+                        let l = Lease {
+                            gen: m.gen,
+                            sock,
+                            next: m.from,
+                            backlog: VecDeque::new(),
+                            queued: BTreeMap::new(),
+                            flushing: false,
+                            dead: false,
+                        };
+                        map.insert(m.conn, Entry::Leased(l));
+                    }
+                    _ => {
+                        // Stale or unusable: give it back untouched.
+                        if matches!(map.get(&m.conn), Some(Entry::Asked { .. })) {
+                            map.remove(&m.conn);
+                        }
+                        let h = ResponseHeader { conn: m.conn, seq: m.from, len: 0, flags: RESP_RELEASE, lease: m.gen };
+                        let _ = self.ctl.send(Bytes::copy_from_slice(&h.to_bytes()));
+                    }
+                }
+            }
+            lease::DENY => {
+                if matches!(map.get(&m.conn), Some(Entry::Asked { .. })) {
+                    map.remove(&m.conn);
+                }
+            }
+            lease::REVOKE => {
+                if matches!(map.get(&m.conn), Some(Entry::Leased(l)) if l.gen == m.gen) {
+                    self.release(&mut map, m.conn);
+                }
+            }
+            lease::FORGET => {
+                map.remove(&m.conn);
+            }
+            k => tracing::warn!(kind = k, "unknown lease message"),
+        }
+    }
+
+    /// Handles the lease messages already waiting, without blocking.
+    fn poll_leases(self: &Arc<Self>) {
+        let Some(fd) = self.lease_sock.get() else { return };
+        while let Ok(Some((m, f))) = recv_lease(fd.as_raw_fd()) {
+            self.on_lease(m, f);
+        }
+    }
+
+    /// Reads the lease socket until the dispatcher closes it.
+    pub(crate) fn spawn_lease_reader(self: &Arc<Self>, fd: OwnedFd) -> io::Result<()> {
+        set_nonblocking(&fd)?;
+        let fd = Arc::new(fd);
+        let _ = self.lease_sock.set(fd.clone());
+        // SAFETY: the fd stays open while the AsyncFd (holding an Arc) lives.
+        let afd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?;
+        let out = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut ready) = afd.readable().await else { return };
+                loop {
+                    match recv_lease(afd.get_ref().as_raw_fd()) {
+                        Ok(Some((m, fd))) => out.on_lease(m, fd),
+                        Ok(None) => return,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            ready.clear_ready();
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!("lease socket: {e}");
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: plain fcntl on an fd we own.
+    unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if fl < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// One lease message and the fd it carries. `None` at end of stream.
+fn recv_lease(fd: RawFd) -> io::Result<Option<(LeaseMsg, Option<OwnedFd>)>> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::FromRawFd;
+    let mut buf = [0u8; proto::LEASE_MSG_LEN];
+    let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [io::IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT)
+        .map_err(io::Error::from)?;
+    let n = msg.bytes;
+    // Out of descriptors: the kernel dropped the socket (the grant is then
+    // given back as unusable).
+    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    let mut passed = None;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            for f in fds {
+                // SAFETY: the kernel just installed this fd for us.
+                let owned = unsafe { OwnedFd::from_raw_fd(f) };
+                if passed.is_none() {
+                    passed = Some(owned);
+                }
+            }
+        }
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    if truncated {
+        tracing::warn!("a connection passed to this worker was lost (out of file descriptors?)");
+    }
+    let m = LeaseMsg::from_bytes(&buf[..n]).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "short lease message"))?;
+    Ok(Some((m, passed)))
+}
