@@ -25,6 +25,8 @@ pub const RING_FD: i32 = 3;
 pub const CTL_FD: i32 = 4;
 /// Fd number the worker finds its lease socket at (when it has one).
 pub const LEASE_FD: i32 = 5;
+/// Fd number the worker finds its ring's awake flag at (when it has one).
+pub const AWAKE_FD: i32 = 6;
 /// First restart delay; doubles per quick exit up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_millis(200);
 /// Longest restart delay.
@@ -54,6 +56,8 @@ pub struct Handles {
     /// The worker's end of its lease socket (connections it may write to
     /// directly arrive there), if the dispatcher grants leases.
     pub lease: Option<OwnedFd>,
+    /// The ring's awake flag (an mmapable BPF array), if the ring has one.
+    pub awake: Option<OwnedFd>,
 }
 
 /// Errors starting a worker.
@@ -94,53 +98,48 @@ pub fn spawn(spec: &WorkerSpec, handles: Handles) -> Result<tokio::process::Chil
     } else {
         cmd.env_remove("DISPATCHER_RING_FD");
     }
-    if handles.lease.is_some() {
-        cmd.env("DISPATCHER_LEASE_FD", LEASE_FD.to_string());
-    } else {
-        cmd.env_remove("DISPATCHER_LEASE_FD");
+    for (present, var, fd) in [
+        (handles.lease.is_some(), "DISPATCHER_LEASE_FD", LEASE_FD),
+        (handles.awake.is_some(), "DISPATCHER_AWAKE_FD", AWAKE_FD),
+    ] {
+        if present {
+            cmd.env(var, fd.to_string());
+        } else {
+            cmd.env_remove(var);
+        }
     }
     for (k, v) in &spec.env {
         cmd.env(k, v);
     }
-    let ring = handles.ring.as_ref().map(|f| f.as_raw_fd());
-    let ctl = handles.ctl.as_raw_fd();
-    let lease = handles.lease.as_ref().map(|f| f.as_raw_fd());
+    // (handle, fixed number) pairs; -1: absent. A plain array: nothing
+    // may allocate between fork and exec.
+    let raw = |f: &Option<OwnedFd>| f.as_ref().map_or(-1, |f| f.as_raw_fd());
+    let moves: [(i32, i32); 4] =
+        [(raw(&handles.ring), RING_FD), (handles.ctl.as_raw_fd(), CTL_FD), (raw(&handles.lease), LEASE_FD), (raw(&handles.awake), AWAKE_FD)];
     let user = spec.user.as_ref().map(|u| CString::new(u.as_str()).unwrap_or_default());
     // SAFETY: only async-signal-safe calls (dup2, fcntl, setgroups,
     // setgid, setuid, prctl) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             // Move the handles to their fixed numbers; dup2 clears CLOEXEC.
-            // The ctl and lease fds go to scratch numbers first in case
-            // one of them sits on a number an earlier dup2 overwrites.
-            let tmp = libc::fcntl(ctl, libc::F_DUPFD, 64);
-            if tmp < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let lease_tmp = match lease {
-                Some(l) => {
-                    let t = libc::fcntl(l, libc::F_DUPFD, 64);
-                    if t < 0 {
+            // All go to scratch numbers first, so that no dup2 overwrites
+            // a handle still to be moved.
+            let mut scratch = [-1i32; 4];
+            for (i, (fd, _)) in moves.iter().enumerate() {
+                if *fd >= 0 {
+                    scratch[i] = libc::fcntl(*fd, libc::F_DUPFD, 64);
+                    if scratch[i] < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                    Some(t)
-                }
-                None => None,
-            };
-            if let Some(r) = ring {
-                if libc::dup2(r, RING_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
                 }
             }
-            if libc::dup2(tmp, CTL_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::close(tmp);
-            if let Some(t) = lease_tmp {
-                if libc::dup2(t, LEASE_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
+            for (i, (_, target)) in moves.iter().enumerate() {
+                if scratch[i] >= 0 {
+                    if libc::dup2(scratch[i], *target) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(scratch[i]);
                 }
-                libc::close(t);
             }
             // Its own process group: a Ctrl-C at the terminal reaches the
             // dispatcher, which then stops the workers in order.

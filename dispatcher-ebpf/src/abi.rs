@@ -45,6 +45,21 @@ pub const MAX_CONTENT_LENGTH: u64 = 1 << 40;
 pub const RECORD_HEAD: u8 = 1;
 /// Kind of a [`RecordHeader`]: the record carries body bytes.
 pub const RECORD_BODY: u8 = 2;
+/// Kind of a [`RecordHeader`]: no request data; written only to wake a
+/// worker that went to sleep while a record was being queued without a
+/// wake-up (see `RING_AWAKE_*`). Consumers skip it.
+pub const RECORD_WAKE: u8 = 4;
+
+/// Value of a slot's `ring_awake` flag while its worker is draining the
+/// ring: records are queued without a wake-up (no irq_work interrupt per
+/// record). The worker stores [`RING_AWAKE_NO`] before it sleeps and then
+/// looks at the ring once more; a producer that read "awake" re-reads the
+/// flag after its commit and, if the worker went to sleep meanwhile,
+/// queues a [`RECORD_WAKE`] with a forced wake-up. Either the worker sees
+/// the record or the producer sees the flag: no wake-up is lost.
+pub const RING_AWAKE_YES: u32 = 1;
+/// See [`RING_AWAKE_YES`].
+pub const RING_AWAKE_NO: u32 = 0;
 
 /// Record flag: this record completes the request.
 pub const REC_LAST: u8 = 1;

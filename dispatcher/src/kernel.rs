@@ -43,6 +43,8 @@ pub struct Kernel {
     pin_dir: PathBuf,
     /// One ring per pool (slot = pool index for now).
     rings: Vec<MapData>,
+    /// Each ring's awake flag (see `abi::RING_AWAKE_YES`).
+    awake: Vec<MapData>,
 }
 
 /// Where a slow-path request routes, mirroring the kernel's lookup.
@@ -73,7 +75,7 @@ impl Kernel {
             fs::remove_dir_all(&pin_dir).with_context(|| format!("removing stale {}", pin_dir.display()))?;
         }
         fs::create_dir(&pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
-        let mut k = Kernel { ebpf: load_object()?, pin_dir, rings: Vec::new() };
+        let mut k = Kernel { ebpf: load_object()?, pin_dir, rings: Vec::new(), awake: Vec::new() };
         k.configure(cfg)?;
         Ok(k)
     }
@@ -100,6 +102,21 @@ impl Kernel {
             let mut rings: ArrayOfMaps<&mut MapData, MapData> = ArrayOfMaps::try_from(self.map("rings")?)?;
             rings.set(i as u32, &ring, 0).with_context(|| format!("setting slot {i} in `rings`"))?;
             self.rings.push(ring);
+            // The worker maps this one page and flips the flag itself.
+            let obj = aya_obj::Map::new_from_params(
+                aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
+                4,
+                4,
+                1,
+                aya_obj::generated::BPF_F_MMAPABLE,
+            );
+            let name: String = format!("awake_{}", p.name).chars().take(15).collect();
+            let flag = MapData::create(obj, &name, None).with_context(|| format!("creating the awake flag of pool `{}`", p.name))?;
+            flag.pin(self.pin_dir.join(format!("awake_{}", p.name)))
+                .with_context(|| format!("pinning the awake flag of pool `{}`", p.name))?;
+            let mut outer: ArrayOfMaps<&mut MapData, MapData> = ArrayOfMaps::try_from(self.map("ring_awake")?)?;
+            outer.set(i as u32, &flag, 0).with_context(|| format!("setting slot {i} in `ring_awake`"))?;
+            self.awake.push(flag);
         }
         {
             let mut pools: Array<&mut MapData, PoolInfo> = Array::try_from(self.map("pools")?)?;
@@ -171,11 +188,16 @@ impl Kernel {
                 .with_context(|| format!("attaching sockops to cgroup {}", cgroup.display()))?;
             ops.pin(self.pin_dir.join("track_conn")).context("pinning track_conn")?;
         }
-        for name in ["conns", "conn_state", "routes", "pools", "rings", "config", "pool_stats", "handoffs", "slow_stats", "handoff_events"] {
+        for name in ["conns", "conn_state", "routes", "pools", "rings", "config", "pool_stats", "handoffs", "slow_stats", "handoff_events", "ring_awake"] {
             let path = self.pin_dir.join(name);
             self.map(name)?.pin(&path).with_context(|| format!("pinning map {name} at {}", path.display()))?;
         }
         Ok(())
+    }
+
+    /// A duplicate fd of pool `pool`'s ring's awake flag, for its worker.
+    pub fn awake_fd(&self, pool: usize) -> Result<OwnedFd> {
+        self.awake[pool].fd().as_fd().try_clone_to_owned().context("duplicating an awake-flag fd")
     }
 
     /// A duplicate fd of pool `pool`'s ring, for its worker.

@@ -272,7 +272,7 @@ pub fn supervise(
     pool: &Pool,
     command: PathBuf,
     args: Vec<String>,
-    ring: impl Fn() -> Result<OwnedFd> + Send + 'static,
+    ring: impl Fn() -> Result<(OwnedFd, OwnedFd)> + Send + 'static,
     conns: Arc<Conns>,
     leases: bool,
     stop: watch::Receiver<bool>,
@@ -288,7 +288,8 @@ pub fn supervise(
         spec,
         move || {
             let (ctl, lease) = connect(&link, &conns, leases)?;
-            Ok(activation::Handles { ring: Some(ring()?), ctl, lease })
+            let (ring, awake) = ring()?;
+            Ok(activation::Handles { ring: Some(ring), ctl, lease, awake: Some(awake) })
         },
         stop,
     ))

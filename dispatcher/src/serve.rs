@@ -81,7 +81,10 @@ pub async fn serve(cfg: Config) -> Result<()> {
             })
             .collect::<Result<Vec<_>>>()?;
         let sh = shared.clone();
-        let ring = move || sh.kernel.lock().unwrap().ring_fd(i);
+        let ring = move || {
+            let k = sh.kernel.lock().unwrap();
+            Ok((k.ring_fd(i)?, k.awake_fd(i)?))
+        };
         supervisors.push(pools::supervise(shared.pools[i].clone(), p, command, args, ring, conns.clone(), cfg.direct_responses, stop_rx.clone()));
     }
 

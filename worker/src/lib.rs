@@ -18,6 +18,7 @@
 //! # }
 //! ```
 
+mod awake;
 pub mod direct;
 mod outbound;
 pub mod proto;
@@ -64,6 +65,10 @@ pub enum Error {
 pub struct Worker {
     pool: String,
     ring: Option<AsyncFd<RingBuf<MapData>>>,
+    /// The ring's awake flag, if the dispatcher passed one.
+    awake: Option<awake::Awake>,
+    /// `receive` found the ring empty and yielded once already.
+    yielded: bool,
     frames: mpsc::Receiver<(RecordHeader, Vec<u8>)>,
     reassembly: Reassembly,
     ready: VecDeque<Raw>,
@@ -110,14 +115,26 @@ impl Worker {
             .ok_or(Error::Env { var: proto::ENV_CTL_FD, why: "not set (is this started by the dispatcher?)".into() })?;
         let ring = env_fd(proto::ENV_RING_FD)?;
         let lease = env_fd(proto::ENV_LEASE_FD)?;
+        let awake = env_fd(proto::ENV_AWAKE_FD)?;
         let pool = std::env::var(proto::ENV_POOL).unwrap_or_else(|_| "default".into());
-        Worker::from_fds(ring, ctl, lease, pool)
+        Worker::from_fds(ring, ctl, lease, awake, pool)
     }
 
     /// A worker over explicit handles; `ring` may be absent (control
     /// socket only), and so may `lease` (then every response goes through
-    /// the dispatcher). Must be called inside a tokio runtime.
-    pub fn from_fds(ring: Option<OwnedFd>, ctl: OwnedFd, lease: Option<OwnedFd>, pool: String) -> Result<Worker, Error> {
+    /// the dispatcher) and `awake` (then every record wakes the worker).
+    /// Must be called inside a tokio runtime.
+    pub fn from_fds(
+        ring: Option<OwnedFd>,
+        ctl: OwnedFd,
+        lease: Option<OwnedFd>,
+        awake: Option<OwnedFd>,
+        pool: String,
+    ) -> Result<Worker, Error> {
+        let awake = match awake {
+            Some(fd) => Some(awake::Awake::map(fd).map_err(|e| Error::Env { var: proto::ENV_AWAKE_FD, why: format!("cannot map the flag: {e}") })?),
+            None => None,
+        };
         let ring = match ring {
             Some(fd) => {
                 use std::os::fd::AsRawFd;
@@ -158,7 +175,7 @@ impl Worker {
         if let Some(fd) = lease {
             out.spawn_lease_reader(fd).map_err(Error::Control)?;
         }
-        Ok(Worker { pool, ring, frames, reassembly: Reassembly::default(), ready: VecDeque::new(), responder: Responder { out } })
+        Ok(Worker { pool, ring, awake, yielded: false, frames, reassembly: Reassembly::default(), ready: VecDeque::new(), responder: Responder { out } })
     }
 
     /// The pool this worker serves.
@@ -185,6 +202,25 @@ impl Worker {
             if self.drain_ring() {
                 continue;
             }
+            if self.awake.is_some() && !std::mem::replace(&mut self.yielded, true) {
+                // Let the handlers of what was just received run (and
+                // answer) before going to sleep; requests that arrive
+                // meanwhile are queued without waking us.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            self.yielded = false;
+            if let Some(a) = &self.awake {
+                // Records queued from here on wake us; one that was queued
+                // without a wake-up before this point is seen here.
+                a.set_asleep();
+                if self.drain_ring() {
+                    if let Some(a) = &self.awake {
+                        a.set_awake();
+                    }
+                    continue;
+                }
+            }
             let has_ring = self.ring.is_some();
             let ring = self.ring.as_mut();
             tokio::select! {
@@ -196,6 +232,9 @@ impl Worker {
                     let Some((hdr, data)) = f else { return Err(Error::Closed) };
                     self.push(&hdr, &data);
                 }
+            }
+            if let Some(a) = &self.awake {
+                a.set_awake();
             }
         }
     }

@@ -70,6 +70,9 @@ pub const ENV_CTL_FD: &str = "DISPATCHER_CTL_FD";
 /// Environment variable naming the inherited lease socket fd (absent:
 /// the dispatcher writes every response itself).
 pub const ENV_LEASE_FD: &str = "DISPATCHER_LEASE_FD";
+/// Environment variable naming the inherited awake-flag fd of the ring
+/// (absent: every record wakes the worker).
+pub const ENV_AWAKE_FD: &str = "DISPATCHER_AWAKE_FD";
 /// Environment variable with the pool name.
 pub const ENV_POOL: &str = "DISPATCHER_POOL";
 

@@ -3,7 +3,10 @@
 //!
 //! - direct: the worker serving HTTP itself (no dispatch; the upper bound)
 //! - nginx: nginx reverse-proxying to direct with upstream keep-alive
-//! - fast: the dispatcher's kernel path
+//! - fast: the dispatcher's kernel path, workers writing responses into
+//!   the client sockets themselves (leases)
+//! - relay: the kernel path with every response relayed by the dispatcher
+//!   (`direct_responses = false`; the design before leases)
 //! - slow: the dispatcher with kernel classification off (user space only)
 //! - fast-100k: the fast path with 100,000 more routes (route-table scaling)
 //!
@@ -25,7 +28,9 @@ use anyhow::{bail, Context, Result};
 
 /// Setups, in the order they are reported. `fast-100k` is the fast path
 /// with 100,000 more routes (other hosts) in its table.
-const SETUPS: [&str; 5] = ["direct", "nginx", "fast", "slow", "fast-100k"];
+const SETUPS: [&str; 6] = ["direct", "nginx", "fast", "relay", "slow", "fast-100k"];
+/// Index of `fast-100k` in [`SETUPS`].
+const FAST_100K: usize = 5;
 /// Extra routes of the `fast-100k` setup.
 const EXTRA_ROUTES: usize = 100_000;
 
@@ -176,13 +181,13 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-fn start_dispatcher(bin: &Path, dir: &Path, name: &str, port: u16, fast: bool, extra_routes: usize) -> Result<Child> {
+fn start_dispatcher(bin: &Path, dir: &Path, name: &str, port: u16, fast: bool, direct: bool, extra_routes: usize) -> Result<Child> {
     let mut routes = String::from("\"*/\"");
     for i in 0..extra_routes {
         let _ = write!(routes, ", \"h{i}.bench/p{i}/\"");
     }
     let cfg = format!(
-        "listen = \"127.0.0.1:{port}\"\ninstance = \"bench-{name}\"\n[fast_path]\nenabled = {fast}\n[[pool]]\nname = \"echo\"\nroutes = [{routes}]\ncommand = \"dispatcher-worker\"\nargs = [\"echo\"]\n"
+        "listen = \"127.0.0.1:{port}\"\ninstance = \"bench-{name}\"\n[fast_path]\nenabled = {fast}\ndirect_responses = {direct}\n[[pool]]\nname = \"echo\"\nroutes = [{routes}]\ncommand = \"dispatcher-worker\"\nargs = [\"echo\"]\n"
     );
     let path = dir.join(format!("{name}.toml"));
     fs::write(&path, cfg)?;
@@ -242,7 +247,7 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("dispatcher-bench-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
-    let ports = [free_port(), free_port(), free_port(), free_port(), free_port()];
+    let ports: Vec<u16> = SETUPS.iter().map(|_| free_port()).collect();
     let mut procs = Procs(Vec::new());
     procs.0.push(
         Command::new(bin.join("dispatcher-worker"))
@@ -255,12 +260,14 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
     wait_port(ports[0], "direct worker")?;
     procs.0.push(start_nginx(&dir, ports[1], ports[0])?);
     wait_port(ports[1], "nginx")?;
-    procs.0.push(start_dispatcher(bin, &dir, "fast", ports[2], true, 0)?);
+    procs.0.push(start_dispatcher(bin, &dir, "fast", ports[2], true, true, 0)?);
     wait_port(ports[2], "dispatcher (fast)")?;
-    procs.0.push(start_dispatcher(bin, &dir, "slow", ports[3], false, 0)?);
-    wait_port(ports[3], "dispatcher (slow)")?;
-    procs.0.push(start_dispatcher(bin, &dir, "fast100k", ports[4], true, EXTRA_ROUTES)?);
-    wait_port(ports[4], "dispatcher (fast, 100k routes)")?;
+    procs.0.push(start_dispatcher(bin, &dir, "relay", ports[3], true, false, 0)?);
+    wait_port(ports[3], "dispatcher (relay)")?;
+    procs.0.push(start_dispatcher(bin, &dir, "slow", ports[4], false, false, 0)?);
+    wait_port(ports[4], "dispatcher (slow)")?;
+    procs.0.push(start_dispatcher(bin, &dir, "fast100k", ports[FAST_100K], true, true, EXTRA_ROUTES)?);
+    wait_port(ports[FAST_100K], "dispatcher (fast, 100k routes)")?;
     std::thread::sleep(Duration::from_secs(1));
 
     // samples[conn][setup][round]
@@ -327,7 +334,7 @@ fn write_results(root: &Path, o: &Options, samples: &[Vec<Vec<Sample>>], rss: &[
     // Route-table scaling: 100k extra routes vs the plain fast path, per round.
     writeln!(md)?;
     for (ci, &c) in o.connections.iter().enumerate() {
-        let r = median(samples[ci][4].iter().zip(&samples[ci][2]).map(|(x, y)| x.rps / y.rps).collect());
+        let r = median(samples[ci][FAST_100K].iter().zip(&samples[ci][2]).map(|(x, y)| x.rps / y.rps).collect());
         writeln!(md, "Route-table scaling at {c} connections: 100,001 vs 1 route, throughput ratio {:.2} ({:.2}–{:.2}).", r.0, r.1, r.2)?;
     }
     writeln!(md, "\nPeak RSS (VmHWM, process and its children, KiB): {}.", SETUPS.iter().zip(rss).map(|(s, r)| format!("{s} {r}")).collect::<Vec<_>>().join(", "))?;
@@ -343,7 +350,7 @@ fn write_results(root: &Path, o: &Options, samples: &[Vec<Vec<Sample>>], rss: &[
 
 /// A grouped bar chart of median throughput per connection count.
 fn chart(o: &Options, samples: &[Vec<Vec<Sample>>], cores: usize, kernel: &str) -> String {
-    let colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"];
+    let colors = ["#4c72b0", "#dd8452", "#55a868", "#937860", "#c44e52", "#8172b3"];
     let (w, h, left, bottom, top) = (720.0, 400.0, 70.0, 50.0, 40.0);
     let max = samples
         .iter()
@@ -368,7 +375,7 @@ fn chart(o: &Options, samples: &[Vec<Vec<Sample>>], cores: usize, kernel: &str) 
         let _ = writeln!(svg, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{c} connections</text>", gx + group_w / 2.0, h - bottom + 18.0);
     }
     for (si, s) in SETUPS.iter().enumerate() {
-        let x = left + si as f64 * 120.0;
+        let x = left + si as f64 * 105.0;
         let _ = writeln!(svg, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{s}</text>", h - 22.0, colors[si], x + 16.0, h - 12.0);
     }
     let _ = writeln!(svg, "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>", h - bottom, w - 20.0, h - bottom);

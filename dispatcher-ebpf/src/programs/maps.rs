@@ -3,7 +3,7 @@
 #![allow(non_upper_case_globals)]
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf, SockHash},
     macros::btf_map,
 };
@@ -41,6 +41,11 @@ pub static pools: Array<PoolInfo, { MAX_POOLS as usize }> = Array::new();
 /// created by the dispatcher, one per slot; the size here is the template's.
 #[btf_map]
 pub static rings: ArrayOfMaps<RingBuf<u8, { 1 << 22 }>, { MAX_SLOTS as usize }> = ArrayOfMaps::new();
+
+/// Ring slot → its worker's awake flag (one mmapable u32 per slot, the
+/// worker holding only its own; see `abi::RING_AWAKE_YES`).
+#[btf_map]
+pub static ring_awake: ArrayOfMaps<Array<u32, 1, { BPF_F_MMAPABLE as usize }>, { MAX_SLOTS as usize }> = ArrayOfMaps::new();
 
 /// Global settings, index 0.
 #[btf_map]

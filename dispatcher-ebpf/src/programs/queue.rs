@@ -9,7 +9,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::BPF_RB_AVAIL_DATA,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::generated::{
         bpf_ringbuf_discard, bpf_ringbuf_output, bpf_ringbuf_query, bpf_ringbuf_reserve,
         bpf_ringbuf_submit, bpf_skb_load_bytes,
@@ -18,10 +18,10 @@ use aya_ebpf::{
 };
 use dispatcher_ebpf::abi::{
     reason, BodyRecord, ConnState, RecordHeader, BODY_CHUNK, HEAD_MAX, MAX_POOLS, MAX_SLOTS,
-    RECORD_BODY, RECORD_HEADER_LEN, RECORD_HEAD, REC_LAST, UNROUTED,
+    RECORD_BODY, RECORD_HEADER_LEN, RECORD_HEAD, RECORD_WAKE, REC_LAST, RING_AWAKE_NO, UNROUTED,
 };
 
-use crate::maps::{handoffs, pool_stats, pools, rings};
+use crate::maps::{handoffs, pool_stats, pools, ring_awake, rings};
 
 /// Web-garden slots a pool may have (bounds the shortest-queue scan).
 pub const MAX_GARDEN: u32 = 8;
@@ -33,6 +33,48 @@ const RING_OVERHEAD: u64 = 8 + 8;
 #[inline(always)]
 fn ring_ptr(slot: u32) -> Option<*mut c_void> {
     rings.get(slot).map(|r| r as *const _ as *mut c_void)
+}
+
+/// Reads slot `slot`'s awake flag. A plain read is enough for the second
+/// look, after a commit: the ring's commit is an `xchg` inside the helper,
+/// which the kernel's memory model makes fully ordered, so this load
+/// cannot be performed before the record is visible.
+#[inline(always)]
+fn read_awake(slot: u32) -> bool {
+    match ring_awake.get_value_ptr_mut(slot, &0) {
+        // SAFETY: an aligned u32 in map memory.
+        Some(p) => unsafe { core::ptr::read_volatile(p) != RING_AWAKE_NO },
+        None => false,
+    }
+}
+
+/// Commit flags for a record on `slot`: no wake-up while its worker is
+/// awake. Returns them and whether they suppressed the wake-up.
+#[inline(always)]
+fn commit_flags(slot: u32) -> (u64, bool) {
+    if read_awake(slot) {
+        (BPF_RB_NO_WAKEUP as u64, true)
+    } else {
+        (0, false)
+    }
+}
+
+/// After a commit without wake-up: if the worker went to sleep meanwhile,
+/// wake it (it may have looked at the ring before the commit).
+#[inline(always)]
+fn wake_if_asleep(ring: *mut c_void, slot: u32, suppressed: bool) {
+    if suppressed && !read_awake(slot) {
+        let mut wake = RecordHeader { kind: RECORD_WAKE, ..RecordHeader::default() };
+        // SAFETY: ring buffer map; a stack record of constant size.
+        unsafe {
+            bpf_ringbuf_output(
+                ring,
+                &mut wake as *mut _ as *mut c_void,
+                RECORD_HEADER_LEN as u64,
+                BPF_RB_FORCE_WAKEUP as u64,
+            )
+        };
+    }
 }
 
 /// Ring space `body` bytes of body take.
@@ -103,12 +145,14 @@ pub fn push_head(
     if size > (RECORD_HEADER_LEN + HEAD_MAX) as u64 {
         return Err(reason::INTERNAL);
     }
+    let (flags, suppressed) = commit_flags(best);
     // SAFETY: `st.rec` is at least `size` bytes of map memory.
-    let ret = unsafe { bpf_ringbuf_output(ring, &mut st.rec as *mut _ as *mut c_void, size, 0) };
+    let ret = unsafe { bpf_ringbuf_output(ring, &mut st.rec as *mut _ as *mut c_void, size, flags) };
     if ret != 0 {
         count_queue_full(pool);
         return Err(reason::QUEUE_FULL);
     }
+    wake_if_asleep(ring, best, suppressed);
     if let Some(c) = pool_stats.get_ptr_mut(pool) {
         // SAFETY: per-CPU value.
         unsafe { atomic_add(&mut (*c).fast_requests, 1) };
@@ -175,11 +219,16 @@ pub fn push_body(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32,
                 pool: st.pool as u16,
                 _pad: 0,
             };
+            // The ring's adaptive wake-up (wake when the consumer had caught
+            // up), not the awake flag: a second path through this loop is
+            // more than the verifier's budget allows. Still correct, since
+            // each record on its own guarantees a sleeping worker is woken.
             bpf_ringbuf_submit(rec as *mut c_void, 0);
         }
         done += chunk;
         i += 1;
     }
+
     if st.pool < MAX_POOLS {
         if let Some(c) = pool_stats.get_ptr_mut(st.pool) {
             // SAFETY: per-CPU value.
