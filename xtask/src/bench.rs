@@ -10,6 +10,10 @@
 //! - slow: the dispatcher with kernel classification off (user space only)
 //! - fast-100k: the fast path with 100,000 more routes (route-table scaling)
 //!
+//! Cases: small GET responses at each `--connections` count, and (unless
+//! `--small-only`) 64 KiB responses, a 1 MiB POST echoed back, and the
+//! small GET through `h2load --h1` as a second load generator.
+//!
 //! Runs are interleaved (every setup once per round) so machine noise hits
 //! all setups alike; each figure is the median of the rounds with min and
 //! max, and ratios are computed within a round. Results go to
@@ -39,6 +43,61 @@ pub struct Options {
     pub connections: Vec<u32>,
     pub seconds: u32,
     pub rounds: u32,
+    /// Only the small-response cases.
+    pub small_only: bool,
+}
+
+/// Connections of the large-response, POST and h2load cases.
+const EXTRA_CONNECTIONS: u32 = 16;
+/// Connections of the 1 MiB POST case (each has a request in flight).
+const POST_CONNECTIONS: u32 = 8;
+/// Size of the large responses.
+const LARGE_RESPONSE: usize = 64 << 10;
+/// Size of the POST body.
+const POST_BODY: usize = 1 << 20;
+/// The dispatchers' ring and queue (bytes) per pool: room for the POST
+/// case's bodies in flight at once.
+const BENCH_RING_BYTES: u32 = 32 << 20;
+const BENCH_QUEUE_BYTES: u32 = 24 << 20;
+/// Largest body the kernel path copies itself in the bench (the 1 MiB
+/// POST stays on the fast path).
+const BENCH_MAX_FAST_BODY: usize = 2 << 20;
+
+/// What a case sends.
+#[derive(Clone, Debug)]
+enum Load {
+    /// wrk GETs of this path.
+    Get(String),
+    /// wrk POSTs of a body of this many bytes to /echo/post (echoed back).
+    Post(usize),
+    /// h2load --h1 GETs of /echo/bench.
+    H2load,
+}
+
+/// One measured case: a load at a connection count.
+#[derive(Clone, Debug)]
+struct Case {
+    label: String,
+    conns: u32,
+    load: Load,
+}
+
+fn cases(o: &Options) -> Vec<Case> {
+    let mut v: Vec<Case> = o
+        .connections
+        .iter()
+        .map(|&c| Case { label: "GET, small response".into(), conns: c, load: Load::Get("/echo/bench".into()) })
+        .collect();
+    if !o.small_only {
+        v.push(Case {
+            label: "GET, 64 KiB response".into(),
+            conns: EXTRA_CONNECTIONS,
+            load: Load::Get(format!("/echo/bytes/{LARGE_RESPONSE}")),
+        });
+        v.push(Case { label: "POST 1 MiB, echoed".into(), conns: POST_CONNECTIONS, load: Load::Post(POST_BODY) });
+        v.push(Case { label: "h2load --h1, small response".into(), conns: EXTRA_CONNECTIONS, load: Load::H2load });
+    }
+    v
 }
 
 struct Procs(Vec<Child>);
@@ -147,14 +206,30 @@ fn parse_latency(s: &str) -> f64 {
     num.parse::<f64>().unwrap_or(f64::NAN) * mul
 }
 
-fn wrk(port: u16, conns: u32, seconds: u32) -> Result<Sample> {
+fn measure(port: u16, case: &Case, seconds: u32, dir: &Path) -> Result<Sample> {
+    match &case.load {
+        Load::Get(path) => wrk(port, case.conns, seconds, path, None),
+        Load::Post(n) => {
+            let script = dir.join("post.lua");
+            fs::write(
+                &script,
+                format!("wrk.method = \"POST\"\nwrk.body = string.rep(\"x\", {n})\nwrk.headers[\"Content-Type\"] = \"application/octet-stream\"\n"),
+            )?;
+            wrk(port, case.conns, seconds, "/echo/post", Some(&script))
+        }
+        Load::H2load => h2load(port, case.conns, seconds),
+    }
+}
+
+fn wrk(port: u16, conns: u32, seconds: u32, path: &str, script: Option<&Path>) -> Result<Sample> {
     let threads = conns.min(2).to_string();
     let cpu0 = system_busy_seconds();
-    let out = Command::new("wrk")
-        .args(["-t", &threads, "-c", &conns.to_string(), "-d", &format!("{seconds}s"), "--latency"])
-        .arg(format!("http://127.0.0.1:{port}/echo/bench"))
-        .output()
-        .context("running wrk")?;
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t", &threads, "-c", &conns.to_string(), "-d", &format!("{seconds}s"), "--latency"]);
+    if let Some(s) = script {
+        cmd.arg("-s").arg(s);
+    }
+    let out = cmd.arg(format!("http://127.0.0.1:{port}{path}")).output().context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut s = Sample::default();
     for line in text.lines() {
@@ -176,6 +251,43 @@ fn wrk(port: u16, conns: u32, seconds: u32) -> Result<Sample> {
     Ok(s)
 }
 
+/// `h2load --h1` for `seconds`; it reports mean latency, kept in `p50_us`
+/// (and marked so in the table), no percentiles.
+fn h2load(port: u16, conns: u32, seconds: u32) -> Result<Sample> {
+    let cpu0 = system_busy_seconds();
+    let out = Command::new("h2load")
+        .args(["--h1", "-t", &conns.min(2).to_string(), "-c", &conns.to_string(), "-D", &seconds.to_string()])
+        .arg(format!("http://127.0.0.1:{port}/echo/bench"))
+        .output()
+        .context("running h2load")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut s = Sample { p99_us: f64::NAN, ..Default::default() };
+    for line in text.lines() {
+        let l = line.trim();
+        if let Some(rest) = l.strip_prefix("finished in") {
+            // "finished in 5.00s, 123456.70 req/s, 12.34MB/s"
+            s.rps = rest.split(',').nth(1).and_then(|x| x.trim().strip_suffix("req/s")).and_then(|x| x.trim().parse().ok()).unwrap_or(0.0);
+        } else if let Some(rest) = l.strip_prefix("requests:") {
+            // "requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout"
+            for part in rest.split(',') {
+                let mut w = part.split_whitespace();
+                let (Some(n), Some(what)) = (w.next(), w.next()) else { continue };
+                if matches!(what, "failed" | "errored" | "timeout") {
+                    s.errors += n.parse::<u64>().unwrap_or(0);
+                }
+            }
+        } else if let Some(rest) = l.strip_prefix("time for request:") {
+            // min max mean sd +/-sd
+            s.p50_us = rest.split_whitespace().nth(2).map(parse_latency).unwrap_or(f64::NAN);
+        }
+    }
+    if s.rps == 0.0 {
+        bail!("h2load printed no throughput:\n{text}");
+    }
+    s.cpu_per_100k = (system_busy_seconds() - cpu0) / (s.rps * seconds as f64) * 100_000.0;
+    Ok(s)
+}
+
 fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     (v[v.len() / 2], v[0], v[v.len() - 1])
@@ -187,7 +299,7 @@ fn start_dispatcher(bin: &Path, dir: &Path, name: &str, port: u16, fast: bool, d
         let _ = write!(routes, ", \"h{i}.bench/p{i}/\"");
     }
     let cfg = format!(
-        "listen = \"127.0.0.1:{port}\"\ninstance = \"bench-{name}\"\n[fast_path]\nenabled = {fast}\ndirect_responses = {direct}\n[[pool]]\nname = \"echo\"\nroutes = [{routes}]\ncommand = \"dispatcher-worker\"\nargs = [\"echo\"]\n"
+        "listen = \"127.0.0.1:{port}\"\ninstance = \"bench-{name}\"\n[fast_path]\nenabled = {fast}\ndirect_responses = {direct}\nmax_body = {BENCH_MAX_FAST_BODY}\n[[pool]]\nname = \"echo\"\nroutes = [{routes}]\ncommand = \"dispatcher-worker\"\nargs = [\"echo\"]\nring_bytes = {BENCH_RING_BYTES}\nqueue_bytes = {BENCH_QUEUE_BYTES}\n"
     );
     let path = dir.join(format!("{name}.toml"));
     fs::write(&path, cfg)?;
@@ -210,6 +322,13 @@ error_log {dir}/nginx-error.log warn;
 events {{ worker_connections 16384; }}
 http {{
     access_log off;
+    # Bodies and responses of the POST and 64 KiB cases in memory, not in
+    # temporary files.
+    client_max_body_size 8m;
+    client_body_buffer_size 2m;
+    proxy_buffer_size 16k;
+    proxy_buffers 128 16k;
+    proxy_busy_buffers_size 64k;
     client_body_temp_path {dir}/body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
@@ -270,16 +389,17 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
     wait_port(ports[FAST_100K], "dispatcher (fast, 100k routes)")?;
     std::thread::sleep(Duration::from_secs(1));
 
-    // samples[conn][setup][round]
-    let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); SETUPS.len()]; o.connections.len()];
-    let total = o.connections.len() as u32 * o.rounds * SETUPS.len() as u32;
+    let cases = cases(o);
+    // samples[case][setup][round]
+    let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); SETUPS.len()]; cases.len()];
+    let total = cases.len() as u32 * o.rounds * SETUPS.len() as u32;
     let mut k = 0;
     for round in 0..o.rounds {
-        for (ci, &c) in o.connections.iter().enumerate() {
+        for (ci, case) in cases.iter().enumerate() {
             for (si, setup) in SETUPS.iter().enumerate() {
                 k += 1;
-                println!("[xtask] bench {k}/{total}: round {} {setup} c={c} {}s", round + 1, o.seconds);
-                let s = wrk(ports[si], c, o.seconds)?;
+                println!("[xtask] bench {k}/{total}: round {} {setup}: {} c={} {}s", round + 1, case.label, case.conns, o.seconds);
+                let s = measure(ports[si], case, o.seconds, &dir)?;
                 samples[ci][si].push(s);
             }
         }
@@ -287,25 +407,27 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
     let rss: Vec<u64> = procs.0.iter().map(|c| peak_rss_kib(c.id())).collect();
     drop(procs);
     let _ = fs::remove_dir_all(&dir);
-    write_results(root, o, &samples, &rss)
+    write_results(root, o, &cases, &samples, &rss)
 }
 
 fn uname() -> String {
     Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
 }
 
-fn write_results(root: &Path, o: &Options, samples: &[Vec<Vec<Sample>>], rss: &[u64]) -> Result<PathBuf> {
+fn write_results(root: &Path, o: &Options, cases: &[Case], samples: &[Vec<Vec<Sample>>], rss: &[u64]) -> Result<PathBuf> {
     let out = root.join("bench/results");
     fs::create_dir_all(&out)?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     let kernel = uname();
     let mut md = String::new();
     writeln!(md, "# dispatcher benchmark\n")?;
-    writeln!(md, "Machine: {cores} cores, Linux {kernel}. wrk, small echo responses, keep-alive; {} interleaved rounds of {} s; median (min–max).\n", o.rounds, o.seconds)?;
-    writeln!(md, "| connections | setup | req/s | p50 µs | p99 µs | CPU s / 100k req | errors | fast/nginx | fast/direct |")?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "Machine: {cores} cores, Linux {kernel}. Keep-alive connections, the same echo worker behind every setup; {} interleaved rounds of {} s per case and setup; median (min–max). Setups: direct = the worker serving HTTP itself; nginx = nginx proxying to it (upstream keep-alive); fast = the dispatcher's kernel path with direct responses; relay = the kernel path with responses relayed by the dispatcher; slow = everything through the dispatcher's user space; fast-100k = fast with 100,000 more routes.\n", o.rounds, o.seconds)?;
+    writeln!(md, "| case | connections | setup | req/s | p50 µs | p99 µs | CPU s / 100k req | errors | fast/nginx | fast/direct |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
     let mut json = Vec::new();
-    for (ci, &c) in o.connections.iter().enumerate() {
+    for (ci, case) in cases.iter().enumerate() {
+        let c = case.conns;
+        let label = &case.label;
         // Pairwise ratios within each round.
         let ratio = |a: usize, b: usize| -> (f64, f64, f64) {
             median(samples[ci][a].iter().zip(&samples[ci][b]).map(|(x, y)| x.rps / y.rps).collect())
@@ -324,16 +446,22 @@ fn write_results(root: &Path, o: &Options, samples: &[Vec<Vec<Sample>>], rss: &[
             } else {
                 " | ".to_string()
             };
-            writeln!(md, "| {c} | {setup} | {:.0} ({:.0}–{:.0}) | {:.0} | {:.0} | {:.2} | {errors} | {ratios} |", rps.0, rps.1, rps.2, p50.0, p99.0, cpu.0)?;
+            let (p50s, p99s) = match case.load {
+                Load::H2load => (format!("mean {:.0}", p50.0), "—".to_string()),
+                _ => (format!("{:.0}", p50.0), format!("{:.0}", p99.0)),
+            };
+            writeln!(md, "| {label} | {c} | {setup} | {:.0} ({:.0}–{:.0}) | {p50s} | {p99s} | {:.2} | {errors} | {ratios} |", rps.0, rps.1, rps.2, cpu.0)?;
+            let num = |v: f64| if v.is_finite() { format!("{v:.1}") } else { "null".into() };
             json.push(format!(
-                "{{\"connections\":{c},\"setup\":\"{setup}\",\"rps\":{:.1},\"rps_min\":{:.1},\"rps_max\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1},\"cpu_s_per_100k\":{:.3},\"errors\":{errors}}}",
-                rps.0, rps.1, rps.2, p50.0, p99.0, cpu.0
+                "{{\"case\":\"{label}\",\"connections\":{c},\"setup\":\"{setup}\",\"rps\":{:.1},\"rps_min\":{:.1},\"rps_max\":{:.1},\"p50_us\":{},\"p99_us\":{},\"cpu_s_per_100k\":{:.3},\"errors\":{errors}}}",
+                rps.0, rps.1, rps.2, num(p50.0), num(p99.0), cpu.0
             ));
         }
     }
     // Route-table scaling: 100k extra routes vs the plain fast path, per round.
     writeln!(md)?;
-    for (ci, &c) in o.connections.iter().enumerate() {
+    for (ci, case) in cases.iter().enumerate().filter(|(_, c)| matches!(&c.load, Load::Get(p) if p == "/echo/bench")) {
+        let c = case.conns;
         let r = median(samples[ci][FAST_100K].iter().zip(&samples[ci][2]).map(|(x, y)| x.rps / y.rps).collect());
         writeln!(md, "Route-table scaling at {c} connections: 100,001 vs 1 route, throughput ratio {:.2} ({:.2}–{:.2}).", r.0, r.1, r.2)?;
     }
@@ -343,13 +471,13 @@ fn write_results(root: &Path, o: &Options, samples: &[Vec<Vec<Sample>>], rss: &[
         out.join("results.json"),
         format!("{{\"cores\":{cores},\"kernel\":\"{kernel}\",\"rounds\":{},\"seconds\":{},\"results\":[{}]}}\n", o.rounds, o.seconds, json.join(",")),
     )?;
-    fs::write(out.join("throughput.svg"), chart(o, samples, cores, &kernel))?;
+    fs::write(out.join("throughput.svg"), chart(cases, samples, cores, &kernel))?;
     print!("{md}");
     Ok(out)
 }
 
 /// A grouped bar chart of median throughput per connection count.
-fn chart(o: &Options, samples: &[Vec<Vec<Sample>>], cores: usize, kernel: &str) -> String {
+fn chart(cases: &[Case], samples: &[Vec<Vec<Sample>>], cores: usize, kernel: &str) -> String {
     let colors = ["#4c72b0", "#dd8452", "#55a868", "#937860", "#c44e52", "#8172b3"];
     let (w, h, left, bottom, top) = (720.0, 400.0, 70.0, 50.0, 40.0);
     let max = samples
@@ -357,12 +485,12 @@ fn chart(o: &Options, samples: &[Vec<Vec<Sample>>], cores: usize, kernel: &str) 
         .flat_map(|c| c.iter().map(|s| median(s.iter().map(|x| x.rps).collect()).0))
         .fold(1.0f64, f64::max)
         * 1.1;
-    let group_w = (w - left - 20.0) / o.connections.len() as f64;
+    let group_w = (w - left - 20.0) / cases.len() as f64;
     let bar_w = group_w / (SETUPS.len() as f64 + 1.0);
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"20\" font-size=\"14\">Median requests/s (wrk, echo) — {cores} cores, Linux {kernel}</text>\n"
     );
-    for (ci, &c) in o.connections.iter().enumerate() {
+    for (ci, case) in cases.iter().enumerate() {
         let gx = left + ci as f64 * group_w;
         for (si, _) in SETUPS.iter().enumerate() {
             let v = median(samples[ci][si].iter().map(|x| x.rps).collect()).0;
@@ -372,7 +500,14 @@ fn chart(o: &Options, samples: &[Vec<Vec<Sample>>], cores: usize, kernel: &str) 
             let _ = writeln!(svg, "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"/>", bar_w * 0.9, colors[si]);
             let _ = writeln!(svg, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{:.0}k</text>", x + bar_w * 0.45, y - 3.0, v / 1000.0);
         }
-        let _ = writeln!(svg, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{c} connections</text>", gx + group_w / 2.0, h - bottom + 18.0);
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{}, c={}</text>",
+            gx + group_w / 2.0,
+            h - bottom + 18.0,
+            case.label,
+            case.conns
+        );
     }
     for (si, s) in SETUPS.iter().enumerate() {
         let x = left + si as f64 * 105.0;

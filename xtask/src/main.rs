@@ -50,7 +50,7 @@ enum Cmd {
     /// Needs root.
     Bench {
         /// Keep-alive connection counts to measure.
-        #[arg(long, value_delimiter = ',', default_value = "16,256")]
+        #[arg(long, value_delimiter = ',', default_value = "16,256,4096")]
         connections: Vec<u32>,
         /// Seconds per wrk run.
         #[arg(long, default_value_t = 5)]
@@ -58,6 +58,9 @@ enum Cmd {
         /// Interleaved rounds (the figures are medians over them).
         #[arg(long, default_value_t = 3)]
         rounds: u32,
+        /// Only small responses (skip the 64 KiB, 1 MiB POST and h2load cases).
+        #[arg(long)]
+        small_only: bool,
     },
     /// Build, install the test tools (curl, wrk, bpftool), and run the whole
     /// test suite (unit, property and end-to-end tests; the latter need root).
@@ -176,12 +179,12 @@ fn main() -> Result<()> {
             let err = Command::new(&exe).arg("serve").args(&args).exec();
             bail!("starting {}: {err}", exe.display());
         }
-        Cmd::Bench { connections, seconds, rounds } => {
+        Cmd::Bench { connections, seconds, rounds, small_only } => {
             require_root("`cargo xtask bench`")?;
-            toolchain::ensure_packages(&mut apt, &[("wrk", "wrk"), ("nginx", "nginx")], "benchmark tools (wrk, nginx)")?;
+            toolchain::ensure_packages(&mut apt, &[("wrk", "wrk"), ("nginx", "nginx"), ("nghttp2-client", "h2load")], "benchmark tools (wrk, nginx, h2load)")?;
             let obj = build_bpf(&mut apt)?;
             let bin = build_user(&obj, true)?;
-            let out = bench::run(&bin, &workspace_root(), &bench::Options { connections, seconds, rounds })?;
+            let out = bench::run(&bin, &workspace_root(), &bench::Options { connections, seconds, rounds, small_only })?;
             step("bench", &format!("results in {}", out.display()));
         }
         Cmd::Test { args } => {

@@ -27,7 +27,9 @@ struct Cli {
 #[derive(Subcommand, Clone)]
 enum Mode {
     /// Answer 200 with the request echoed back: the request line, the
-    /// headers as received, a blank line, then the body.
+    /// headers as received, a blank line, then the body. A path ending in
+    /// `/bytes/N` is answered with N bytes instead (at most 64 MiB; the
+    /// benchmarks' large responses).
     Echo,
     /// Serve the files under DIR (GET and HEAD; a directory serves its
     /// index.html).
@@ -91,7 +93,16 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Largest `/bytes/N` answer.
+const MAX_SIZED_REPLY: usize = 64 << 20;
+
 fn echo(req: &Request) -> Response {
+    if let Some(n) = req.path().rsplit_once("/bytes/").and_then(|(_, n)| n.parse::<usize>().ok()) {
+        if n > MAX_SIZED_REPLY {
+            return Response::text(413, "at most 64 MiB\n");
+        }
+        return Response::new(200).header("Content-Type", "application/octet-stream").body(vec![b'x'; n]);
+    }
     let mut body = Vec::with_capacity(req.raw_head.len() + req.body.len());
     body.extend_from_slice(&req.raw_head);
     body.extend_from_slice(&req.body);
