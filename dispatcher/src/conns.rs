@@ -27,8 +27,9 @@ pub enum ToConn {
 
 /// How long a response for a not-yet-registered connection is kept.
 pub const EARLY_TTL: Duration = Duration::from_secs(10);
-/// Most early frames kept at once (beyond, the oldest connections' go).
-pub const EARLY_MAX: usize = 4096;
+/// Most connections with early frames kept at once (as many as the kernel
+/// tracks: the `conns` sockhash size).
+pub const EARLY_MAX: usize = 65536;
 
 /// The registry.
 #[derive(Default)]

@@ -4,7 +4,6 @@
 use std::{
     fs,
     io::Write,
-    net::TcpListener as StdListener,
     os::{fd::AsRawFd, unix::fs::PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -54,9 +53,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     tracing::info!(pins = %kernel.pin_dir().display(), "BPF programs loaded and attached");
     fs::write(run_dir.join("pools"), cfg.pools.iter().map(|p| format!("{}\n", p.name)).collect::<String>())?;
 
-    let std_listener = StdListener::bind(cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
-    std_listener.set_nonblocking(true)?;
-    let listener = TcpListener::from_std(std_listener)?;
+    let listener = listen(cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
 
     let conns = Arc::new(Conns::default());
     let pools: Vec<Arc<PoolLink>> =
@@ -148,6 +145,18 @@ fn watch_handoffs(ring: aya::maps::RingBuf<aya::maps::MapData>, conns: Arc<Conns
         }
     });
     Ok(())
+}
+
+/// Pending connections the listening socket holds before `accept` (the
+/// kernel caps it at `net.core.somaxconn`). std's default of 128 overflowed
+/// under 4,096 connecting clients: SYNs dropped, retried a second later.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(LISTEN_BACKLOG)
 }
 
 fn socket_cookie(s: &tokio::net::TcpStream) -> std::io::Result<u64> {
