@@ -6,8 +6,11 @@
 //! with a growing back-off when it exits. The caller makes fresh handles
 //! for each start (a control socket cannot be reused across workers).
 //!
-//! This is the always-running, one-worker-per-pool model; on-demand start,
-//! idle time-out, recycling and rapid-fail protection build on it.
+//! [`supervise`] runs one worker slot the way WAS runs an application
+//! pool: on-demand or always-running start, idle time-out (the worker exits
+//! cleanly by itself), restart with back-off after a crash, and rapid-fail
+//! protection. Requests queued while a slot has no worker stay on its ring
+//! and are served by the next worker.
 
 use std::{
     ffi::CString,
@@ -167,43 +170,149 @@ pub fn spawn(spec: &WorkerSpec, handles: Handles) -> Result<tokio::process::Chil
     Ok(child)
 }
 
-/// Keeps one worker of `spec` running until `stop` turns true: starts it
-/// with handles from `make_handles`, restarts it when it exits (with
-/// back-off), and stops it (SIGTERM, then SIGKILL) at shutdown.
-pub async fn supervise<F>(spec: WorkerSpec, mut make_handles: F, mut stop: watch::Receiver<bool>)
-where
-    F: FnMut() -> anyhow::Result<Handles>,
-{
+/// When a pool's worker starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartMode {
+    /// At the first request (the kernel raises a demand event), and again
+    /// at the first request after the worker idled out or crashed.
+    OnDemand,
+    /// At once, and again whenever it exits.
+    AlwaysRunning,
+}
+
+/// How a pool's worker is run (WAS's application-pool settings).
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub start: StartMode,
+    /// Passed to the worker, which exits cleanly after this long without a
+    /// request (on-demand pools only).
+    pub idle_timeout: Option<Duration>,
+    /// Rapid-fail protection: this many crashes within the interval stop
+    /// the pool until it is started again.
+    pub rapid_fail: Option<(u32, Duration)>,
+}
+
+/// The dispatcher's side of one worker slot, as the supervisor needs it.
+pub trait Slot: Send + 'static {
+    /// Fresh handles for a new worker.
+    fn handles(&mut self) -> anyhow::Result<Handles>;
+    /// The slot has no worker from now on: requests queued later raise a
+    /// demand. Returns whether requests are waiting already.
+    fn vacate(&mut self) -> bool;
+    /// Rapid-fail protection stopped the pool (`true`) or it was started
+    /// again (`false`).
+    fn stopped(&mut self, stopped: bool, why: &str);
+}
+
+/// What wakes a supervisor besides its worker exiting.
+#[derive(Clone, Default)]
+pub struct Signals {
+    /// A request was queued on the slot while it had no worker.
+    pub demand: std::sync::Arc<tokio::sync::Notify>,
+    /// An operator asked to start the (stopped) pool again.
+    pub start: std::sync::Arc<tokio::sync::Notify>,
+}
+
+/// Environment variable the worker reads its idle time-out from.
+pub const ENV_IDLE_TIMEOUT_SECS: &str = "DISPATCHER_IDLE_TIMEOUT_SECS";
+
+/// Runs `spec`'s worker per `policy` until `stop` turns true: starts it
+/// (at once or on demand), restarts it when it crashes (with back-off),
+/// lets it idle out, stops the pool when it crashes too often, and stops
+/// the worker (SIGTERM, then SIGKILL) at shutdown.
+pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot, signals: Signals, mut stop: watch::Receiver<bool>) {
+    if let (StartMode::OnDemand, Some(t)) = (policy.start, policy.idle_timeout) {
+        spec.env.push((ENV_IDLE_TIMEOUT_SECS.into(), t.as_secs().max(1).to_string()));
+    }
     let mut backoff = MIN_BACKOFF;
+    let mut crashes: std::collections::VecDeque<Instant> = Default::default();
     loop {
         if *stop.borrow() {
             return;
         }
+        // On demand, and after a crash in either mode once the back-off
+        // ran: start when a request waits.
+        if policy.start == StartMode::OnDemand && !slot.vacate() {
+            tracing::info!(pool = %spec.pool, "no worker; waiting for a request");
+            loop {
+                tokio::select! {
+                    _ = signals.demand.notified() => {}
+                    _ = stop.changed() => return,
+                }
+                // A demand left over from an earlier worker's time is
+                // stale: only a request on the ring counts.
+                if slot.vacate() {
+                    break;
+                }
+            }
+        }
         let started = Instant::now();
-        let child = make_handles()
+        let child = slot
+            .handles()
             .map_err(|source| Error::Handles { pool: spec.pool.clone(), source })
             .and_then(|h| spawn(&spec, h));
-        match child {
+        let crashed = match child {
             Ok(mut child) => {
                 let pid = child.id().unwrap_or(0);
                 tracing::info!(pool = %spec.pool, pid, "worker started");
                 tokio::select! {
-                    status = child.wait() => {
-                        match status {
-                            Ok(s) => tracing::warn!(pool = %spec.pool, pid, status = %s, "worker exited"),
-                            Err(e) => tracing::warn!(pool = %spec.pool, pid, "waiting for worker: {e}"),
+                    status = child.wait() => match status {
+                        Ok(s) if s.success() => {
+                            tracing::info!(pool = %spec.pool, pid, "worker exited (idle)");
+                            false
                         }
-                    }
+                        Ok(s) => {
+                            tracing::warn!(pool = %spec.pool, pid, status = %s, "worker exited");
+                            true
+                        }
+                        Err(e) => {
+                            tracing::warn!(pool = %spec.pool, pid, "waiting for worker: {e}");
+                            true
+                        }
+                    },
                     _ = stop.changed() => {
                         terminate(&mut child, pid).await;
                         return;
                     }
                 }
             }
-            Err(e) => tracing::error!("{e}"),
-        }
+            Err(e) => {
+                tracing::error!("{e}");
+                true
+            }
+        };
         if *stop.borrow() {
             return;
+        }
+        if !crashed {
+            backoff = MIN_BACKOFF;
+            continue;
+        }
+        if let Some((max, within)) = policy.rapid_fail {
+            let now = Instant::now();
+            crashes.push_back(now);
+            while crashes.front().is_some_and(|t| now.duration_since(*t) > within) {
+                crashes.pop_front();
+            }
+            if crashes.len() as u32 >= max {
+                let why = format!(
+                    "{} crashes within {} s (rapid-fail protection); `dispatcher pool start {}` starts it again",
+                    crashes.len(),
+                    within.as_secs(),
+                    spec.pool
+                );
+                tracing::error!(pool = %spec.pool, "pool stopped: {why}");
+                slot.stopped(true, &why);
+                tokio::select! {
+                    _ = signals.start.notified() => {}
+                    _ = stop.changed() => return,
+                }
+                tracing::info!(pool = %spec.pool, "pool started again");
+                slot.stopped(false, "");
+                crashes.clear();
+                backoff = MIN_BACKOFF;
+                continue;
+            }
         }
         if started.elapsed() >= HEALTHY_AFTER {
             backoff = MIN_BACKOFF;

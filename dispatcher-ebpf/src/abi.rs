@@ -60,6 +60,27 @@ pub const RECORD_WAKE: u8 = 4;
 pub const RING_AWAKE_YES: u32 = 1;
 /// See [`RING_AWAKE_YES`].
 pub const RING_AWAKE_NO: u32 = 0;
+/// The slot has no running worker (the dispatcher sets it): a head queued
+/// there also raises an [`EVENT_DEMAND`], which starts one (on-demand
+/// start without polling).
+pub const RING_AWAKE_NO_WORKER: u32 = 2;
+
+/// One record of the `events` ring (kernel → dispatcher).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// The connection's socket cookie ([`EVENT_HANDOFF`]).
+    pub cookie: u64,
+    /// `EVENT_*`.
+    pub kind: u32,
+    /// The ring slot ([`EVENT_DEMAND`]).
+    pub slot: u32,
+}
+
+/// The verdict handed connection `cookie` to user space.
+pub const EVENT_HANDOFF: u32 = 1;
+/// A request was queued on `slot`, which has no worker.
+pub const EVENT_DEMAND: u32 = 2;
 
 /// Record flag: this record completes the request.
 pub const REC_LAST: u8 = 1;
@@ -316,4 +337,5 @@ mod pod {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for PoolCounters {}
     unsafe impl aya::Pod for SlowCounters {}
+    unsafe impl aya::Pod for Event {}
 }

@@ -37,6 +37,14 @@ pub const DEFAULT_RESPONSE_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 30;
 /// Default time an idle keep-alive connection is kept open.
 pub const DEFAULT_KEEPALIVE_TIMEOUT_SECS: u64 = 75;
+/// Default start mode of a pool's worker.
+pub const DEFAULT_START_MODE: &str = "on-demand";
+/// Default idle time-out of an on-demand worker (WAS: 20 minutes).
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 1200;
+/// Default rapid-fail protection: this many crashes (WAS: 5)...
+pub const DEFAULT_RAPID_FAIL_MAX_CRASHES: u32 = 5;
+/// ...within this many seconds (WAS: 5 minutes) stop the pool.
+pub const DEFAULT_RAPID_FAIL_INTERVAL_SECS: u64 = 300;
 /// Default largest request body the slow path accepts (413 above).
 pub const DEFAULT_MAX_BODY: u64 = 64 << 20;
 
@@ -98,6 +106,10 @@ struct RawPool {
     queue_bytes: Option<Spanned<u32>>,
     ring_bytes: Option<Spanned<u32>>,
     user: Option<String>,
+    start_mode: Option<Spanned<String>>,
+    idle_timeout_secs: Option<u64>,
+    rapid_fail_max_crashes: Option<u32>,
+    rapid_fail_interval_secs: Option<Spanned<u64>>,
 }
 
 /// A validated configuration.
@@ -134,6 +146,13 @@ pub struct Pool {
     pub ring_bytes: u32,
     /// User the worker runs as (when the dispatcher is root).
     pub user: String,
+    /// `on-demand` (`false`) or `always-running` (`true`).
+    pub always_running: bool,
+    /// On-demand workers exit after this long without a request; 0: never.
+    pub idle_timeout_secs: u64,
+    /// Crashes within `rapid_fail_interval_secs` that stop the pool; 0: off.
+    pub rapid_fail_max_crashes: u32,
+    pub rapid_fail_interval_secs: u64,
 }
 
 /// A URL prefix: `host/path-prefix`, host `*` for any.
@@ -257,6 +276,19 @@ impl Config {
                 let span = p.queue_bytes.as_ref().map(|q| q.span());
                 return Err(cx.err(span, format!("pool `{name}`, field `queue_bytes`: {queue_bytes} exceeds the ring size {ring_bytes}")));
             }
+            let always_running = match p.start_mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+                None => DEFAULT_START_MODE == "always-running",
+                Some(("on-demand", _)) => false,
+                Some(("always-running", _)) => true,
+                Some((other, span)) => {
+                    return Err(cx.err(Some(span), format!("pool `{name}`, field `start_mode`: `{other}` is not `on-demand` or `always-running`")))
+                }
+            };
+            let rapid_fail_interval_secs = p.rapid_fail_interval_secs.as_ref().map(|v| *v.get_ref()).unwrap_or(DEFAULT_RAPID_FAIL_INTERVAL_SECS);
+            if rapid_fail_interval_secs == 0 {
+                let span = p.rapid_fail_interval_secs.as_ref().map(|v| v.span());
+                return Err(cx.err(span, format!("pool `{name}`, field `rapid_fail_interval_secs`: must be at least 1")));
+            }
             pools.push(Pool {
                 name: name.clone(),
                 routes,
@@ -266,6 +298,10 @@ impl Config {
                 queue_bytes,
                 ring_bytes,
                 user: p.user.clone().unwrap_or_else(|| DEFAULT_WORKER_USER.to_string()),
+                always_running,
+                idle_timeout_secs: p.idle_timeout_secs.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS),
+                rapid_fail_max_crashes: p.rapid_fail_max_crashes.unwrap_or(DEFAULT_RAPID_FAIL_MAX_CRASHES),
+                rapid_fail_interval_secs,
             });
         }
         let entries: usize = pools.iter().flat_map(|p| &p.routes).map(|r| if r.prefix.ends_with('/') { 1 } else { 2 }).sum();

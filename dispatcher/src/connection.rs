@@ -29,7 +29,7 @@ use dispatcher_ebpf::abi::{
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::mpsc};
 use tracing::Instrument;
-use worker::proto::{lease, LeaseMsg, MAX_FRAME, RECORD_ABORT};
+use worker::proto::{lease, LeaseMsg, MAX_FRAME};
 
 use crate::{
     conns::ToConn,
@@ -67,6 +67,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, cookie: u64, rx: mpsc
         lease_gen: 0,
         lease_peers: Vec::new(),
         eof: false,
+        woken: false,
         written: 0,
     };
     c.run(rx).instrument(span).await;
@@ -120,6 +121,8 @@ struct Conn {
     lease_peers: Vec<Arc<LeaseTx>>,
     /// The client closed its side.
     eof: bool,
+    /// Woken for the socket and not read it since: no lease until then.
+    woken: bool,
     /// Bytes this task wrote to the socket (to tell, when a lease holder
     /// dies, whether it wrote anything).
     written: u64,
@@ -181,6 +184,7 @@ impl Conn {
                     let mut probe = [0u8; PROBE_READ];
                     let into: &mut [u8] = if buf.is_empty() { &mut probe } else { &mut buf };
                     let Sock::Polled(stream) = &self.sock else { continue };
+                    self.woken = false;
                     match stream.try_read(into) {
                         Ok(0) => {
                             self.eof = true;
@@ -207,7 +211,15 @@ impl Conn {
                         Some(ToConn::Frame(f)) => {
                             if let Flow::Close = self.on_frame(f).await { return; }
                         }
+                        Some(ToConn::LeaseLost(gen)) => {
+                            if self.lease.as_ref().is_some_and(|l| l.gen == gen) {
+                                if let Flow::Close = self.lease_lost() { return; }
+                                if let Flow::Close = self.flush().await { return; }
+                            }
+                        }
                         Some(ToConn::Wake) => {
+                            tracing::debug!(conn = self.cookie, leased = self.lease.is_some(), "woken (hand-off or peer closed)");
+                            self.woken = true;
                             // Bytes to read or the peer closed: the socket
                             // is ours to poll again once the lease is back.
                             self.revoke();
@@ -232,9 +244,6 @@ impl Conn {
     /// the connection for the shortest of them, so idle connections cost
     /// nothing.
     async fn check_timers(&mut self) -> Flow {
-        if let Flow::Close = self.flush().await {
-            return Flow::Close;
-        }
         let cfg = &self.shared.cfg;
         let idle = self.last_progress.elapsed();
         let header = Duration::from_secs(cfg.header_timeout_secs);
@@ -321,10 +330,12 @@ impl Conn {
     /// The worker gave lease `gen` back, having written everything before
     /// `seq`.
     async fn on_release(&mut self, gen: u32, seq: u32) -> Flow {
-        if !self.lease.as_ref().is_some_and(|l| l.gen == gen) {
+        let Some(l) = self.lease.take_if(|l| l.gen == gen) else {
+            tracing::debug!(conn = self.cookie, gen, seq, "stale release");
             return Flow::Continue;
-        }
-        self.lease = None;
+        };
+        tracing::debug!(conn = self.cookie, gen, seq, "lease released");
+        l.to.settled(self.cookie);
         self.unpark();
         if seq > self.next {
             // Slow-path requests are never answered under a lease, so
@@ -340,7 +351,9 @@ impl Conn {
     /// the lease started; otherwise what it wrote of its last response is
     /// unknown, and the connection has to close.
     fn lease_lost(&mut self) -> Flow {
-        self.lease = None;
+        if let Some(l) = self.lease.take() {
+            l.to.settled(self.cookie);
+        }
         self.unpark();
         let Sock::Polled(stream) = &self.sock else { return Flow::Close };
         match socket_written(stream) {
@@ -363,6 +376,7 @@ impl Conn {
     fn revoke(&mut self) {
         if let Some(l) = &mut self.lease {
             if !l.revoked {
+                tracing::debug!(conn = self.cookie, gen = l.gen, "revoking the lease");
                 l.revoked = true;
                 l.to.send(LeaseMsg { conn: self.cookie, kind: lease::REVOKE, gen: l.gen, ..Default::default() }, None);
             }
@@ -373,11 +387,16 @@ impl Conn {
     /// written: granted when the connection has nothing else to write and
     /// nobody else is expected to write on it.
     fn answer_ask(&mut self, to: Arc<LeaseTx>) {
+        // Not while the socket has something for user space: a hand-off
+        // (its wake-up may already be spent on revoking a lease that this
+        // grant would replace) or the peer's close.
         let grant = self.shared.cfg.direct_responses
             && self.lease.is_none()
             && self.slow.is_none()
             && self.pending.is_empty()
-            && !self.eof;
+            && !self.eof
+            && !self.woken
+            && !self.shared.kernel.lock().unwrap().conn_state(self.cookie).is_some_and(|st| st.mode == MODE_SLOW);
         let fd = if grant { self.sock.fd().and_then(dup_fd) } else { None };
         let Some(fd) = fd else {
             to.send(LeaseMsg { conn: self.cookie, kind: lease::DENY, from: self.next, ..Default::default() }, None);
@@ -386,6 +405,7 @@ impl Conn {
         self.lease_gen = self.lease_gen.wrapping_add(1);
         let msg = LeaseMsg { conn: self.cookie, kind: lease::GRANT, from: self.next, gen: self.lease_gen, _pad: 0 };
         if to.send(msg, Some(fd)) {
+            tracing::debug!(conn = self.cookie, gen = self.lease_gen, from = self.next, "lease granted");
             self.lease = Some(Held { gen: self.lease_gen, to, revoked: false });
             self.park();
         }
@@ -432,11 +452,6 @@ impl Conn {
 
     /// Writes every response that is next in order.
     async fn flush(&mut self) -> Flow {
-        if self.lease.as_ref().is_some_and(|l| l.to.is_closed()) {
-            if let Flow::Close = self.lease_lost() {
-                return Flow::Close;
-            }
-        }
         while self.lease.is_none() {
             let Some(frames) = self.pending.get_mut(&self.next) else { break };
             let frames = std::mem::take(frames);
@@ -587,7 +602,11 @@ impl Conn {
                 };
                 let link = self.shared.pools[pool as usize].clone();
                 let size = h.bytes.len() as u64 + h.content_length;
-                if queue_full || !link.has_worker() || link.inflight.load(Ordering::Relaxed) + size > link.queue_bytes.max(size) {
+                if let Some(why) = link.stopped() {
+                    let why = format!("pool `{}` is stopped: {why}", link.name);
+                    return self.answer(seq, 503, &why, h.close, true, h.method == "HEAD").await;
+                }
+                if queue_full || link.inflight.load(Ordering::Relaxed) + size > link.queue_bytes.max(size) {
                     return self.answer(seq, 503, "the pool's queue is full", h.close, true, h.method == "HEAD").await;
                 }
                 if h.expect_continue && self.next == seq && self.pending.is_empty() && self.lease.is_none() {
@@ -662,6 +681,9 @@ impl Conn {
             // connection itself, not just our descriptor.
             let _ = nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(&fd), nix::sys::socket::Shutdown::Both);
         }
+        if let Some(l) = self.lease.take() {
+            l.to.settled(self.cookie);
+        }
         for p in self.lease_peers.drain(..) {
             p.send(LeaseMsg { conn: self.cookie, kind: lease::FORGET, ..Default::default() }, None);
         }
@@ -671,8 +693,7 @@ impl Conn {
             aborted.insert(pool);
         }
         for pool in aborted {
-            let hdr = RecordHeader { conn: self.cookie, kind: RECORD_ABORT, ..Default::default() };
-            self.shared.pools[pool as usize].send_record(hdr, &[]);
+            self.shared.pools[pool as usize].abort(self.cookie);
         }
         self.shared.conns.unregister(self.cookie);
         self.shared.kernel.lock().unwrap().forget_conn(self.cookie);

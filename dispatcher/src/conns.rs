@@ -23,6 +23,8 @@ pub enum ToConn {
     /// Look at the socket: the kernel handed the connection to user space,
     /// or the peer closed while the connection was parked.
     Wake,
+    /// The worker holding lease `gen` died without giving it back.
+    LeaseLost(u32),
 }
 
 /// How long a response for a not-yet-registered connection is kept.
@@ -82,6 +84,13 @@ impl Conns {
     pub fn wake(&self, cookie: u64) {
         if let Some(tx) = self.live.lock().unwrap().get(&cookie) {
             let _ = tx.send(ToConn::Wake);
+        }
+    }
+
+    /// Tells connection `cookie` its lease `gen` is lost.
+    pub fn lease_lost(&self, cookie: u64, gen: u32) {
+        if let Some(tx) = self.live.lock().unwrap().get(&cookie) {
+            let _ = tx.send(ToConn::LeaseLost(gen));
         }
     }
 

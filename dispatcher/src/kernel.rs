@@ -45,6 +45,63 @@ pub struct Kernel {
     rings: Vec<MapData>,
     /// Each ring's awake flag (see `abi::RING_AWAKE_YES`).
     awake: Vec<MapData>,
+    /// Each slot's flag and ring positions, mapped (see [`SlotView`]).
+    views: Vec<SlotView>,
+}
+
+/// What the dispatcher sees of a slot without consuming it: the awake flag
+/// (read-write) and the ring's consumer and producer positions (read-only
+/// mappings of the ring's first two pages).
+struct SlotView {
+    flag: *mut std::sync::atomic::AtomicU32,
+    pos: *const std::sync::atomic::AtomicU64,
+    page: usize,
+}
+
+// SAFETY: shared memory accessed only through atomics.
+unsafe impl Send for SlotView {}
+
+impl SlotView {
+    fn map(flag: &MapData, ring: &MapData) -> Result<SlotView> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let map = |fd: i32, len: usize, prot: i32| {
+            // SAFETY: a fresh shared mapping of a BPF map's pages.
+            let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+            if p == libc::MAP_FAILED {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(p)
+            }
+        };
+        let f = map(flag.fd().as_fd().as_raw_fd(), page, libc::PROT_READ | libc::PROT_WRITE).context("mapping an awake flag")?;
+        let r = map(ring.fd().as_fd().as_raw_fd(), 2 * page, libc::PROT_READ).context("mapping a ring's positions")?;
+        Ok(SlotView { flag: f as *mut _, pos: r as *const _, page })
+    }
+
+    /// Marks the slot workerless, then says whether requests wait on it.
+    /// In this order, against the verdict's commit-then-read: either it
+    /// sees the mark (and raises a demand) or this sees its record.
+    fn vacate(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
+        // SAFETY: mapped for the life of self.
+        unsafe {
+            (*self.flag).swap(dispatcher_ebpf::abi::RING_AWAKE_NO_WORKER, SeqCst);
+            let consumer = (*self.pos).load(SeqCst);
+            let producer = (*self.pos.byte_add(self.page)).load(SeqCst);
+            producer != consumer
+        }
+    }
+}
+
+impl Drop for SlotView {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mappings.
+        unsafe {
+            libc::munmap(self.flag as *mut _, self.page);
+            libc::munmap(self.pos as *mut _, 2 * self.page);
+        }
+    }
 }
 
 /// Where a slow-path request routes, mirroring the kernel's lookup.
@@ -75,7 +132,7 @@ impl Kernel {
             fs::remove_dir_all(&pin_dir).with_context(|| format!("removing stale {}", pin_dir.display()))?;
         }
         fs::create_dir(&pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
-        let mut k = Kernel { ebpf: load_object()?, pin_dir, rings: Vec::new(), awake: Vec::new() };
+        let mut k = Kernel { ebpf: load_object()?, pin_dir, rings: Vec::new(), awake: Vec::new(), views: Vec::new() };
         k.configure(cfg)?;
         Ok(k)
     }
@@ -116,6 +173,7 @@ impl Kernel {
                 .with_context(|| format!("pinning the awake flag of pool `{}`", p.name))?;
             let mut outer: ArrayOfMaps<&mut MapData, MapData> = ArrayOfMaps::try_from(self.map("ring_awake")?)?;
             outer.set(i as u32, &flag, 0).with_context(|| format!("setting slot {i} in `ring_awake`"))?;
+            self.views.push(SlotView::map(&flag, &self.rings[i])?);
             self.awake.push(flag);
         }
         {
@@ -188,7 +246,7 @@ impl Kernel {
                 .with_context(|| format!("attaching sockops to cgroup {}", cgroup.display()))?;
             ops.pin(self.pin_dir.join("track_conn")).context("pinning track_conn")?;
         }
-        for name in ["conns", "conn_state", "routes", "pools", "rings", "config", "pool_stats", "handoffs", "slow_stats", "handoff_events", "ring_awake"] {
+        for name in ["conns", "conn_state", "routes", "pools", "rings", "config", "pool_stats", "handoffs", "slow_stats", "events", "ring_awake"] {
             let path = self.pin_dir.join(name);
             self.map(name)?.pin(&path).with_context(|| format!("pinning map {name} at {}", path.display()))?;
         }
@@ -260,11 +318,43 @@ impl Kernel {
         &self.pin_dir
     }
 
-    /// The ring the verdict program announces hand-offs on (see
-    /// `parking`); taken once, by the task that reads it.
-    pub fn take_handoff_events(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
-        let m = self.ebpf.take_map("handoff_events").ok_or_else(|| anyhow!("BPF object has no map `handoff_events`"))?;
+    /// The ring the verdict program raises events on (hand-offs, see
+    /// `parking`; demands for a worker); taken once, by the task that
+    /// reads it.
+    pub fn take_events(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
+        let m = self.ebpf.take_map("events").ok_or_else(|| anyhow!("BPF object has no map `events`"))?;
         Ok(aya::maps::RingBuf::try_from(m)?)
+    }
+
+    /// Marks slot `slot` workerless; true if requests wait on its ring.
+    pub fn vacate(&self, slot: usize) -> bool {
+        self.views[slot].vacate()
+    }
+
+    /// Stops (`false`) or resumes (`true`) queueing on pool `pool` in the
+    /// kernel; a stopped pool's requests go to the slow path.
+    pub fn set_pool_running(&mut self, pool: usize, running: bool) -> Result<()> {
+        let mut pools: Array<&mut MapData, PoolInfo> = Array::try_from(self.map("pools")?)?;
+        let mut info = pools.get(&(pool as u32), 0).context("reading `pools`")?;
+        info.slots = running as u32;
+        pools.set(pool as u32, info, 0).context("writing `pools`")?;
+        Ok(())
+    }
+
+    /// Takes every record off pool `pool`'s ring (no worker may be
+    /// consuming it) and returns the request heads among them.
+    pub fn drain_ring(&self, pool: usize) -> Result<Vec<dispatcher_ebpf::abi::RecordHeader>> {
+        let data = MapData::from_fd(self.ring_fd(pool)?).context("opening a ring")?;
+        let mut ring = aya::maps::RingBuf::try_from(Map::RingBuf(data))?;
+        let mut heads = Vec::new();
+        while let Some(item) = ring.next() {
+            if let Some(h) = dispatcher_ebpf::abi::RecordHeader::from_bytes(&item) {
+                if h.kind == dispatcher_ebpf::abi::RECORD_HEAD {
+                    heads.push(h);
+                }
+            }
+        }
+        Ok(heads)
     }
 }
 

@@ -6,6 +6,7 @@
 //! handed over); `pools` talks to the workers; `config` reads the TOML.
 
 mod config;
+mod control;
 mod conns;
 mod connection;
 mod kernel;
@@ -56,6 +57,24 @@ enum Cmd {
         #[arg(long, default_value = config::DEFAULT_INSTANCE)]
         instance: String,
     },
+    /// Act on a pool of a running instance (through its control socket).
+    Pool {
+        #[command(subcommand)]
+        action: PoolAction,
+        /// Instance name.
+        #[arg(long, default_value = config::DEFAULT_INSTANCE, global = true)]
+        instance: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolAction {
+    /// Start a pool that rapid-fail protection stopped (its requests get
+    /// 503 until then).
+    Start {
+        /// The pool's name.
+        name: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -91,6 +110,11 @@ fn main() -> Result<()> {
                 let routes: Vec<String> = p.routes.iter().map(|r| r.to_string()).collect();
                 println!("  pool {:<16} {} <- {}", p.name, p.command, routes.join(", "));
             }
+            Ok(())
+        }
+        Cmd::Pool { action: PoolAction::Start { name }, instance } => {
+            let answer = control::send(&std::path::Path::new(serve::RUN_DIR).join(&instance), &format!("pool-start {name}"))?;
+            println!("{answer}");
             Ok(())
         }
         Cmd::Stats { instance } => {

@@ -7,6 +7,7 @@ use std::{
     io,
     os::fd::{AsRawFd, OwnedFd},
     path::PathBuf,
+    time::Duration,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -21,11 +22,11 @@ use tokio::{
     sync::{mpsc, watch},
 };
 use worker::proto::{
-    LeaseMsg, ResponseHeader, BATCH_BYTES, MAX_FRAME, RESPONSE_HEADER_LEN, RESP_CLOSE, RESP_LAST, RESP_RELEASE,
+    lease, LeaseMsg, ResponseHeader, BATCH_BYTES, MAX_FRAME, RESPONSE_HEADER_LEN, RESP_CLOSE, RESP_LAST, RESP_RELEASE,
     RESP_WANT_LEASE,
 };
 
-use crate::{config::Pool, conns::Conns};
+use crate::{config::Pool, conns::Conns, serve::Shared};
 
 /// One pool at run time.
 pub struct PoolLink {
@@ -34,8 +35,20 @@ pub struct PoolLink {
     pub queue_bytes: u64,
     /// Bytes of slow-path requests sent and not yet answered.
     pub inflight: AtomicU64,
-    /// Sender to the current worker's control socket.
-    tx: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
+    /// The current worker's control socket, and records waiting for one.
+    ctl: Mutex<Ctl>,
+    /// Demand and start signals for the pool's supervisor.
+    pub signals: activation::Signals,
+    /// Why the pool is stopped (rapid-fail protection), if it is.
+    stopped: Mutex<Option<String>>,
+}
+
+#[derive(Default)]
+struct Ctl {
+    tx: Option<mpsc::UnboundedSender<Bytes>>,
+    /// Slow-path records sent while no worker runs (bounded by the pool's
+    /// queue limit, which the slow path checks before sending).
+    waiting: Vec<Bytes>,
 }
 
 impl PoolLink {
@@ -44,24 +57,52 @@ impl PoolLink {
             name: p.name.clone(),
             queue_bytes: p.queue_bytes as u64,
             inflight: AtomicU64::new(0),
-            tx: Mutex::new(None),
+            ctl: Mutex::new(Ctl::default()),
+            signals: activation::Signals::default(),
+            stopped: Mutex::new(None),
         }
     }
 
-    /// Sends a request record (header + data) to the worker. False when
-    /// the pool has no live worker.
-    pub fn send_record(&self, hdr: RecordHeader, data: &[u8]) -> bool {
+    /// Sends a request record (header + data) to the worker, or keeps it
+    /// for the next worker (and asks for one).
+    pub fn send_record(&self, hdr: RecordHeader, data: &[u8]) {
         let mut buf = Vec::with_capacity(hdr.len as usize + 32);
         buf.extend_from_slice(&hdr.to_bytes());
         buf.extend_from_slice(data);
-        match &*self.tx.lock().unwrap() {
-            Some(tx) => tx.send(Bytes::from(buf)).is_ok(),
-            None => false,
+        let mut ctl = self.ctl.lock().unwrap();
+        let buf = match &ctl.tx {
+            Some(tx) => match tx.send(Bytes::from(buf)) {
+                Ok(()) => return,
+                Err(e) => e.0,
+            },
+            None => Bytes::from(buf),
+        };
+        ctl.waiting.push(buf);
+        drop(ctl);
+        self.signals.demand.notify_one();
+    }
+
+    /// Connection `conn` closed: its partly sent requests are void. A
+    /// worker is told; records still waiting for one are dropped.
+    pub fn abort(&self, conn: u64) {
+        let mut ctl = self.ctl.lock().unwrap();
+        match &ctl.tx {
+            Some(tx) if !tx.is_closed() => {
+                let hdr = RecordHeader { conn, kind: worker::proto::RECORD_ABORT, ..Default::default() };
+                let _ = tx.send(Bytes::copy_from_slice(&hdr.to_bytes()));
+            }
+            _ => ctl.waiting.retain(|b| RecordHeader::from_bytes(b).is_none_or(|h| h.conn != conn)),
         }
     }
 
-    pub fn has_worker(&self) -> bool {
-        self.tx.lock().unwrap().as_ref().is_some_and(|t| !t.is_closed())
+    /// Slow-path records wait for a worker.
+    fn has_waiting(&self) -> bool {
+        !self.ctl.lock().unwrap().waiting.is_empty()
+    }
+
+    /// Why the pool is stopped, if it is.
+    pub fn stopped(&self) -> Option<String> {
+        self.stopped.lock().unwrap().clone()
     }
 
     pub fn release(&self, bytes: u64) {
@@ -103,22 +144,36 @@ impl Frame {
 #[derive(Debug)]
 pub struct LeaseTx {
     sock: AsyncFd<OwnedFd>,
-    /// Messages not sent yet; the front one is the next to go.
-    queue: Mutex<std::collections::VecDeque<(LeaseMsg, Option<OwnedFd>)>>,
+    /// Messages not sent yet (the front one is the next to go), and the
+    /// connections with a lease out (told when the worker dies).
+    queue: Mutex<LeaseQueue>,
     wake: tokio::sync::Notify,
     /// The worker is gone (its control or lease socket closed), and with
     /// it whatever it held.
     dead: std::sync::atomic::AtomicBool,
 }
 
+#[derive(Debug, Default)]
+struct LeaseQueue {
+    msgs: std::collections::VecDeque<(LeaseMsg, Option<OwnedFd>)>,
+    /// Connection → generation of the lease it has out with this worker.
+    granted: std::collections::HashMap<u64, u32>,
+}
+
 impl LeaseTx {
     /// Sends `msg` (with `fd` passed along for a grant), or queues it.
-    /// False when the worker is gone.
+    /// False when the worker is gone. A grant is recorded, so that if the
+    /// worker dies before giving it back the connection hears of it
+    /// (after everything the worker sent before dying).
     pub fn send(&self, msg: LeaseMsg, fd: Option<OwnedFd>) -> bool {
         let mut q = self.queue.lock().unwrap();
         if self.is_closed() {
             return false;
         }
+        if msg.kind == lease::GRANT {
+            q.granted.insert(msg.conn, msg.gen);
+        }
+        let q = &mut q.msgs;
         if q.is_empty() {
             match send_lease(self.sock.get_ref(), &msg, fd.as_ref()) {
                 // `fd` (our duplicate of the client's socket) closes here:
@@ -126,9 +181,10 @@ impl LeaseTx {
                 Ok(()) => return true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
+                    // The worker is gone; its control socket's end tells
+                    // the connections.
                     tracing::debug!("lease socket: {e}");
-                    self.dead.store(true, Ordering::Relaxed);
-                    return false;
+                    return true;
                 }
             }
         }
@@ -137,10 +193,23 @@ impl LeaseTx {
         true
     }
 
-    /// The worker exited: leases it held are lost.
-    fn mark_dead(&self) {
-        self.dead.store(true, Ordering::Relaxed);
-        self.queue.lock().unwrap().clear();
+    /// Connection `conn` has no lease out with this worker any more.
+    pub fn settled(&self, conn: u64) {
+        self.queue.lock().unwrap().granted.remove(&conn);
+    }
+
+    /// The worker exited (its control socket ended, after every frame it
+    /// sent): the leases it still held are lost.
+    fn mark_dead(&self, conns: &Conns) {
+        let lost: Vec<(u64, u32)> = {
+            let mut q = self.queue.lock().unwrap();
+            self.dead.store(true, Ordering::Relaxed);
+            q.msgs.clear();
+            q.granted.drain().collect()
+        };
+        for (conn, gen) in lost {
+            conns.lease_lost(conn, gen);
+        }
         self.wake.notify_one();
     }
 
@@ -160,17 +229,16 @@ impl LeaseTx {
             loop {
                 let blocked = {
                     let mut q = self.queue.lock().unwrap();
-                    let Some((msg, fd)) = q.front() else { break };
+                    let Some((msg, fd)) = q.msgs.front() else { break };
                     match send_lease(self.sock.get_ref(), msg, fd.as_ref()) {
                         Ok(()) => {
-                            q.pop_front();
+                            q.msgs.pop_front();
                             false
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
                         Err(e) => {
                             tracing::debug!("lease socket: {e}");
-                            self.dead.store(true, Ordering::Relaxed);
-                            q.clear();
+                            q.msgs.clear();
                             return;
                         }
                     }
@@ -228,7 +296,13 @@ fn connect(link: &Arc<PoolLink>, conns: &Arc<Conns>, leases: bool) -> Result<(Ow
     // Many response frames per read syscall.
     let mut rd = tokio::io::BufReader::with_capacity(BATCH_BYTES, rd);
     let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
-    *link.tx.lock().unwrap() = Some(tx);
+    {
+        let mut ctl = link.ctl.lock().unwrap();
+        for b in ctl.waiting.drain(..) {
+            let _ = tx.send(b);
+        }
+        ctl.tx = Some(tx);
+    }
     let name = link.name.clone();
     tokio::spawn(async move {
         if let Err(e) = worker::proto::write_batched(wr, rx).await {
@@ -260,23 +334,65 @@ fn connect(link: &Arc<PoolLink>, conns: &Arc<Conns>, leases: bool) -> Result<(Ow
         }
         tracing::debug!(pool = %name, "control socket closed");
         if let Some(l) = lease_tx {
-            l.mark_dead();
+            l.mark_dead(&conns);
         }
     });
     Ok((theirs.into(), lease_fd))
 }
 
-/// Starts supervising `link`'s worker.
-pub fn supervise(
+/// The dispatcher's side of pool `index`'s one worker slot.
+struct PoolSlot {
+    index: usize,
     link: Arc<PoolLink>,
+    shared: Arc<Shared>,
+}
+
+impl activation::Slot for PoolSlot {
+    fn handles(&mut self) -> Result<activation::Handles> {
+        let (ctl, lease) = connect(&self.link, &self.shared.conns, self.shared.cfg.direct_responses)?;
+        let k = self.shared.kernel.lock().unwrap();
+        Ok(activation::Handles { ring: Some(k.ring_fd(self.index)?), ctl, lease, awake: Some(k.awake_fd(self.index)?) })
+    }
+
+    fn vacate(&mut self) -> bool {
+        let on_ring = self.shared.kernel.lock().unwrap().vacate(self.index);
+        on_ring || self.link.has_waiting()
+    }
+
+    fn stopped(&mut self, stopped: bool, why: &str) {
+        *self.link.stopped.lock().unwrap() = stopped.then(|| why.to_string());
+        let mut k = self.shared.kernel.lock().unwrap();
+        if let Err(e) = k.set_pool_running(self.index, !stopped) {
+            tracing::error!(pool = %self.link.name, "{e:#}");
+        }
+        if !stopped {
+            return;
+        }
+        // What waits for this pool gets its 503 now rather than a 504 later.
+        let heads = k.drain_ring(self.index).unwrap_or_else(|e| {
+            tracing::error!(pool = %self.link.name, "draining the stopped pool's ring: {e:#}");
+            Vec::new()
+        });
+        drop(k);
+        let waiting = std::mem::take(&mut self.link.ctl.lock().unwrap().waiting);
+        let slow = waiting.iter().filter_map(|b| RecordHeader::from_bytes(b)).filter(|h| h.kind == dispatcher_ebpf::abi::RECORD_HEAD);
+        for h in heads.into_iter().chain(slow) {
+            let r = crate::connection::local_response(503, &format!("pool `{}` is stopped: {why}", self.link.name), true, true);
+            self.shared.conns.deliver(h.conn, Frame::whole(h.seq, Bytes::from(r), true));
+        }
+    }
+}
+
+/// Starts supervising pool `index`'s worker.
+pub fn supervise(
+    index: usize,
+    shared: Arc<Shared>,
     pool: &Pool,
     command: PathBuf,
     args: Vec<String>,
-    ring: impl Fn() -> Result<(OwnedFd, OwnedFd)> + Send + 'static,
-    conns: Arc<Conns>,
-    leases: bool,
     stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
+    let link = shared.pools[index].clone();
     let spec = activation::WorkerSpec {
         pool: pool.name.clone(),
         command,
@@ -284,13 +400,12 @@ pub fn supervise(
         env: pool.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         user: Some(pool.user.clone()),
     };
-    tokio::spawn(activation::supervise(
-        spec,
-        move || {
-            let (ctl, lease) = connect(&link, &conns, leases)?;
-            let (ring, awake) = ring()?;
-            Ok(activation::Handles { ring: Some(ring), ctl, lease, awake: Some(awake) })
-        },
-        stop,
-    ))
+    let policy = activation::Policy {
+        start: if pool.always_running { activation::StartMode::AlwaysRunning } else { activation::StartMode::OnDemand },
+        idle_timeout: (pool.idle_timeout_secs > 0).then(|| Duration::from_secs(pool.idle_timeout_secs)),
+        rapid_fail: (pool.rapid_fail_max_crashes > 0)
+            .then(|| (pool.rapid_fail_max_crashes, Duration::from_secs(pool.rapid_fail_interval_secs))),
+    };
+    let signals = link.signals.clone();
+    tokio::spawn(activation::supervise(spec, policy, PoolSlot { index, link, shared }, signals, stop))
 }

@@ -17,6 +17,7 @@ use crate::{
     config::Config,
     conns::Conns,
     connection,
+    control,
     kernel::Kernel,
     parking::Parking,
     pools::{self, PoolLink},
@@ -49,7 +50,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let _lock = lock_instance(&run_dir, &cfg.instance)?;
 
     let mut kernel = Kernel::load(&cfg)?;
-    let handoff_events = kernel.take_handoff_events()?;
+    let events = kernel.take_events()?;
     tracing::info!(pins = %kernel.pin_dir().display(), "BPF programs loaded and attached");
     fs::write(run_dir.join("pools"), cfg.pools.iter().map(|p| format!("{}\n", p.name)).collect::<String>())?;
 
@@ -59,8 +60,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let pools: Vec<Arc<PoolLink>> =
         cfg.pools.iter().map(|p| Arc::new(PoolLink::new(p))).collect();
     let parking = Parking::start(conns.clone()).context("making the parked connections' epoll set")?;
-    watch_handoffs(handoff_events, conns.clone())?;
+    watch_events(events, conns.clone(), pools.clone())?;
     let shared = Arc::new(Shared { cfg: cfg.clone(), kernel: Mutex::new(kernel), conns: conns.clone(), pools, parking });
+    control::listen(&run_dir, shared.clone())?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut supervisors = Vec::new();
@@ -77,12 +79,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        let sh = shared.clone();
-        let ring = move || {
-            let k = sh.kernel.lock().unwrap();
-            Ok((k.ring_fd(i)?, k.awake_fd(i)?))
-        };
-        supervisors.push(pools::supervise(shared.pools[i].clone(), p, command, args, ring, conns.clone(), cfg.direct_responses, stop_rx.clone()));
+        supervisors.push(pools::supervise(i, shared.clone(), p, command, args, stop_rx.clone()));
     }
 
     tracing::info!(listen = %cfg.listen, pools = cfg.pools.len(), "dispatcher ready");
@@ -129,16 +126,28 @@ pub async fn serve(cfg: Config) -> Result<()> {
 
 /// Wakes the connection of each cookie the verdict program puts on the
 /// `handoff_events` ring.
-fn watch_handoffs(ring: aya::maps::RingBuf<aya::maps::MapData>, conns: Arc<Conns>) -> Result<()> {
+fn watch_events(ring: aya::maps::RingBuf<aya::maps::MapData>, conns: Arc<Conns>, pools: Vec<Arc<PoolLink>>) -> Result<()> {
+    use dispatcher_ebpf::abi::{Event, EVENT_DEMAND, EVENT_HANDOFF};
     // SAFETY: the AsyncFd owns the ring (and its fd) while registered.
-    let mut ring = unsafe { tokio::io::unix::AsyncFd::register(ring) }.context("polling `handoff_events`")?;
+    let mut ring = unsafe { tokio::io::unix::AsyncFd::register(ring) }.context("polling `events`")?;
     tokio::spawn(async move {
         loop {
             let Ok(mut g) = ring.readable_mut().await else { return };
             let rb = g.get_inner_mut();
             while let Some(item) = rb.next() {
-                if let Ok(b) = <[u8; 8]>::try_from(&item[..item.len().min(8)]) {
-                    conns.wake(u64::from_ne_bytes(b));
+                if item.len() < std::mem::size_of::<Event>() {
+                    continue;
+                }
+                // SAFETY: an Event-sized record; any bit pattern is valid.
+                let e: Event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
+                match e.kind {
+                    EVENT_HANDOFF => conns.wake(e.cookie),
+                    EVENT_DEMAND => {
+                        if let Some(p) = pools.get(e.slot as usize) {
+                            p.signals.demand.notify_one();
+                        }
+                    }
+                    _ => {}
                 }
             }
             g.clear_ready();

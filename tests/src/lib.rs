@@ -72,11 +72,13 @@ pub struct PoolDef<'a> {
     pub args: &'a [&'a str],
     /// More TOML lines for the pool's table.
     pub extra: &'a str,
+    /// The worker command (default `dispatcher-worker`).
+    pub command: Option<&'a str>,
 }
 
 impl<'a> PoolDef<'a> {
     pub fn echo(name: &'a str, routes: &'a [&'a str]) -> Self {
-        PoolDef { name, routes, args: &["--pool-header", "echo"], extra: "" }
+        PoolDef { name, routes, args: &["--pool-header", "echo"], extra: "", command: None }
     }
 }
 
@@ -90,9 +92,10 @@ impl Dispatcher {
         for p in pools {
             let q = |v: &[&str]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
             cfg.push_str(&format!(
-                "[[pool]]\nname = {:?}\nroutes = [{}]\ncommand = \"dispatcher-worker\"\nargs = [{}]\n{}\n",
+                "[[pool]]\nname = {:?}\nroutes = [{}]\ncommand = {:?}\nargs = [{}]\n{}\n",
                 p.name,
                 q(p.routes),
+                p.command.unwrap_or("dispatcher-worker"),
                 q(p.args),
                 p.extra
             ));
@@ -119,7 +122,8 @@ impl Dispatcher {
             if let Some(st) = self.child.try_wait().unwrap() {
                 panic!("dispatcher exited during start-up ({st}):\n{}", self.log());
             }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() && self.log().contains("worker started") {
+            // Pools start on demand by default: ready means listening.
+            if self.log().contains("dispatcher ready") && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return;
             }
             if t0.elapsed() > START_TIMEOUT {
@@ -151,6 +155,38 @@ impl Dispatcher {
     /// A counter of a pool from [`Dispatcher::stats`].
     pub fn pool_stat(&self, pool: &str, field: &str) -> u64 {
         self.stats()["pools"][pool][field].as_u64().unwrap_or_else(|| panic!("no {pool}.{field} in stats"))
+    }
+
+    /// The dispatcher's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Worker processes the dispatcher runs now (its children).
+    pub fn workers(&self) -> Vec<u32> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+            // Fields after the command's closing parenthesis: state, ppid.
+            let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+            if ppid == Some(self.child.id()) && !stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')) {
+                v.push(pid);
+            }
+        }
+        v
+    }
+
+    /// Waits up to `limit` for `cond` on the log; false on time-out.
+    pub fn wait_log(&self, limit: Duration, cond: impl Fn(&str) -> bool) -> bool {
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if cond(&self.log()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
     }
 
     pub fn pin_dir(&self) -> PathBuf {

@@ -24,7 +24,7 @@ fn curl_gets_echo_and_static_pools() {
     let d = Dispatcher::start(
         &[
             PoolDef::echo("echo", &["*/echo"]),
-            PoolDef { name: "static", routes: &["*/"], args: &["--pool-header", "static", &dir], extra: "" },
+            PoolDef { name: "static", routes: &["*/"], args: &["--pool-header", "static", &dir], extra: "", command: None },
         ],
         "",
     );

@@ -59,6 +59,11 @@ pub enum Error {
     Closed,
     #[error("request {conn}/{seq}: malformed head")]
     BadHead { conn: u64, seq: u32 },
+    /// No request for the pool's idle time-out: the worker should finish
+    /// what it is doing, call [`Worker::finish`] and exit with status 0 (the
+    /// next request starts a new worker).
+    #[error("no request for the idle time-out")]
+    Idle,
 }
 
 /// A worker's connection to its pool.
@@ -69,6 +74,10 @@ pub struct Worker {
     awake: Option<awake::Awake>,
     /// `receive` found the ring empty and yielded once already.
     yielded: bool,
+    /// `receive` gives [`Error::Idle`] after this long without a request.
+    idle: Option<std::time::Duration>,
+    /// The control socket's writer (flushed by [`Worker::finish`]).
+    writer: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     frames: mpsc::Receiver<(RecordHeader, Vec<u8>)>,
     reassembly: Reassembly,
     ready: VecDeque<Raw>,
@@ -117,7 +126,16 @@ impl Worker {
         let lease = env_fd(proto::ENV_LEASE_FD)?;
         let awake = env_fd(proto::ENV_AWAKE_FD)?;
         let pool = std::env::var(proto::ENV_POOL).unwrap_or_else(|_| "default".into());
-        Worker::from_fds(ring, ctl, lease, awake, pool)
+        let idle = match std::env::var(proto::ENV_IDLE_TIMEOUT_SECS) {
+            Err(_) => None,
+            Ok(v) => Some(std::time::Duration::from_secs(v.parse().map_err(|_| Error::Env {
+                var: proto::ENV_IDLE_TIMEOUT_SECS,
+                why: format!("`{v}` is not a number of seconds"),
+            })?)),
+        };
+        let mut w = Worker::from_fds(ring, ctl, lease, awake, pool)?;
+        w.idle = idle.filter(|d| !d.is_zero());
+        Ok(w)
     }
 
     /// A worker over explicit handles; `ring` may be absent (control
@@ -170,12 +188,23 @@ impl Worker {
             }
         });
         let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
-        tokio::spawn(proto::write_batched(wr, rx));
+        let writer = tokio::spawn(proto::write_batched(wr, rx));
         let out = std::sync::Arc::new(Outbound::new(tx, lease.is_some()));
         if let Some(fd) = lease {
             out.spawn_lease_reader(fd).map_err(Error::Control)?;
         }
-        Ok(Worker { pool, ring, awake, yielded: false, frames, reassembly: Reassembly::default(), ready: VecDeque::new(), responder: Responder { out } })
+        Ok(Worker { pool, ring, awake, yielded: false, idle: None, writer: Some(writer), frames, reassembly: Reassembly::default(), ready: VecDeque::new(), responder: Responder { out } })
+    }
+
+    /// Ends the worker's part: gives back every connection it writes to
+    /// (so the dispatcher answers their next requests) and waits until
+    /// everything sent to the dispatcher is written. Call it before exiting.
+    pub async fn finish(mut self) {
+        self.responder.out.release_all();
+        self.responder.out.end_ctl();
+        if let Some(w) = self.writer.take() {
+            let _ = w.await;
+        }
     }
 
     /// The pool this worker serves.
@@ -223,7 +252,13 @@ impl Worker {
             }
             let has_ring = self.ring.is_some();
             let ring = self.ring.as_mut();
+            let idle = self.idle;
             tokio::select! {
+                _ = async { tokio::time::sleep(idle.unwrap_or_default()).await }, if idle.is_some() => {
+                    if self.ready.is_empty() && !self.drain_ring() {
+                        return Err(Error::Idle);
+                    }
+                }
                 g = async { ring.unwrap().readable_mut().await }, if has_ring => {
                     let mut g = g.map_err(Error::Control)?;
                     g.clear_ready();

@@ -195,6 +195,21 @@ impl Outbound {
         }
     }
 
+    /// Gives every lease back (the worker is about to exit).
+    pub(crate) fn release_all(&self) {
+        let mut map = self.conns.lock().unwrap();
+        let leased: Vec<u64> = map.iter().filter(|(_, e)| matches!(e, Entry::Leased(_))).map(|(c, _)| *c).collect();
+        for c in leased {
+            self.release(&mut map, c);
+        }
+        map.clear();
+    }
+
+    /// Queues the control writer's end marker (see `proto::write_batched`).
+    pub(crate) fn end_ctl(&self) {
+        let _ = self.ctl.send(Bytes::new());
+    }
+
     /// Writes the queued responses that are next in order.
     fn advance(self: &Arc<Self>, map: &mut HashMap<u64, Entry>, conn: u64) {
         let Some(Entry::Leased(l)) = map.get_mut(&conn) else { return };
@@ -305,6 +320,7 @@ impl Outbound {
     /// Handles one message from the dispatcher's lease socket.
     fn on_lease(self: &Arc<Self>, m: LeaseMsg, fd: Option<OwnedFd>) {
         let mut map = self.conns.lock().unwrap();
+        tracing::debug!(conn = m.conn, kind = m.kind, gen = m.gen, from = m.from, fd = fd.is_some(), state = map.get(&m.conn).map(|e| match e { Entry::Asked { sent_after, .. } => if *sent_after { "asked-sent-after" } else { "asked" }, Entry::Leased(_) => "leased" }), "lease message");
         match m.kind {
             lease::GRANT => {
                 let usable = matches!(map.get(&m.conn), Some(Entry::Asked { sent_after: false, .. }));

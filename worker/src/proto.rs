@@ -73,6 +73,8 @@ pub const ENV_LEASE_FD: &str = "DISPATCHER_LEASE_FD";
 /// Environment variable naming the inherited awake-flag fd of the ring
 /// (absent: every record wakes the worker).
 pub const ENV_AWAKE_FD: &str = "DISPATCHER_AWAKE_FD";
+/// Environment variable with the idle time-out in seconds (absent: none).
+pub const ENV_IDLE_TIMEOUT_SECS: &str = "DISPATCHER_IDLE_TIMEOUT_SECS";
 /// Environment variable with the pool name.
 pub const ENV_POOL: &str = "DISPATCHER_POOL";
 
@@ -107,15 +109,26 @@ pub async fn write_batched<W: tokio::io::AsyncWrite + Unpin>(
     use tokio::io::AsyncWriteExt;
     let mut batch = Vec::new();
     while let Some(b) = rx.recv().await {
+        // An empty message (no frame is empty) ends the writer once what
+        // was queued before it is written.
+        let mut end = b.is_empty();
         batch.clear();
         batch.extend_from_slice(&b);
-        while let Ok(more) = rx.try_recv() {
+        while !end {
+            let Ok(more) = rx.try_recv() else { break };
+            end = more.is_empty();
             batch.extend_from_slice(&more);
             if batch.len() >= BATCH_BYTES {
                 break;
             }
         }
-        wr.write_all(&batch).await?;
+        if !batch.is_empty() {
+            wr.write_all(&batch).await?;
+        }
+        if end {
+            wr.flush().await?;
+            return Ok(());
+        }
     }
     Ok(())
 }

@@ -24,7 +24,7 @@ use aya_ebpf::{
 };
 use dispatcher_ebpf::{
     abi::{
-        reason, ConnState, LpmKey, RouteKeyData, HEAD_MAX, MODE_BODY, MODE_DRAIN, MODE_HEAD,
+        reason, ConnState, Event, LpmKey, EVENT_HANDOFF, RouteKeyData, HEAD_MAX, MODE_BODY, MODE_DRAIN, MODE_HEAD,
         MODE_SLOW, PATH_KEY_MAX, REC_CLOSE, REC_LAST, ROUTE_KEY_LEN, UNROUTED,
         WILDCARD_HOST,
     },
@@ -33,7 +33,7 @@ use dispatcher_ebpf::{
 };
 
 use crate::{
-    maps::{config, conn_state, handoff_events, routes, steps},
+    maps::{config, conn_state, events, routes, steps},
     queue,
 };
 
@@ -112,7 +112,7 @@ fn handoff(st: &mut ConnState, cookie: u64, why: u32, pool: u32, skip: u32, pref
     queue::count_handoff(why, pool);
     // Lost only if the dispatcher stopped reading the ring; it then finds
     // the hand-off at its next idle check of the connection.
-    let _ = handoff_events.output(cookie, 0);
+    let _ = events.output(Event { cookie, kind: EVENT_HANDOFF, slot: 0 }, 0);
     SK_PASS
 }
 

@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use dispatcher_ebpf::abi::{
-    reason, Config, ConnState, PoolCounters, PoolInfo, RouteKeyData, RouteValue, SlowCounters,
+    reason, Config, ConnState, Event, PoolCounters, PoolInfo, RouteKeyData, RouteValue, SlowCounters,
     MAX_POOLS, MAX_ROUTE_ENTRIES, MAX_SLOTS,
 };
 
@@ -63,12 +63,12 @@ pub static handoffs: PerCpuArray<u64, { reason::COUNT as usize }> = PerCpuArray:
 #[btf_map]
 pub static slow_stats: Array<SlowCounters, { MAX_POOLS as usize + 1 }> = Array::new();
 
-/// Cookies of connections just handed to user space. The dispatcher
-/// stops polling a connection whose responses a worker writes (every
-/// received segment would wake it, even those the kernel drops), so this
-/// is how it learns there are bytes to read.
+/// Kernel → dispatcher events (`abi::Event`): connections just handed to
+/// user space (the dispatcher stops polling a connection whose responses a
+/// worker writes, since every received segment would wake it, even those
+/// the kernel drops), and requests queued on a slot without a worker.
 #[btf_map]
-pub static handoff_events: RingBuf<u64, { 1 << 16 }> = RingBuf::new();
+pub static events: RingBuf<Event, { 1 << 16 }> = RingBuf::new();
 
 /// The verdict program's continuation, tail-called once per request
 /// after the first in a segment.

@@ -18,10 +18,11 @@ use aya_ebpf::{
 };
 use dispatcher_ebpf::abi::{
     reason, BodyRecord, ConnState, RecordHeader, BODY_CHUNK, HEAD_MAX, MAX_POOLS, MAX_SLOTS,
-    RECORD_BODY, RECORD_HEADER_LEN, RECORD_HEAD, RECORD_WAKE, REC_LAST, RING_AWAKE_NO, UNROUTED,
+    Event, EVENT_DEMAND, RECORD_BODY, RECORD_HEADER_LEN, RECORD_HEAD, RECORD_WAKE, REC_LAST, RING_AWAKE_NO,
+    RING_AWAKE_NO_WORKER, RING_AWAKE_YES, UNROUTED,
 };
 
-use crate::maps::{handoffs, pool_stats, pools, ring_awake, rings};
+use crate::maps::{events, handoffs, pool_stats, pools, ring_awake, rings};
 
 /// Web-garden slots a pool may have (bounds the shortest-queue scan).
 pub const MAX_GARDEN: u32 = 8;
@@ -40,11 +41,11 @@ fn ring_ptr(slot: u32) -> Option<*mut c_void> {
 /// which the kernel's memory model makes fully ordered, so this load
 /// cannot be performed before the record is visible.
 #[inline(always)]
-fn read_awake(slot: u32) -> bool {
+fn read_awake(slot: u32) -> u32 {
     match ring_awake.get_value_ptr_mut(slot, &0) {
         // SAFETY: an aligned u32 in map memory.
-        Some(p) => unsafe { core::ptr::read_volatile(p) != RING_AWAKE_NO },
-        None => false,
+        Some(p) => unsafe { core::ptr::read_volatile(p) },
+        None => RING_AWAKE_NO,
     }
 }
 
@@ -52,18 +53,23 @@ fn read_awake(slot: u32) -> bool {
 /// awake. Returns them and whether they suppressed the wake-up.
 #[inline(always)]
 fn commit_flags(slot: u32) -> (u64, bool) {
-    if read_awake(slot) {
+    if read_awake(slot) == RING_AWAKE_YES {
         (BPF_RB_NO_WAKEUP as u64, true)
     } else {
         (0, false)
     }
 }
 
-/// After a commit without wake-up: if the worker went to sleep meanwhile,
+/// After a commit: if the slot has no worker, ask for one (the dispatcher
+/// sets the flag, then looks at the ring: one of the two sees the other);
+/// after a commit without wake-up, if the worker went to sleep meanwhile,
 /// wake it (it may have looked at the ring before the commit).
 #[inline(always)]
-fn wake_if_asleep(ring: *mut c_void, slot: u32, suppressed: bool) {
-    if suppressed && !read_awake(slot) {
+fn after_commit(ring: *mut c_void, slot: u32, suppressed: bool) {
+    let now = read_awake(slot);
+    if now == RING_AWAKE_NO_WORKER {
+        let _ = events.output(Event { cookie: 0, kind: EVENT_DEMAND, slot }, 0);
+    } else if suppressed && now == RING_AWAKE_NO {
         let mut wake = RecordHeader { kind: RECORD_WAKE, ..RecordHeader::default() };
         // SAFETY: ring buffer map; a stack record of constant size.
         unsafe {
@@ -152,7 +158,7 @@ pub fn push_head(
         count_queue_full(pool);
         return Err(reason::QUEUE_FULL);
     }
-    wake_if_asleep(ring, best, suppressed);
+    after_commit(ring, best, suppressed);
     if let Some(c) = pool_stats.get_ptr_mut(pool) {
         // SAFETY: per-CPU value.
         unsafe { atomic_add(&mut (*c).fast_requests, 1) };

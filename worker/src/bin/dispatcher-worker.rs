@@ -73,22 +73,33 @@ async fn run(cli: Cli) -> Result<()> {
     tracing::info!(pool = w.pool(), mode = %mode_name, pid, "worker ready");
     let pool = w.pool().to_string();
     let responder = w.responder();
+    // Requests being handled; an idle exit waits for them.
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let req = match w.receive().await {
             Ok(r) => r,
             Err(worker::Error::Closed) => return Ok(()),
+            Err(worker::Error::Idle) if busy.load(std::sync::atomic::Ordering::SeqCst) == 0 => {
+                tracing::info!(pool = %pool, pid, "idle; exiting");
+                w.finish().await;
+                return Ok(());
+            }
+            Err(worker::Error::Idle) => continue,
             Err(e) => return Err(e.into()),
         };
         let mode = cli.mode.clone();
         let responder = responder.clone();
         let pool = pool.clone();
         let tag = cli.pool_header;
+        let busy = busy.clone();
+        busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
             let mut resp = handle(mode, req.clone()).await;
             if tag {
                 resp = resp.header("X-Dispatcher-Pool", pool).header("X-Dispatcher-Worker", pid.to_string());
             }
             let _ = responder.respond(&req, resp).await;
+            busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
     }
 }

@@ -1,0 +1,90 @@
+//! The running dispatcher's control socket, `/run/dispatcher/<instance>/control`
+//! (root only): one command per line, one answer line (`ok: …` or
+//! `error: …`). `dispatcher pool start NAME` is its client.
+//!
+//! Commands:
+//! - `pool-start NAME`: start a pool that rapid-fail protection stopped.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::serve::Shared;
+
+/// Longest command line accepted.
+const MAX_LINE: usize = 4096;
+/// How long the client waits for an answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The socket's path for an instance's run directory.
+pub fn path(run_dir: &Path) -> PathBuf {
+    run_dir.join("control")
+}
+
+/// Serves the control socket in `run_dir` until the process exits.
+pub fn listen(run_dir: &Path, shared: Arc<Shared>) -> Result<()> {
+    let p = path(run_dir);
+    let _ = std::fs::remove_file(&p);
+    let listener = tokio::net::UnixListener::bind(&p).with_context(|| format!("binding {}", p.display()))?;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).with_context(|| format!("chmod {}", p.display()))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let (rd, mut wr) = stream.into_split();
+                let mut lines = BufReader::new(rd.take(MAX_LINE as u64 * 16)).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let answer = command(&shared, line.trim());
+                    if wr.write_all(format!("{answer}\n").as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+fn command(shared: &Shared, line: &str) -> String {
+    if line.len() > MAX_LINE {
+        return "error: command too long".into();
+    }
+    let mut words = line.split_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some("pool-start"), Some(name), None) => match shared.pools.iter().find(|p| p.name == name) {
+            None => format!("error: no pool named `{name}`"),
+            Some(p) if p.stopped().is_none() => format!("ok: pool `{name}` is running"),
+            Some(p) => {
+                p.signals.start.notify_one();
+                tracing::info!(pool = %name, "start requested on the control socket");
+                format!("ok: pool `{name}` starting")
+            }
+        },
+        _ => format!("error: unknown command `{line}` (known: pool-start NAME)"),
+    }
+}
+
+/// Sends one command to the instance whose run directory is `run_dir` and
+/// returns its answer; an `error:` answer is an error.
+pub fn send(run_dir: &Path, cmd: &str) -> Result<String> {
+    use std::io::{BufRead, Write};
+    let p = path(run_dir);
+    let mut s = std::os::unix::net::UnixStream::connect(&p)
+        .with_context(|| format!("connecting to {} (is the instance running, and are you root?)", p.display()))?;
+    s.set_read_timeout(Some(CLIENT_TIMEOUT))?;
+    s.write_all(format!("{cmd}\n").as_bytes())?;
+    let mut answer = String::new();
+    std::io::BufReader::new(&s).read_line(&mut answer).context("reading the answer")?;
+    let answer = answer.trim().to_string();
+    if let Some(e) = answer.strip_prefix("error: ") {
+        bail!("{e}");
+    }
+    Ok(answer)
+}

@@ -1,0 +1,150 @@
+//! The process model (WAS): on-demand start from a kernel event, idle
+//! time-out, always-running pools, and rapid-fail protection with a CLI
+//! start, observed on real processes.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use tests::{bin_dir, privileged, Dispatcher, PoolDef, TempDir, START_TIMEOUT};
+
+/// Idle time-out of the idle test's pool.
+const IDLE_SECS: u64 = 1;
+/// How long an idle worker may take to be gone (time-out plus slack).
+const IDLE_EXIT_LIMIT: Duration = Duration::from_secs(15);
+/// Crashes that stop the rapid-fail test's pool.
+const MAX_CRASHES: u32 = 3;
+/// How long a change (a stop, a start) may take to show.
+const SETTLE: Duration = Duration::from_secs(15);
+/// Header bytes that send a request through the slow path.
+const LONG_HEADER: usize = 6000;
+
+fn worker_pid(r: &tests::Response) -> u32 {
+    r.header("x-dispatcher-worker").expect("worker pid header").parse().unwrap()
+}
+
+#[test]
+fn an_on_demand_pool_has_no_worker_until_its_first_request() {
+    if !privileged() {
+        return;
+    }
+    let d = Dispatcher::start(&[PoolDef::echo("p", &["*/"])], "");
+    assert!(d.wait_log(SETTLE, |l| l.contains("no worker; waiting for a request")), "{}", d.log());
+    assert!(d.workers().is_empty(), "a worker runs before any request: {:?}", d.workers());
+    // The request waits on the ring while the kernel's demand event starts
+    // a worker.
+    let t0 = Instant::now();
+    let r = d.connect().get("x", "/first");
+    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/first")));
+    eprintln!("cold start: first request answered in {:?}", t0.elapsed());
+    assert_eq!(d.workers(), vec![worker_pid(&r)]);
+}
+
+#[test]
+fn a_slow_path_request_also_starts_an_on_demand_worker() {
+    if !privileged() {
+        return;
+    }
+    let d = Dispatcher::start(&[PoolDef::echo("p", &["*/"])], "");
+    assert!(d.wait_log(SETTLE, |l| l.contains("no worker; waiting for a request")));
+    let long = "v".repeat(LONG_HEADER);
+    let mut c = d.connect();
+    c.send(format!("GET /long HTTP/1.1\r\nHost: x\r\nX-Long: {long}\r\n\r\n").as_bytes());
+    let r = c.read_response();
+    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/long")));
+}
+
+#[test]
+fn an_always_running_pool_starts_at_once() {
+    if !privileged() {
+        return;
+    }
+    let def = PoolDef { extra: "start_mode = \"always-running\"", ..PoolDef::echo("p", &["*/"]) };
+    let d = Dispatcher::start(&[def], "");
+    assert!(d.wait_log(START_TIMEOUT, |l| l.contains("worker started")), "{}", d.log());
+    assert_eq!(d.workers().len(), 1);
+}
+
+#[test]
+fn an_idle_worker_exits_and_the_next_request_starts_another_on_the_same_connection() {
+    if !privileged() {
+        return;
+    }
+    let extra = format!("idle_timeout_secs = {IDLE_SECS}");
+    let d = Dispatcher::start(&[PoolDef { extra: &extra, ..PoolDef::echo("p", &["*/"]) }], "");
+    let mut c = d.connect();
+    // A few requests, so the worker holds the connection's lease.
+    let first = worker_pid(&c.get("x", "/a"));
+    for i in 0..5 {
+        assert_eq!(worker_pid(&c.get("x", &format!("/b{i}"))), first);
+    }
+    assert!(d.wait_log(IDLE_EXIT_LIMIT, |l| l.contains("worker exited (idle)")), "{}", d.log());
+    assert!(d.workers().is_empty(), "{:?}", d.workers());
+    // It gave the connection back before exiting: the connection goes on.
+    let r = c.get("x", "/after-idle");
+    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/after-idle")));
+    assert_ne!(worker_pid(&r), first);
+}
+
+#[test]
+fn rapid_fail_stops_the_pool_and_the_cli_starts_it_again() {
+    if !privileged() {
+        return;
+    }
+    let dir = TempDir::new(&format!("rapid{}", std::process::id()));
+    let marker = dir.path.join("fail");
+    std::fs::write(&marker, "").unwrap();
+    // Exits at once while the marker exists, else runs the real worker.
+    let script = dir.path.join("flaky-worker");
+    std::fs::write(&script, "#!/bin/sh\n[ -e \"$FAIL_MARKER\" ] && exit 3\nexec \"$REAL_WORKER\" \"$@\"\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let extra = format!(
+        "start_mode = \"always-running\"\nrapid_fail_max_crashes = {MAX_CRASHES}\nrapid_fail_interval_secs = 60\nenv = {{ FAIL_MARKER = {:?}, REAL_WORKER = {:?} }}",
+        marker.display().to_string(),
+        bin_dir().join("dispatcher-worker").display().to_string()
+    );
+    let script_path = script.display().to_string();
+    let def = PoolDef { extra: &extra, command: Some(&script_path), ..PoolDef::echo("p", &["*/"]) };
+    let d = Dispatcher::start(&[def], "");
+    assert!(d.wait_log(SETTLE, |l| l.contains("pool stopped")), "{}", d.log());
+    assert!(d.log().contains("rapid-fail protection"), "{}", d.log());
+
+    let r = d.connect().get("x", "/while-stopped");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(String::from_utf8_lossy(&r.body).contains("stopped"), "{}", String::from_utf8_lossy(&r.body));
+
+    // Fixed; started again from the CLI.
+    std::fs::remove_file(&marker).unwrap();
+    let out = Command::new(bin_dir().join("dispatcher"))
+        .args(["pool", "start", "p", "--instance", &d.instance])
+        .output()
+        .expect("running dispatcher pool start");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("starting"), "{}", String::from_utf8_lossy(&out.stdout));
+    let t0 = Instant::now();
+    loop {
+        let r = d.connect().get("x", "/after-start");
+        if r.status == 200 {
+            break;
+        }
+        assert!(t0.elapsed() < SETTLE, "still {} after the start: {}", r.status, d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn pool_start_names_an_unknown_pool() {
+    if !privileged() {
+        return;
+    }
+    let d = Dispatcher::start(&[PoolDef::echo("p", &["*/"])], "");
+    let out = Command::new(bin_dir().join("dispatcher"))
+        .args(["pool", "start", "nosuch", "--instance", &d.instance])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no pool named `nosuch`"), "{}", String::from_utf8_lossy(&out.stderr));
+}
