@@ -36,8 +36,6 @@ pub const MIN_BACKOFF: Duration = Duration::from_millis(200);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A worker that ran this long resets the back-off.
 pub const HEALTHY_AFTER: Duration = Duration::from_secs(30);
-/// Time a worker gets between SIGTERM and SIGKILL at shutdown.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// How to start one pool's worker.
 #[derive(Clone, Debug)]
@@ -48,6 +46,8 @@ pub struct WorkerSpec {
     pub env: Vec<(String, String)>,
     /// Run as this user (name) when started by root; ignored otherwise.
     pub user: Option<String>,
+    /// Run as this group (name) instead of the user's primary group.
+    pub group: Option<String>,
 }
 
 /// What a worker inherits.
@@ -68,6 +68,8 @@ pub struct Handles {
 pub enum Error {
     #[error("pool `{pool}`: user `{user}` does not exist")]
     NoSuchUser { pool: String, user: String },
+    #[error("pool `{pool}`: group `{group}` does not exist")]
+    NoSuchGroup { pool: String, group: String },
     #[error("pool `{pool}`: starting `{command}`: {source}")]
     Spawn { pool: String, command: String, source: std::io::Error },
     #[error("pool `{pool}`: making the worker's handles: {source}")]
@@ -86,10 +88,14 @@ fn lookup_user(name: &str) -> Option<Ids> {
 
 /// Starts one worker process with `handles`.
 pub fn spawn(spec: &WorkerSpec, handles: Handles) -> Result<tokio::process::Child, Error> {
-    let ids = match (&spec.user, nix::unistd::geteuid().is_root()) {
+    let mut ids = match (&spec.user, nix::unistd::geteuid().is_root()) {
         (Some(u), true) => Some(lookup_user(u).ok_or_else(|| Error::NoSuchUser { pool: spec.pool.clone(), user: u.clone() })?),
         _ => None,
     };
+    if let (Some(ids), Some(g)) = (ids.as_mut(), &spec.group) {
+        let grp = nix::unistd::Group::from_name(g).ok().flatten();
+        ids.gid = grp.ok_or_else(|| Error::NoSuchGroup { pool: spec.pool.clone(), group: g.clone() })?.gid.as_raw();
+    }
     let mut cmd = Command::new(&spec.command);
     cmd.args(&spec.args)
         .env("DISPATCHER_POOL", &spec.pool)
@@ -190,6 +196,25 @@ pub struct Policy {
     /// Rapid-fail protection: this many crashes within the interval stop
     /// the pool until it is started again.
     pub rapid_fail: Option<(u32, Duration)>,
+    /// Health check: every `.0`, look at the worker's queue; a worker that
+    /// took nothing from a non-empty queue for `.1` is killed and replaced.
+    pub ping: Option<(Duration, Duration)>,
+    /// A worker that has not started pulling requests after this long is
+    /// killed (and counts as a crash).
+    pub startup_limit: Duration,
+    /// Time a worker gets between SIGTERM and SIGKILL when it is stopped.
+    pub shutdown_limit: Duration,
+}
+
+/// What a supervisor sees of its worker's queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// The worker has started pulling (it changed the slot's awake flag).
+    pub ready: bool,
+    /// How far the worker has consumed its ring (bytes).
+    pub consumed: u64,
+    /// Requests are waiting on the ring.
+    pub queued: bool,
 }
 
 /// The dispatcher's side of one worker slot, as the supervisor needs it.
@@ -202,7 +227,12 @@ pub trait Slot: Send + 'static {
     /// Rapid-fail protection stopped the pool (`true`) or it was started
     /// again (`false`).
     fn stopped(&mut self, stopped: bool, why: &str);
+    /// The worker's progress on its queue.
+    fn progress(&mut self) -> Progress;
 }
+
+/// Granularity of the start-up check when pings are off.
+const STARTUP_CHECK: Duration = Duration::from_millis(500);
 
 /// What wakes a supervisor besides its worker exiting.
 #[derive(Clone, Default)]
@@ -230,9 +260,11 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
         if *stop.borrow() {
             return;
         }
-        // On demand, and after a crash in either mode once the back-off
-        // ran: start when a request waits.
-        if policy.start == StartMode::OnDemand && !slot.vacate() {
+        // On demand: start when a request waits. Either way the slot is
+        // marked workerless until the new worker starts pulling, which is
+        // how its start-up is seen.
+        let waiting = slot.vacate();
+        if policy.start == StartMode::OnDemand && !waiting {
             tracing::info!(pool = %spec.pool, "no worker; waiting for a request");
             loop {
                 tokio::select! {
@@ -255,24 +287,54 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
             Ok(mut child) => {
                 let pid = child.id().unwrap_or(0);
                 tracing::info!(pool = %spec.pool, pid, "worker started");
-                tokio::select! {
-                    status = child.wait() => match status {
-                        Ok(s) if s.success() => {
-                            tracing::info!(pool = %spec.pool, pid, "worker exited (idle)");
-                            false
+                let mut tick = tokio::time::interval(policy.ping.map_or(STARTUP_CHECK, |p| p.0.min(STARTUP_CHECK)));
+                let mut ready = false;
+                let mut last = None;
+                let mut stuck_since: Option<Instant> = None;
+                loop {
+                    tokio::select! {
+                        status = child.wait() => break match status {
+                            Ok(s) if s.success() => {
+                                tracing::info!(pool = %spec.pool, pid, "worker exited (idle)");
+                                false
+                            }
+                            Ok(s) => {
+                                tracing::warn!(pool = %spec.pool, pid, status = %s, "worker exited");
+                                true
+                            }
+                            Err(e) => {
+                                tracing::warn!(pool = %spec.pool, pid, "waiting for worker: {e}");
+                                true
+                            }
+                        },
+                        _ = stop.changed() => {
+                            terminate(&mut child, pid, policy.shutdown_limit).await;
+                            return;
                         }
-                        Ok(s) => {
-                            tracing::warn!(pool = %spec.pool, pid, status = %s, "worker exited");
-                            true
+                        _ = tick.tick() => {
+                            let p = slot.progress();
+                            if !ready {
+                                ready = p.ready;
+                                if !ready && started.elapsed() >= policy.startup_limit {
+                                    tracing::warn!(pool = %spec.pool, pid, limit_s = policy.startup_limit.as_secs(), "worker did not start pulling requests in time; killing it");
+                                    let _ = child.kill().await;
+                                    break true;
+                                }
+                                continue;
+                            }
+                            let Some((_, limit)) = policy.ping else { continue };
+                            if p.queued && last == Some(p.consumed) {
+                                let since = *stuck_since.get_or_insert_with(Instant::now);
+                                if since.elapsed() >= limit {
+                                    tracing::warn!(pool = %spec.pool, pid, limit_s = limit.as_secs(), "worker stopped pulling its queue; killing it (its replacement serves the queue)");
+                                    let _ = child.kill().await;
+                                    break true;
+                                }
+                            } else {
+                                stuck_since = None;
+                            }
+                            last = Some(p.consumed);
                         }
-                        Err(e) => {
-                            tracing::warn!(pool = %spec.pool, pid, "waiting for worker: {e}");
-                            true
-                        }
-                    },
-                    _ = stop.changed() => {
-                        terminate(&mut child, pid).await;
-                        return;
                     }
                 }
             }
@@ -326,12 +388,12 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
     }
 }
 
-async fn terminate(child: &mut tokio::process::Child, pid: u32) {
+async fn terminate(child: &mut tokio::process::Child, pid: u32, grace: Duration) {
     if pid != 0 {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     }
-    if tokio::time::timeout(SHUTDOWN_GRACE, child.wait()).await.is_err() {
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
         let _ = child.kill().await;
     }
 }

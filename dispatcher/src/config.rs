@@ -45,6 +45,14 @@ pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 1200;
 pub const DEFAULT_RAPID_FAIL_MAX_CRASHES: u32 = 5;
 /// ...within this many seconds (WAS: 5 minutes) stop the pool.
 pub const DEFAULT_RAPID_FAIL_INTERVAL_SECS: u64 = 300;
+/// Default health-check interval (WAS: 30 s)...
+pub const DEFAULT_PING_INTERVAL_SECS: u64 = 30;
+/// ...and how long a worker may leave a non-empty queue untouched (WAS: 90 s).
+pub const DEFAULT_PING_RESPONSE_LIMIT_SECS: u64 = 90;
+/// Default time a new worker has to start pulling requests (WAS: 90 s).
+pub const DEFAULT_STARTUP_TIME_LIMIT_SECS: u64 = 90;
+/// Default time a stopped worker has between SIGTERM and SIGKILL (WAS: 90 s).
+pub const DEFAULT_SHUTDOWN_TIME_LIMIT_SECS: u64 = 90;
 /// Default largest request body the slow path accepts (413 above).
 pub const DEFAULT_MAX_BODY: u64 = 64 << 20;
 
@@ -110,6 +118,11 @@ struct RawPool {
     idle_timeout_secs: Option<u64>,
     rapid_fail_max_crashes: Option<u32>,
     rapid_fail_interval_secs: Option<Spanned<u64>>,
+    ping_interval_secs: Option<u64>,
+    ping_response_limit_secs: Option<Spanned<u64>>,
+    startup_time_limit_secs: Option<Spanned<u64>>,
+    shutdown_time_limit_secs: Option<u64>,
+    group: Option<String>,
 }
 
 /// A validated configuration.
@@ -153,6 +166,13 @@ pub struct Pool {
     /// Crashes within `rapid_fail_interval_secs` that stop the pool; 0: off.
     pub rapid_fail_max_crashes: u32,
     pub rapid_fail_interval_secs: u64,
+    /// Health checks every this many seconds; 0: off.
+    pub ping_interval_secs: u64,
+    pub ping_response_limit_secs: u64,
+    pub startup_time_limit_secs: u64,
+    pub shutdown_time_limit_secs: u64,
+    /// Group the worker runs as (default: the user's primary group).
+    pub group: Option<String>,
 }
 
 /// A URL prefix: `host/path-prefix`, host `*` for any.
@@ -289,6 +309,15 @@ impl Config {
                 let span = p.rapid_fail_interval_secs.as_ref().map(|v| v.span());
                 return Err(cx.err(span, format!("pool `{name}`, field `rapid_fail_interval_secs`: must be at least 1")));
             }
+            let at_least_1 = |v: &Option<Spanned<u64>>, default: u64, field: &str| -> Result<u64, ConfigError> {
+                match v {
+                    Some(s) if *s.get_ref() == 0 => Err(cx.err(Some(s.span()), format!("pool `{name}`, field `{field}`: must be at least 1"))),
+                    Some(s) => Ok(*s.get_ref()),
+                    None => Ok(default),
+                }
+            };
+            let ping_response_limit_secs = at_least_1(&p.ping_response_limit_secs, DEFAULT_PING_RESPONSE_LIMIT_SECS, "ping_response_limit_secs")?;
+            let startup_time_limit_secs = at_least_1(&p.startup_time_limit_secs, DEFAULT_STARTUP_TIME_LIMIT_SECS, "startup_time_limit_secs")?;
             pools.push(Pool {
                 name: name.clone(),
                 routes,
@@ -302,6 +331,11 @@ impl Config {
                 idle_timeout_secs: p.idle_timeout_secs.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS),
                 rapid_fail_max_crashes: p.rapid_fail_max_crashes.unwrap_or(DEFAULT_RAPID_FAIL_MAX_CRASHES),
                 rapid_fail_interval_secs,
+                ping_interval_secs: p.ping_interval_secs.unwrap_or(DEFAULT_PING_INTERVAL_SECS),
+                ping_response_limit_secs,
+                startup_time_limit_secs,
+                shutdown_time_limit_secs: p.shutdown_time_limit_secs.unwrap_or(DEFAULT_SHUTDOWN_TIME_LIMIT_SECS),
+                group: p.group.clone(),
             });
         }
         let entries: usize = pools.iter().flat_map(|p| &p.routes).map(|r| if r.prefix.ends_with('/') { 1 } else { 2 }).sum();

@@ -94,6 +94,23 @@ impl SlotView {
     }
 }
 
+impl SlotView {
+    fn progress(&self) -> activation::Progress {
+        use std::sync::atomic::Ordering::SeqCst;
+        // SAFETY: mapped for the life of self.
+        unsafe {
+            let flag = (*self.flag).load(SeqCst);
+            let consumed = (*self.pos).load(SeqCst);
+            let produced = (*self.pos.byte_add(self.page)).load(SeqCst);
+            activation::Progress {
+                ready: flag != dispatcher_ebpf::abi::RING_AWAKE_NO_WORKER,
+                consumed,
+                queued: produced != consumed,
+            }
+        }
+    }
+}
+
 impl Drop for SlotView {
     fn drop(&mut self) {
         // SAFETY: unmapping our own mappings.
@@ -132,6 +149,10 @@ impl Kernel {
             fs::remove_dir_all(&pin_dir).with_context(|| format!("removing stale {}", pin_dir.display()))?;
         }
         fs::create_dir(&pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+        // Root only: a worker (or anyone) must not reach another pool's
+        // ring by path; workers get their own ring as an inherited fd.
+        fs::set_permissions(&pin_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .with_context(|| format!("chmod 700 {}", pin_dir.display()))?;
         let mut k = Kernel { ebpf: load_object()?, pin_dir, rings: Vec::new(), awake: Vec::new(), views: Vec::new() };
         k.configure(cfg)?;
         Ok(k)
@@ -324,6 +345,11 @@ impl Kernel {
     pub fn take_events(&mut self) -> Result<aya::maps::RingBuf<MapData>> {
         let m = self.ebpf.take_map("events").ok_or_else(|| anyhow!("BPF object has no map `events`"))?;
         Ok(aya::maps::RingBuf::try_from(m)?)
+    }
+
+    /// How slot `slot`'s worker is doing with its queue.
+    pub fn progress(&self, slot: usize) -> activation::Progress {
+        self.views[slot].progress()
     }
 
     /// Marks slot `slot` workerless; true if requests wait on its ring.

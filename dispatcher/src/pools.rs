@@ -359,6 +359,10 @@ impl activation::Slot for PoolSlot {
         on_ring || self.link.has_waiting()
     }
 
+    fn progress(&mut self) -> activation::Progress {
+        self.shared.kernel.lock().unwrap().progress(self.index)
+    }
+
     fn stopped(&mut self, stopped: bool, why: &str) {
         *self.link.stopped.lock().unwrap() = stopped.then(|| why.to_string());
         let mut k = self.shared.kernel.lock().unwrap();
@@ -399,12 +403,17 @@ pub fn supervise(
         args,
         env: pool.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         user: Some(pool.user.clone()),
+        group: pool.group.clone(),
     };
     let policy = activation::Policy {
         start: if pool.always_running { activation::StartMode::AlwaysRunning } else { activation::StartMode::OnDemand },
         idle_timeout: (pool.idle_timeout_secs > 0).then(|| Duration::from_secs(pool.idle_timeout_secs)),
         rapid_fail: (pool.rapid_fail_max_crashes > 0)
             .then(|| (pool.rapid_fail_max_crashes, Duration::from_secs(pool.rapid_fail_interval_secs))),
+        ping: (pool.ping_interval_secs > 0)
+            .then(|| (Duration::from_secs(pool.ping_interval_secs), Duration::from_secs(pool.ping_response_limit_secs))),
+        startup_limit: Duration::from_secs(pool.startup_time_limit_secs),
+        shutdown_limit: Duration::from_secs(pool.shutdown_time_limit_secs),
     };
     let signals = link.signals.clone();
     tokio::spawn(activation::supervise(spec, policy, PoolSlot { index, link, shared }, signals, stop))

@@ -65,6 +65,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     control::listen(&run_dir, shared.clone())?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let shutdown_limit = Duration::from_secs(cfg.pools.iter().map(|p| p.shutdown_time_limit_secs).max().unwrap_or(0));
     let mut supervisors = Vec::new();
     for (i, p) in cfg.pools.iter().enumerate() {
         let command = resolve_command(&p.command, &cfg.base_dir)?;
@@ -114,7 +115,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     }
     let _ = stop_tx.send(true);
     for s in supervisors {
-        let _ = tokio::time::timeout(activation::SHUTDOWN_GRACE + Duration::from_secs(1), s).await;
+        let _ = tokio::time::timeout(shutdown_limit + Duration::from_secs(1), s).await;
     }
     drop(listener);
     // Connection tasks still hold the shared state, so remove the pins

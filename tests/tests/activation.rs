@@ -148,3 +148,58 @@ fn pool_start_names_an_unknown_pool() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no pool named `nosuch`"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn a_worker_that_stops_pulling_is_replaced_and_its_queue_served() {
+    if !privileged() {
+        return;
+    }
+    let def = PoolDef { extra: "ping_interval_secs = 1\nping_response_limit_secs = 2", ..PoolDef::echo("p", &["*/"]) };
+    let d = Dispatcher::start(&[def], "");
+    let hung = worker_pid(&d.connect().get("x", "/before"));
+    // SAFETY: stopping a worker process of this test's dispatcher (a hung
+    // worker: alive, not pulling).
+    assert_eq!(unsafe { libc::kill(hung as i32, libc::SIGSTOP) }, 0);
+    // Queued on the ring while nobody pulls; the replacement answers it.
+    let r = d.connect().get("x", "/while-hung");
+    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/while-hung")));
+    assert_ne!(worker_pid(&r), hung);
+    assert!(d.log().contains("stopped pulling its queue"), "{}", d.log());
+}
+
+#[test]
+fn a_worker_that_never_starts_pulling_is_killed_at_the_startup_limit() {
+    if !privileged() {
+        return;
+    }
+    let dir = TempDir::new(&format!("startup{}", std::process::id()));
+    let script = dir.path.join("never-ready");
+    std::fs::write(&script, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script_path = script.display().to_string();
+    let def = PoolDef {
+        extra: "start_mode = \"always-running\"\nstartup_time_limit_secs = 1",
+        command: Some(&script_path),
+        ..PoolDef::echo("p", &["*/"])
+    };
+    let d = Dispatcher::start(&[def], "");
+    assert!(d.wait_log(SETTLE, |l| l.contains("did not start pulling requests in time")), "{}", d.log());
+}
+
+#[test]
+fn a_worker_cannot_open_another_pools_pinned_ring() {
+    if !privileged() {
+        return;
+    }
+    let d = Dispatcher::start(&[PoolDef::echo("a", &["*/a/"]), PoolDef::echo("b", &["*/b/"])], "");
+    let ring = d.pin_dir().join("ring_b");
+    assert!(ring.exists(), "no pinned ring at {}", ring.display());
+    // As the user pool `a`'s worker runs as.
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--", "head", "-c", "1"])
+        .arg(&ring)
+        .output()
+        .expect("running runuser");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{}", String::from_utf8_lossy(&out.stderr));
+}

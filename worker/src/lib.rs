@@ -153,6 +153,11 @@ impl Worker {
             Some(fd) => Some(awake::Awake::map(fd).map_err(|e| Error::Env { var: proto::ENV_AWAKE_FD, why: format!("cannot map the flag: {e}") })?),
             None => None,
         };
+        if let Some(a) = &awake {
+            // Pulling from now on: this is also how activation sees that
+            // the worker started.
+            a.set_awake();
+        }
         let ring = match ring {
             Some(fd) => {
                 use std::os::fd::AsRawFd;

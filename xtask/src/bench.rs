@@ -407,15 +407,100 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
     }
     let rss: Vec<u64> = procs.0.iter().map(|c| peak_rss_kib(c.id())).collect();
     drop(procs);
+    let cold = if o.small_only { None } else { Some(cold_start(bin, &dir)?) };
     let _ = fs::remove_dir_all(&dir);
-    write_results(root, o, &cases, &samples, &rss)
+    write_results(root, o, &cases, &samples, &rss, cold.as_ref())
+}
+
+/// First-request latencies of an on-demand pool, each after its worker
+/// idled out, and warm latencies of the request right after, in µs.
+struct Cold {
+    cold_us: Vec<f64>,
+    warm_us: Vec<f64>,
+}
+
+/// Cold starts measured.
+const COLD_SAMPLES: usize = 5;
+/// Idle time-out of the cold-start pool.
+const COLD_IDLE_SECS: u64 = 1;
+
+fn cold_start(bin: &Path, dir: &Path) -> Result<Cold> {
+    let port = free_port();
+    let cfg = format!(
+        "listen = \"127.0.0.1:{port}\"\ninstance = \"bench-cold\"\n[[pool]]\nname = \"echo\"\nroutes = [\"*/\"]\ncommand = \"dispatcher-worker\"\nargs = [\"echo\"]\nstart_mode = \"on-demand\"\nidle_timeout_secs = {COLD_IDLE_SECS}\n"
+    );
+    let path = dir.join("cold.toml");
+    fs::write(&path, cfg)?;
+    let log = fs::File::create(dir.join("cold.log"))?;
+    let d = Command::new(bin.join("dispatcher"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .context("starting the dispatcher (cold start)")?;
+    let pid = d.id();
+    let _guard = Procs(vec![d]);
+    wait_port(port, "dispatcher (cold start)")?;
+    let mut c = Cold { cold_us: Vec::new(), warm_us: Vec::new() };
+    for i in 0..COLD_SAMPLES {
+        println!("[xtask] bench cold start {}/{COLD_SAMPLES}", i + 1);
+        let t = Instant::now();
+        while has_children(pid) {
+            if t.elapsed() > Duration::from_secs(COLD_IDLE_SECS + 20) {
+                bail!("the cold-start pool's worker did not idle out");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        c.cold_us.push(timed_get(&mut s)?);
+        c.warm_us.push(timed_get(&mut s)?);
+    }
+    Ok(c)
+}
+
+fn has_children(pid: u32) -> bool {
+    fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
+        fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok()))
+            == Some(pid)
+    })
+}
+
+/// One keep-alive GET on `s`; its latency in µs.
+fn timed_get(s: &mut TcpStream) -> Result<f64> {
+    use std::io::{Read, Write};
+    let t = Instant::now();
+    s.write_all(b"GET /echo/cold HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            bail!("the connection closed during the cold-start request");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                if !head.starts_with("http/1.1 200") {
+                    bail!("cold-start request: {}", head.lines().next().unwrap_or(""));
+                }
+                return Ok(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+    }
 }
 
 fn uname() -> String {
     Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
 }
 
-fn write_results(root: &Path, o: &Options, cases: &[Case], samples: &[Vec<Vec<Sample>>], rss: &[u64]) -> Result<PathBuf> {
+fn write_results(root: &Path, o: &Options, cases: &[Case], samples: &[Vec<Vec<Sample>>], rss: &[u64], cold: Option<&Cold>) -> Result<PathBuf> {
     let out = root.join("bench/results");
     fs::create_dir_all(&out)?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
@@ -466,7 +551,17 @@ fn write_results(root: &Path, o: &Options, cases: &[Case], samples: &[Vec<Vec<Sa
         let r = median(samples[ci][FAST_100K].iter().zip(&samples[ci][2]).map(|(x, y)| x.rps / y.rps).collect());
         writeln!(md, "Route-table scaling at {c} connections: 100,001 vs 1 route, throughput ratio {:.2} ({:.2}–{:.2}).", r.0, r.1, r.2)?;
     }
-    writeln!(md, "\nPeak RSS (VmHWM, process and its children, KiB): {}.", SETUPS.iter().zip(rss).map(|(s, r)| format!("{s} {r}")).collect::<Vec<_>>().join(", "))?;
+    writeln!(md, "\nPeak RSS (VmHWM, process and its children, KiB): {}. The dispatcher setups' figures include the workers' mappings of their 32 MiB rings (mapped twice by the kernel's ring layout).", SETUPS.iter().zip(rss).map(|(s, r)| format!("{s} {r}")).collect::<Vec<_>>().join(", "))?;
+    if let Some(c) = cold {
+        let (cm, clo, chi) = median(c.cold_us.clone());
+        let (wm, wlo, whi) = median(c.warm_us.clone());
+        writeln!(
+            md,
+            "\nCold start of an on-demand pool (first request after its worker idled out, new connection; {} samples): {:.0} µs ({:.0}–{:.0}); the next request on the same connection: {:.0} µs ({:.0}–{:.0}).",
+            c.cold_us.len(), cm, clo, chi, wm, wlo, whi
+        )?;
+        json.push(format!("{{\"case\":\"cold start\",\"cold_us\":{cm:.1},\"cold_us_min\":{clo:.1},\"cold_us_max\":{chi:.1},\"warm_us\":{wm:.1}}}"));
+    }
     fs::write(out.join("results.md"), &md)?;
     fs::write(
         out.join("results.json"),
