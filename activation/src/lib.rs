@@ -204,6 +204,24 @@ pub struct Policy {
     pub startup_limit: Duration,
     /// Time a worker gets between SIGTERM and SIGKILL when it is stopped.
     pub shutdown_limit: Duration,
+    /// Recycling: the worker stops after this many requests (it counts
+    /// them itself)...
+    pub recycle_requests: Option<u64>,
+    /// ...or is asked to stop (SIGTERM: it finishes what it took) after
+    /// this long, or once its private memory passes this many KiB. The
+    /// next worker starts as soon as it exits; requests wait on the ring
+    /// meanwhile, none is lost.
+    pub recycle_interval: Option<Duration>,
+    pub recycle_private_kib: Option<u64>,
+}
+
+/// Environment variable the worker reads its recycling request count from.
+pub const ENV_RECYCLE_REQUESTS: &str = "DISPATCHER_RECYCLE_REQUESTS";
+
+/// Private (anonymous) resident memory of `pid`, KiB.
+fn private_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix("RssAnon:"))?.split_whitespace().next()?.parse().ok()
 }
 
 /// What a supervisor sees of its worker's queue.
@@ -254,6 +272,9 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
     if let (StartMode::OnDemand, Some(t)) = (policy.start, policy.idle_timeout) {
         spec.env.push((ENV_IDLE_TIMEOUT_SECS.into(), t.as_secs().max(1).to_string()));
     }
+    if let Some(n) = policy.recycle_requests {
+        spec.env.push((ENV_RECYCLE_REQUESTS.into(), n.to_string()));
+    }
     let mut backoff = MIN_BACKOFF;
     let mut crashes: std::collections::VecDeque<Instant> = Default::default();
     loop {
@@ -288,6 +309,7 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
                 let pid = child.id().unwrap_or(0);
                 tracing::info!(pool = %spec.pool, pid, "worker started");
                 let mut tick = tokio::time::interval(policy.ping.map_or(STARTUP_CHECK, |p| p.0.min(STARTUP_CHECK)));
+                let mut recycling: Option<Instant> = None;
                 let mut ready = false;
                 let mut last = None;
                 let mut stuck_since: Option<Instant> = None;
@@ -312,6 +334,26 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
                             return;
                         }
                         _ = tick.tick() => {
+                            if recycling.is_some_and(|t| t.elapsed() >= policy.shutdown_limit) {
+                                tracing::warn!(pool = %spec.pool, pid, "worker did not finish within the shutdown time limit; killing it");
+                                let _ = child.kill().await;
+                                break true;
+                            }
+                            let why = if recycling.is_some() {
+                                None
+                            } else if policy.recycle_interval.is_some_and(|t| started.elapsed() >= t) {
+                                Some("its recycling interval passed".to_string())
+                            } else {
+                                policy.recycle_private_kib.and_then(|limit| {
+                                    private_kib(pid).filter(|k| *k > limit).map(|k| format!("its private memory ({k} KiB) passed {limit} KiB"))
+                                })
+                            };
+                            if let Some(why) = why {
+                                tracing::info!(pool = %spec.pool, pid, "recycling the worker: {why}");
+                                recycling = Some(Instant::now());
+                                // SAFETY: signalling our own child.
+                                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                            }
                             let p = slot.progress();
                             if !ready {
                                 ready = p.ready;
@@ -322,7 +364,8 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
                                 }
                                 continue;
                             }
-                            let Some((_, limit)) = policy.ping else { continue };
+                            // A recycling worker stops pulling on purpose.
+                            let Some((_, limit)) = policy.ping.filter(|_| recycling.is_none()) else { continue };
                             if p.queued && last == Some(p.consumed) {
                                 let since = *stuck_since.get_or_insert_with(Instant::now);
                                 if since.elapsed() >= limit {

@@ -53,6 +53,8 @@ pub const DEFAULT_PING_RESPONSE_LIMIT_SECS: u64 = 90;
 pub const DEFAULT_STARTUP_TIME_LIMIT_SECS: u64 = 90;
 /// Default time a stopped worker has between SIGTERM and SIGKILL (WAS: 90 s).
 pub const DEFAULT_SHUTDOWN_TIME_LIMIT_SECS: u64 = 90;
+/// Default recycling interval (WAS: 1740 minutes).
+pub const DEFAULT_RECYCLE_INTERVAL_SECS: u64 = 1740 * 60;
 /// Default largest request body the slow path accepts (413 above).
 pub const DEFAULT_MAX_BODY: u64 = 64 << 20;
 
@@ -123,6 +125,9 @@ struct RawPool {
     startup_time_limit_secs: Option<Spanned<u64>>,
     shutdown_time_limit_secs: Option<u64>,
     group: Option<String>,
+    recycle_requests: Option<u64>,
+    recycle_interval_secs: Option<u64>,
+    recycle_private_memory_kib: Option<u64>,
 }
 
 /// A validated configuration.
@@ -173,6 +178,10 @@ pub struct Pool {
     pub shutdown_time_limit_secs: u64,
     /// Group the worker runs as (default: the user's primary group).
     pub group: Option<String>,
+    /// Recycling triggers; 0: off.
+    pub recycle_requests: u64,
+    pub recycle_interval_secs: u64,
+    pub recycle_private_memory_kib: u64,
 }
 
 /// A URL prefix: `host/path-prefix`, host `*` for any.
@@ -336,6 +345,9 @@ impl Config {
                 startup_time_limit_secs,
                 shutdown_time_limit_secs: p.shutdown_time_limit_secs.unwrap_or(DEFAULT_SHUTDOWN_TIME_LIMIT_SECS),
                 group: p.group.clone(),
+                recycle_requests: p.recycle_requests.unwrap_or(0),
+                recycle_interval_secs: p.recycle_interval_secs.unwrap_or(DEFAULT_RECYCLE_INTERVAL_SECS),
+                recycle_private_memory_kib: p.recycle_private_memory_kib.unwrap_or(0),
             });
         }
         let entries: usize = pools.iter().flat_map(|p| &p.routes).map(|r| if r.prefix.ends_with('/') { 1 } else { 2 }).sum();

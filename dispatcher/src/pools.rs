@@ -414,6 +414,9 @@ pub fn supervise(
             .then(|| (Duration::from_secs(pool.ping_interval_secs), Duration::from_secs(pool.ping_response_limit_secs))),
         startup_limit: Duration::from_secs(pool.startup_time_limit_secs),
         shutdown_limit: Duration::from_secs(pool.shutdown_time_limit_secs),
+        recycle_requests: (pool.recycle_requests > 0).then_some(pool.recycle_requests),
+        recycle_interval: (pool.recycle_interval_secs > 0).then(|| Duration::from_secs(pool.recycle_interval_secs)),
+        recycle_private_kib: (pool.recycle_private_memory_kib > 0).then_some(pool.recycle_private_memory_kib),
     };
     let signals = link.signals.clone();
     tokio::spawn(activation::supervise(spec, policy, PoolSlot { index, link, shared }, signals, stop))

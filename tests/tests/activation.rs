@@ -203,3 +203,63 @@ fn a_worker_cannot_open_another_pools_pinned_ring() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Requests per client thread in the recycling test.
+const RECYCLE_LOAD: usize = 250;
+/// Client threads in the recycling test.
+const RECYCLE_CLIENTS: usize = 4;
+/// Requests after which the recycling test's worker is replaced.
+const RECYCLE_EVERY: usize = 40;
+
+#[test]
+fn recycling_by_request_count_under_load_fails_no_request() {
+    if !privileged() {
+        return;
+    }
+    let extra = format!("recycle_requests = {RECYCLE_EVERY}");
+    let d = Dispatcher::start(&[PoolDef { extra: &extra, ..PoolDef::echo("p", &["*/"]) }], "");
+    let threads: Vec<_> = (0..RECYCLE_CLIENTS)
+        .map(|t| {
+            let mut c = d.connect();
+            std::thread::spawn(move || {
+                let mut pids = std::collections::BTreeSet::new();
+                for i in 0..RECYCLE_LOAD {
+                    let path = format!("/t{t}/{i}");
+                    let r = c.get("x", &path);
+                    assert_eq!((r.status, r.header("x-echo-path")), (200, Some(path.as_str())), "{r:?}");
+                    pids.insert(worker_pid(&r));
+                }
+                pids
+            })
+        })
+        .collect();
+    let mut pids = std::collections::BTreeSet::new();
+    for t in threads {
+        pids.extend(t.join().expect("a client saw a failed request"));
+    }
+    let total = RECYCLE_CLIENTS * RECYCLE_LOAD;
+    // Each worker serves at most RECYCLE_EVERY requests (plus what it had
+    // already taken when it reached the count).
+    assert!(pids.len() >= total / (2 * RECYCLE_EVERY), "only {} workers served {total} requests", pids.len());
+    assert!(d.log().contains("recycled"), "{}", d.log());
+}
+
+#[test]
+fn recycling_by_interval_replaces_the_worker_without_failures() {
+    if !privileged() {
+        return;
+    }
+    let d = Dispatcher::start(&[PoolDef { extra: "recycle_interval_secs = 1", ..PoolDef::echo("p", &["*/"]) }], "");
+    let mut c = d.connect();
+    let first = worker_pid(&c.get("x", "/first"));
+    let t0 = Instant::now();
+    let mut last = first;
+    while last == first {
+        assert!(t0.elapsed() < SETTLE, "the worker was not recycled: {}", d.log());
+        let r = c.get("x", "/again");
+        assert_eq!(r.status, 200);
+        last = worker_pid(&r);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.log().contains("recycling interval passed"), "{}", d.log());
+}

@@ -64,6 +64,13 @@ pub enum Error {
     /// next request starts a new worker).
     #[error("no request for the idle time-out")]
     Idle,
+    /// The worker stopped pulling (its request count for recycling was
+    /// reached, or [`Worker::stop_pulling`] was called) and has handed out
+    /// every request it took from its queue: finish the handlers in
+    /// flight, call [`Worker::finish`], exit with status 0. What is still
+    /// queued is served by the next worker.
+    #[error("recycled: no more requests for this worker")]
+    Recycle,
 }
 
 /// A worker's connection to its pool.
@@ -76,6 +83,11 @@ pub struct Worker {
     yielded: bool,
     /// `receive` gives [`Error::Idle`] after this long without a request.
     idle: Option<std::time::Duration>,
+    /// Requests handed out so far, and the count that recycles the worker.
+    served: u64,
+    recycle_after: Option<u64>,
+    /// No new requests from the queue; finish the ones taken.
+    draining: bool,
     /// The control socket's writer (flushed by [`Worker::finish`]).
     writer: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     frames: mpsc::Receiver<(RecordHeader, Vec<u8>)>,
@@ -133,8 +145,16 @@ impl Worker {
                 why: format!("`{v}` is not a number of seconds"),
             })?)),
         };
+        let recycle_after = match std::env::var(proto::ENV_RECYCLE_REQUESTS) {
+            Err(_) => None,
+            Ok(v) => Some(v.parse::<u64>().map_err(|_| Error::Env {
+                var: proto::ENV_RECYCLE_REQUESTS,
+                why: format!("`{v}` is not a request count"),
+            })?),
+        };
         let mut w = Worker::from_fds(ring, ctl, lease, awake, pool)?;
         w.idle = idle.filter(|d| !d.is_zero());
+        w.recycle_after = recycle_after.filter(|n| *n > 0);
         Ok(w)
     }
 
@@ -198,7 +218,14 @@ impl Worker {
         if let Some(fd) = lease {
             out.spawn_lease_reader(fd).map_err(Error::Control)?;
         }
-        Ok(Worker { pool, ring, awake, yielded: false, idle: None, writer: Some(writer), frames, reassembly: Reassembly::default(), ready: VecDeque::new(), responder: Responder { out } })
+        Ok(Worker { pool, ring, awake, yielded: false, idle: None, served: 0, recycle_after: None, draining: false, writer: Some(writer), frames, reassembly: Reassembly::default(), ready: VecDeque::new(), responder: Responder { out } })
+    }
+
+    /// Stops taking requests from the queue (a graceful stop, e.g. on
+    /// SIGTERM): `receive` hands out what was taken, then gives
+    /// [`Error::Recycle`].
+    pub fn stop_pulling(&mut self) {
+        self.draining = true;
     }
 
     /// Ends the worker's part: gives back every connection it writes to
@@ -229,9 +256,23 @@ impl Worker {
             while let Some(raw) = self.ready.pop_front() {
                 let (conn, seq) = (raw.conn, raw.seq);
                 match Request::parse(raw) {
-                    Ok(r) => return Ok(r),
+                    Ok(r) => {
+                        self.served += 1;
+                        if self.recycle_after.is_some_and(|n| self.served >= n) {
+                            self.draining = true;
+                        }
+                        return Ok(r);
+                    }
                     Err(_) => self.responder.reject(conn, seq),
                 }
+            }
+            if self.draining && self.reassembly.pending() == 0 {
+                // Slow-path requests already sent to us are ours too.
+                if let Ok((hdr, data)) = self.frames.try_recv() {
+                    self.push(&hdr, &data);
+                    continue;
+                }
+                return Err(Error::Recycle);
             }
             if self.drain_ring() {
                 continue;
@@ -286,7 +327,7 @@ impl Worker {
     /// Takes every record the ring holds; true if there were any. Records
     /// are reassembled straight from ring memory (one copy).
     fn drain_ring(&mut self) -> bool {
-        let Worker { ring, reassembly, ready, responder, .. } = self;
+        let Worker { ring, reassembly, ready, responder, draining, .. } = self;
         let Some(ring) = ring.as_mut() else { return false };
         let rb = ring.get_mut();
         let mut any = false;
@@ -295,6 +336,12 @@ impl Worker {
             if let Some(hdr) = RecordHeader::from_bytes(&item) {
                 let end = (RECORD_HEADER_LEN + hdr.len as usize).min(item.len());
                 deliver(reassembly, ready, responder, &hdr, &item[RECORD_HEADER_LEN..end]);
+            }
+            drop(item);
+            if *draining && reassembly.pending() == 0 {
+                // Every request taken is whole: the rest is the next
+                // worker's.
+                break;
             }
         }
         any

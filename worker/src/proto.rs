@@ -75,6 +75,9 @@ pub const ENV_LEASE_FD: &str = "DISPATCHER_LEASE_FD";
 pub const ENV_AWAKE_FD: &str = "DISPATCHER_AWAKE_FD";
 /// Environment variable with the idle time-out in seconds (absent: none).
 pub const ENV_IDLE_TIMEOUT_SECS: &str = "DISPATCHER_IDLE_TIMEOUT_SECS";
+/// Environment variable with the request count after which the worker
+/// stops pulling and exits (recycling; absent: never).
+pub const ENV_RECYCLE_REQUESTS: &str = "DISPATCHER_RECYCLE_REQUESTS";
 /// Environment variable with the pool name.
 pub const ENV_POOL: &str = "DISPATCHER_POOL";
 

@@ -75,16 +75,29 @@ async fn run(cli: Cli) -> Result<()> {
     let responder = w.responder();
     // Requests being handled; an idle exit waits for them.
     let busy = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // SIGTERM: stop pulling, finish what was taken, exit cleanly.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        let req = match w.receive().await {
+        let got = tokio::select! {
+            r = w.receive() => r,
+            _ = sigterm.recv() => {
+                tracing::info!(pool = %pool, pid, "SIGTERM; finishing the requests taken");
+                w.stop_pulling();
+                continue;
+            }
+        };
+        let req = match got {
             Ok(r) => r,
             Err(worker::Error::Closed) => return Ok(()),
-            Err(worker::Error::Idle) if busy.load(std::sync::atomic::Ordering::SeqCst) == 0 => {
-                tracing::info!(pool = %pool, pid, "idle; exiting");
+            Err(e @ (worker::Error::Idle | worker::Error::Recycle)) => {
+                // Let the handlers in flight answer first.
+                while busy.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                tracing::info!(pool = %pool, pid, "{e}; exiting");
                 w.finish().await;
                 return Ok(());
             }
-            Err(worker::Error::Idle) => continue,
             Err(e) => return Err(e.into()),
         };
         let mode = cli.mode.clone();
