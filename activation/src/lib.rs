@@ -30,6 +30,8 @@ pub const CTL_FD: i32 = 4;
 pub const LEASE_FD: i32 = 5;
 /// Fd number the worker finds its ring's awake flag at (when it has one).
 pub const AWAKE_FD: i32 = 6;
+/// Fd number the worker finds its progress map at (when it has one).
+pub const PROGRESS_FD: i32 = 7;
 /// First restart delay; doubles per quick exit up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_millis(200);
 /// Longest restart delay.
@@ -61,6 +63,8 @@ pub struct Handles {
     pub lease: Option<OwnedFd>,
     /// The ring's awake flag (an mmapable BPF array), if the ring has one.
     pub awake: Option<OwnedFd>,
+    /// The progress map of leased connections (a memfd), with leases.
+    pub progress: Option<OwnedFd>,
 }
 
 /// Errors starting a worker.
@@ -110,6 +114,7 @@ pub fn spawn(spec: &WorkerSpec, handles: Handles) -> Result<tokio::process::Chil
     for (present, var, fd) in [
         (handles.lease.is_some(), "DISPATCHER_LEASE_FD", LEASE_FD),
         (handles.awake.is_some(), "DISPATCHER_AWAKE_FD", AWAKE_FD),
+        (handles.progress.is_some(), "DISPATCHER_PROGRESS_FD", PROGRESS_FD),
     ] {
         if present {
             cmd.env(var, fd.to_string());
@@ -123,8 +128,13 @@ pub fn spawn(spec: &WorkerSpec, handles: Handles) -> Result<tokio::process::Chil
     // (handle, fixed number) pairs; -1: absent. A plain array: nothing
     // may allocate between fork and exec.
     let raw = |f: &Option<OwnedFd>| f.as_ref().map_or(-1, |f| f.as_raw_fd());
-    let moves: [(i32, i32); 4] =
-        [(raw(&handles.ring), RING_FD), (handles.ctl.as_raw_fd(), CTL_FD), (raw(&handles.lease), LEASE_FD), (raw(&handles.awake), AWAKE_FD)];
+    let moves: [(i32, i32); 5] = [
+        (raw(&handles.ring), RING_FD),
+        (handles.ctl.as_raw_fd(), CTL_FD),
+        (raw(&handles.lease), LEASE_FD),
+        (raw(&handles.awake), AWAKE_FD),
+        (raw(&handles.progress), PROGRESS_FD),
+    ];
     let user = spec.user.as_ref().map(|u| CString::new(u.as_str()).unwrap_or_default());
     // SAFETY: only async-signal-safe calls (dup2, fcntl, setgroups,
     // setgid, setuid, prctl) between fork and exec.
@@ -133,7 +143,7 @@ pub fn spawn(spec: &WorkerSpec, handles: Handles) -> Result<tokio::process::Chil
             // Move the handles to their fixed numbers; dup2 clears CLOEXEC.
             // All go to scratch numbers first, so that no dup2 overwrites
             // a handle still to be moved.
-            let mut scratch = [-1i32; 4];
+            let mut scratch = [-1i32; 5];
             for (i, (fd, _)) in moves.iter().enumerate() {
                 if *fd >= 0 {
                     scratch[i] = libc::fcntl(*fd, libc::F_DUPFD, 64);

@@ -211,9 +211,9 @@ impl Conn {
                         Some(ToConn::Frame(f)) => {
                             if let Flow::Close = self.on_frame(f).await { return; }
                         }
-                        Some(ToConn::LeaseLost(gen)) => {
+                        Some(ToConn::LeaseLost { gen, slot }) => {
                             if self.lease.as_ref().is_some_and(|l| l.gen == gen) {
-                                if let Flow::Close = self.lease_lost() { return; }
+                                if let Flow::Close = self.lease_lost(slot).await { return; }
                                 if let Flow::Close = self.flush().await { return; }
                             }
                         }
@@ -337,6 +337,13 @@ impl Conn {
         tracing::debug!(conn = self.cookie, gen, seq, "lease released");
         l.to.settled(self.cookie);
         self.unpark();
+        // The worker's writes count as written from here on (a later
+        // holder's death is judged against this).
+        if let Sock::Polled(stream) = &self.sock {
+            if let Ok(n) = socket_written(stream) {
+                self.written = n;
+            }
+        }
         if seq > self.next {
             // Slow-path requests are never answered under a lease, so
             // nothing in `sent` is settled by this; drop stale frames.
@@ -346,30 +353,53 @@ impl Conn {
         self.flush().await
     }
 
-    /// The worker holding the lease exited without giving it back. If it
-    /// wrote nothing since the grant, the connection goes on from where
-    /// the lease started; otherwise what it wrote of its last response is
-    /// unknown, and the connection has to close.
-    fn lease_lost(&mut self) -> Flow {
-        if let Some(l) = self.lease.take() {
-            l.to.settled(self.cookie);
-        }
+    /// The worker holding the lease died without giving it back. Its
+    /// trace (`worker::progress`) says how far it wrote; if the socket took
+    /// exactly that, the stream stopped between two responses: the
+    /// connection goes on, and the requests the worker had taken and not
+    /// answered get 502. Otherwise part of a response is out, and the
+    /// connection has to close.
+    async fn lease_lost(&mut self, slot: u32) -> Flow {
+        let Some(l) = self.lease.take() else { return Flow::Continue };
+        l.to.settled(self.cookie);
+        let t = l.to.trace(self.cookie, slot).unwrap_or(worker::progress::Trace {
+            next: self.next,
+            taken: self.next,
+            complete_bytes: 0,
+            pending: 0,
+        });
         self.unpark();
         let Sock::Polled(stream) = &self.sock else { return Flow::Close };
-        match socket_written(stream) {
-            Ok(n) if n == self.written => {
-                tracing::debug!(conn = self.cookie, seq = self.next, "lease holder exited before writing; taking the connection back");
-                Flow::Continue
-            }
-            Ok(n) => {
-                tracing::warn!(conn = self.cookie, wrote = n - self.written.min(n), "the worker holding the connection exited mid-stream; closing it");
-                Flow::Close
-            }
+        let n = match socket_written(stream) {
+            Ok(n) => n,
             Err(e) => {
-                tracing::warn!(conn = self.cookie, "the worker holding the connection exited; closing it ({e})");
-                Flow::Close
+                tracing::warn!(conn = self.cookie, "the worker holding the connection died; closing it ({e})");
+                return Flow::Close;
+            }
+        };
+        // Between two responses: before the one it was writing, or (killed
+        // before it could note it) just after it.
+        let next = if n == self.written + t.complete_bytes {
+            t.next
+        } else if t.pending > 0 && n == self.written + t.complete_bytes + t.pending as u64 {
+            t.next.wrapping_add(1)
+        } else {
+            tracing::warn!(conn = self.cookie, "the worker holding the connection died in the middle of a response; closing it");
+            return Flow::Close;
+        };
+        let taken = t.taken.max(next);
+        self.written = n;
+        if next > self.next {
+            self.next = next;
+            self.pending = self.pending.split_off(&next);
+        }
+        tracing::warn!(conn = self.cookie, next, taken, "the worker holding the connection died; going on from its last response");
+        for seq in next..taken {
+            if let Flow::Close = self.answer(seq, 502, "the worker died while handling this request", false, false, false).await {
+                return Flow::Close;
             }
         }
+        Flow::Continue
     }
 
     /// Asks the lease holder, if any, to give the connection back.
@@ -403,7 +433,7 @@ impl Conn {
             return;
         };
         self.lease_gen = self.lease_gen.wrapping_add(1);
-        let msg = LeaseMsg { conn: self.cookie, kind: lease::GRANT, from: self.next, gen: self.lease_gen, _pad: 0 };
+        let msg = LeaseMsg { conn: self.cookie, kind: lease::GRANT, from: self.next, gen: self.lease_gen, slot: worker::proto::NO_SLOT };
         if to.send(msg, Some(fd)) {
             tracing::debug!(conn = self.cookie, gen = self.lease_gen, from = self.next, "lease granted");
             self.lease = Some(Held { gen: self.lease_gen, to, revoked: false });

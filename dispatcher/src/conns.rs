@@ -23,8 +23,9 @@ pub enum ToConn {
     /// Look at the socket: the kernel handed the connection to user space,
     /// or the peer closed while the connection was parked.
     Wake,
-    /// The worker holding lease `gen` died without giving it back.
-    LeaseLost(u32),
+    /// The worker holding lease `gen` (progress entry `slot`) died without
+    /// giving it back.
+    LeaseLost { gen: u32, slot: u32 },
 }
 
 /// How long a response for a not-yet-registered connection is kept.
@@ -88,9 +89,9 @@ impl Conns {
     }
 
     /// Tells connection `cookie` its lease `gen` is lost.
-    pub fn lease_lost(&self, cookie: u64, gen: u32) {
+    pub fn lease_lost(&self, cookie: u64, gen: u32, slot: u32) {
         if let Some(tx) = self.live.lock().unwrap().get(&cookie) {
-            let _ = tx.send(ToConn::LeaseLost(gen));
+            let _ = tx.send(ToConn::LeaseLost { gen, slot });
         }
     }
 

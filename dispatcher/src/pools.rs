@@ -144,6 +144,9 @@ impl Frame {
 #[derive(Debug)]
 pub struct LeaseTx {
     sock: AsyncFd<OwnedFd>,
+    /// The worker's trace of its leased connections (see
+    /// `worker::progress`), read after it dies.
+    progress: worker::progress::ProgressMap,
     /// Messages not sent yet (the front one is the next to go), and the
     /// connections with a lease out (told when the worker dies).
     queue: Mutex<LeaseQueue>,
@@ -156,8 +159,12 @@ pub struct LeaseTx {
 #[derive(Debug, Default)]
 struct LeaseQueue {
     msgs: std::collections::VecDeque<(LeaseMsg, Option<OwnedFd>)>,
-    /// Connection → generation of the lease it has out with this worker.
-    granted: std::collections::HashMap<u64, u32>,
+    /// Connection → (generation, progress entry) of the lease it has out
+    /// with this worker.
+    granted: std::collections::HashMap<u64, (u32, u32)>,
+    /// Progress entries given back, and the next never used.
+    free: Vec<u32>,
+    next_slot: u32,
 }
 
 impl LeaseTx {
@@ -165,13 +172,22 @@ impl LeaseTx {
     /// False when the worker is gone. A grant is recorded, so that if the
     /// worker dies before giving it back the connection hears of it
     /// (after everything the worker sent before dying).
-    pub fn send(&self, msg: LeaseMsg, fd: Option<OwnedFd>) -> bool {
+    pub fn send(&self, mut msg: LeaseMsg, fd: Option<OwnedFd>) -> bool {
         let mut q = self.queue.lock().unwrap();
         if self.is_closed() {
             return false;
         }
         if msg.kind == lease::GRANT {
-            q.granted.insert(msg.conn, msg.gen);
+            let slot = match q.free.pop() {
+                Some(s) => s,
+                None if (q.next_slot as usize) < worker::progress::ENTRIES => {
+                    q.next_slot += 1;
+                    q.next_slot - 1
+                }
+                None => worker::proto::NO_SLOT,
+            };
+            msg.slot = slot;
+            q.granted.insert(msg.conn, (msg.gen, slot));
         }
         let q = &mut q.msgs;
         if q.is_empty() {
@@ -195,20 +211,33 @@ impl LeaseTx {
 
     /// Connection `conn` has no lease out with this worker any more.
     pub fn settled(&self, conn: u64) {
-        self.queue.lock().unwrap().granted.remove(&conn);
+        let mut q = self.queue.lock().unwrap();
+        if let Some((_, slot)) = q.granted.remove(&conn) {
+            if slot != worker::proto::NO_SLOT {
+                q.free.push(slot);
+            }
+        }
+    }
+
+    /// What the (dead) worker traced for `conn`'s lease `gen`: (the next
+    /// response it would have written, one past the last request it took,
+    /// bytes of the complete responses it wrote).
+    pub fn trace(&self, conn: u64, slot: u32) -> Option<worker::progress::Trace> {
+        let e = self.progress.entry(slot)?;
+        (e.conn.load(std::sync::atomic::Ordering::Acquire) == conn).then(|| e.read())
     }
 
     /// The worker exited (its control socket ended, after every frame it
     /// sent): the leases it still held are lost.
     fn mark_dead(&self, conns: &Conns) {
-        let lost: Vec<(u64, u32)> = {
+        let lost: Vec<(u64, (u32, u32))> = {
             let mut q = self.queue.lock().unwrap();
             self.dead.store(true, Ordering::Relaxed);
             q.msgs.clear();
             q.granted.drain().collect()
         };
-        for (conn, gen) in lost {
-            conns.lease_lost(conn, gen);
+        for (conn, (gen, slot)) in lost {
+            conns.lease_lost(conn, gen, slot);
         }
         self.wake.notify_one();
     }
@@ -253,7 +282,7 @@ impl LeaseTx {
 }
 
 /// Makes a lease socket pair and the writer task for our end.
-fn lease_socket() -> Result<(Arc<LeaseTx>, OwnedFd)> {
+fn lease_socket() -> Result<(Arc<LeaseTx>, OwnedFd, OwnedFd)> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .context("lease socketpair")?;
@@ -262,9 +291,10 @@ fn lease_socket() -> Result<(Arc<LeaseTx>, OwnedFd)> {
     nix::fcntl::fcntl(ours.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(fl)).context("F_SETFL")?;
     // SAFETY: the AsyncFd owns the fd for as long as it is registered.
     let sock = unsafe { AsyncFd::register_with_interest(ours, Interest::WRITABLE) }?;
-    let tx = Arc::new(LeaseTx { sock, queue: Default::default(), wake: Default::default(), dead: Default::default() });
+    let (progress, progress_fd) = worker::progress::ProgressMap::create().context("making a progress map")?;
+    let tx = Arc::new(LeaseTx { sock, progress, queue: Default::default(), wake: Default::default(), dead: Default::default() });
     tokio::spawn(tx.clone().write_queued());
-    Ok((tx, theirs))
+    Ok((tx, theirs, progress_fd))
 }
 
 fn send_lease(sock: &OwnedFd, msg: &LeaseMsg, fd: Option<&OwnedFd>) -> io::Result<()> {
@@ -281,13 +311,13 @@ fn send_lease(sock: &OwnedFd, msg: &LeaseMsg, fd: Option<&OwnedFd>) -> io::Resul
 /// Makes a control socket for a new worker of `link`: our end is served
 /// by a reader (responses → connections) and a writer task. With `leases`,
 /// also a lease socket; returns the worker's ends.
-fn connect(link: &Arc<PoolLink>, conns: &Arc<Conns>, leases: bool) -> Result<(OwnedFd, Option<OwnedFd>)> {
-    let (lease_tx, lease_fd) = match leases {
+fn connect(link: &Arc<PoolLink>, conns: &Arc<Conns>, leases: bool) -> Result<(OwnedFd, Option<OwnedFd>, Option<OwnedFd>)> {
+    let (lease_tx, lease_fd, progress_fd) = match leases {
         true => {
-            let (tx, fd) = lease_socket()?;
-            (Some(tx), Some(fd))
+            let (tx, fd, progress) = lease_socket()?;
+            (Some(tx), Some(fd), Some(progress))
         }
-        false => (None, None),
+        false => (None, None, None),
     };
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("socketpair")?;
     ours.set_nonblocking(true)?;
@@ -337,7 +367,7 @@ fn connect(link: &Arc<PoolLink>, conns: &Arc<Conns>, leases: bool) -> Result<(Ow
             l.mark_dead(&conns);
         }
     });
-    Ok((theirs.into(), lease_fd))
+    Ok((theirs.into(), lease_fd, progress_fd))
 }
 
 /// The dispatcher's side of pool `index`'s one worker slot.
@@ -349,9 +379,9 @@ struct PoolSlot {
 
 impl activation::Slot for PoolSlot {
     fn handles(&mut self) -> Result<activation::Handles> {
-        let (ctl, lease) = connect(&self.link, &self.shared.conns, self.shared.cfg.direct_responses)?;
+        let (ctl, lease, progress) = connect(&self.link, &self.shared.conns, self.shared.cfg.direct_responses)?;
         let k = self.shared.kernel.lock().unwrap();
-        Ok(activation::Handles { ring: Some(k.ring_fd(self.index)?), ctl, lease, awake: Some(k.awake_fd(self.index)?) })
+        Ok(activation::Handles { ring: Some(k.ring_fd(self.index)?), ctl, lease, awake: Some(k.awake_fd(self.index)?), progress })
     }
 
     fn vacate(&mut self) -> bool {

@@ -263,3 +263,68 @@ fn recycling_by_interval_replaces_the_worker_without_failures() {
     }
     assert!(d.log().contains("recycling interval passed"), "{}", d.log());
 }
+
+/// Client threads and requests per thread in the kill -9 test, and after
+/// how many answered requests the worker is killed.
+const KILL_CLIENTS: usize = 8;
+const KILL_LOAD: usize = 200;
+const KILL_AFTER: usize = 300;
+
+#[test]
+fn kill_9_of_a_busy_worker_fails_only_what_it_had_taken_with_502() {
+    use std::sync::{
+        atomic::{AtomicU32, AtomicUsize, Ordering},
+        Arc,
+    };
+    if !privileged() {
+        return;
+    }
+    let d = Dispatcher::start(&[PoolDef::echo("p", &["*/"])], "");
+    let answered = Arc::new(AtomicUsize::new(0));
+    let seen_pid = Arc::new(AtomicU32::new(0));
+    let threads: Vec<_> = (0..KILL_CLIENTS)
+        .map(|t| {
+            let mut c = d.connect();
+            let (answered, seen_pid) = (answered.clone(), seen_pid.clone());
+            std::thread::spawn(move || {
+                let (mut bad_gateway, mut pids) = (0, std::collections::BTreeSet::new());
+                for i in 0..KILL_LOAD {
+                    let path = format!("/t{t}/{i}");
+                    c.send(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+                    let r = c.try_read_response().unwrap_or_else(|| panic!("connection {t} closed at request {i}"));
+                    match r.status {
+                        200 => {
+                            assert_eq!(r.header("x-echo-path"), Some(path.as_str()));
+                            let pid = worker_pid(&r);
+                            seen_pid.store(pid, Ordering::Relaxed);
+                            pids.insert(pid);
+                        }
+                        502 => bad_gateway += 1,
+                        s => panic!("request {path}: status {s}"),
+                    }
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+                (bad_gateway, pids)
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    while answered.load(Ordering::Relaxed) < KILL_AFTER {
+        assert!(t0.elapsed() < SETTLE, "the load did not get going");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let victim = seen_pid.load(Ordering::Relaxed);
+    // SAFETY: killing the worker process of this test's dispatcher.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    let (mut bad_gateway, mut pids) = (0, std::collections::BTreeSet::new());
+    for t in threads {
+        let (b, p) = t.join().expect("a client saw a closed connection or a wrong answer");
+        bad_gateway += b;
+        pids.extend(p);
+    }
+    // At most one request in flight per connection, so at most that many
+    // were taken by the dead worker; everything else was answered.
+    assert!(bad_gateway <= KILL_CLIENTS, "{bad_gateway} requests failed");
+    assert!(pids.len() >= 2, "no replacement answered: {pids:?}");
+    eprintln!("kill -9 under load: {bad_gateway} of {} requests got 502", KILL_CLIENTS * KILL_LOAD);
+}

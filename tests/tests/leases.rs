@@ -24,6 +24,10 @@ const PIPELINED: usize = 24;
 const ROUNDS: usize = 5;
 /// Requests [`leased`] makes at most before the worker must hold the socket.
 const LEASE_TRIES: usize = 10;
+/// The slow handler's time in the 502 test, and how long the test waits
+/// for the worker to have taken the request.
+const SLOW_MS: u64 = 5000;
+const TAKE_MS: u64 = 300;
 /// Header bytes that push a request past the kernel's head limit.
 const LONG_HEADER: usize = 6000;
 
@@ -233,7 +237,7 @@ fn a_lease_holder_that_dies_before_writing_leaves_a_usable_connection() {
 }
 
 #[test]
-fn a_lease_holder_that_dies_after_writing_closes_the_connection() {
+fn a_lease_holder_that_dies_after_writing_leaves_the_connection_usable() {
     if !privileged() {
         return;
     }
@@ -242,11 +246,30 @@ fn a_lease_holder_that_dies_after_writing_closes_the_connection() {
     let (pid, _) = leased(&d, &mut c);
     assert_eq!(get_ok(&mut c, "/a/direct", "a"), pid);
     kill(pid);
-    // What the dead worker wrote is unknown to the dispatcher: the only
-    // safe end is to close (like a proxy whose upstream died).
-    assert!(c.is_closed(), "the connection stayed open after its writer died");
-    assert!(d.log().contains("exited mid-stream"), "{}", d.log());
-    let mut c2 = d.connect();
-    let r = c2.get("x", "/a/new");
-    assert_eq!(r.status, 200);
+    // Its trace shows the stream between two responses: the connection
+    // goes on, answered by the replacement.
+    let r = c.get("x", "/a/after");
+    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/a/after")));
+    assert_ne!(worker_pid(&r), pid);
+}
+
+#[test]
+fn a_request_the_dead_worker_had_taken_gets_502_and_the_connection_goes_on() {
+    if !privileged() {
+        return;
+    }
+    let d = two_pools("");
+    let mut c = d.connect();
+    let (pid, _) = leased(&d, &mut c);
+    // Taken by the worker, which then dies before answering.
+    c.send(format!("GET /a/delay/{SLOW_MS}/x HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    std::thread::sleep(Duration::from_millis(TAKE_MS));
+    kill(pid);
+    let t0 = Instant::now();
+    let r = c.read_response();
+    assert_eq!(r.status, 502, "{r:?}");
+    assert!(t0.elapsed() < Duration::from_millis(SLOW_MS), "the 502 waited for the slow handler's time");
+    let r = c.get("x", "/a/next");
+    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/a/next")));
+    assert!(d.log().contains("going on from its last response"), "{}", d.log());
 }

@@ -21,6 +21,7 @@
 mod awake;
 pub mod direct;
 mod outbound;
+pub mod progress;
 pub mod proto;
 pub mod reassembly;
 pub mod request;
@@ -71,6 +72,21 @@ pub enum Error {
     /// queued is served by the next worker.
     #[error("recycled: no more requests for this worker")]
     Recycle,
+}
+
+/// The handles a worker is started with.
+pub struct Handles {
+    /// The pool slot's ring (absent: control socket only).
+    pub ring: Option<OwnedFd>,
+    /// The control socket (slow-path requests in, responses out).
+    pub ctl: OwnedFd,
+    /// The lease socket (absent: the dispatcher writes every response).
+    pub lease: Option<OwnedFd>,
+    /// The ring's awake flag (absent: every record wakes the worker).
+    pub awake: Option<OwnedFd>,
+    /// The progress map for leased connections (absent: no trace, so a
+    /// crash closes the connections this worker wrote to).
+    pub progress: Option<OwnedFd>,
 }
 
 /// A worker's connection to its pool.
@@ -137,6 +153,7 @@ impl Worker {
         let ring = env_fd(proto::ENV_RING_FD)?;
         let lease = env_fd(proto::ENV_LEASE_FD)?;
         let awake = env_fd(proto::ENV_AWAKE_FD)?;
+        let progress = env_fd(proto::ENV_PROGRESS_FD)?;
         let pool = std::env::var(proto::ENV_POOL).unwrap_or_else(|_| "default".into());
         let idle = match std::env::var(proto::ENV_IDLE_TIMEOUT_SECS) {
             Err(_) => None,
@@ -152,23 +169,20 @@ impl Worker {
                 why: format!("`{v}` is not a request count"),
             })?),
         };
-        let mut w = Worker::from_fds(ring, ctl, lease, awake, pool)?;
+        let mut w = Worker::from_fds(Handles { ring, ctl, lease, awake, progress }, pool)?;
         w.idle = idle.filter(|d| !d.is_zero());
         w.recycle_after = recycle_after.filter(|n| *n > 0);
         Ok(w)
     }
 
-    /// A worker over explicit handles; `ring` may be absent (control
-    /// socket only), and so may `lease` (then every response goes through
-    /// the dispatcher) and `awake` (then every record wakes the worker).
-    /// Must be called inside a tokio runtime.
-    pub fn from_fds(
-        ring: Option<OwnedFd>,
-        ctl: OwnedFd,
-        lease: Option<OwnedFd>,
-        awake: Option<OwnedFd>,
-        pool: String,
-    ) -> Result<Worker, Error> {
+    /// A worker over explicit handles. Must be called inside a tokio
+    /// runtime.
+    pub fn from_fds(h: Handles, pool: String) -> Result<Worker, Error> {
+        let Handles { ring, ctl, lease, awake, progress } = h;
+        let progress = match progress {
+            Some(fd) => Some(progress::ProgressMap::map(fd).map_err(|e| Error::Env { var: proto::ENV_PROGRESS_FD, why: format!("cannot map it: {e}") })?),
+            None => None,
+        };
         let awake = match awake {
             Some(fd) => Some(awake::Awake::map(fd).map_err(|e| Error::Env { var: proto::ENV_AWAKE_FD, why: format!("cannot map the flag: {e}") })?),
             None => None,
@@ -214,7 +228,7 @@ impl Worker {
         });
         let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
         let writer = tokio::spawn(proto::write_batched(wr, rx));
-        let out = std::sync::Arc::new(Outbound::new(tx, lease.is_some()));
+        let out = std::sync::Arc::new(Outbound::new(tx, lease.is_some(), progress));
         if let Some(fd) = lease {
             out.spawn_lease_reader(fd).map_err(Error::Control)?;
         }
@@ -257,6 +271,9 @@ impl Worker {
                 let (conn, seq) = (raw.conn, raw.seq);
                 match Request::parse(raw) {
                     Ok(r) => {
+                        if r.from_kernel {
+                            self.responder.out.taken(r.conn, r.seq);
+                        }
                         self.served += 1;
                         if self.recycle_after.is_some_and(|n| self.served >= n) {
                             self.draining = true;

@@ -20,6 +20,7 @@ use tokio::{
     sync::mpsc,
 };
 
+use crate::progress::ProgressMap;
 use crate::proto::{self, lease, LeaseMsg, ResponseHeader, MAX_FRAME, RESP_CLOSE, RESP_LAST, RESP_RELEASE, RESP_WANT_LEASE};
 
 /// The response router one worker's [`Responder`](crate::Responder)s share.
@@ -30,6 +31,8 @@ pub(crate) struct Outbound {
     conns: Mutex<HashMap<u64, Entry>>,
     /// The lease socket, also read synchronously (see `respond`).
     lease_sock: OnceLock<Arc<OwnedFd>>,
+    /// Where leased connections' progress is traced for the dispatcher.
+    progress: Option<Arc<ProgressMap>>,
 }
 
 enum Entry {
@@ -43,13 +46,18 @@ enum Entry {
 /// A connection this worker writes to itself.
 struct Lease {
     gen: u32,
+    /// Its progress entry (the trace the dispatcher reads if we die).
+    trace: Option<(Arc<ProgressMap>, u32)>,
+    /// Bytes of the complete responses written under this lease.
+    complete_bytes: u64,
     sock: Arc<Sock>,
     /// The next response to write; everything before it is in the socket
     /// or in `backlog`.
     next: u32,
     /// Responses accepted in order but not yet (fully) in the socket
-    /// because its send buffer is full: (seq, bytes still to write).
-    backlog: VecDeque<(u32, Bytes)>,
+    /// because its send buffer is full: (seq, bytes still to write, whole
+    /// length).
+    backlog: VecDeque<(u32, Bytes, usize)>,
     /// Responses that finished before an earlier one: seq → (bytes, close).
     queued: BTreeMap<u32, (Bytes, bool)>,
     /// A task waits for the socket to become writable.
@@ -107,24 +115,48 @@ impl Sock {
 }
 
 impl Lease {
+    /// Response `seq` (`len` bytes) is about to go into the socket.
+    fn writing(&self, seq: u32, len: usize) {
+        if let Some((map, i)) = &self.trace {
+            if let Some(e) = map.entry(*i) {
+                e.record(seq, self.complete_bytes, len as u32);
+            }
+        }
+    }
+
+    /// Response `seq` (`len` bytes) is wholly in the socket.
+    fn written(&mut self, seq: u32, len: usize) {
+        self.complete_bytes += len as u64;
+        if let Some((map, i)) = &self.trace {
+            if let Some(e) = map.entry(*i) {
+                e.record(seq.wrapping_add(1), self.complete_bytes, 0);
+            }
+        }
+    }
+
     /// Takes response `seq` (the next in order). True when a flusher has
     /// to be started.
     fn push(&mut self, seq: u32, bytes: Bytes) -> bool {
         if self.dead {
             return false;
         }
+        let len = bytes.len();
         if self.backlog.is_empty() {
+            self.writing(seq, len);
             match self.sock.send(&bytes) {
-                Ok(n) if n == bytes.len() => return false,
-                Ok(n) => self.backlog.push_back((seq, bytes.slice(n..))),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.backlog.push_back((seq, bytes)),
+                Ok(n) if n == len => {
+                    self.written(seq, len);
+                    return false;
+                }
+                Ok(n) => self.backlog.push_back((seq, bytes.slice(n..), len)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.backlog.push_back((seq, bytes, len)),
                 Err(_) => {
                     self.dead = true;
                     return false;
                 }
             }
         } else {
-            self.backlog.push_back((seq, bytes));
+            self.backlog.push_back((seq, bytes, len));
         }
         !std::mem::replace(&mut self.flushing, true)
     }
@@ -132,10 +164,18 @@ impl Lease {
     /// Writes the backlog out as far as the socket takes it; true once it
     /// is empty.
     fn drain(&mut self) -> bool {
-        while let Some((_, b)) = self.backlog.front_mut() {
+        loop {
+            let Some((s, b, l)) = self.backlog.front() else { return true };
+            let (s, l, fresh) = (*s, *l, b.len() == *l);
+            if fresh {
+                // Nothing of it is out yet.
+                self.writing(s, l);
+            }
+            let Some((_, b, _)) = self.backlog.front_mut() else { return true };
             match self.sock.send(b) {
                 Ok(n) if n == b.len() => {
                     self.backlog.pop_front();
+                    self.written(s, l);
                 }
                 Ok(n) => {
                     *b = b.slice(n..);
@@ -148,13 +188,28 @@ impl Lease {
                 }
             }
         }
-        true
     }
 }
 
 impl Outbound {
-    pub(crate) fn new(ctl: mpsc::UnboundedSender<Bytes>, leases: bool) -> Self {
-        Outbound { ctl, leases, conns: Mutex::new(HashMap::new()), lease_sock: OnceLock::new() }
+    pub(crate) fn new(ctl: mpsc::UnboundedSender<Bytes>, leases: bool, progress: Option<ProgressMap>) -> Self {
+        Outbound { ctl, leases, conns: Mutex::new(HashMap::new()), lease_sock: OnceLock::new(), progress: progress.map(Arc::new) }
+    }
+
+    /// Request `seq` of `conn` was taken from the queue: if we write that
+    /// connection, trace it (so the dispatcher can answer 502 for it if we
+    /// die before answering).
+    pub(crate) fn taken(&self, conn: u64, seq: u32) {
+        if self.progress.is_none() {
+            return;
+        }
+        if let Some(Entry::Leased(l)) = self.conns.lock().unwrap().get(&conn) {
+            if let Some((map, i)) = &l.trace {
+                if let Some(e) = map.entry(*i) {
+                    e.taken.fetch_max(seq.wrapping_add(1), std::sync::atomic::Ordering::Release);
+                }
+            }
+        }
     }
 
     /// Sends response `seq` on `conn`. `from_kernel`: the request came
@@ -238,10 +293,10 @@ impl Outbound {
     /// dispatcher.
     fn release(&self, map: &mut HashMap<u64, Entry>, conn: u64) {
         let Some(Entry::Leased(l)) = map.remove(&conn) else { return };
-        let first = l.backlog.front().map_or(l.next, |(s, _)| *s);
+        let first = l.backlog.front().map_or(l.next, |(s, _, _)| *s);
         let h = ResponseHeader { conn, seq: first, len: 0, flags: RESP_RELEASE, lease: l.gen };
         let _ = self.ctl.send(Bytes::copy_from_slice(&h.to_bytes()));
-        for (seq, rest) in l.backlog {
+        for (seq, rest, _) in l.backlog {
             self.via_ctl(conn, seq, &rest, false, false);
         }
         for (seq, (bytes, close)) in l.queued {
@@ -327,8 +382,17 @@ impl Outbound {
                 match fd {
                     Some(fd) if usable => {
                         let sock = Arc::new(Sock { waiter: OnceLock::new(), fd });
+                        let trace = match (&self.progress, m.slot) {
+                            (Some(map), slot) if slot != proto::NO_SLOT => {
+                                map.reset(slot, m.conn, m.from);
+                                Some((map.clone(), slot))
+                            }
+                            _ => None,
+                        };
                         let l = Lease {
                             gen: m.gen,
+                            trace,
+                            complete_bytes: 0,
                             sock,
                             next: m.from,
                             backlog: VecDeque::new(),

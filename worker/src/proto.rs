@@ -78,6 +78,9 @@ pub const ENV_IDLE_TIMEOUT_SECS: &str = "DISPATCHER_IDLE_TIMEOUT_SECS";
 /// Environment variable with the request count after which the worker
 /// stops pulling and exits (recycling; absent: never).
 pub const ENV_RECYCLE_REQUESTS: &str = "DISPATCHER_RECYCLE_REQUESTS";
+/// Environment variable naming the inherited progress map fd (a memfd;
+/// see [`crate::progress`]).
+pub const ENV_PROGRESS_FD: &str = "DISPATCHER_PROGRESS_FD";
 /// Environment variable with the pool name.
 pub const ENV_POOL: &str = "DISPATCHER_POOL";
 
@@ -160,8 +163,13 @@ pub struct LeaseMsg {
     pub from: u32,
     /// GRANT, REVOKE: the lease generation (per connection).
     pub gen: u32,
-    pub _pad: u32,
+    /// GRANT: the worker's progress entry for this lease
+    /// (`crate::progress`), or [`NO_SLOT`].
+    pub slot: u32,
 }
+
+/// `LeaseMsg::slot` when there is no progress entry.
+pub const NO_SLOT: u32 = u32::MAX;
 
 pub const LEASE_MSG_LEN: usize = core::mem::size_of::<LeaseMsg>();
 const _: () = assert!(LEASE_MSG_LEN == 24);

@@ -29,7 +29,8 @@ enum Mode {
     /// Answer 200 with the request echoed back: the request line, the
     /// headers as received, a blank line, then the body. A path ending in
     /// `/bytes/N` is answered with N bytes instead (at most 64 MiB; the
-    /// benchmarks' large responses).
+    /// benchmarks' large responses); a path containing `/delay/MS/` is
+    /// answered after MS milliseconds (at most 60 s; a slow application).
     Echo,
     /// Serve the files under DIR (GET and HEAD; a directory serves its
     /// index.html).
@@ -52,7 +53,13 @@ fn main() -> Result<()> {
 
 async fn handle(mode: Mode, req: Request) -> Response {
     match mode {
-        Mode::Echo => echo(&req),
+        Mode::Echo => {
+            // A slow application, for tests and benchmarks.
+            if let Some(ms) = segment_after(req.path(), "/delay/") {
+                tokio::time::sleep(std::time::Duration::from_millis(ms.min(MAX_DELAY_MS))).await;
+            }
+            echo(&req)
+        }
         Mode::Static { dir } => serve_file(&dir, &req).await,
     }
 }
@@ -115,6 +122,15 @@ async fn run(cli: Cli) -> Result<()> {
             busy.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
     }
+}
+
+/// Longest `/delay/MS` wait.
+const MAX_DELAY_MS: u64 = 60_000;
+
+/// The number in `path` right after `marker` (`/delay/250/x` → 250).
+fn segment_after(path: &str, marker: &str) -> Option<u64> {
+    let (_, rest) = path.split_once(marker)?;
+    rest.split('/').next()?.parse().ok()
 }
 
 /// Largest `/bytes/N` answer.

@@ -1,0 +1,147 @@
+//! Where a worker leaves a trace of the leased connections it writes to,
+//! so that if it dies the dispatcher knows how far each one got.
+//!
+//! A shared memory file (memfd) the dispatcher makes per worker; a grant
+//! names an entry (`LeaseMsg::slot`). The worker stores, per leased
+//! connection, the next response it would write, the bytes of the complete
+//! responses it wrote, the length of the one it is writing, and one past
+//! the last request it took. After the worker's death the dispatcher
+//! compares those bytes with what the socket took: a match means the
+//! stream stopped between two responses, so the connection goes on there,
+//! and the requests the dead worker took and never answered get 502.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    ptr::NonNull,
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+};
+
+/// Entries per worker: the most connections one worker can hold leases on.
+pub const ENTRIES: usize = 65536;
+
+/// One leased connection's trace. The writer state is double-buffered: a
+/// worker killed in the middle of an update leaves the previous state
+/// selected (`active` flips with one store, after the new state is
+/// written), so what the dispatcher reads is always whole.
+#[repr(C)]
+#[derive(Default, Debug)]
+pub struct Entry {
+    pub conn: AtomicU64,
+    /// One past the last request taken.
+    pub taken: AtomicU32,
+    active: AtomicU32,
+    states: [State; 2],
+}
+
+#[repr(C)]
+#[derive(Default, Debug)]
+struct State {
+    /// Bytes of the complete responses written under the lease.
+    complete_bytes: AtomicU64,
+    /// The next response to write.
+    next: AtomicU32,
+    /// Length of response `next` while it is being written (0: none).
+    pending: AtomicU32,
+}
+
+/// A trace as the dispatcher reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trace {
+    pub next: u32,
+    pub taken: u32,
+    pub complete_bytes: u64,
+    /// Length of response `next` if the worker was writing it.
+    pub pending: u32,
+}
+
+impl Entry {
+    /// Records the writer's state (the worker's side).
+    pub fn record(&self, next: u32, complete_bytes: u64, pending: u32) {
+        let spare = (self.active.load(Ordering::Relaxed) ^ 1) as usize & 1;
+        let s = &self.states[spare];
+        s.complete_bytes.store(complete_bytes, Ordering::Relaxed);
+        s.next.store(next, Ordering::Relaxed);
+        s.pending.store(pending, Ordering::Relaxed);
+        self.active.store(spare as u32, Ordering::Release);
+    }
+
+    /// Reads the trace (the dispatcher's side, after the worker died).
+    pub fn read(&self) -> Trace {
+        let s = &self.states[self.active.load(Ordering::Acquire) as usize & 1];
+        Trace {
+            next: s.next.load(Ordering::Relaxed),
+            taken: self.taken.load(Ordering::Relaxed),
+            complete_bytes: s.complete_bytes.load(Ordering::Relaxed),
+            pending: s.pending.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A worker's entries, mapped.
+#[derive(Debug)]
+pub struct ProgressMap {
+    ptr: NonNull<Entry>,
+    len: usize,
+}
+
+// SAFETY: shared memory accessed only through atomics.
+unsafe impl Send for ProgressMap {}
+unsafe impl Sync for ProgressMap {}
+
+impl ProgressMap {
+    /// Makes a new zeroed map (pages are allocated as they are touched);
+    /// returns it and the fd to hand the worker.
+    pub fn create() -> io::Result<(ProgressMap, OwnedFd)> {
+        // SAFETY: a name and flags; the kernel returns a new fd or -1.
+        let fd = unsafe { libc::memfd_create(c"dispatcher-progress".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let len = ENTRIES * std::mem::size_of::<Entry>();
+        // SAFETY: resizing our own memfd.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let map = Self::map_fd(&fd)?;
+        Ok((map, fd))
+    }
+
+    /// Maps a map made by [`ProgressMap::create`] (the worker's side).
+    pub fn map(fd: OwnedFd) -> io::Result<ProgressMap> {
+        Self::map_fd(&fd)
+    }
+
+    fn map_fd(fd: &OwnedFd) -> io::Result<ProgressMap> {
+        let len = ENTRIES * std::mem::size_of::<Entry>();
+        // SAFETY: a shared mapping of the whole file.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ProgressMap { ptr: NonNull::new(p as *mut Entry).expect("mmap returned null"), len })
+    }
+
+    pub fn entry(&self, i: u32) -> Option<&Entry> {
+        // SAFETY: in bounds of the mapping, which lives as long as self.
+        ((i as usize) < ENTRIES).then(|| unsafe { &*self.ptr.as_ptr().add(i as usize) })
+    }
+
+    /// Starts entry `i` for a new lease on `conn` from response `from`.
+    pub fn reset(&self, i: u32, conn: u64, from: u32) {
+        if let Some(e) = self.entry(i) {
+            e.conn.store(conn, Ordering::Relaxed);
+            e.taken.store(from, Ordering::Relaxed);
+            e.record(from, 0, 0);
+        }
+    }
+}
+
+impl Drop for ProgressMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping.
+        unsafe { libc::munmap(self.ptr.as_ptr() as *mut _, self.len) };
+    }
+}
