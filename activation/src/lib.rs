@@ -259,6 +259,9 @@ pub trait Slot: Send + 'static {
     fn progress(&mut self) -> Progress;
 }
 
+/// How often a workerless slot looks at its ring anyway.
+const DEMAND_RECHECK: Duration = Duration::from_secs(1);
+
 /// Granularity of the start-up check when pings are off.
 const STARTUP_CHECK: Duration = Duration::from_millis(500);
 
@@ -267,8 +270,10 @@ const STARTUP_CHECK: Duration = Duration::from_millis(500);
 pub struct Signals {
     /// A request was queued on the slot while it had no worker.
     pub demand: std::sync::Arc<tokio::sync::Notify>,
-    /// An operator asked to start the (stopped) pool again.
+    /// An operator asked to start the (stopped) pool again: the count of
+    /// such requests, and its wake-up.
     pub start: std::sync::Arc<tokio::sync::Notify>,
+    pub start_requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Environment variable the worker reads its idle time-out from.
@@ -300,6 +305,9 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
             loop {
                 tokio::select! {
                     _ = signals.demand.notified() => {}
+                    // A demand event lost to a full event ring costs at
+                    // most this long.
+                    _ = tokio::time::sleep(DEMAND_RECHECK) => {}
                     _ = stop.changed() => return,
                 }
                 // A demand left over from an earlier worker's time is
@@ -417,10 +425,15 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
                     spec.pool
                 );
                 tracing::error!(pool = %spec.pool, "pool stopped: {why}");
+                let asked = signals.start_requests.load(std::sync::atomic::Ordering::SeqCst);
                 slot.stopped(true, &why);
-                tokio::select! {
-                    _ = signals.start.notified() => {}
-                    _ = stop.changed() => return,
+                // Only a start asked for after this stop counts (a stale
+                // wake-up from an earlier one does not).
+                while signals.start_requests.load(std::sync::atomic::Ordering::SeqCst) == asked {
+                    tokio::select! {
+                        _ = signals.start.notified() => {}
+                        _ = stop.changed() => return,
+                    }
                 }
                 tracing::info!(pool = %spec.pool, "pool started again");
                 slot.stopped(false, "");

@@ -153,8 +153,8 @@ impl Sock {
 struct Held {
     gen: u32,
     to: Arc<LeaseTx>,
-    /// Asked back; waiting for the worker's release.
-    revoked: bool,
+    /// Asked back at this time; waiting for the worker's release.
+    revoked: Option<Instant>,
 }
 
 enum Flow {
@@ -250,7 +250,13 @@ impl Conn {
         if idle < header.min(Duration::from_secs(cfg.response_timeout_secs)) {
             return Flow::Continue;
         }
-        if self.lease.is_some() {
+        if let Some(l) = &self.lease {
+            if l.revoked.is_some_and(|t| t.elapsed() >= Duration::from_secs(cfg.response_timeout_secs)) {
+                // A worker that neither answers nor gives the connection
+                // back: nothing can be written on it in order any more.
+                tracing::warn!(conn = self.cookie, "the lease holder did not give the connection back in time; closing it");
+                return Flow::Close;
+            }
             // The worker's writes are not seen here: ask where it is
             // before judging the connection idle or late.
             self.revoke();
@@ -313,11 +319,16 @@ impl Conn {
             return self.on_release(gen, f.seq).await;
         }
         if let Some(a) = &f.ask {
+            self.lease_peers.retain(|p| !p.is_closed());
             if !self.lease_peers.iter().any(|p| Arc::ptr_eq(p, a)) {
                 self.lease_peers.push(a.clone());
             }
         }
         if f.seq < self.next {
+            if let Some(a) = f.ask {
+                // Stale: still answer the ask, or the worker never asks again.
+                a.send(LeaseMsg { conn: self.cookie, kind: lease::DENY, from: self.next, ..Default::default() }, None);
+            }
             return Flow::Continue;
         }
         // Somebody other than the lease holder has a response to write
@@ -367,6 +378,7 @@ impl Conn {
             taken: self.next,
             complete_bytes: 0,
             pending: 0,
+            in_flight: 0,
         });
         self.unpark();
         let Sock::Polled(stream) = &self.sock else { return Flow::Close };
@@ -395,6 +407,10 @@ impl Conn {
         }
         tracing::warn!(conn = self.cookie, next, taken, "the worker holding the connection died; going on from its last response");
         for seq in next..taken {
+            let in_flight = taken - seq <= 64 && t.in_flight & (1u64 << (seq % 64)) != 0;
+            if !in_flight || self.pending.get(&seq).is_some_and(|f| !f.is_empty()) {
+                continue;
+            }
             if let Flow::Close = self.answer(seq, 502, "the worker died while handling this request", false, false, false).await {
                 return Flow::Close;
             }
@@ -405,9 +421,9 @@ impl Conn {
     /// Asks the lease holder, if any, to give the connection back.
     fn revoke(&mut self) {
         if let Some(l) = &mut self.lease {
-            if !l.revoked {
+            if l.revoked.is_none() {
                 tracing::debug!(conn = self.cookie, gen = l.gen, "revoking the lease");
-                l.revoked = true;
+                l.revoked = Some(Instant::now());
                 l.to.send(LeaseMsg { conn: self.cookie, kind: lease::REVOKE, gen: l.gen, ..Default::default() }, None);
             }
         }
@@ -436,7 +452,7 @@ impl Conn {
         let msg = LeaseMsg { conn: self.cookie, kind: lease::GRANT, from: self.next, gen: self.lease_gen, slot: worker::proto::NO_SLOT };
         if to.send(msg, Some(fd)) {
             tracing::debug!(conn = self.cookie, gen = self.lease_gen, from = self.next, "lease granted");
-            self.lease = Some(Held { gen: self.lease_gen, to, revoked: false });
+            self.lease = Some(Held { gen: self.lease_gen, to, revoked: None });
             self.park();
         }
     }

@@ -187,24 +187,33 @@ impl LeaseTx {
                 None => worker::proto::NO_SLOT,
             };
             msg.slot = slot;
+            // Fresh before the worker sees it: a worker that dies without
+            // reading the grant leaves this, not an earlier lease's trace.
+            self.progress.reset(slot, msg.conn, msg.from);
             q.granted.insert(msg.conn, (msg.gen, slot));
         }
-        let q = &mut q.msgs;
-        if q.is_empty() {
+        if q.msgs.is_empty() {
             match send_lease(self.sock.get_ref(), &msg, fd.as_ref()) {
                 // `fd` (our duplicate of the client's socket) closes here:
                 // the worker has its own now.
                 Ok(()) => return true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
-                    // The worker is gone; its control socket's end tells
-                    // the connections.
+                    // The message did not go: a grant is not out.
                     tracing::debug!("lease socket: {e}");
+                    if msg.kind == lease::GRANT {
+                        if let Some((_, slot)) = q.granted.remove(&msg.conn) {
+                            if slot != worker::proto::NO_SLOT {
+                                q.free.push(slot);
+                            }
+                        }
+                        return false;
+                    }
                     return true;
                 }
             }
         }
-        q.push_back((msg, fd));
+        q.msgs.push_back((msg, fd));
         self.wake.notify_one();
         true
     }
@@ -331,7 +340,7 @@ fn connect(link: &Arc<PoolLink>, conns: &Arc<Conns>, leases: bool) -> Result<(Ow
         for b in ctl.waiting.drain(..) {
             let _ = tx.send(b);
         }
-        ctl.tx = Some(tx);
+        ctl.tx = Some(tx.clone());
     }
     let name = link.name.clone();
     tokio::spawn(async move {
@@ -341,6 +350,7 @@ fn connect(link: &Arc<PoolLink>, conns: &Arc<Conns>, leases: bool) -> Result<(Ow
     });
     let conns = conns.clone();
     let name = link.name.clone();
+    let link = link.clone();
     tokio::spawn(async move {
         let mut hdr = [0u8; RESPONSE_HEADER_LEN];
         loop {
@@ -363,6 +373,14 @@ fn connect(link: &Arc<PoolLink>, conns: &Arc<Conns>, leases: bool) -> Result<(Ow
             conns.deliver(h.conn, Frame { seq: h.seq, data: Bytes::from(data), last, close, ask, release });
         }
         tracing::debug!(pool = %name, "control socket closed");
+        {
+            // Later slow-path records wait for the next worker (and ask
+            // for one) instead of going into a dead socket.
+            let mut ctl = link.ctl.lock().unwrap();
+            if ctl.tx.as_ref().is_some_and(|t| t.same_channel(&tx)) {
+                ctl.tx = None;
+            }
+        }
         if let Some(l) = lease_tx {
             l.mark_dead(&conns);
         }

@@ -271,9 +271,6 @@ impl Worker {
                 let (conn, seq) = (raw.conn, raw.seq);
                 match Request::parse(raw) {
                     Ok(r) => {
-                        if r.from_kernel {
-                            self.responder.out.taken(r.conn, r.seq);
-                        }
                         self.served += 1;
                         if self.recycle_after.is_some_and(|n| self.served >= n) {
                             self.draining = true;
@@ -367,7 +364,13 @@ impl Worker {
 
 fn deliver(reassembly: &mut Reassembly, ready: &mut VecDeque<Raw>, responder: &Responder, hdr: &RecordHeader, data: &[u8]) {
     match reassembly.push(hdr, data) {
-        Some(Done::Request(raw)) => ready.push_back(raw),
+        Some(Done::Request(raw)) => {
+            if raw.from_kernel {
+                // Ours from here on: traced, so a crash answers it 502.
+                responder.out.taken(raw.conn, raw.seq);
+            }
+            ready.push_back(raw)
+        }
         Some(Done::Invalid { conn, seq }) => responder.reject(conn, seq),
         None => {}
     }

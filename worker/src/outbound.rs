@@ -33,13 +33,15 @@ pub(crate) struct Outbound {
     lease_sock: OnceLock<Arc<OwnedFd>>,
     /// Where leased connections' progress is traced for the dispatcher.
     progress: Option<Arc<ProgressMap>>,
+    /// Held while a lease message is received and handled.
+    lease_order: Mutex<()>,
 }
 
 enum Entry {
     /// Asked for a lease with response `at`. `sent_after`: a later
     /// response already went through the dispatcher, so a grant has to be
     /// given back unused (the dispatcher may not have written it yet).
-    Asked { at: u32, sent_after: bool },
+    Asked { at: u32, sent_after: bool, taken: u32, in_flight: u64 },
     Leased(Lease),
 }
 
@@ -130,6 +132,7 @@ impl Lease {
         if let Some((map, i)) = &self.trace {
             if let Some(e) = map.entry(*i) {
                 e.record(seq.wrapping_add(1), self.complete_bytes, 0);
+                e.in_flight.fetch_and(!(1u64 << (seq % 64)), std::sync::atomic::Ordering::Release);
             }
         }
     }
@@ -193,7 +196,14 @@ impl Lease {
 
 impl Outbound {
     pub(crate) fn new(ctl: mpsc::UnboundedSender<Bytes>, leases: bool, progress: Option<ProgressMap>) -> Self {
-        Outbound { ctl, leases, conns: Mutex::new(HashMap::new()), lease_sock: OnceLock::new(), progress: progress.map(Arc::new) }
+        Outbound {
+            ctl,
+            leases,
+            conns: Mutex::new(HashMap::new()),
+            lease_sock: OnceLock::new(),
+            progress: progress.map(Arc::new),
+            lease_order: Mutex::new(()),
+        }
     }
 
     /// Request `seq` of `conn` was taken from the queue: if we write that
@@ -203,12 +213,22 @@ impl Outbound {
         if self.progress.is_none() {
             return;
         }
-        if let Some(Entry::Leased(l)) = self.conns.lock().unwrap().get(&conn) {
-            if let Some((map, i)) = &l.trace {
-                if let Some(e) = map.entry(*i) {
-                    e.taken.fetch_max(seq.wrapping_add(1), std::sync::atomic::Ordering::Release);
+        let bit = 1u64 << (seq % 64);
+        match self.conns.lock().unwrap().get_mut(&conn) {
+            Some(Entry::Leased(l)) => {
+                if let Some((map, i)) = &l.trace {
+                    if let Some(e) = map.entry(*i) {
+                        e.in_flight.fetch_or(bit, std::sync::atomic::Ordering::Release);
+                        e.taken.fetch_max(seq.wrapping_add(1), std::sync::atomic::Ordering::Release);
+                    }
                 }
             }
+            // Kept for the grant that may be on its way.
+            Some(Entry::Asked { taken, in_flight, .. }) => {
+                *taken = (*taken).max(seq.wrapping_add(1));
+                *in_flight |= bit;
+            }
+            None => {}
         }
     }
 
@@ -234,7 +254,7 @@ impl Outbound {
                 }
                 self.via_ctl(conn, seq, &bytes, close, false)
             }
-            Some(Entry::Asked { at, sent_after }) => {
+            Some(Entry::Asked { at, sent_after, .. }) => {
                 if seq > *at {
                     *sent_after = true;
                 }
@@ -243,7 +263,7 @@ impl Outbound {
             None => {
                 let ask = self.leases && from_kernel && !close;
                 if ask {
-                    map.insert(conn, Entry::Asked { at: seq, sent_after: false });
+                    map.insert(conn, Entry::Asked { at: seq, sent_after: false, taken: 0, in_flight: 0 });
                 }
                 self.via_ctl(conn, seq, &bytes, close, ask)
             }
@@ -378,13 +398,21 @@ impl Outbound {
         tracing::debug!(conn = m.conn, kind = m.kind, gen = m.gen, from = m.from, fd = fd.is_some(), state = map.get(&m.conn).map(|e| match e { Entry::Asked { sent_after, .. } => if *sent_after { "asked-sent-after" } else { "asked" }, Entry::Leased(_) => "leased" }), "lease message");
         match m.kind {
             lease::GRANT => {
-                let usable = matches!(map.get(&m.conn), Some(Entry::Asked { sent_after: false, .. }));
-                match fd {
-                    Some(fd) if usable => {
+                let asked = match map.get(&m.conn) {
+                    Some(Entry::Asked { sent_after: false, taken, in_flight, .. }) => Some((*taken, *in_flight)),
+                    _ => None,
+                };
+                match (fd, asked) {
+                    (Some(fd), Some((taken, in_flight))) => {
                         let sock = Arc::new(Sock { waiter: OnceLock::new(), fd });
                         let trace = match (&self.progress, m.slot) {
                             (Some(map), slot) if slot != proto::NO_SLOT => {
-                                map.reset(slot, m.conn, m.from);
+                                // The dispatcher reset the entry; add what
+                                // was taken while the grant was on its way.
+                                if let Some(e) = map.entry(slot) {
+                                    e.in_flight.fetch_or(in_flight, std::sync::atomic::Ordering::Release);
+                                    e.taken.fetch_max(taken, std::sync::atomic::Ordering::Release);
+                                }
                                 Some((map.clone(), slot))
                             }
                             _ => None,
@@ -432,6 +460,9 @@ impl Outbound {
     /// Handles the lease messages already waiting, without blocking.
     fn poll_leases(self: &Arc<Self>) {
         let Some(fd) = self.lease_sock.get() else { return };
+        // Receive and handle as one step, here and in the reader task:
+        // lease messages must be handled in the order they were sent.
+        let _order = self.lease_order.lock().unwrap();
         while let Ok(Some((m, f))) = recv_lease(fd.as_raw_fd()) {
             self.on_lease(m, f);
         }
@@ -449,8 +480,12 @@ impl Outbound {
             loop {
                 let Ok(mut ready) = afd.readable().await else { return };
                 loop {
+                    let order = out.lease_order.lock().unwrap();
                     match recv_lease(afd.get_ref().as_raw_fd()) {
-                        Ok(Some((m, fd))) => out.on_lease(m, fd),
+                        Ok(Some((m, fd))) => {
+                            out.on_lease(m, fd);
+                            drop(order);
+                        }
                         Ok(None) => return,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             ready.clear_ready();

@@ -31,6 +31,9 @@ pub struct Entry {
     /// One past the last request taken.
     pub taken: AtomicU32,
     active: AtomicU32,
+    /// Requests taken and not answered, bit `seq % 64` (the dispatcher
+    /// answers 502 for these, and only these, if the worker dies).
+    pub in_flight: AtomicU64,
     states: [State; 2],
 }
 
@@ -53,6 +56,8 @@ pub struct Trace {
     pub complete_bytes: u64,
     /// Length of response `next` if the worker was writing it.
     pub pending: u32,
+    /// See [`Entry::in_flight`].
+    pub in_flight: u64,
 }
 
 impl Entry {
@@ -74,6 +79,7 @@ impl Entry {
             taken: self.taken.load(Ordering::Relaxed),
             complete_bytes: s.complete_bytes.load(Ordering::Relaxed),
             pending: s.pending.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
         }
     }
 }
@@ -129,11 +135,13 @@ impl ProgressMap {
         ((i as usize) < ENTRIES).then(|| unsafe { &*self.ptr.as_ptr().add(i as usize) })
     }
 
-    /// Starts entry `i` for a new lease on `conn` from response `from`.
+    /// Starts entry `i` for a new lease on `conn` from response `from`
+    /// (the dispatcher does before the grant; the worker again on it).
     pub fn reset(&self, i: u32, conn: u64, from: u32) {
         if let Some(e) = self.entry(i) {
             e.conn.store(conn, Ordering::Relaxed);
             e.taken.store(from, Ordering::Relaxed);
+            e.in_flight.store(0, Ordering::Relaxed);
             e.record(from, 0, 0);
         }
     }

@@ -408,8 +408,47 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
     let rss: Vec<u64> = procs.0.iter().map(|c| peak_rss_kib(c.id())).collect();
     drop(procs);
     let cold = if o.small_only { None } else { Some(cold_start(bin, &dir)?) };
+    let recycle = if o.small_only { None } else { Some(recycle_under_load(bin, &dir, o.seconds)?) };
     let _ = fs::remove_dir_all(&dir);
-    write_results(root, o, &cases, &samples, &rss, cold.as_ref())
+    write_results(root, o, &cases, &samples, &rss, cold.as_ref(), recycle.as_ref())
+}
+
+/// Requests per worker in the recycling-under-load run.
+const RECYCLE_EVERY: u64 = 50_000;
+/// Connections of the recycling-under-load run.
+const RECYCLE_CONNECTIONS: u32 = 16;
+
+/// wrk against a pool whose worker is recycled every [`RECYCLE_EVERY`]
+/// requests: throughput, p99 and errors across the recycles.
+struct Recycle {
+    sample: Sample,
+    recycles: usize,
+    seconds: u32,
+}
+
+fn recycle_under_load(bin: &Path, dir: &Path, seconds: u32) -> Result<Recycle> {
+    let port = free_port();
+    let cfg = format!(
+        "listen = \"127.0.0.1:{port}\"\ninstance = \"bench-recycle\"\n[[pool]]\nname = \"echo\"\nroutes = [\"*/\"]\ncommand = \"dispatcher-worker\"\nargs = [\"echo\"]\nstart_mode = \"always-running\"\nrecycle_requests = {RECYCLE_EVERY}\n"
+    );
+    let path = dir.join("recycle.toml");
+    fs::write(&path, cfg)?;
+    let log_path = dir.join("recycle.log");
+    let d = Command::new(bin.join("dispatcher"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log_path)?)
+        .spawn()
+        .context("starting the dispatcher (recycling)")?;
+    let _guard = Procs(vec![d]);
+    wait_port(port, "dispatcher (recycling)")?;
+    let seconds = seconds * 2;
+    println!("[xtask] bench recycling under load: c={RECYCLE_CONNECTIONS} {seconds}s, a recycle every {RECYCLE_EVERY} requests");
+    let sample = wrk(port, RECYCLE_CONNECTIONS, seconds, "/echo/bench", None)?;
+    let recycles = fs::read_to_string(&log_path).unwrap_or_default().matches("recycled: no more requests").count();
+    Ok(Recycle { sample, recycles, seconds })
 }
 
 /// First-request latencies of an on-demand pool, each after its worker
@@ -500,7 +539,15 @@ fn uname() -> String {
     Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
 }
 
-fn write_results(root: &Path, o: &Options, cases: &[Case], samples: &[Vec<Vec<Sample>>], rss: &[u64], cold: Option<&Cold>) -> Result<PathBuf> {
+fn write_results(
+    root: &Path,
+    o: &Options,
+    cases: &[Case],
+    samples: &[Vec<Vec<Sample>>],
+    rss: &[u64],
+    cold: Option<&Cold>,
+    recycle: Option<&Recycle>,
+) -> Result<PathBuf> {
     let out = root.join("bench/results");
     fs::create_dir_all(&out)?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
@@ -561,6 +608,18 @@ fn write_results(root: &Path, o: &Options, cases: &[Case], samples: &[Vec<Vec<Sa
             c.cold_us.len(), cm, clo, chi, wm, wlo, whi
         )?;
         json.push(format!("{{\"case\":\"cold start\",\"cold_us\":{cm:.1},\"cold_us_min\":{clo:.1},\"cold_us_max\":{chi:.1},\"warm_us\":{wm:.1}}}"));
+    }
+    if let Some(r) = recycle {
+        let s = &r.sample;
+        writeln!(
+            md,
+            "\nRecycling under load (wrk, {RECYCLE_CONNECTIONS} connections, {} s, the worker recycled every {RECYCLE_EVERY} requests): {} recycles, {} errors, {:.0} req/s, p50 {:.0} µs, p99 {:.0} µs.",
+            r.seconds, r.recycles, s.errors, s.rps, s.p50_us, s.p99_us
+        )?;
+        json.push(format!(
+            "{{\"case\":\"recycling under load\",\"recycles\":{},\"errors\":{},\"rps\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1}}}",
+            r.recycles, s.errors, s.rps, s.p50_us, s.p99_us
+        ));
     }
     fs::write(out.join("results.md"), &md)?;
     fs::write(
