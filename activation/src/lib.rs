@@ -432,6 +432,9 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
                 while signals.start_requests.load(std::sync::atomic::Ordering::SeqCst) == asked {
                     tokio::select! {
                         _ = signals.start.notified() => {}
+                        // The start signal wakes whoever waits at that
+                        // moment; the count is what really tells.
+                        _ = tokio::time::sleep(DEMAND_RECHECK) => {}
                         _ = stop.changed() => return,
                     }
                 }

@@ -55,6 +55,9 @@ pub const DEFAULT_STARTUP_TIME_LIMIT_SECS: u64 = 90;
 pub const DEFAULT_SHUTDOWN_TIME_LIMIT_SECS: u64 = 90;
 /// Default recycling interval (WAS: 1740 minutes).
 pub const DEFAULT_RECYCLE_INTERVAL_SECS: u64 = 1740 * 60;
+/// Most worker processes (slots) one pool may have (the verdict's
+/// shortest-queue scan is bounded by it).
+pub const MAX_GARDEN: u32 = 8;
 /// Default largest request body the slow path accepts (413 above).
 pub const DEFAULT_MAX_BODY: u64 = 64 << 20;
 
@@ -128,6 +131,8 @@ struct RawPool {
     recycle_requests: Option<u64>,
     recycle_interval_secs: Option<u64>,
     recycle_private_memory_kib: Option<u64>,
+    max_processes: Option<Spanned<u32>>,
+    min_processes: Option<Spanned<u32>>,
 }
 
 /// A validated configuration.
@@ -178,6 +183,10 @@ pub struct Pool {
     pub shutdown_time_limit_secs: u64,
     /// Group the worker runs as (default: the user's primary group).
     pub group: Option<String>,
+    /// Web garden: worker slots (each its own ring and process) and how
+    /// many of them always run.
+    pub max_processes: u32,
+    pub min_processes: u32,
     /// Recycling triggers; 0: off.
     pub recycle_requests: u64,
     pub recycle_interval_secs: u64,
@@ -220,6 +229,12 @@ impl Ctx<'_> {
 }
 
 impl Config {
+    /// The first worker slot of pool `pool` (slots are numbered pool by
+    /// pool, `max_processes` each).
+    pub fn first_slot(&self, pool: usize) -> usize {
+        self.pools[..pool].iter().map(|p| p.max_processes as usize).sum()
+    }
+
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -266,6 +281,7 @@ impl Config {
         let mut names = HashSet::new();
         let mut seen_routes: BTreeMap<(Option<String>, String), String> = BTreeMap::new();
         let mut pools = Vec::new();
+        let mut slots_used = 0u32;
         for p in &raw.pool {
             let name = p.name.get_ref();
             if name.is_empty() || name.len() > 32 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
@@ -325,6 +341,20 @@ impl Config {
                     None => Ok(default),
                 }
             };
+            let max_processes = p.max_processes.as_ref().map_or(1, |v| *v.get_ref());
+            if !(1..=MAX_GARDEN).contains(&max_processes) {
+                let span = p.max_processes.as_ref().map(|v| v.span());
+                return Err(cx.err(span, format!("pool `{name}`, field `max_processes`: {max_processes} is not in 1..={MAX_GARDEN}")));
+            }
+            let min_processes = p.min_processes.as_ref().map_or(0, |v| *v.get_ref());
+            if min_processes > max_processes {
+                let span = p.min_processes.as_ref().map(|v| v.span());
+                return Err(cx.err(span, format!("pool `{name}`, field `min_processes`: {min_processes} exceeds max_processes {max_processes}")));
+            }
+            slots_used += max_processes;
+            if slots_used > MAX_SLOTS {
+                return Err(cx.err(p.max_processes.as_ref().map(|v| v.span()), format!("pool `{name}`: the pools need {slots_used} worker slots; at most {MAX_SLOTS} fit")));
+            }
             let ping_response_limit_secs = at_least_1(&p.ping_response_limit_secs, DEFAULT_PING_RESPONSE_LIMIT_SECS, "ping_response_limit_secs")?;
             let startup_time_limit_secs = at_least_1(&p.startup_time_limit_secs, DEFAULT_STARTUP_TIME_LIMIT_SECS, "startup_time_limit_secs")?;
             pools.push(Pool {
@@ -345,6 +375,8 @@ impl Config {
                 startup_time_limit_secs,
                 shutdown_time_limit_secs: p.shutdown_time_limit_secs.unwrap_or(DEFAULT_SHUTDOWN_TIME_LIMIT_SECS),
                 group: p.group.clone(),
+                max_processes,
+                min_processes,
                 recycle_requests: p.recycle_requests.unwrap_or(0),
                 recycle_interval_secs: p.recycle_interval_secs.unwrap_or(DEFAULT_RECYCLE_INTERVAL_SECS),
                 recycle_private_memory_kib: p.recycle_private_memory_kib.unwrap_or(0),

@@ -76,7 +76,8 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, cookie: u64, rx: mpsc
 
 /// Where the body of the request being parsed goes.
 enum BodyTo {
-    Pool { pool: u32, seq: u32, close: bool },
+    /// To pool `pool`'s worker slot `slot` (local), which has the head.
+    Pool { pool: u32, slot: usize, seq: u32, close: bool },
     Discard,
 }
 
@@ -579,7 +580,9 @@ impl Conn {
             // up the tail-call budget): the head and part of the body are
             // in the worker's ring; the rest goes over its control socket.
             s.body_left = st.body_left;
-            s.body_to = BodyTo::Pool { pool: st.pool, seq: st.seq, close: st.req_flags != 0 };
+            // The head went through the kernel to ring slot `st.slot`.
+            let slot = (st.slot as usize).saturating_sub(self.shared.pools.get(st.pool as usize).map_or(0, |l| l.first_slot));
+            s.body_to = BodyTo::Pool { pool: st.pool, slot, seq: st.seq, close: st.req_flags != 0 };
             s.seq = st.seq + 1;
         }
         self.slow = Some(s);
@@ -613,8 +616,8 @@ impl Conn {
             let n = (s.body_left as usize).min(data.len());
             s.body_left -= n as u64;
             let last = s.body_left == 0;
-            if let BodyTo::Pool { pool, seq, close } = s.body_to {
-                self.forward_body(pool, seq, &data[..n], last, close);
+            if let BodyTo::Pool { pool, slot, seq, close } = s.body_to {
+                self.forward_body(pool, slot, seq, &data[..n], last, close);
             }
             data = &data[n..];
             if !last {
@@ -679,16 +682,16 @@ impl Conn {
                     pool: pool as u16,
                     _pad: 0,
                 };
-                link.send_record(hdr, &h.bytes);
+                let slot = link.send_head(hdr, &h.bytes);
                 self.shared.kernel.lock().unwrap().count_slow(Some(pool), 1, 0);
                 if h.content_length > 0 {
-                    self.slow.as_mut().unwrap().body_to = BodyTo::Pool { pool, seq, close };
+                    self.slow.as_mut().unwrap().body_to = BodyTo::Pool { pool, slot, seq, close };
                 }
                 Flow::Continue
             }
             Event::Body { data, last } => {
-                if let BodyTo::Pool { pool, seq, close } = self.slow.as_ref().unwrap().body_to {
-                    self.forward_body(pool, seq, &data, last, close);
+                if let BodyTo::Pool { pool, slot, seq, close } = self.slow.as_ref().unwrap().body_to {
+                    self.forward_body(pool, slot, seq, &data, last, close);
                 }
                 Flow::Continue
             }
@@ -704,17 +707,17 @@ impl Conn {
         }
     }
 
-    fn forward_body(&self, pool: u32, seq: u32, data: &[u8], last: bool, close: bool) {
+    fn forward_body(&self, pool: u32, slot: usize, seq: u32, data: &[u8], last: bool, close: bool) {
         let link = &self.shared.pools[pool as usize];
         let max = MAX_FRAME - 64;
         let mut chunks = data.chunks(max).peekable();
         if data.is_empty() && last {
             let hdr = body_header(self.cookie, seq, 0, pool, last, close);
-            link.send_record(hdr, &[]);
+            link.send_record(slot, hdr, &[]);
         }
         while let Some(c) = chunks.next() {
             let end = last && chunks.peek().is_none();
-            link.send_record(body_header(self.cookie, seq, c.len() as u32, pool, end, close), c);
+            link.send_record(slot, body_header(self.cookie, seq, c.len() as u32, pool, end, close), c);
         }
     }
 

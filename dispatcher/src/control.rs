@@ -62,8 +62,7 @@ fn command(shared: &Shared, line: &str) -> String {
             None => format!("error: no pool named `{name}`"),
             Some(p) if p.stopped().is_none() => format!("ok: pool `{name}` is running"),
             Some(p) => {
-                p.signals.start_requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                p.signals.start.notify_one();
+                p.request_start();
                 tracing::info!(pool = %name, "start requested on the control socket");
                 format!("ok: pool `{name}` starting")
             }

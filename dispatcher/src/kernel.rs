@@ -47,6 +47,8 @@ pub struct Kernel {
     awake: Vec<MapData>,
     /// Each slot's flag and ring positions, mapped (see [`SlotView`]).
     views: Vec<SlotView>,
+    /// Each pool's slot count (what `pools` holds while it runs).
+    pool_slots: Vec<u32>,
 }
 
 /// What the dispatcher sees of a slot without consuming it: the awake flag
@@ -153,7 +155,7 @@ impl Kernel {
         // ring by path; workers get their own ring as an inherited fd.
         fs::set_permissions(&pin_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .with_context(|| format!("chmod 700 {}", pin_dir.display()))?;
-        let mut k = Kernel { ebpf: load_object()?, pin_dir, rings: Vec::new(), awake: Vec::new(), views: Vec::new() };
+        let mut k = Kernel { ebpf: load_object()?, pin_dir, rings: Vec::new(), awake: Vec::new(), views: Vec::new(), pool_slots: Vec::new() };
         k.configure(cfg)?;
         Ok(k)
     }
@@ -165,42 +167,48 @@ impl Kernel {
     fn configure(&mut self, cfg: &Config) -> Result<()> {
         // Rings first, then pools and routes, then programs; the sockops
         // program starts tracking connections only once all is in place.
-        for (i, p) in cfg.pools.iter().enumerate() {
-            let obj = aya_obj::Map::new_from_params(
-                aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32,
-                0,
-                0,
-                p.ring_bytes,
-                0,
-            );
-            let name: String = format!("ring_{}", p.name).chars().take(15).collect();
-            let ring = MapData::create(obj, &name, None).with_context(|| format!("creating the ring of pool `{}`", p.name))?;
-            ring.pin(self.pin_dir.join(format!("ring_{}", p.name)))
-                .with_context(|| format!("pinning the ring of pool `{}`", p.name))?;
-            let mut rings: ArrayOfMaps<&mut MapData, MapData> = ArrayOfMaps::try_from(self.map("rings")?)?;
-            rings.set(i as u32, &ring, 0).with_context(|| format!("setting slot {i} in `rings`"))?;
-            self.rings.push(ring);
-            // The worker maps this one page and flips the flag itself.
-            let obj = aya_obj::Map::new_from_params(
-                aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
-                4,
-                4,
-                1,
-                aya_obj::generated::BPF_F_MMAPABLE,
-            );
-            let name: String = format!("awake_{}", p.name).chars().take(15).collect();
-            let flag = MapData::create(obj, &name, None).with_context(|| format!("creating the awake flag of pool `{}`", p.name))?;
-            flag.pin(self.pin_dir.join(format!("awake_{}", p.name)))
-                .with_context(|| format!("pinning the awake flag of pool `{}`", p.name))?;
-            let mut outer: ArrayOfMaps<&mut MapData, MapData> = ArrayOfMaps::try_from(self.map("ring_awake")?)?;
-            outer.set(i as u32, &flag, 0).with_context(|| format!("setting slot {i} in `ring_awake`"))?;
-            self.views.push(SlotView::map(&flag, &self.rings[i])?);
-            self.awake.push(flag);
+        for p in &cfg.pools {
+            for k in 0..p.max_processes {
+                let i = self.rings.len();
+                // Slot 0 of a pool keeps the plain names.
+                let suffix = if k == 0 { String::new() } else { format!("_{k}") };
+                let what = format!("pool `{}` slot {k}", p.name);
+                let obj = aya_obj::Map::new_from_params(
+                    aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32,
+                    0,
+                    0,
+                    p.ring_bytes,
+                    0,
+                );
+                let name: String = format!("ring_{}{suffix}", p.name).chars().take(15).collect();
+                let ring = MapData::create(obj, &name, None).with_context(|| format!("creating the ring of {what}"))?;
+                ring.pin(self.pin_dir.join(format!("ring_{}{suffix}", p.name))).with_context(|| format!("pinning the ring of {what}"))?;
+                let mut rings: ArrayOfMaps<&mut MapData, MapData> = ArrayOfMaps::try_from(self.map("rings")?)?;
+                rings.set(i as u32, &ring, 0).with_context(|| format!("setting slot {i} in `rings`"))?;
+                self.rings.push(ring);
+                // The worker maps this one page and flips the flag itself.
+                let obj = aya_obj::Map::new_from_params(
+                    aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
+                    4,
+                    4,
+                    1,
+                    aya_obj::generated::BPF_F_MMAPABLE,
+                );
+                let name: String = format!("awake_{}{suffix}", p.name).chars().take(15).collect();
+                let flag = MapData::create(obj, &name, None).with_context(|| format!("creating the awake flag of {what}"))?;
+                flag.pin(self.pin_dir.join(format!("awake_{}{suffix}", p.name)))
+                    .with_context(|| format!("pinning the awake flag of {what}"))?;
+                let mut outer: ArrayOfMaps<&mut MapData, MapData> = ArrayOfMaps::try_from(self.map("ring_awake")?)?;
+                outer.set(i as u32, &flag, 0).with_context(|| format!("setting slot {i} in `ring_awake`"))?;
+                self.views.push(SlotView::map(&flag, &self.rings[i])?);
+                self.awake.push(flag);
+            }
         }
+        self.pool_slots = cfg.pools.iter().map(|p| p.max_processes).collect();
         {
             let mut pools: Array<&mut MapData, PoolInfo> = Array::try_from(self.map("pools")?)?;
             for (i, p) in cfg.pools.iter().enumerate() {
-                let info = PoolInfo { first_slot: i as u32, slots: 1, queue_bytes: p.queue_bytes, _pad: 0 };
+                let info = PoolInfo { first_slot: cfg.first_slot(i) as u32, slots: p.max_processes, queue_bytes: p.queue_bytes, _pad: 0 };
                 pools.set(i as u32, info, 0).context("writing `pools`")?;
             }
         }
@@ -274,14 +282,14 @@ impl Kernel {
         Ok(())
     }
 
-    /// A duplicate fd of pool `pool`'s ring's awake flag, for its worker.
-    pub fn awake_fd(&self, pool: usize) -> Result<OwnedFd> {
-        self.awake[pool].fd().as_fd().try_clone_to_owned().context("duplicating an awake-flag fd")
+    /// A duplicate fd of slot `slot`'s awake flag, for its worker.
+    pub fn awake_fd(&self, slot: usize) -> Result<OwnedFd> {
+        self.awake[slot].fd().as_fd().try_clone_to_owned().context("duplicating an awake-flag fd")
     }
 
-    /// A duplicate fd of pool `pool`'s ring, for its worker.
-    pub fn ring_fd(&self, pool: usize) -> Result<OwnedFd> {
-        let fd = self.rings[pool].fd().as_fd().try_clone_to_owned().context("duplicating a ring fd")?;
+    /// A duplicate fd of slot `slot`'s ring, for its worker.
+    pub fn ring_fd(&self, slot: usize) -> Result<OwnedFd> {
+        let fd = self.rings[slot].fd().as_fd().try_clone_to_owned().context("duplicating a ring fd")?;
         Ok(fd)
     }
 
@@ -360,17 +368,18 @@ impl Kernel {
     /// Stops (`false`) or resumes (`true`) queueing on pool `pool` in the
     /// kernel; a stopped pool's requests go to the slow path.
     pub fn set_pool_running(&mut self, pool: usize, running: bool) -> Result<()> {
+        let slots = if running { self.pool_slots[pool] } else { 0 };
         let mut pools: Array<&mut MapData, PoolInfo> = Array::try_from(self.map("pools")?)?;
         let mut info = pools.get(&(pool as u32), 0).context("reading `pools`")?;
-        info.slots = running as u32;
+        info.slots = slots;
         pools.set(pool as u32, info, 0).context("writing `pools`")?;
         Ok(())
     }
 
-    /// Takes every record off pool `pool`'s ring (no worker may be
+    /// Takes every record off slot `slot`'s ring (no worker may be
     /// consuming it) and returns the request heads among them.
-    pub fn drain_ring(&self, pool: usize) -> Result<Vec<dispatcher_ebpf::abi::RecordHeader>> {
-        let data = MapData::from_fd(self.ring_fd(pool)?).context("opening a ring")?;
+    pub fn drain_ring(&self, slot: usize) -> Result<Vec<dispatcher_ebpf::abi::RecordHeader>> {
+        let data = MapData::from_fd(self.ring_fd(slot)?).context("opening a ring")?;
         let mut ring = aya::maps::RingBuf::try_from(Map::RingBuf(data))?;
         let mut heads = Vec::new();
         while let Some(item) = ring.next() {

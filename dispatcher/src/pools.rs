@@ -31,16 +31,26 @@ use crate::{config::Pool, conns::Conns, serve::Shared};
 /// One pool at run time.
 pub struct PoolLink {
     pub name: String,
-    /// Slow-path queue limit (bytes in flight to the worker).
+    /// Slow-path queue limit (bytes in flight to the workers).
     pub queue_bytes: u64,
     /// Bytes of slow-path requests sent and not yet answered.
     pub inflight: AtomicU64,
-    /// The current worker's control socket, and records waiting for one.
-    ctl: Mutex<Ctl>,
-    /// Demand and start signals for the pool's supervisor.
-    pub signals: activation::Signals,
+    /// The pool's first slot (global index) and its slots (web garden).
+    pub first_slot: usize,
+    pub slots: Vec<SlotLink>,
     /// Why the pool is stopped (rapid-fail protection), if it is.
     stopped: Mutex<Option<String>>,
+    /// Next slot to try for a slow-path request.
+    turn: std::sync::atomic::AtomicUsize,
+}
+
+/// One worker slot of a pool.
+pub struct SlotLink {
+    /// Its current worker's control socket, and records waiting for one.
+    ctl: Mutex<Ctl>,
+    /// Demand (per slot) and start (shared by the pool's slots) signals
+    /// for its supervisor.
+    pub signals: activation::Signals,
 }
 
 #[derive(Default)]
@@ -51,25 +61,55 @@ struct Ctl {
     waiting: Vec<Bytes>,
 }
 
+impl SlotLink {
+    fn live(&self) -> bool {
+        self.ctl.lock().unwrap().tx.as_ref().is_some_and(|t| !t.is_closed())
+    }
+}
+
 impl PoolLink {
-    pub fn new(p: &Pool) -> Self {
+    pub fn new(p: &Pool, first_slot: usize) -> Self {
+        let shared = activation::Signals::default();
+        let slots = (0..p.max_processes)
+            .map(|_| SlotLink {
+                ctl: Mutex::new(Ctl::default()),
+                signals: activation::Signals {
+                    demand: Default::default(),
+                    start: shared.start.clone(),
+                    start_requests: shared.start_requests.clone(),
+                },
+            })
+            .collect();
         PoolLink {
             name: p.name.clone(),
             queue_bytes: p.queue_bytes as u64,
             inflight: AtomicU64::new(0),
-            ctl: Mutex::new(Ctl::default()),
-            signals: activation::Signals::default(),
+            first_slot,
+            slots,
             stopped: Mutex::new(None),
+            turn: Default::default(),
         }
     }
 
-    /// Sends a request record (header + data) to the worker, or keeps it
-    /// for the next worker (and asks for one).
-    pub fn send_record(&self, hdr: RecordHeader, data: &[u8]) {
+    /// Sends a slow-path request head to one of the pool's workers (in
+    /// turn among the live ones; the first slot when none runs, which
+    /// starts one). Returns the slot (local index) its body must follow.
+    pub fn send_head(&self, hdr: RecordHeader, data: &[u8]) -> usize {
+        let n = self.slots.len();
+        let start = self.turn.fetch_add(1, Ordering::Relaxed);
+        let slot = (0..n).map(|k| (start + k) % n).find(|&s| self.slots[s].live()).unwrap_or(0);
+        self.send_record(slot, hdr, data);
+        slot
+    }
+
+    /// Sends a request record (header + data) to slot `slot`'s worker, or
+    /// keeps it for the next worker there (and asks for one).
+    pub fn send_record(&self, slot: usize, hdr: RecordHeader, data: &[u8]) {
+        let Some(s) = self.slots.get(slot) else { return };
         let mut buf = Vec::with_capacity(hdr.len as usize + 32);
         buf.extend_from_slice(&hdr.to_bytes());
         buf.extend_from_slice(data);
-        let mut ctl = self.ctl.lock().unwrap();
+        let mut ctl = s.ctl.lock().unwrap();
         let buf = match &ctl.tx {
             Some(tx) => match tx.send(Bytes::from(buf)) {
                 Ok(()) => return,
@@ -79,25 +119,30 @@ impl PoolLink {
         };
         ctl.waiting.push(buf);
         drop(ctl);
-        self.signals.demand.notify_one();
+        s.signals.demand.notify_one();
     }
 
-    /// Connection `conn` closed: its partly sent requests are void. A
-    /// worker is told; records still waiting for one are dropped.
+    /// Connection `conn` closed: its partly sent requests are void. The
+    /// workers are told; records still waiting for one are dropped.
     pub fn abort(&self, conn: u64) {
-        let mut ctl = self.ctl.lock().unwrap();
-        match &ctl.tx {
-            Some(tx) if !tx.is_closed() => {
-                let hdr = RecordHeader { conn, kind: worker::proto::RECORD_ABORT, ..Default::default() };
-                let _ = tx.send(Bytes::copy_from_slice(&hdr.to_bytes()));
+        for s in &self.slots {
+            let mut ctl = s.ctl.lock().unwrap();
+            match &ctl.tx {
+                Some(tx) if !tx.is_closed() => {
+                    let hdr = RecordHeader { conn, kind: worker::proto::RECORD_ABORT, ..Default::default() };
+                    let _ = tx.send(Bytes::copy_from_slice(&hdr.to_bytes()));
+                }
+                _ => ctl.waiting.retain(|b| RecordHeader::from_bytes(b).is_none_or(|h| h.conn != conn)),
             }
-            _ => ctl.waiting.retain(|b| RecordHeader::from_bytes(b).is_none_or(|h| h.conn != conn)),
         }
     }
 
-    /// Slow-path records wait for a worker.
-    fn has_waiting(&self) -> bool {
-        !self.ctl.lock().unwrap().waiting.is_empty()
+    /// Asks the pool's stopped supervisor to start again.
+    pub fn request_start(&self) {
+        if let Some(s) = self.slots.first() {
+            s.signals.start_requests.fetch_add(1, Ordering::SeqCst);
+            s.signals.start.notify_waiters();
+        }
     }
 
     /// Why the pool is stopped, if it is.
@@ -320,7 +365,7 @@ fn send_lease(sock: &OwnedFd, msg: &LeaseMsg, fd: Option<&OwnedFd>) -> io::Resul
 /// Makes a control socket for a new worker of `link`: our end is served
 /// by a reader (responses → connections) and a writer task. With `leases`,
 /// also a lease socket; returns the worker's ends.
-fn connect(link: &Arc<PoolLink>, conns: &Arc<Conns>, leases: bool) -> Result<(OwnedFd, Option<OwnedFd>, Option<OwnedFd>)> {
+fn connect(link: &Arc<PoolLink>, slot: usize, conns: &Arc<Conns>, leases: bool) -> Result<(OwnedFd, Option<OwnedFd>, Option<OwnedFd>)> {
     let (lease_tx, lease_fd, progress_fd) = match leases {
         true => {
             let (tx, fd, progress) = lease_socket()?;
@@ -336,7 +381,7 @@ fn connect(link: &Arc<PoolLink>, conns: &Arc<Conns>, leases: bool) -> Result<(Ow
     let mut rd = tokio::io::BufReader::with_capacity(BATCH_BYTES, rd);
     let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
     {
-        let mut ctl = link.ctl.lock().unwrap();
+        let mut ctl = link.slots[slot].ctl.lock().unwrap();
         for b in ctl.waiting.drain(..) {
             let _ = tx.send(b);
         }
@@ -376,7 +421,7 @@ fn connect(link: &Arc<PoolLink>, conns: &Arc<Conns>, leases: bool) -> Result<(Ow
         {
             // Later slow-path records wait for the next worker (and ask
             // for one) instead of going into a dead socket.
-            let mut ctl = link.ctl.lock().unwrap();
+            let mut ctl = link.slots[slot].ctl.lock().unwrap();
             if ctl.tx.as_ref().is_some_and(|t| t.same_channel(&tx)) {
                 ctl.tx = None;
             }
@@ -388,45 +433,48 @@ fn connect(link: &Arc<PoolLink>, conns: &Arc<Conns>, leases: bool) -> Result<(Ow
     Ok((theirs.into(), lease_fd, progress_fd))
 }
 
-/// The dispatcher's side of pool `index`'s one worker slot.
+/// The dispatcher's side of one worker slot: pool `pool`'s slot `local`,
+/// global slot `slot`.
 struct PoolSlot {
-    index: usize,
+    pool: usize,
+    local: usize,
+    slot: usize,
     link: Arc<PoolLink>,
     shared: Arc<Shared>,
 }
 
 impl activation::Slot for PoolSlot {
     fn handles(&mut self) -> Result<activation::Handles> {
-        let (ctl, lease, progress) = connect(&self.link, &self.shared.conns, self.shared.cfg.direct_responses)?;
+        let (ctl, lease, progress) = connect(&self.link, self.local, &self.shared.conns, self.shared.cfg.direct_responses)?;
         let k = self.shared.kernel.lock().unwrap();
-        Ok(activation::Handles { ring: Some(k.ring_fd(self.index)?), ctl, lease, awake: Some(k.awake_fd(self.index)?), progress })
+        Ok(activation::Handles { ring: Some(k.ring_fd(self.slot)?), ctl, lease, awake: Some(k.awake_fd(self.slot)?), progress })
     }
 
     fn vacate(&mut self) -> bool {
-        let on_ring = self.shared.kernel.lock().unwrap().vacate(self.index);
-        on_ring || self.link.has_waiting()
+        let on_ring = self.shared.kernel.lock().unwrap().vacate(self.slot);
+        on_ring || !self.link.slots[self.local].ctl.lock().unwrap().waiting.is_empty()
     }
 
     fn progress(&mut self) -> activation::Progress {
-        self.shared.kernel.lock().unwrap().progress(self.index)
+        self.shared.kernel.lock().unwrap().progress(self.slot)
     }
 
     fn stopped(&mut self, stopped: bool, why: &str) {
         *self.link.stopped.lock().unwrap() = stopped.then(|| why.to_string());
         let mut k = self.shared.kernel.lock().unwrap();
-        if let Err(e) = k.set_pool_running(self.index, !stopped) {
+        if let Err(e) = k.set_pool_running(self.pool, !stopped) {
             tracing::error!(pool = %self.link.name, "{e:#}");
         }
         if !stopped {
             return;
         }
         // What waits for this pool gets its 503 now rather than a 504 later.
-        let heads = k.drain_ring(self.index).unwrap_or_else(|e| {
+        let heads = k.drain_ring(self.slot).unwrap_or_else(|e| {
             tracing::error!(pool = %self.link.name, "draining the stopped pool's ring: {e:#}");
             Vec::new()
         });
         drop(k);
-        let waiting = std::mem::take(&mut self.link.ctl.lock().unwrap().waiting);
+        let waiting = std::mem::take(&mut self.link.slots[self.local].ctl.lock().unwrap().waiting);
         let slow = waiting.iter().filter_map(|b| RecordHeader::from_bytes(b)).filter(|h| h.kind == dispatcher_ebpf::abi::RECORD_HEAD);
         for h in heads.into_iter().chain(slow) {
             let r = crate::connection::local_response(503, &format!("pool `{}` is stopped: {why}", self.link.name), true, true);
@@ -435,9 +483,10 @@ impl activation::Slot for PoolSlot {
     }
 }
 
-/// Starts supervising pool `index`'s worker.
+/// Starts supervising slot `local` of pool `index`.
 pub fn supervise(
     index: usize,
+    local: usize,
     shared: Arc<Shared>,
     pool: &Pool,
     command: PathBuf,
@@ -454,7 +503,12 @@ pub fn supervise(
         group: pool.group.clone(),
     };
     let policy = activation::Policy {
-        start: if pool.always_running { activation::StartMode::AlwaysRunning } else { activation::StartMode::OnDemand },
+        // The first `min_processes` slots always run.
+        start: if pool.always_running || (local as u32) < pool.min_processes {
+            activation::StartMode::AlwaysRunning
+        } else {
+            activation::StartMode::OnDemand
+        },
         idle_timeout: (pool.idle_timeout_secs > 0).then(|| Duration::from_secs(pool.idle_timeout_secs)),
         rapid_fail: (pool.rapid_fail_max_crashes > 0)
             .then(|| (pool.rapid_fail_max_crashes, Duration::from_secs(pool.rapid_fail_interval_secs))),
@@ -466,6 +520,7 @@ pub fn supervise(
         recycle_interval: (pool.recycle_interval_secs > 0).then(|| Duration::from_secs(pool.recycle_interval_secs)),
         recycle_private_kib: (pool.recycle_private_memory_kib > 0).then_some(pool.recycle_private_memory_kib),
     };
-    let signals = link.signals.clone();
-    tokio::spawn(activation::supervise(spec, policy, PoolSlot { index, link, shared }, signals, stop))
+    let signals = link.slots[local].signals.clone();
+    let slot = link.first_slot + local;
+    tokio::spawn(activation::supervise(spec, policy, PoolSlot { pool: index, local, slot, link, shared }, signals, stop))
 }

@@ -58,7 +58,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
 
     let conns = Arc::new(Conns::default());
     let pools: Vec<Arc<PoolLink>> =
-        cfg.pools.iter().map(|p| Arc::new(PoolLink::new(p))).collect();
+        cfg.pools.iter().enumerate().map(|(i, p)| Arc::new(PoolLink::new(p, cfg.first_slot(i)))).collect();
     let parking = Parking::start(conns.clone()).context("making the parked connections' epoll set")?;
     watch_events(events, conns.clone(), pools.clone())?;
     let shared = Arc::new(Shared { cfg: cfg.clone(), kernel: Mutex::new(kernel), conns: conns.clone(), pools, parking });
@@ -80,7 +80,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        supervisors.push(pools::supervise(i, shared.clone(), p, command, args, stop_rx.clone()));
+        for local in 0..p.max_processes as usize {
+            supervisors.push(pools::supervise(i, local, shared.clone(), p, command.clone(), args.clone(), stop_rx.clone()));
+        }
     }
 
     tracing::info!(listen = %cfg.listen, pools = cfg.pools.len(), "dispatcher ready");
@@ -144,8 +146,9 @@ fn watch_events(ring: aya::maps::RingBuf<aya::maps::MapData>, conns: Arc<Conns>,
                 match e.kind {
                     EVENT_HANDOFF => conns.wake(e.cookie),
                     EVENT_DEMAND => {
-                        if let Some(p) = pools.get(e.slot as usize) {
-                            p.signals.demand.notify_one();
+                        let slot = e.slot as usize;
+                        if let Some(p) = pools.iter().find(|p| (p.first_slot..p.first_slot + p.slots.len()).contains(&slot)) {
+                            p.slots[slot - p.first_slot].signals.demand.notify_one();
                         }
                     }
                     _ => {}

@@ -328,3 +328,39 @@ fn kill_9_of_a_busy_worker_fails_only_what_it_had_taken_with_502() {
     assert!(pids.len() >= 2, "no replacement answered: {pids:?}");
     eprintln!("kill -9 under load: {bad_gateway} of {} requests got 502", KILL_CLIENTS * KILL_LOAD);
 }
+
+#[test]
+fn min_processes_of_a_web_garden_run_from_the_start() {
+    if !privileged() {
+        return;
+    }
+    let def = PoolDef { extra: "max_processes = 2\nmin_processes = 2", ..PoolDef::echo("p", &["*/"]) };
+    let d = Dispatcher::start(&[def], "");
+    assert!(d.wait_log(START_TIMEOUT, |l| l.matches("worker started").count() == 2), "{}", d.log());
+    assert_eq!(d.workers().len(), 2, "{:?}", d.workers());
+}
+
+/// Connections the web-garden test opens (spread over its slots by the
+/// kernel, from each connection's own slot).
+const GARDEN_CONNECTIONS: usize = 8;
+
+#[test]
+fn a_web_garden_spreads_connections_over_its_workers() {
+    if !privileged() {
+        return;
+    }
+    let def = PoolDef { extra: "max_processes = 2", ..PoolDef::echo("p", &["*/"]) };
+    let d = Dispatcher::start(&[def], "");
+    let mut clients: Vec<_> = (0..GARDEN_CONNECTIONS).map(|_| d.connect()).collect();
+    let mut pids = std::collections::BTreeSet::new();
+    for (i, c) in clients.iter_mut().enumerate() {
+        for j in 0..3 {
+            let path = format!("/c{i}/{j}");
+            let r = c.get("x", &path);
+            assert_eq!((r.status, r.header("x-echo-path")), (200, Some(path.as_str())));
+            pids.insert(worker_pid(&r));
+        }
+    }
+    assert_eq!(pids.len(), 2, "the garden's two workers did not both serve: {pids:?}\n{}", d.log());
+    assert_eq!(d.workers().len(), 2);
+}

@@ -109,7 +109,11 @@ pub fn push_head(
     if slots == 0 {
         return Err(reason::NO_RING);
     }
-    // Shortest queue among the pool's slots.
+    // Shortest queue among the pool's slots, looked at from the
+    // connection's own slot on: ties (idle workers drain their rings to
+    // empty) keep a connection on one worker and spread connections over
+    // the web garden.
+    let home = (cookie % slots as u64) as u32;
     let mut best = info.first_slot;
     let mut best_q = u64::MAX;
     let mut i = 0;
@@ -117,7 +121,8 @@ pub fn push_head(
         if i >= slots {
             break;
         }
-        let slot = info.first_slot + i;
+        let k = home + i;
+        let slot = info.first_slot + if k >= slots { k - slots } else { k };
         if slot >= MAX_SLOTS {
             break;
         }
