@@ -84,11 +84,13 @@ async fn run(cli: Cli) -> Result<()> {
     let busy = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // SIGTERM: stop pulling, finish what was taken, exit cleanly.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut terminated = false;
     loop {
         let got = tokio::select! {
             r = w.receive() => r,
             _ = sigterm.recv() => {
                 tracing::info!(pool = %pool, pid, "SIGTERM; finishing the requests taken");
+                terminated = true;
                 w.stop_pulling();
                 continue;
             }
@@ -101,7 +103,10 @@ async fn run(cli: Cli) -> Result<()> {
                 while busy.load(std::sync::atomic::Ordering::SeqCst) > 0 {
                     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                 }
-                tracing::info!(pool = %pool, pid, "{e}; exiting");
+                match terminated {
+                    true => tracing::info!(pool = %pool, pid, "stopped; exiting"),
+                    false => tracing::info!(pool = %pool, pid, "{e}; exiting"),
+                }
                 w.finish().await;
                 return Ok(());
             }
