@@ -170,8 +170,10 @@ impl Kernel {
         for p in &cfg.pools {
             for k in 0..p.max_processes {
                 let i = self.rings.len();
-                // Slot 0 of a pool keeps the plain names.
-                let suffix = if k == 0 { String::new() } else { format!("_{k}") };
+                // Slot 0 of a pool keeps the plain names. Pins of other
+                // slots are `ring_<pool>@<k>` (`@` cannot occur in a pool
+                // name, so no clash with a pool's; bpffs refuses `.`).
+                let suffix = if k == 0 { String::new() } else { format!("@{k}") };
                 let what = format!("pool `{}` slot {k}", p.name);
                 let obj = aya_obj::Map::new_from_params(
                     aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32,
@@ -180,7 +182,9 @@ impl Kernel {
                     p.ring_bytes,
                     0,
                 );
-                let name: String = format!("ring_{}{suffix}", p.name).chars().take(15).collect();
+                // Kernel object names take [A-Za-z0-9_.] only (a pool name
+                // may have `-`); the pin paths keep the pool's name.
+                let name: String = format!("ring_{}{suffix}", p.name).replace(['-', '@'], "_").chars().take(15).collect();
                 let ring = MapData::create(obj, &name, None).with_context(|| format!("creating the ring of {what}"))?;
                 ring.pin(self.pin_dir.join(format!("ring_{}{suffix}", p.name))).with_context(|| format!("pinning the ring of {what}"))?;
                 let mut rings: ArrayOfMaps<&mut MapData, MapData> = ArrayOfMaps::try_from(self.map("rings")?)?;
@@ -194,7 +198,7 @@ impl Kernel {
                     1,
                     aya_obj::generated::BPF_F_MMAPABLE,
                 );
-                let name: String = format!("awake_{}{suffix}", p.name).chars().take(15).collect();
+                let name: String = format!("awake_{}{suffix}", p.name).replace(['-', '@'], "_").chars().take(15).collect();
                 let flag = MapData::create(obj, &name, None).with_context(|| format!("creating the awake flag of {what}"))?;
                 flag.pin(self.pin_dir.join(format!("awake_{}{suffix}", p.name)))
                     .with_context(|| format!("pinning the awake flag of {what}"))?;

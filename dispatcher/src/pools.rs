@@ -38,8 +38,9 @@ pub struct PoolLink {
     /// The pool's first slot (global index) and its slots (web garden).
     pub first_slot: usize,
     pub slots: Vec<SlotLink>,
-    /// Why the pool is stopped (rapid-fail protection), if it is.
-    stopped: Mutex<Option<String>>,
+    /// The slots rapid-fail protection stopped, and why: the pool is
+    /// stopped while any is.
+    stopped: Mutex<std::collections::BTreeMap<usize, String>>,
     /// Next slot to try for a slow-path request.
     turn: std::sync::atomic::AtomicUsize,
 }
@@ -86,7 +87,7 @@ impl PoolLink {
             inflight: AtomicU64::new(0),
             first_slot,
             slots,
-            stopped: Mutex::new(None),
+            stopped: Mutex::new(Default::default()),
             turn: Default::default(),
         }
     }
@@ -147,7 +148,7 @@ impl PoolLink {
 
     /// Why the pool is stopped, if it is.
     pub fn stopped(&self) -> Option<String> {
-        self.stopped.lock().unwrap().clone()
+        self.stopped.lock().unwrap().values().next().cloned()
     }
 
     pub fn release(&self, bytes: u64) {
@@ -460,9 +461,16 @@ impl activation::Slot for PoolSlot {
     }
 
     fn stopped(&mut self, stopped: bool, why: &str) {
-        *self.link.stopped.lock().unwrap() = stopped.then(|| why.to_string());
+        let any_stopped = {
+            let mut s = self.link.stopped.lock().unwrap();
+            match stopped {
+                true => s.insert(self.local, why.to_string()),
+                false => s.remove(&self.local),
+            };
+            !s.is_empty()
+        };
         let mut k = self.shared.kernel.lock().unwrap();
-        if let Err(e) = k.set_pool_running(self.pool, !stopped) {
+        if let Err(e) = k.set_pool_running(self.pool, !any_stopped) {
             tracing::error!(pool = %self.link.name, "{e:#}");
         }
         if !stopped {

@@ -334,10 +334,12 @@ fn min_processes_of_a_web_garden_run_from_the_start() {
     if !privileged() {
         return;
     }
-    let def = PoolDef { extra: "max_processes = 2\nmin_processes = 2", ..PoolDef::echo("p", &["*/"]) };
+    // A name with `-`, which kernel object names cannot carry.
+    let def = PoolDef { extra: "max_processes = 2\nmin_processes = 2", ..PoolDef::echo("web-garden", &["*/"]) };
     let d = Dispatcher::start(&[def], "");
     assert!(d.wait_log(START_TIMEOUT, |l| l.matches("worker started").count() == 2), "{}", d.log());
     assert_eq!(d.workers().len(), 2, "{:?}", d.workers());
+    assert!(d.pin_dir().join("ring_web-garden@1").exists());
 }
 
 /// Connections the web-garden test opens (spread over its slots by the

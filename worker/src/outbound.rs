@@ -35,13 +35,18 @@ pub(crate) struct Outbound {
     progress: Option<Arc<ProgressMap>>,
     /// Held while a lease message is received and handled.
     lease_order: Mutex<()>,
+    /// Per connection, kernel requests taken and not answered yet: one past
+    /// the last taken, and bit `seq % 64` of each (merged into a lease's
+    /// trace when one is granted, whatever the lease state was when they
+    /// were taken).
+    unanswered: Mutex<HashMap<u64, (u32, u64)>>,
 }
 
 enum Entry {
     /// Asked for a lease with response `at`. `sent_after`: a later
     /// response already went through the dispatcher, so a grant has to be
     /// given back unused (the dispatcher may not have written it yet).
-    Asked { at: u32, sent_after: bool, taken: u32, in_flight: u64 },
+    Asked { at: u32, sent_after: bool },
     Leased(Lease),
 }
 
@@ -203,6 +208,7 @@ impl Outbound {
             lease_sock: OnceLock::new(),
             progress: progress.map(Arc::new),
             lease_order: Mutex::new(()),
+            unanswered: Mutex::new(HashMap::new()),
         }
     }
 
@@ -214,21 +220,19 @@ impl Outbound {
             return;
         }
         let bit = 1u64 << (seq % 64);
-        match self.conns.lock().unwrap().get_mut(&conn) {
-            Some(Entry::Leased(l)) => {
-                if let Some((map, i)) = &l.trace {
-                    if let Some(e) = map.entry(*i) {
-                        e.in_flight.fetch_or(bit, std::sync::atomic::Ordering::Release);
-                        e.taken.fetch_max(seq.wrapping_add(1), std::sync::atomic::Ordering::Release);
-                    }
+        {
+            let mut u = self.unanswered.lock().unwrap();
+            let e = u.entry(conn).or_insert((0, 0));
+            e.0 = e.0.max(seq.wrapping_add(1));
+            e.1 |= bit;
+        }
+        if let Some(Entry::Leased(l)) = self.conns.lock().unwrap().get_mut(&conn) {
+            if let Some((map, i)) = &l.trace {
+                if let Some(e) = map.entry(*i) {
+                    e.in_flight.fetch_or(bit, std::sync::atomic::Ordering::Release);
+                    e.taken.fetch_max(seq.wrapping_add(1), std::sync::atomic::Ordering::Release);
                 }
             }
-            // Kept for the grant that may be on its way.
-            Some(Entry::Asked { taken, in_flight, .. }) => {
-                *taken = (*taken).max(seq.wrapping_add(1));
-                *in_flight |= bit;
-            }
-            None => {}
         }
     }
 
@@ -236,6 +240,11 @@ impl Outbound {
     /// from the ring (the slow path's responses always go through the
     /// dispatcher, which revoked the lease when it took the connection).
     pub(crate) fn respond(self: &Arc<Self>, conn: u64, seq: u32, bytes: Vec<u8>, close: bool, from_kernel: bool) -> bool {
+        if from_kernel && self.progress.is_some() {
+            if let Some(e) = self.unanswered.lock().unwrap().get_mut(&conn) {
+                e.1 &= !(1u64 << (seq % 64));
+            }
+        }
         if from_kernel && matches!(self.conns.lock().unwrap().get(&conn), Some(Entry::Asked { .. })) {
             // The dispatcher sends a grant before the client can have sent
             // this request, but the ring may have woken us first.
@@ -263,7 +272,7 @@ impl Outbound {
             None => {
                 let ask = self.leases && from_kernel && !close;
                 if ask {
-                    map.insert(conn, Entry::Asked { at: seq, sent_after: false, taken: 0, in_flight: 0 });
+                    map.insert(conn, Entry::Asked { at: seq, sent_after: false });
                 }
                 self.via_ctl(conn, seq, &bytes, close, ask)
             }
@@ -398,17 +407,18 @@ impl Outbound {
         tracing::debug!(conn = m.conn, kind = m.kind, gen = m.gen, from = m.from, fd = fd.is_some(), state = map.get(&m.conn).map(|e| match e { Entry::Asked { sent_after, .. } => if *sent_after { "asked-sent-after" } else { "asked" }, Entry::Leased(_) => "leased" }), "lease message");
         match m.kind {
             lease::GRANT => {
-                let asked = match map.get(&m.conn) {
-                    Some(Entry::Asked { sent_after: false, taken, in_flight, .. }) => Some((*taken, *in_flight)),
-                    _ => None,
-                };
-                match (fd, asked) {
-                    (Some(fd), Some((taken, in_flight))) => {
+                let usable = matches!(map.get(&m.conn), Some(Entry::Asked { sent_after: false, .. }));
+                match fd {
+                    Some(fd) if usable => {
+                        let (taken, in_flight) = self.unanswered.lock().unwrap().get(&m.conn).copied().unwrap_or((0, 0));
                         let sock = Arc::new(Sock { waiter: OnceLock::new(), fd });
                         let trace = match (&self.progress, m.slot) {
                             (Some(map), slot) if slot != proto::NO_SLOT => {
-                                // The dispatcher reset the entry; add what
-                                // was taken while the grant was on its way.
+                                // Fresh (a lease on another connection may
+                                // have used this entry until its FORGET,
+                                // handled before this grant), plus what is
+                                // taken and not answered on this one.
+                                map.reset(slot, m.conn, m.from);
                                 if let Some(e) = map.entry(slot) {
                                     e.in_flight.fetch_or(in_flight, std::sync::atomic::Ordering::Release);
                                     e.taken.fetch_max(taken, std::sync::atomic::Ordering::Release);
@@ -452,6 +462,7 @@ impl Outbound {
             }
             lease::FORGET => {
                 map.remove(&m.conn);
+                self.unanswered.lock().unwrap().remove(&m.conn);
             }
             k => tracing::warn!(kind = k, "unknown lease message"),
         }
