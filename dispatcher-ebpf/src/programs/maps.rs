@@ -67,8 +67,11 @@ pub static slow_stats: Array<SlowCounters, { MAX_POOLS as usize + 1 }> = Array::
 /// user space (the dispatcher stops polling a connection whose responses a
 /// worker writes, since every received segment would wake it, even those
 /// the kernel drops), and requests queued on a slot without a worker.
+/// Sized for a burst: every head queued while a worker starts raises a
+/// demand (24 bytes each with the ring's header), and a full ring would
+/// drop hand-off events too.
 #[btf_map]
-pub static events: RingBuf<Event, { 1 << 16 }> = RingBuf::new();
+pub static events: RingBuf<Event, { 1 << 20 }> = RingBuf::new();
 
 /// The verdict program's continuation, tail-called once per request
 /// after the first in a segment.
