@@ -156,6 +156,7 @@ impl Kernel {
         fs::set_permissions(&pin_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .with_context(|| format!("chmod 700 {}", pin_dir.display()))?;
         let mut k = Kernel { ebpf: load_object()?, pin_dir, rings: Vec::new(), awake: Vec::new(), views: Vec::new(), pool_slots: Vec::new() };
+        // On failure `k` drops here, which removes the pins made so far.
         k.configure(cfg)?;
         Ok(k)
     }

@@ -48,6 +48,9 @@ pub async fn serve(cfg: Config) -> Result<()> {
     fs::set_permissions(RUN_DIR, fs::Permissions::from_mode(0o755)).ok();
     fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o755)).ok();
     let _lock = lock_instance(&run_dir, &cfg.instance)?;
+    // Ours now (we hold the lock): removed however serve ends, a failed
+    // start-up included.
+    let _run_dir = RemoveOnDrop(run_dir.clone());
 
     let mut kernel = Kernel::load(&cfg)?;
     let events = kernel.take_events()?;
@@ -123,7 +126,7 @@ pub async fn serve(cfg: Config) -> Result<()> {
     // Connection tasks still hold the shared state, so remove the pins
     // explicitly; the programs detach when this process's fds close.
     shared.kernel.lock().unwrap_or_else(|e| e.into_inner()).unpin();
-    let _ = fs::remove_dir_all(&run_dir);
+
     Ok(())
 }
 
@@ -181,6 +184,15 @@ fn socket_cookie(s: &tokio::net::TcpStream) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(v)
+}
+
+/// Removes a directory when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Holds an exclusive lock for the instance: a second dispatcher with the

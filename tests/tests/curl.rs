@@ -78,3 +78,25 @@ fn which(cmd: &str) -> Option<std::path::PathBuf> {
         .map(|d| d.join(cmd))
         .find(|p| p.exists())
 }
+
+#[test]
+fn a_failed_start_leaves_nothing_behind() {
+    if !privileged() {
+        return;
+    }
+    let instance = format!("failstart{}", std::process::id());
+    let dir = tests::TempDir::new(&instance);
+    let cfg = dir.path.join("bad.toml");
+    std::fs::write(
+        &cfg,
+        format!("listen = \"127.0.0.1:{}\"\ninstance = \"{instance}\"\n[[pool]]\nname = \"p\"\nroutes = [\"*/\"]\ncommand = \"no-such-worker-command\"\n", tests::free_port()),
+    )
+    .unwrap();
+    let out = Command::new(tests::bin_dir().join("dispatcher")).args(["serve", "--config"]).arg(&cfg).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-worker-command"), "{}", String::from_utf8_lossy(&out.stderr));
+    let pins = std::path::Path::new("/sys/fs/bpf").join(&instance);
+    let run = std::path::Path::new("/run/dispatcher").join(&instance);
+    assert!(!pins.exists(), "pins left at {}", pins.display());
+    assert!(!run.exists(), "run directory left at {}", run.display());
+}
