@@ -22,6 +22,30 @@ use std::{
 
 use tokio::{process::Command, sync::watch};
 
+/// The environment a worker is started with (the worker library reads
+/// the same names).
+pub mod env {
+    /// The inherited ring buffer fd.
+    pub const RING_FD: &str = "DISPATCHER_RING_FD";
+    /// The inherited control socket fd.
+    pub const CTL_FD: &str = "DISPATCHER_CTL_FD";
+    /// The inherited lease socket fd (absent: the dispatcher writes every
+    /// response itself).
+    pub const LEASE_FD: &str = "DISPATCHER_LEASE_FD";
+    /// The inherited awake-flag fd of the ring (absent: every record wakes
+    /// the worker).
+    pub const AWAKE_FD: &str = "DISPATCHER_AWAKE_FD";
+    /// The inherited progress map fd (a memfd; absent: no trace).
+    pub const PROGRESS_FD: &str = "DISPATCHER_PROGRESS_FD";
+    /// The idle time-out in seconds (absent: none).
+    pub const IDLE_TIMEOUT_SECS: &str = "DISPATCHER_IDLE_TIMEOUT_SECS";
+    /// The request count after which the worker stops pulling and exits
+    /// (recycling; absent: never).
+    pub const RECYCLE_REQUESTS: &str = "DISPATCHER_RECYCLE_REQUESTS";
+    /// The pool's name.
+    pub const POOL: &str = "DISPATCHER_POOL";
+}
+
 /// Fd number the worker finds its ring at.
 pub const RING_FD: i32 = 3;
 /// Fd number the worker finds its control socket at.
@@ -102,19 +126,19 @@ pub fn spawn(spec: &WorkerSpec, handles: Handles) -> Result<tokio::process::Chil
     }
     let mut cmd = Command::new(&spec.command);
     cmd.args(&spec.args)
-        .env("DISPATCHER_POOL", &spec.pool)
-        .env("DISPATCHER_CTL_FD", CTL_FD.to_string())
+        .env(env::POOL, &spec.pool)
+        .env(env::CTL_FD, CTL_FD.to_string())
         .stdin(Stdio::null())
         .kill_on_drop(true);
     if handles.ring.is_some() {
-        cmd.env("DISPATCHER_RING_FD", RING_FD.to_string());
+        cmd.env(env::RING_FD, RING_FD.to_string());
     } else {
-        cmd.env_remove("DISPATCHER_RING_FD");
+        cmd.env_remove(env::RING_FD);
     }
     for (present, var, fd) in [
-        (handles.lease.is_some(), "DISPATCHER_LEASE_FD", LEASE_FD),
-        (handles.awake.is_some(), "DISPATCHER_AWAKE_FD", AWAKE_FD),
-        (handles.progress.is_some(), "DISPATCHER_PROGRESS_FD", PROGRESS_FD),
+        (handles.lease.is_some(), env::LEASE_FD, LEASE_FD),
+        (handles.awake.is_some(), env::AWAKE_FD, AWAKE_FD),
+        (handles.progress.is_some(), env::PROGRESS_FD, PROGRESS_FD),
     ] {
         if present {
             cmd.env(var, fd.to_string());
@@ -225,8 +249,6 @@ pub struct Policy {
     pub recycle_private_kib: Option<u64>,
 }
 
-/// Environment variable the worker reads its recycling request count from.
-pub const ENV_RECYCLE_REQUESTS: &str = "DISPATCHER_RECYCLE_REQUESTS";
 
 /// Private (anonymous) resident memory of `pid`, KiB.
 fn private_kib(pid: u32) -> Option<u64> {
@@ -276,8 +298,6 @@ pub struct Signals {
     pub start_requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// Environment variable the worker reads its idle time-out from.
-pub const ENV_IDLE_TIMEOUT_SECS: &str = "DISPATCHER_IDLE_TIMEOUT_SECS";
 
 /// Runs `spec`'s worker per `policy` until `stop` turns true: starts it
 /// (at once or on demand), restarts it when it crashes (with back-off),
@@ -285,10 +305,10 @@ pub const ENV_IDLE_TIMEOUT_SECS: &str = "DISPATCHER_IDLE_TIMEOUT_SECS";
 /// the worker (SIGTERM, then SIGKILL) at shutdown.
 pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot, signals: Signals, mut stop: watch::Receiver<bool>) {
     if let (StartMode::OnDemand, Some(t)) = (policy.start, policy.idle_timeout) {
-        spec.env.push((ENV_IDLE_TIMEOUT_SECS.into(), t.as_secs().max(1).to_string()));
+        spec.env.push((env::IDLE_TIMEOUT_SECS.into(), t.as_secs().max(1).to_string()));
     }
     if let Some(n) = policy.recycle_requests {
-        spec.env.push((ENV_RECYCLE_REQUESTS.into(), n.to_string()));
+        spec.env.push((env::RECYCLE_REQUESTS.into(), n.to_string()));
     }
     let mut backoff = MIN_BACKOFF;
     let mut crashes: std::collections::VecDeque<Instant> = Default::default();

@@ -74,20 +74,9 @@ pub enum Error {
     Recycle,
 }
 
-/// The handles a worker is started with.
-pub struct Handles {
-    /// The pool slot's ring (absent: control socket only).
-    pub ring: Option<OwnedFd>,
-    /// The control socket (slow-path requests in, responses out).
-    pub ctl: OwnedFd,
-    /// The lease socket (absent: the dispatcher writes every response).
-    pub lease: Option<OwnedFd>,
-    /// The ring's awake flag (absent: every record wakes the worker).
-    pub awake: Option<OwnedFd>,
-    /// The progress map for leased connections (absent: no trace, so a
-    /// crash closes the connections this worker wrote to).
-    pub progress: Option<OwnedFd>,
-}
+/// The handles a worker is started with (the process manager's type: what
+/// it passes is what the worker takes).
+pub use activation::Handles;
 
 /// A worker's connection to its pool.
 pub struct Worker {

@@ -220,18 +220,21 @@ impl Outbound {
             return;
         }
         let bit = 1u64 << (seq % 64);
-        {
-            let mut u = self.unanswered.lock().unwrap();
-            let e = u.entry(conn).or_insert((0, 0));
-            e.0 = e.0.max(seq.wrapping_add(1));
-            e.1 |= bit;
-        }
-        if let Some(Entry::Leased(l)) = self.conns.lock().unwrap().get_mut(&conn) {
-            if let Some((map, i)) = &l.trace {
-                if let Some(e) = map.entry(*i) {
+        // Under `conns`, so a grant cannot slip between the state looked at
+        // and the record made (lock order: conns, then unanswered).
+        let mut map = self.conns.lock().unwrap();
+        match map.get_mut(&conn) {
+            Some(Entry::Leased(l)) => {
+                if let Some(e) = l.trace.as_ref().and_then(|(map, i)| map.entry(*i)) {
                     e.in_flight.fetch_or(bit, std::sync::atomic::Ordering::Release);
                     e.taken.fetch_max(seq.wrapping_add(1), std::sync::atomic::Ordering::Release);
                 }
+            }
+            _ => {
+                let mut u = self.unanswered.lock().unwrap();
+                let e = u.entry(conn).or_insert((0, 0));
+                e.0 = e.0.max(seq.wrapping_add(1));
+                e.1 |= bit;
             }
         }
     }
@@ -240,17 +243,21 @@ impl Outbound {
     /// from the ring (the slow path's responses always go through the
     /// dispatcher, which revoked the lease when it took the connection).
     pub(crate) fn respond(self: &Arc<Self>, conn: u64, seq: u32, bytes: Vec<u8>, close: bool, from_kernel: bool) -> bool {
-        if from_kernel && self.progress.is_some() {
+        let mut map = self.conns.lock().unwrap();
+        if from_kernel && matches!(map.get(&conn), Some(Entry::Asked { .. })) {
+            // The dispatcher sends a grant before the client can have sent
+            // this request, but the ring may have woken us first.
+            drop(map);
+            self.poll_leases();
+            map = self.conns.lock().unwrap();
+        }
+        if from_kernel && self.progress.is_some() && !matches!(map.get(&conn), Some(Entry::Leased(_))) {
+            // Answered: no longer one for a future lease's trace (under a
+            // lease, the trace itself is updated as the bytes go out).
             if let Some(e) = self.unanswered.lock().unwrap().get_mut(&conn) {
                 e.1 &= !(1u64 << (seq % 64));
             }
         }
-        if from_kernel && matches!(self.conns.lock().unwrap().get(&conn), Some(Entry::Asked { .. })) {
-            // The dispatcher sends a grant before the client can have sent
-            // this request, but the ring may have woken us first.
-            self.poll_leases();
-        }
-        let mut map = self.conns.lock().unwrap();
         match map.get_mut(&conn) {
             Some(Entry::Leased(l)) => {
                 if from_kernel && seq >= l.next {
@@ -410,7 +417,8 @@ impl Outbound {
                 let usable = matches!(map.get(&m.conn), Some(Entry::Asked { sent_after: false, .. }));
                 match fd {
                     Some(fd) if usable => {
-                        let (taken, in_flight) = self.unanswered.lock().unwrap().get(&m.conn).copied().unwrap_or((0, 0));
+                        // Moved into the lease's trace from here on.
+                        let (taken, in_flight) = self.unanswered.lock().unwrap().remove(&m.conn).unwrap_or((0, 0));
                         let sock = Arc::new(Sock { waiter: OnceLock::new(), fd });
                         let trace = match (&self.progress, m.slot) {
                             (Some(map), slot) if slot != proto::NO_SLOT => {

@@ -63,26 +63,13 @@ pub const RESPONSE_HEADER_LEN: usize = core::mem::size_of::<ResponseHeader>();
 /// Largest frame either side accepts on the control socket.
 pub const MAX_FRAME: usize = 1 << 20;
 
-/// Environment variable naming the inherited ring buffer fd.
-pub const ENV_RING_FD: &str = "DISPATCHER_RING_FD";
-/// Environment variable naming the inherited control socket fd.
-pub const ENV_CTL_FD: &str = "DISPATCHER_CTL_FD";
-/// Environment variable naming the inherited lease socket fd (absent:
-/// the dispatcher writes every response itself).
-pub const ENV_LEASE_FD: &str = "DISPATCHER_LEASE_FD";
-/// Environment variable naming the inherited awake-flag fd of the ring
-/// (absent: every record wakes the worker).
-pub const ENV_AWAKE_FD: &str = "DISPATCHER_AWAKE_FD";
-/// Environment variable with the idle time-out in seconds (absent: none).
-pub const ENV_IDLE_TIMEOUT_SECS: &str = "DISPATCHER_IDLE_TIMEOUT_SECS";
-/// Environment variable with the request count after which the worker
-/// stops pulling and exits (recycling; absent: never).
-pub const ENV_RECYCLE_REQUESTS: &str = "DISPATCHER_RECYCLE_REQUESTS";
-/// Environment variable naming the inherited progress map fd (a memfd;
-/// see [`crate::progress`]).
-pub const ENV_PROGRESS_FD: &str = "DISPATCHER_PROGRESS_FD";
-/// Environment variable with the pool name.
-pub const ENV_POOL: &str = "DISPATCHER_POOL";
+/// The environment variables a worker is started with (defined by the
+/// process manager, which sets them).
+pub use activation::env::{
+    AWAKE_FD as ENV_AWAKE_FD, CTL_FD as ENV_CTL_FD, IDLE_TIMEOUT_SECS as ENV_IDLE_TIMEOUT_SECS,
+    LEASE_FD as ENV_LEASE_FD, POOL as ENV_POOL, PROGRESS_FD as ENV_PROGRESS_FD, RECYCLE_REQUESTS as ENV_RECYCLE_REQUESTS,
+    RING_FD as ENV_RING_FD,
+};
 
 impl ResponseHeader {
     pub fn to_bytes(&self) -> [u8; RESPONSE_HEADER_LEN] {

@@ -177,17 +177,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
                 .unwrap_or(0);
         }
-        if let Ok(entries) = fs::read_dir("/proc") {
-            for e in entries.flatten() {
-                let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-                let ppid = fs::read_to_string(format!("/proc/{child}/stat"))
-                    .ok()
-                    .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok()));
-                if ppid == Some(p) {
-                    stack.push(child);
-                }
-            }
-        }
+        stack.extend(children(p));
     }
     total
 }
@@ -302,17 +292,23 @@ fn start_dispatcher(bin: &Path, dir: &Path, name: &str, port: u16, fast: bool, d
     let cfg = format!(
         "listen = \"127.0.0.1:{port}\"\ninstance = \"bench-{name}\"\n[fast_path]\nenabled = {fast}\ndirect_responses = {direct}\nmax_body = {BENCH_MAX_FAST_BODY}\n[[pool]]\nname = \"echo\"\nroutes = [{routes}]\ncommand = \"dispatcher-worker\"\nargs = [\"echo\"]\nring_bytes = {BENCH_RING_BYTES}\nqueue_bytes = {BENCH_QUEUE_BYTES}\n"
     );
+    spawn_dispatcher(bin, dir, name, &cfg, "warn")
+}
+
+/// Starts `dispatcher serve` with configuration `cfg`, written to
+/// `dir/<name>.toml`; its log goes to `dir/<name>.log`.
+fn spawn_dispatcher(bin: &Path, dir: &Path, name: &str, cfg: &str, log_level: &str) -> Result<Child> {
     let path = dir.join(format!("{name}.toml"));
     fs::write(&path, cfg)?;
     let log = fs::File::create(dir.join(format!("{name}.log")))?;
     Command::new(bin.join("dispatcher"))
         .args(["serve", "--config"])
         .arg(&path)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log_level)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .context("starting the dispatcher")
+        .with_context(|| format!("starting the dispatcher ({name})"))
 }
 
 fn start_nginx(dir: &Path, port: u16, upstream: u16) -> Result<Child> {
@@ -431,17 +427,9 @@ fn recycle_under_load(bin: &Path, dir: &Path, seconds: u32) -> Result<Recycle> {
     let cfg = format!(
         "listen = \"127.0.0.1:{port}\"\ninstance = \"bench-recycle\"\n[[pool]]\nname = \"echo\"\nroutes = [\"*/\"]\ncommand = \"dispatcher-worker\"\nargs = [\"echo\"]\nstart_mode = \"always-running\"\nrecycle_requests = {RECYCLE_EVERY}\n"
     );
-    let path = dir.join("recycle.toml");
-    fs::write(&path, cfg)?;
+    // At info: the workers' recycles are counted in its log.
+    let d = spawn_dispatcher(bin, dir, "recycle", &cfg, "info")?;
     let log_path = dir.join("recycle.log");
-    let d = Command::new(bin.join("dispatcher"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log_path)?)
-        .spawn()
-        .context("starting the dispatcher (recycling)")?;
     let _guard = Procs(vec![d]);
     wait_port(port, "dispatcher (recycling)")?;
     let seconds = seconds * 2;
@@ -468,17 +456,7 @@ fn cold_start(bin: &Path, dir: &Path) -> Result<Cold> {
     let cfg = format!(
         "listen = \"127.0.0.1:{port}\"\ninstance = \"bench-cold\"\n[[pool]]\nname = \"echo\"\nroutes = [\"*/\"]\ncommand = \"dispatcher-worker\"\nargs = [\"echo\"]\nstart_mode = \"on-demand\"\nidle_timeout_secs = {COLD_IDLE_SECS}\n"
     );
-    let path = dir.join("cold.toml");
-    fs::write(&path, cfg)?;
-    let log = fs::File::create(dir.join("cold.log"))?;
-    let d = Command::new(bin.join("dispatcher"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting the dispatcher (cold start)")?;
+    let d = spawn_dispatcher(bin, dir, "cold", &cfg, "warn")?;
     let pid = d.id();
     let _guard = Procs(vec![d]);
     wait_port(port, "dispatcher (cold start)")?;
@@ -486,7 +464,7 @@ fn cold_start(bin: &Path, dir: &Path) -> Result<Cold> {
     for i in 0..COLD_SAMPLES {
         println!("[xtask] bench cold start {}/{COLD_SAMPLES}", i + 1);
         let t = Instant::now();
-        while has_children(pid) {
+        while !children(pid).is_empty() {
             if t.elapsed() > Duration::from_secs(COLD_IDLE_SECS + 20) {
                 bail!("the cold-start pool's worker did not idle out");
             }
@@ -500,13 +478,20 @@ fn cold_start(bin: &Path, dir: &Path) -> Result<Cold> {
     Ok(c)
 }
 
-fn has_children(pid: u32) -> bool {
-    fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
-        fs::read_to_string(e.path().join("stat"))
+/// The processes whose parent is `pid` (from /proc/<pid>/stat).
+fn children(pid: u32) -> Vec<u32> {
+    let ppid = |child: u32| {
+        fs::read_to_string(format!("/proc/{child}/stat"))
             .ok()
             .and_then(|s| s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok()))
-            == Some(pid)
-    })
+    };
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|&c| ppid(c) == Some(pid))
+        .collect()
 }
 
 /// One keep-alive GET on `s`; its latency in µs.

@@ -36,24 +36,31 @@ fn ring_ptr(slot: u32) -> Option<*mut c_void> {
     rings.get(slot).map(|r| r as *const _ as *mut c_void)
 }
 
-/// Reads slot `slot`'s awake flag. A plain read is enough for the second
-/// look, after a commit: the ring's commit is an `xchg` inside the helper,
-/// which the kernel's memory model makes fully ordered, so this load
-/// cannot be performed before the record is visible.
+/// Slot `slot`'s awake flag (one lookup per request: the same pointer
+/// serves the look before the commit and the one after it).
 #[inline(always)]
-fn read_awake(slot: u32) -> u32 {
-    match ring_awake.get_value_ptr_mut(slot, &0) {
+fn awake_flag(slot: u32) -> Option<*mut u32> {
+    ring_awake.get_value_ptr_mut(slot, &0)
+}
+
+/// Reads the flag. A plain read is enough for the second look, after a
+/// commit: the ring's commit is an `xchg` inside the helper, which the
+/// kernel's memory model makes fully ordered, so this load cannot be
+/// performed before the record is visible.
+#[inline(always)]
+fn read_awake(flag: Option<*mut u32>) -> u32 {
+    match flag {
         // SAFETY: an aligned u32 in map memory.
         Some(p) => unsafe { core::ptr::read_volatile(p) },
         None => RING_AWAKE_NO,
     }
 }
 
-/// Commit flags for a record on `slot`: no wake-up while its worker is
+/// Commit flags for a record: no wake-up while the slot's worker is
 /// awake. Returns them and whether they suppressed the wake-up.
 #[inline(always)]
-fn commit_flags(slot: u32) -> (u64, bool) {
-    if read_awake(slot) == RING_AWAKE_YES {
+fn commit_flags(flag: Option<*mut u32>) -> (u64, bool) {
+    if read_awake(flag) == RING_AWAKE_YES {
         (BPF_RB_NO_WAKEUP as u64, true)
     } else {
         (0, false)
@@ -65,8 +72,8 @@ fn commit_flags(slot: u32) -> (u64, bool) {
 /// after a commit without wake-up, if the worker went to sleep meanwhile,
 /// wake it (it may have looked at the ring before the commit).
 #[inline(always)]
-fn after_commit(ring: *mut c_void, slot: u32, suppressed: bool) {
-    let now = read_awake(slot);
+fn after_commit(ring: *mut c_void, slot: u32, flag: Option<*mut u32>, suppressed: bool) {
+    let now = read_awake(flag);
     if now == RING_AWAKE_NO_WORKER {
         let _ = events.output(Event { cookie: 0, kind: EVENT_DEMAND, slot }, 0);
     } else if suppressed && now == RING_AWAKE_NO {
@@ -156,14 +163,15 @@ pub fn push_head(
     if size > (RECORD_HEADER_LEN + HEAD_MAX) as u64 {
         return Err(reason::INTERNAL);
     }
-    let (flags, suppressed) = commit_flags(best);
+    let flag = awake_flag(best);
+    let (flags, suppressed) = commit_flags(flag);
     // SAFETY: `st.rec` is at least `size` bytes of map memory.
     let ret = unsafe { bpf_ringbuf_output(ring, &mut st.rec as *mut _ as *mut c_void, size, flags) };
     if ret != 0 {
         count_queue_full(pool);
         return Err(reason::QUEUE_FULL);
     }
-    after_commit(ring, best, suppressed);
+    after_commit(ring, best, flag, suppressed);
     if let Some(c) = pool_stats.get_ptr_mut(pool) {
         // SAFETY: per-CPU value.
         unsafe { atomic_add(&mut (*c).fast_requests, 1) };
