@@ -257,7 +257,7 @@ fn private_kib(pid: u32) -> Option<u64> {
 }
 
 /// What a supervisor sees of its worker's queue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
     /// The worker has started pulling (it changed the slot's awake flag).
     pub ready: bool,

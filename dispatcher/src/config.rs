@@ -135,6 +135,40 @@ struct RawPool {
     min_processes: Option<Spanned<u32>>,
 }
 
+/// Where `serve` reads its configuration, at start-up and on each reload:
+/// a file or the built-in demo, with the command line's overrides.
+#[derive(Clone, Debug)]
+pub struct ConfigSource {
+    pub path: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub instance: Option<String>,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let mut cfg = match &self.path {
+            Some(p) => Config::load(p)?,
+            None => Config::parse(DEMO, "built-in demo configuration", PathBuf::from("."))?,
+        };
+        if let Some(l) = self.listen {
+            cfg.listen = l;
+        }
+        if let Some(i) = &self.instance {
+            cfg.instance = i.clone();
+        }
+        Ok(cfg)
+    }
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.path {
+            Some(p) => write!(f, "{}", p.display()),
+            None => write!(f, "built-in demo configuration"),
+        }
+    }
+}
+
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -158,7 +192,7 @@ pub struct Config {
 }
 
 /// One application pool: its routes and how to start its worker.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Pool {
     pub name: String,
     pub routes: Vec<Route>,
@@ -229,12 +263,6 @@ impl Ctx<'_> {
 }
 
 impl Config {
-    /// The first worker slot of pool `pool` (slots are numbered pool by
-    /// pool, `max_processes` each).
-    pub fn first_slot(&self, pool: usize) -> usize {
-        self.pools[..pool].iter().map(|p| p.max_processes as usize).sum()
-    }
-
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -250,7 +278,15 @@ impl Config {
     pub fn parse(src: &str, file: &str, base_dir: PathBuf) -> Result<Config, ConfigError> {
         let cx = Ctx { file, src };
         let raw: RawConfig = toml::from_str(src).map_err(|e| {
-            let msg = e.message().to_string();
+            // The offending line, so the message names the field.
+            let text = e.span().and_then(|sp| {
+                let start = src[..sp.start.min(src.len())].rfind('\n').map_or(0, |i| i + 1);
+                src[start..].lines().next().map(str::trim).filter(|l| !l.is_empty())
+            });
+            let msg = match text {
+                Some(t) => format!("{} (in `{t}`)", e.message()),
+                None => e.message().to_string(),
+            };
             cx.err(e.span(), msg)
         })?;
         let listen = match &raw.listen {

@@ -34,7 +34,7 @@ use worker::proto::{lease, LeaseMsg, MAX_FRAME};
 use crate::{
     conns::ToConn,
     kernel::Routed,
-    pools::{Frame, LeaseTx},
+    pools::{Frame, LeaseTx, PoolLink},
     serve::Shared,
     slow::{Event, SlowParser},
 };
@@ -76,8 +76,8 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, cookie: u64, rx: mpsc
 
 /// Where the body of the request being parsed goes.
 enum BodyTo {
-    /// To pool `pool`'s worker slot `slot` (local), which has the head.
-    Pool { pool: u32, slot: usize, seq: u32, close: bool },
+    /// To `link`'s worker slot `slot` (local), which has the head.
+    Pool { link: Arc<PoolLink>, slot: usize, seq: u32, close: bool },
     Discard,
 }
 
@@ -106,7 +106,7 @@ struct Conn {
     slow: Option<Slow>,
     /// Slow-path requests sent to pools and not yet answered: seq →
     /// (pool, bytes), for the queue accounting and aborts.
-    sent: HashMap<u32, (u32, u64)>,
+    sent: HashMap<u32, (Arc<PoolLink>, u64)>,
     /// Last time bytes moved on the connection (either way).
     last_progress: Instant,
     /// When the time-outs next look at the kernel's state.
@@ -515,8 +515,8 @@ impl Conn {
             }
             let Some((close, ask)) = done else { break };
             self.pending.remove(&self.next);
-            if let Some((pool, bytes)) = self.sent.remove(&self.next) {
-                self.shared.pools[pool as usize].release(bytes);
+            if let Some((link, bytes)) = self.sent.remove(&self.next) {
+                link.release(bytes);
             }
             self.next += 1;
             if close {
@@ -581,8 +581,10 @@ impl Conn {
             // in the worker's ring; the rest goes over its control socket.
             s.body_left = st.body_left;
             // The head went through the kernel to ring slot `st.slot`.
-            let slot = (st.slot as usize).saturating_sub(self.shared.pools.get(st.pool as usize).map_or(0, |l| l.first_slot));
-            s.body_to = BodyTo::Pool { pool: st.pool, slot, seq: st.seq, close: st.req_flags != 0 };
+            if let Some(link) = self.shared.pools.get(st.pool) {
+                let slot = (st.slot as usize).saturating_sub(link.first_slot);
+                s.body_to = BodyTo::Pool { link, slot, seq: st.seq, close: st.req_flags != 0 };
+            }
             s.seq = st.seq + 1;
         }
         self.slow = Some(s);
@@ -616,8 +618,8 @@ impl Conn {
             let n = (s.body_left as usize).min(data.len());
             s.body_left -= n as u64;
             let last = s.body_left == 0;
-            if let BodyTo::Pool { pool, slot, seq, close } = s.body_to {
-                self.forward_body(pool, slot, seq, &data[..n], last, close);
+            if let BodyTo::Pool { link, slot, seq, close } = &s.body_to {
+                forward_body(self.cookie, link, *slot, *seq, &data[..n], last, *close);
             }
             data = &data[n..];
             if !last {
@@ -649,7 +651,9 @@ impl Conn {
                     }
                     Routed::Pool(p) => p,
                 };
-                let link = self.shared.pools[pool as usize].clone();
+                let Some(link) = self.shared.pools.get(pool) else {
+                    return self.answer(seq, 503, "the pool is being reconfigured", h.close, true, h.method == "HEAD").await;
+                };
                 let size = h.bytes.len() as u64 + h.content_length;
                 if let Some(why) = link.stopped() {
                     let why = format!("pool `{}` is stopped: {why}", link.name);
@@ -663,7 +667,7 @@ impl Conn {
                     self.write(CONTINUE).await;
                 }
                 link.inflight.fetch_add(size, Ordering::Relaxed);
-                self.sent.insert(seq, (pool, size));
+                self.sent.insert(seq, (link.clone(), size));
                 let close = h.close;
                 let mut flags = REC_SLOW;
                 if close {
@@ -685,13 +689,13 @@ impl Conn {
                 let slot = link.send_head(hdr, &h.bytes);
                 self.shared.kernel.lock().unwrap().count_slow(Some(pool), 1, 0);
                 if h.content_length > 0 {
-                    self.slow.as_mut().unwrap().body_to = BodyTo::Pool { pool, slot, seq, close };
+                    self.slow.as_mut().unwrap().body_to = BodyTo::Pool { link, slot, seq, close };
                 }
                 Flow::Continue
             }
             Event::Body { data, last } => {
-                if let BodyTo::Pool { pool, slot, seq, close } = self.slow.as_ref().unwrap().body_to {
-                    self.forward_body(pool, slot, seq, &data, last, close);
+                if let BodyTo::Pool { link, slot, seq, close } = &self.slow.as_ref().unwrap().body_to {
+                    forward_body(self.cookie, link, *slot, *seq, &data, last, *close);
                 }
                 Flow::Continue
             }
@@ -704,20 +708,6 @@ impl Conn {
                 tracing::debug!(conn = self.cookie, status, why, "rejecting request");
                 self.answer(seq, status, why, true, false, false).await
             }
-        }
-    }
-
-    fn forward_body(&self, pool: u32, slot: usize, seq: u32, data: &[u8], last: bool, close: bool) {
-        let link = &self.shared.pools[pool as usize];
-        let max = MAX_FRAME - 64;
-        let mut chunks = data.chunks(max).peekable();
-        if data.is_empty() && last {
-            let hdr = body_header(self.cookie, seq, 0, pool, last, close);
-            link.send_record(slot, hdr, &[]);
-        }
-        while let Some(c) = chunks.next() {
-            let end = last && chunks.peek().is_none();
-            link.send_record(slot, body_header(self.cookie, seq, c.len() as u32, pool, end, close), c);
         }
     }
 
@@ -736,13 +726,13 @@ impl Conn {
         for p in self.lease_peers.drain(..) {
             p.send(LeaseMsg { conn: self.cookie, kind: lease::FORGET, ..Default::default() }, None);
         }
-        let mut aborted = std::collections::BTreeSet::new();
-        for (_, (pool, bytes)) in self.sent.drain() {
-            self.shared.pools[pool as usize].release(bytes);
-            aborted.insert(pool);
+        let mut aborted: HashMap<u32, Arc<PoolLink>> = HashMap::new();
+        for (_, (link, bytes)) in self.sent.drain() {
+            link.release(bytes);
+            aborted.insert(link.index, link);
         }
-        for pool in aborted {
-            self.shared.pools[pool as usize].abort(self.cookie);
+        for link in aborted.values() {
+            link.abort(self.cookie);
         }
         self.shared.conns.unregister(self.cookie);
         self.shared.kernel.lock().unwrap().forget_conn(self.cookie);
@@ -833,4 +823,19 @@ pub fn local_response(status: u16, why: &str, close: bool, retry_after: bool) ->
     r.push_str("\r\n");
     r.push_str(&body);
     r.into_bytes()
+}
+
+/// Sends body bytes of request `seq` to the worker slot that has its head.
+fn forward_body(cookie: u64, link: &PoolLink, slot: usize, seq: u32, data: &[u8], last: bool, close: bool) {
+    let pool = link.index;
+    let max = MAX_FRAME - 64;
+    let mut chunks = data.chunks(max).peekable();
+    if data.is_empty() && last {
+        let hdr = body_header(cookie, seq, 0, pool, last, close);
+        link.send_record(slot, hdr, &[]);
+    }
+    while let Some(c) = chunks.next() {
+        let end = last && chunks.peek().is_none();
+        link.send_record(slot, body_header(cookie, seq, c.len() as u32, pool, end, close), c);
+    }
 }

@@ -4,6 +4,7 @@
 //!
 //! Commands:
 //! - `pool-start NAME`: start a pool that rapid-fail protection stopped.
+//! - `reload`: read the configuration again and apply it (see `registry`).
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -41,7 +42,13 @@ pub fn listen(run_dir: &Path, shared: Arc<Shared>) -> Result<()> {
                 let (rd, mut wr) = stream.into_split();
                 let mut lines = BufReader::new(rd.take(MAX_LINE as u64 * 16)).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    let answer = command(&shared, line.trim());
+                    let answer = match line.trim() {
+                        "reload" => match crate::serve::reload(&shared).await {
+                            Ok(summary) => format!("ok: reloaded ({summary})"),
+                            Err(e) => format!("error: {}", format!("{e:#}").replace('\n', " ")),
+                        },
+                        line => command(&shared, line),
+                    };
                     if wr.write_all(format!("{answer}\n").as_bytes()).await.is_err() {
                         return;
                     }
@@ -58,7 +65,7 @@ fn command(shared: &Shared, line: &str) -> String {
     }
     let mut words = line.split_whitespace();
     match (words.next(), words.next(), words.next()) {
-        (Some("pool-start"), Some(name), None) => match shared.pools.iter().find(|p| p.name == name) {
+        (Some("pool-start"), Some(name), None) => match shared.pools.named(name) {
             None => format!("error: no pool named `{name}`"),
             Some(p) if p.stopped().is_none() => format!("ok: pool `{name}` is running"),
             Some(p) => {
@@ -67,7 +74,7 @@ fn command(shared: &Shared, line: &str) -> String {
                 format!("ok: pool `{name}` starting")
             }
         },
-        _ => format!("error: unknown command `{line}` (known: pool-start NAME)"),
+        _ => format!("error: unknown command `{line}` (known: pool-start NAME, reload)"),
     }
 }
 

@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{
         lpm_trie::{Key, LpmTrie},
-        Array, ArrayOfMaps, HashMap, Map, MapData, PerCpuArray, ProgramArray, SockHash,
+        Array, HashMap, Map, MapData, PerCpuArray, ProgramArray, SockHash,
     },
     programs::{links::CgroupAttachMode, SkSkb, SockOps},
     Ebpf, EbpfLoader, VerifierLogLevel,
@@ -23,13 +23,13 @@ use aya::{
 use dispatcher_ebpf::{
     abi::{
         reason, Config as KConfig, ConnState, PoolCounters, PoolInfo, RouteKeyData, RouteValue,
-        SlowCounters, MAX_POOLS, UNROUTED, WILDCARD_HOST,
+        SlowCounters, MAX_POOLS, MAX_SLOTS, UNROUTED, WILDCARD_HOST,
     },
     route::{request_key, route_keys, wildcard, RouteKey},
     scan::host_hash,
 };
 
-use crate::config::Config;
+use crate::config::{Config, Pool, Route};
 
 /// The BPF object built by `cargo xtask build` (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dispatcher-ebpf.o"));
@@ -41,14 +41,23 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 pub struct Kernel {
     ebpf: Ebpf,
     pin_dir: PathBuf,
-    /// One ring per pool (slot = pool index for now).
-    rings: Vec<MapData>,
-    /// Each ring's awake flag (see `abi::RING_AWAKE_YES`).
-    awake: Vec<MapData>,
-    /// Each slot's flag and ring positions, mapped (see [`SlotView`]).
-    views: Vec<SlotView>,
-    /// Each pool's slot count (what `pools` holds while it runs).
+    /// The worker slots in use, by global slot index.
+    slots: Vec<Option<SlotMaps>>,
+    /// Each pool index's slot count (what `pools` holds while it runs).
     pool_slots: Vec<u32>,
+    /// The route table's keys and the pool each points to, as written.
+    route_keys: std::collections::HashMap<(u32, RouteKeyData), u32>,
+}
+
+/// One worker slot's kernel objects: its ring, its awake flag (see
+/// `abi::RING_AWAKE_YES`), their mapped view, and their pins.
+struct SlotMaps {
+    ring: MapData,
+    awake: MapData,
+    view: SlotView,
+    pins: [PathBuf; 2],
+    /// Its pins are there (a replacement may own the paths now).
+    pinned: bool,
 }
 
 /// What the dispatcher sees of a slot without consuming it: the awake flag
@@ -155,7 +164,13 @@ impl Kernel {
         // ring by path; workers get their own ring as an inherited fd.
         fs::set_permissions(&pin_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .with_context(|| format!("chmod 700 {}", pin_dir.display()))?;
-        let mut k = Kernel { ebpf: load_object()?, pin_dir, rings: Vec::new(), awake: Vec::new(), views: Vec::new(), pool_slots: Vec::new() };
+        let mut k = Kernel {
+            ebpf: load_object()?,
+            pin_dir,
+            slots: (0..MAX_SLOTS).map(|_| None).collect(),
+            pool_slots: vec![0; MAX_POOLS as usize],
+            route_keys: Default::default(),
+        };
         // On failure `k` drops here, which removes the pins made so far.
         k.configure(cfg)?;
         Ok(k)
@@ -165,73 +180,150 @@ impl Kernel {
         self.ebpf.map_mut(name).ok_or_else(|| anyhow!("BPF object has no map `{name}`"))
     }
 
-    fn configure(&mut self, cfg: &Config) -> Result<()> {
-        // Rings first, then pools and routes, then programs; the sockops
-        // program starts tracking connections only once all is in place.
-        for p in &cfg.pools {
-            for k in 0..p.max_processes {
-                let i = self.rings.len();
-                // Slot 0 of a pool keeps the plain names. Pins of other
-                // slots are `ring_<pool>@<k>` (`@` cannot occur in a pool
-                // name, so no clash with a pool's; bpffs refuses `.`).
-                let suffix = if k == 0 { String::new() } else { format!("@{k}") };
-                let what = format!("pool `{}` slot {k}", p.name);
-                let obj = aya_obj::Map::new_from_params(
-                    aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32,
-                    0,
-                    0,
-                    p.ring_bytes,
-                    0,
-                );
-                // Kernel object names take [A-Za-z0-9_.] only (a pool name
-                // may have `-`); the pin paths keep the pool's name.
-                let name: String = format!("ring_{}{suffix}", p.name).replace(['-', '@'], "_").chars().take(15).collect();
-                let ring = MapData::create(obj, &name, None).with_context(|| format!("creating the ring of {what}"))?;
-                ring.pin(self.pin_dir.join(format!("ring_{}{suffix}", p.name))).with_context(|| format!("pinning the ring of {what}"))?;
-                let mut rings: ArrayOfMaps<&mut MapData, MapData> = ArrayOfMaps::try_from(self.map("rings")?)?;
-                rings.set(i as u32, &ring, 0).with_context(|| format!("setting slot {i} in `rings`"))?;
-                self.rings.push(ring);
-                // The worker maps this one page and flips the flag itself.
-                let obj = aya_obj::Map::new_from_params(
-                    aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
-                    4,
-                    4,
-                    1,
-                    aya_obj::generated::BPF_F_MMAPABLE,
-                );
-                let name: String = format!("awake_{}{suffix}", p.name).replace(['-', '@'], "_").chars().take(15).collect();
-                let flag = MapData::create(obj, &name, None).with_context(|| format!("creating the awake flag of {what}"))?;
-                flag.pin(self.pin_dir.join(format!("awake_{}{suffix}", p.name)))
-                    .with_context(|| format!("pinning the awake flag of {what}"))?;
-                let mut outer: ArrayOfMaps<&mut MapData, MapData> = ArrayOfMaps::try_from(self.map("ring_awake")?)?;
-                outer.set(i as u32, &flag, 0).with_context(|| format!("setting slot {i} in `ring_awake`"))?;
-                self.views.push(SlotView::map(&flag, &self.rings[i])?);
-                self.awake.push(flag);
+    /// Creates pool index `index`'s rings and awake flags on global slots
+    /// `first_slot..` (pinned as `ring_<pool>`, `awake_<pool>`, and
+    /// `ring_<pool>@k` for slot k > 0 of a web garden) and opens the pool
+    /// in `pools`. Routes to it are written by [`Kernel::set_routes`].
+    pub fn add_pool(&mut self, index: u32, p: &Pool, first_slot: usize) -> Result<()> {
+        for k in 0..p.max_processes as usize {
+            let i = first_slot + k;
+            if self.slots.get(i).is_none_or(|s| s.is_some()) {
+                bail!("worker slot {i} is not free");
             }
+            // Slot 0 of a pool keeps the plain names. Pins of other slots
+            // are `ring_<pool>@<k>` (`@` cannot occur in a pool name, so no
+            // clash with a pool's; bpffs refuses `.`).
+            let suffix = if k == 0 { String::new() } else { format!("@{k}") };
+            let what = format!("pool `{}` slot {k}", p.name);
+            let obj = aya_obj::Map::new_from_params(
+                aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32,
+                0,
+                0,
+                p.ring_bytes,
+                0,
+            );
+            // Kernel object names take [A-Za-z0-9_.] only (a pool name may
+            // have `-`); the pin paths keep the pool's name.
+            let name: String = format!("ring_{}{suffix}", p.name).replace(['-', '@'], "_").chars().take(15).collect();
+            let ring = MapData::create(obj, &name, None).with_context(|| format!("creating the ring of {what}"))?;
+            let ring_pin = self.pin_dir.join(format!("ring_{}{suffix}", p.name));
+            ring.pin(&ring_pin).with_context(|| format!("pinning the ring of {what}"))?;
+            // The worker maps this one page and flips the flag itself.
+            let obj = aya_obj::Map::new_from_params(
+                aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
+                4,
+                4,
+                1,
+                aya_obj::generated::BPF_F_MMAPABLE,
+            );
+            let name: String = format!("awake_{}{suffix}", p.name).replace(['-', '@'], "_").chars().take(15).collect();
+            let flag = MapData::create(obj, &name, None).with_context(|| format!("creating the awake flag of {what}"))?;
+            let flag_pin = self.pin_dir.join(format!("awake_{}{suffix}", p.name));
+            let view = SlotView::map(&flag, &ring);
+            let pinned = flag.pin(&flag_pin).with_context(|| format!("pinning the awake flag of {what}"));
+            let maps = SlotMaps { ring, awake: flag, view: view?, pins: [ring_pin, flag_pin], pinned: true };
+            // From here on the slot is ours, so a failure below unpins it.
+            self.slots[i] = Some(maps);
+            pinned?;
+            let maps = self.slots[i].as_ref().unwrap();
+            let (ring_fd, flag_fd) = (maps.ring.fd().as_fd().as_raw_fd(), maps.awake.fd().as_fd().as_raw_fd());
+            update_fd_elem(self.map_raw_fd("ring_awake")?, i as u32, flag_fd).with_context(|| format!("setting slot {i} in `ring_awake`"))?;
+            update_fd_elem(self.map_raw_fd("rings")?, i as u32, ring_fd).with_context(|| format!("setting slot {i} in `rings`"))?;
         }
-        self.pool_slots = cfg.pools.iter().map(|p| p.max_processes).collect();
-        {
-            let mut pools: Array<&mut MapData, PoolInfo> = Array::try_from(self.map("pools")?)?;
-            for (i, p) in cfg.pools.iter().enumerate() {
-                let info = PoolInfo { first_slot: cfg.first_slot(i) as u32, slots: p.max_processes, queue_bytes: p.queue_bytes, _pad: 0 };
-                pools.set(i as u32, info, 0).context("writing `pools`")?;
-            }
-        }
-        {
-            let mut routes: LpmTrie<&mut MapData, RouteKeyData, RouteValue> = LpmTrie::try_from(self.map("routes")?)?;
-            for (i, p) in cfg.pools.iter().enumerate() {
-                for r in &p.routes {
-                    let h = r.host.as_deref().map(|h| host_hash(h.as_bytes())).unwrap_or(WILDCARD_HOST);
-                    let (keys, n) = route_keys(h, r.prefix.as_bytes()).map_err(|e| anyhow!("route {r}: {e:?}"))?;
-                    for k in &keys[..n] {
-                        routes
-                            .insert(&Key::new(k.prefix_len, k.data), RouteValue { pool: i as u32, _pad: 0 }, 0)
-                            .with_context(|| format!("inserting route {r}"))?;
-                    }
+        self.pool_slots[index as usize] = p.max_processes;
+        let mut pools: Array<&mut MapData, PoolInfo> = Array::try_from(self.map("pools")?)?;
+        let info = PoolInfo { first_slot: first_slot as u32, slots: p.max_processes, queue_bytes: p.queue_bytes, _pad: 0 };
+        pools.set(index, info, 0).context("writing `pools`")?;
+        Ok(())
+    }
+
+    /// Removes the pins of slots `slots` (a replacement of the pool may
+    /// take the names); the maps live on until [`Kernel::remove_pool`].
+    pub fn unpin_slots(&mut self, slots: std::ops::Range<usize>) {
+        for m in self.slots[slots].iter_mut().flatten() {
+            if std::mem::take(&mut m.pinned) {
+                for p in &m.pins {
+                    let _ = fs::remove_file(p);
                 }
             }
         }
-        // Programs.
+    }
+
+    /// Pins slots `slots` again (a reload that unpinned them failed).
+    pub fn pin_slots(&mut self, slots: std::ops::Range<usize>) {
+        for m in self.slots[slots].iter_mut().flatten() {
+            if !m.pinned {
+                m.pinned = m.ring.pin(&m.pins[0]).is_ok() & m.awake.pin(&m.pins[1]).is_ok();
+            }
+        }
+    }
+
+    /// Closes pool index `index` in `pools` and frees its slots' rings and
+    /// flags (no worker may hold them any more).
+    pub fn remove_pool(&mut self, index: u32, slots: std::ops::Range<usize>) -> Result<()> {
+        self.unpin_slots(slots.clone());
+        self.pool_slots[index as usize] = 0;
+        {
+            let mut pools: Array<&mut MapData, PoolInfo> = Array::try_from(self.map("pools")?)?;
+            pools.set(index, PoolInfo::default(), 0).context("writing `pools`")?;
+        }
+        let (rings, awake) = (self.map_raw_fd("rings")?, self.map_raw_fd("ring_awake")?);
+        for i in slots {
+            // The verdict takes a slot's ring and flag under RCU: deleting
+            // them here is safe while a program runs.
+            let _ = delete_elem(rings, i as u32);
+            let _ = delete_elem(awake, i as u32);
+            self.slots[i] = None;
+        }
+        Ok(())
+    }
+
+    /// Makes the route table say what `routes` says (pool index and its
+    /// routes): new keys are written first, then stale ones deleted, so a
+    /// lookup finds the old route or the new one, never none.
+    pub fn set_routes<'a>(&mut self, routes: impl IntoIterator<Item = (u32, &'a [Route])>) -> Result<()> {
+        let mut want = std::collections::HashMap::new();
+        for (pool, rs) in routes {
+            for r in rs {
+                let h = r.host.as_deref().map(|h| host_hash(h.as_bytes())).unwrap_or(WILDCARD_HOST);
+                let (keys, n) = route_keys(h, r.prefix.as_bytes()).map_err(|e| anyhow!("route {r}: {e:?}"))?;
+                for k in &keys[..n] {
+                    want.insert((k.prefix_len, k.data), pool);
+                }
+            }
+        }
+        let old = std::mem::take(&mut self.route_keys);
+        let mut trie: LpmTrie<&mut MapData, RouteKeyData, RouteValue> = LpmTrie::try_from(self.map("routes")?)?;
+        let mut err = None;
+        for (k, pool) in &want {
+            if old.get(k) != Some(pool) {
+                if let Err(e) = trie.insert(&Key::new(k.0, k.1), RouteValue { pool: *pool, _pad: 0 }, 0) {
+                    err.get_or_insert(anyhow!("inserting a route key: {e}"));
+                }
+            }
+        }
+        for k in old.keys() {
+            if !want.contains_key(k) {
+                let _ = trie.remove(&Key::new(k.0, k.1));
+            }
+        }
+        self.route_keys = want;
+        err.map_or(Ok(()), Err)
+    }
+
+    fn map_raw_fd(&mut self, name: &str) -> Result<std::os::fd::RawFd> {
+        let m = self.map(name)?;
+        let data: &MapData = match m {
+            Map::Array(d) | Map::ArrayOfMaps(d) | Map::LpmTrie(d) => d,
+            _ => bail!("map `{name}` has an unexpected type"),
+        };
+        Ok(data.fd().as_fd().as_raw_fd())
+    }
+
+    /// Loads and attaches the programs; pools come after, through
+    /// [`Kernel::add_pool`] (no connection reaches the programs before the
+    /// listening socket opens).
+    fn configure(&mut self, cfg: &Config) -> Result<()> {
         let conns_fd = {
             let conns: SockHash<&mut MapData, u64> = SockHash::try_from(self.map("conns")?)?;
             conns.fd().try_clone().context("duplicating the `conns` fd")?
@@ -289,12 +381,12 @@ impl Kernel {
 
     /// A duplicate fd of slot `slot`'s awake flag, for its worker.
     pub fn awake_fd(&self, slot: usize) -> Result<OwnedFd> {
-        self.awake[slot].fd().as_fd().try_clone_to_owned().context("duplicating an awake-flag fd")
+        self.slot(slot)?.awake.fd().as_fd().try_clone_to_owned().context("duplicating an awake-flag fd")
     }
 
     /// A duplicate fd of slot `slot`'s ring, for its worker.
     pub fn ring_fd(&self, slot: usize) -> Result<OwnedFd> {
-        let fd = self.rings[slot].fd().as_fd().try_clone_to_owned().context("duplicating a ring fd")?;
+        let fd = self.slot(slot)?.ring.fd().as_fd().try_clone_to_owned().context("duplicating a ring fd")?;
         Ok(fd)
     }
 
@@ -360,14 +452,18 @@ impl Kernel {
         Ok(aya::maps::RingBuf::try_from(m)?)
     }
 
+    fn slot(&self, slot: usize) -> Result<&SlotMaps> {
+        self.slots.get(slot).and_then(Option::as_ref).ok_or_else(|| anyhow!("worker slot {slot} is not in use"))
+    }
+
     /// How slot `slot`'s worker is doing with its queue.
     pub fn progress(&self, slot: usize) -> activation::Progress {
-        self.views[slot].progress()
+        self.slot(slot).map(|s| s.view.progress()).unwrap_or_default()
     }
 
     /// Marks slot `slot` workerless; true if requests wait on its ring.
     pub fn vacate(&self, slot: usize) -> bool {
-        self.views[slot].vacate()
+        self.slot(slot).is_ok_and(|s| s.view.vacate())
     }
 
     /// Stops (`false`) or resumes (`true`) queueing on pool `pool` in the
@@ -543,4 +639,36 @@ fn lookup_boxed<K, V: Copy>(fd: std::os::fd::RawFd, key: &K) -> Option<Box<V>> {
     }
     // SAFETY: the kernel filled the value.
     Some(unsafe { val.assume_init() })
+}
+
+#[repr(C)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// `bpf_map_update_elem` of a map-of-maps entry (the value is a map fd).
+fn update_fd_elem(map: std::os::fd::RawFd, index: u32, fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    let v = fd as u32;
+    let attr = ElemAttr { map_fd: map as u32, _pad: 0, key: &index as *const u32 as u64, value: &v as *const u32 as u64, flags: 0 };
+    // SAFETY: BPF_MAP_UPDATE_ELEM (2) with a 4-byte key and value.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 2, &attr as *const ElemAttr, std::mem::size_of::<ElemAttr>()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `bpf_map_delete_elem` of a map-of-maps entry.
+fn delete_elem(map: std::os::fd::RawFd, index: u32) -> std::io::Result<()> {
+    let attr = ElemAttr { map_fd: map as u32, _pad: 0, key: &index as *const u32 as u64, value: 0, flags: 0 };
+    // SAFETY: BPF_MAP_DELETE_ELEM (3) with a 4-byte key.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 3, &attr as *const ElemAttr, std::mem::size_of::<ElemAttr>()) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

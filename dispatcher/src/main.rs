@@ -3,7 +3,9 @@
 //! Where things happen: `kernel` loads and pins the BPF programs and maps;
 //! `serve` accepts connections and starts the pools; `connection` writes
 //! responses in order and runs the slow path (`slow` frames what the kernel
-//! handed over); `pools` talks to the workers; `config` reads the TOML.
+//! handed over); `pools` talks to the workers; `registry` turns the
+//! configuration into running pools (and reloads it); `config` reads the
+//! TOML.
 
 mod config;
 mod control;
@@ -12,6 +14,7 @@ mod connection;
 mod kernel;
 mod parking;
 mod pools;
+mod registry;
 mod serve;
 mod slow;
 
@@ -57,6 +60,16 @@ enum Cmd {
         #[arg(long, default_value = config::DEFAULT_INSTANCE)]
         instance: String,
     },
+    /// Make a running instance read its configuration file again (as
+    /// SIGHUP does) and apply it without dropping a connection: pools added,
+    /// removed or changed (a changed pool's workers are replaced; the old
+    /// ones finish what they have), routes rewritten. Prints what changed,
+    /// or why nothing did.
+    Reload {
+        /// Instance name.
+        #[arg(long, default_value = config::DEFAULT_INSTANCE)]
+        instance: String,
+    },
     /// Act on a pool of a running instance (through its control socket).
     Pool {
         #[command(subcommand)]
@@ -86,20 +99,13 @@ fn main() -> Result<()> {
         .init();
     match cli.cmd {
         Cmd::Serve { config, listen, instance } => {
-            let mut cfg = match config {
-                Some(p) => config::Config::load(&p)?,
-                None => config::Config::parse(config::DEMO, "built-in demo configuration", PathBuf::from("."))?,
-            };
-            if let Some(l) = listen {
-                cfg.listen = l;
-            }
-            if let Some(i) = instance {
-                cfg.instance = i;
-            }
+            let source = config::ConfigSource { path: config, listen, instance };
+            // A bad file is reported before anything starts.
+            source.load()?;
             // One descriptor per client connection.
             worker::raise_fd_limit();
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            rt.block_on(serve::serve(cfg))?;
+            rt.block_on(serve::serve(source))?;
             rt.shutdown_timeout(std::time::Duration::from_millis(200));
             Ok(())
         }
@@ -110,6 +116,11 @@ fn main() -> Result<()> {
                 let routes: Vec<String> = p.routes.iter().map(|r| r.to_string()).collect();
                 println!("  pool {:<16} {} <- {}", p.name, p.command, routes.join(", "));
             }
+            Ok(())
+        }
+        Cmd::Reload { instance } => {
+            let answer = control::send(&std::path::Path::new(serve::RUN_DIR).join(&instance), "reload")?;
+            println!("{answer}");
             Ok(())
         }
         Cmd::Pool { action: PoolAction::Start { name }, instance } => {
@@ -124,6 +135,10 @@ fn main() -> Result<()> {
             let stats = kernel::read_stats(&instance, Some(names.len() as u32).filter(|n| *n > 0))?;
             let mut pools = serde_json::Map::new();
             for p in &stats.pools {
+                // A free index (a pool a reload removed).
+                if names.get(p.index as usize).is_some_and(|n| n.is_empty()) {
+                    continue;
+                }
                 let name = names.get(p.index as usize).cloned().unwrap_or_else(|| {
                     if p.index == dispatcher_ebpf::abi::UNROUTED { "(unrouted)".into() } else { format!("#{}", p.index) }
                 });

@@ -28,9 +28,20 @@ use worker::proto::{
 
 use crate::{config::Pool, conns::Conns, serve::Shared};
 
-/// One pool at run time.
+/// One pool at run time. A reload that changes a pool's workers makes a
+/// new `PoolLink` (new index, new slots) and retires the old one once its
+/// queues are empty; one that changes only its routes keeps it.
 pub struct PoolLink {
     pub name: String,
+    /// Its index in the kernel's `pools` (what routes point to).
+    pub index: u32,
+    /// Its configuration (routes updated by reloads).
+    pub def: Mutex<Pool>,
+    /// A reload removed or replaced it: it finishes what it has.
+    pub retiring: std::sync::atomic::AtomicBool,
+    /// Stops its supervisors; their tasks.
+    pub stop: watch::Sender<bool>,
+    pub tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Slow-path queue limit (bytes in flight to the workers).
     pub queue_bytes: u64,
     /// Bytes of slow-path requests sent and not yet answered.
@@ -69,7 +80,7 @@ impl SlotLink {
 }
 
 impl PoolLink {
-    pub fn new(p: &Pool, first_slot: usize) -> Self {
+    pub fn new(p: &Pool, index: u32, first_slot: usize) -> Self {
         let shared = activation::Signals::default();
         let slots = (0..p.max_processes)
             .map(|_| SlotLink {
@@ -83,6 +94,11 @@ impl PoolLink {
             .collect();
         PoolLink {
             name: p.name.clone(),
+            index,
+            def: Mutex::new(p.clone()),
+            retiring: Default::default(),
+            stop: watch::channel(false).0,
+            tasks: Default::default(),
             queue_bytes: p.queue_bytes as u64,
             inflight: AtomicU64::new(0),
             first_slot,
@@ -149,6 +165,34 @@ impl PoolLink {
     /// Why the pool is stopped, if it is.
     pub fn stopped(&self) -> Option<String> {
         self.stopped.lock().unwrap().values().next().cloned()
+    }
+
+    /// Its global slot range.
+    pub fn slot_range(&self) -> std::ops::Range<usize> {
+        self.first_slot..self.first_slot + self.slots.len()
+    }
+
+    /// Nothing waits for its workers: its rings are consumed to the end,
+    /// no slow-path record waits for a worker, none is unanswered.
+    pub fn idle(&self, kernel: &crate::kernel::Kernel) -> bool {
+        self.inflight.load(Ordering::Relaxed) == 0
+            && self.slot_range().all(|s| !kernel.progress(s).queued)
+            && self.slots.iter().all(|s| s.ctl.lock().unwrap().waiting.is_empty())
+    }
+
+    /// Answers 503 (saying `why`) to every request still queued on slot
+    /// `local` (no worker will take them).
+    pub fn answer_leftovers(&self, local: usize, shared: &Shared, why: &str) {
+        let heads = shared.kernel.lock().unwrap().drain_ring(self.first_slot + local).unwrap_or_else(|e| {
+            tracing::error!(pool = %self.name, "draining slot {local}'s ring: {e:#}");
+            Vec::new()
+        });
+        let waiting = std::mem::take(&mut self.slots[local].ctl.lock().unwrap().waiting);
+        let slow = waiting.iter().filter_map(|b| RecordHeader::from_bytes(b)).filter(|h| h.kind == dispatcher_ebpf::abi::RECORD_HEAD);
+        for h in heads.into_iter().chain(slow) {
+            let r = crate::connection::local_response(503, why, true, true);
+            shared.conns.deliver(h.conn, Frame::whole(h.seq, Bytes::from(r), true));
+        }
     }
 
     pub fn release(&self, bytes: u64) {
@@ -476,32 +520,16 @@ impl activation::Slot for PoolSlot {
         if !stopped {
             return;
         }
-        // What waits for this pool gets its 503 now rather than a 504 later.
-        let heads = k.drain_ring(self.slot).unwrap_or_else(|e| {
-            tracing::error!(pool = %self.link.name, "draining the stopped pool's ring: {e:#}");
-            Vec::new()
-        });
         drop(k);
-        let waiting = std::mem::take(&mut self.link.slots[self.local].ctl.lock().unwrap().waiting);
-        let slow = waiting.iter().filter_map(|b| RecordHeader::from_bytes(b)).filter(|h| h.kind == dispatcher_ebpf::abi::RECORD_HEAD);
-        for h in heads.into_iter().chain(slow) {
-            let r = crate::connection::local_response(503, &format!("pool `{}` is stopped: {why}", self.link.name), true, true);
-            self.shared.conns.deliver(h.conn, Frame::whole(h.seq, Bytes::from(r), true));
-        }
+        // What waits for this pool gets its 503 now rather than a 504 later.
+        self.link.answer_leftovers(self.local, &self.shared, &format!("pool `{}` is stopped: {why}", self.link.name));
     }
 }
 
-/// Starts supervising slot `local` of pool `index`.
-pub fn supervise(
-    index: usize,
-    local: usize,
-    shared: Arc<Shared>,
-    pool: &Pool,
-    command: PathBuf,
-    args: Vec<String>,
-    stop: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    let link = shared.pools[index].clone();
+/// Starts supervising slot `local` of `link`'s pool.
+pub fn supervise(link: Arc<PoolLink>, local: usize, shared: Arc<Shared>, pool: &Pool, command: PathBuf, args: Vec<String>) -> tokio::task::JoinHandle<()> {
+    let index = link.index as usize;
+    let stop = link.stop.subscribe();
     let spec = activation::WorkerSpec {
         pool: pool.name.clone(),
         command,

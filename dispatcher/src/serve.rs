@@ -11,16 +11,16 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-use tokio::{net::TcpListener, sync::watch};
+use tokio::net::TcpListener;
 
 use crate::{
-    config::Config,
+    config::{Config, ConfigSource},
     conns::Conns,
     connection,
     control,
     kernel::Kernel,
     parking::Parking,
-    pools::{self, PoolLink},
+    registry::{self, Registry},
 };
 
 /// Run-time state directory (instance lock, pool names, demo files).
@@ -31,7 +31,10 @@ pub struct Shared {
     pub cfg: Config,
     pub kernel: Mutex<Kernel>,
     pub conns: Arc<Conns>,
-    pub pools: Vec<Arc<PoolLink>>,
+    /// The running pools (see `registry`).
+    pub pools: Registry,
+    /// Where a reload reads the configuration again.
+    pub source: ConfigSource,
     /// Where leased connections wait (out of tokio's poller).
     pub parking: Arc<Parking>,
 }
@@ -42,7 +45,8 @@ const DEMO_FILES: &[(&str, &[u8])] = &[
     ("style.css", include_bytes!("../../demo/static/style.css")),
 ];
 
-pub async fn serve(cfg: Config) -> Result<()> {
+pub async fn serve(source: ConfigSource) -> Result<()> {
+    let cfg = source.load()?;
     let run_dir = Path::new(RUN_DIR).join(&cfg.instance);
     fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     fs::set_permissions(RUN_DIR, fs::Permissions::from_mode(0o755)).ok();
@@ -55,43 +59,34 @@ pub async fn serve(cfg: Config) -> Result<()> {
     let mut kernel = Kernel::load(&cfg)?;
     let events = kernel.take_events()?;
     tracing::info!(pins = %kernel.pin_dir().display(), "BPF programs loaded and attached");
-    fs::write(run_dir.join("pools"), cfg.pools.iter().map(|p| format!("{}\n", p.name)).collect::<String>())?;
-
-    let listener = listen(cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
 
     let conns = Arc::new(Conns::default());
-    let pools: Vec<Arc<PoolLink>> =
-        cfg.pools.iter().enumerate().map(|(i, p)| Arc::new(PoolLink::new(p, cfg.first_slot(i)))).collect();
     let parking = Parking::start(conns.clone()).context("making the parked connections' epoll set")?;
-    watch_events(events, conns.clone(), pools.clone())?;
-    let shared = Arc::new(Shared { cfg: cfg.clone(), kernel: Mutex::new(kernel), conns: conns.clone(), pools, parking });
-    control::listen(&run_dir, shared.clone())?;
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let shutdown_limit = Duration::from_secs(cfg.pools.iter().map(|p| p.shutdown_time_limit_secs).max().unwrap_or(0));
-    let mut supervisors = Vec::new();
-    for (i, p) in cfg.pools.iter().enumerate() {
-        let command = resolve_command(&p.command, &cfg.base_dir)?;
-        let args = p
-            .args
-            .iter()
-            .map(|a| {
-                if a == "@demo-static" {
-                    materialize_demo(&run_dir).map(|d| d.display().to_string())
-                } else {
-                    Ok(a.clone())
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
-        for local in 0..p.max_processes as usize {
-            supervisors.push(pools::supervise(i, local, shared.clone(), p, command.clone(), args.clone(), stop_rx.clone()));
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        kernel: Mutex::new(kernel),
+        conns: conns.clone(),
+        pools: Registry::new(run_dir.clone()),
+        source,
+        parking,
+    });
+    let started = registry::apply(&shared, &cfg).await;
+    let listener = started.and_then(|_| listen(cfg.listen).with_context(|| format!("listening on {}", cfg.listen)));
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => {
+            stop_all(&shared).await;
+            return Err(e);
         }
-    }
+    };
+    watch_events(events, shared.clone())?;
+    control::listen(&run_dir, shared.clone())?;
 
     tracing::info!(listen = %cfg.listen, pools = cfg.pools.len(), "dispatcher ready");
     println!("dispatcher listening on http://{} (instance `{}`, {} pools); Ctrl-C to stop", cfg.listen, cfg.instance, cfg.pools.len());
     let _ = std::io::stdout().flush();
 
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut expire = tokio::time::interval(Duration::from_secs(5));
     loop {
@@ -116,13 +111,15 @@ pub async fn serve(cfg: Config) -> Result<()> {
             _ = expire.tick() => shared.conns.expire(),
             _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; shutting down"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM; shutting down"); break; }
+            _ = sighup.recv() => {
+                tracing::info!(config = %shared.source, "SIGHUP; reloading the configuration");
+                let shared = shared.clone();
+                tokio::spawn(async move { let _ = reload(&shared).await; });
+            }
         }
     }
-    let _ = stop_tx.send(true);
-    for s in supervisors {
-        let _ = tokio::time::timeout(shutdown_limit + Duration::from_secs(1), s).await;
-    }
     drop(listener);
+    stop_all(&shared).await;
     // Connection tasks still hold the shared state, so remove the pins
     // explicitly; the programs detach when this process's fds close.
     shared.kernel.lock().unwrap_or_else(|e| e.into_inner()).unpin();
@@ -130,9 +127,35 @@ pub async fn serve(cfg: Config) -> Result<()> {
     Ok(())
 }
 
+/// Reads the configuration again and applies it (SIGHUP, `dispatcher
+/// reload`); the answer says what changed, or why nothing did.
+pub async fn reload(shared: &Arc<Shared>) -> Result<registry::Summary> {
+    let r = match shared.source.load() {
+        Ok(cfg) => registry::apply(shared, &cfg).await,
+        Err(e) => Err(e.into()),
+    };
+    match &r {
+        Ok(s) => tracing::info!("configuration reloaded: {s}"),
+        Err(e) => tracing::error!("configuration not reloaded: {e:#}"),
+    }
+    r
+}
+
+/// Stops every pool's workers (all at once; each within its shutdown
+/// time limit).
+async fn stop_all(shared: &Shared) {
+    let links = shared.pools.all();
+    for l in &links {
+        let _ = l.stop.send(true);
+    }
+    for l in &links {
+        registry::stop_pool(l).await;
+    }
+}
+
 /// Wakes the connection of each cookie the verdict program puts on the
-/// `handoff_events` ring.
-fn watch_events(ring: aya::maps::RingBuf<aya::maps::MapData>, conns: Arc<Conns>, pools: Vec<Arc<PoolLink>>) -> Result<()> {
+/// `events` ring, and the supervisor of each slot it raises a demand on.
+fn watch_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<Shared>) -> Result<()> {
     use dispatcher_ebpf::abi::{Event, EVENT_DEMAND, EVENT_HANDOFF};
     // SAFETY: the AsyncFd owns the ring (and its fd) while registered.
     let mut ring = unsafe { tokio::io::unix::AsyncFd::register(ring) }.context("polling `events`")?;
@@ -147,10 +170,10 @@ fn watch_events(ring: aya::maps::RingBuf<aya::maps::MapData>, conns: Arc<Conns>,
                 // SAFETY: an Event-sized record; any bit pattern is valid.
                 let e: Event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
                 match e.kind {
-                    EVENT_HANDOFF => conns.wake(e.cookie),
+                    EVENT_HANDOFF => shared.conns.wake(e.cookie),
                     EVENT_DEMAND => {
                         let slot = e.slot as usize;
-                        if let Some(p) = pools.iter().find(|p| (p.first_slot..p.first_slot + p.slots.len()).contains(&slot)) {
+                        if let Some(p) = shared.pools.for_slot(slot) {
                             p.slots[slot - p.first_slot].signals.demand.notify_one();
                         }
                     }
@@ -209,7 +232,7 @@ fn lock_instance(run_dir: &Path, instance: &str) -> Result<fs::File> {
 
 /// Finds a worker command: a path is taken relative to the config's
 /// directory; a bare name is looked for next to this binary, then in PATH.
-fn resolve_command(cmd: &str, base: &Path) -> Result<PathBuf> {
+pub fn resolve_command(cmd: &str, base: &Path) -> Result<PathBuf> {
     if cmd.contains('/') {
         let p = base.join(cmd);
         if p.exists() {
@@ -232,7 +255,7 @@ fn resolve_command(cmd: &str, base: &Path) -> Result<PathBuf> {
     Err(anyhow!("worker command `{cmd}` not found next to the dispatcher binary or in PATH"))
 }
 
-fn materialize_demo(run_dir: &Path) -> Result<PathBuf> {
+pub fn materialize_demo(run_dir: &Path) -> Result<PathBuf> {
     let dir = run_dir.join("demo-static");
     fs::create_dir_all(&dir)?;
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;

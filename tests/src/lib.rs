@@ -63,6 +63,8 @@ pub struct Dispatcher {
     pub instance: String,
     child: Child,
     _dir: TempDir,
+    /// Its configuration file (see [`Dispatcher::rewrite`]).
+    pub config: PathBuf,
 }
 
 /// A pool line for [`Dispatcher::start`]: name, routes, worker args.
@@ -88,20 +90,8 @@ impl Dispatcher {
         let port = free_port();
         let instance = format!("test{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let dir = TempDir::new(&instance);
-        let mut cfg = format!("listen = \"127.0.0.1:{port}\"\ninstance = \"{instance}\"\n{extra}\n");
-        for p in pools {
-            let q = |v: &[&str]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
-            cfg.push_str(&format!(
-                "[[pool]]\nname = {:?}\nroutes = [{}]\ncommand = {:?}\nargs = [{}]\n{}\n",
-                p.name,
-                q(p.routes),
-                p.command.unwrap_or("dispatcher-worker"),
-                q(p.args),
-                p.extra
-            ));
-        }
         let cfg_path = dir.path.join("dispatcher.toml");
-        std::fs::write(&cfg_path, cfg).unwrap();
+        std::fs::write(&cfg_path, config_text(port, &instance, pools, extra)).unwrap();
         let log = std::fs::File::create(dir.path.join("dispatcher.log")).unwrap();
         let child = Command::new(bin_dir().join("dispatcher"))
             .args(["serve", "--config"])
@@ -111,7 +101,7 @@ impl Dispatcher {
             .stderr(log)
             .spawn()
             .expect("starting dispatcher");
-        let mut d = Dispatcher { port, instance, child, _dir: dir };
+        let mut d = Dispatcher { port, instance, child, _dir: dir, config: cfg_path };
         d.wait_ready();
         d
     }
@@ -131,6 +121,29 @@ impl Dispatcher {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Replaces its configuration file (same listen address and instance)
+    /// with these pools; [`Dispatcher::reload`] applies it.
+    pub fn rewrite(&self, pools: &[PoolDef], extra: &str) {
+        std::fs::write(&self.config, config_text(self.port, &self.instance, pools, extra)).unwrap();
+    }
+
+    /// `dispatcher reload` for this instance: whether it succeeded, and
+    /// what it printed (stdout, then stderr).
+    pub fn reload(&self) -> (bool, String) {
+        let out = Command::new(bin_dir().join("dispatcher"))
+            .args(["reload", "--instance", &self.instance])
+            .output()
+            .expect("running dispatcher reload");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
+    /// Sends it SIGHUP (reload).
+    pub fn sighup(&self) {
+        // SAFETY: signalling our child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
     }
 
     /// The dispatcher's log so far.
@@ -221,6 +234,23 @@ impl Drop for Dispatcher {
             eprintln!("--- dispatcher log ---\n{}", self.log());
         }
     }
+}
+
+/// The TOML [`Dispatcher::start`] writes.
+fn config_text(port: u16, instance: &str, pools: &[PoolDef], extra: &str) -> String {
+    let mut cfg = format!("listen = \"127.0.0.1:{port}\"\ninstance = \"{instance}\"\n{extra}\n");
+    for p in pools {
+        let q = |v: &[&str]| v.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+        cfg.push_str(&format!(
+            "[[pool]]\nname = {:?}\nroutes = [{}]\ncommand = {:?}\nargs = [{}]\n{}\n",
+            p.name,
+            q(p.routes),
+            p.command.unwrap_or("dispatcher-worker"),
+            q(p.args),
+            p.extra
+        ));
+    }
+    cfg
 }
 
 /// A temporary directory, removed on drop.

@@ -1,0 +1,353 @@
+//! The running pools, and how a configuration becomes them: at start-up
+//! and on every reload (SIGHUP, `dispatcher reload`).
+//!
+//! A reload changes the pools and routes without touching a connection:
+//! - a pool whose only change is its routes keeps its workers; the route
+//!   table is rewritten key by key (new keys first, stale ones after), so a
+//!   request finds the old route or the new one, never none;
+//! - a new pool gets an index and worker slots of its own;
+//! - a changed pool (command, arguments, identity, limits, garden size…)
+//!   is started anew beside the old one, the routes switch to the new one,
+//!   and the old one *retires*: its workers serve what is queued on their
+//!   rings and what they took, then stop (SIGTERM, then SIGKILL after the
+//!   shutdown time limit); whatever is still queued then is answered 503.
+//!   Only after that are its index and slots reused;
+//! - a removed pool retires the same way.
+//!
+//! Settings outside the pools (listen address, time-outs…) belong to the
+//! running process; a reload that changes them is refused, naming them.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{atomic::Ordering, Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use dispatcher_ebpf::abi::{MAX_POOLS, MAX_SLOTS};
+
+use crate::{
+    config::{Config, Pool},
+    pools::{self, PoolLink},
+    serve::Shared,
+};
+
+/// Pool indices and worker slots of the running instance.
+pub struct Registry {
+    /// By kernel pool index; a retiring pool keeps its entry until its
+    /// workers are gone.
+    links: RwLock<Vec<Option<Arc<PoolLink>>>>,
+    slots: Mutex<Alloc>,
+    /// One reload at a time.
+    reloading: tokio::sync::Mutex<()>,
+    run_dir: PathBuf,
+}
+
+/// Which slots are taken, and where the next search starts: a freed slot
+/// or index is taken again only after the others, so a late record of a
+/// retired pool never meets a new one.
+struct Alloc {
+    used: Vec<bool>,
+    index_used: Vec<bool>,
+    next_slot: usize,
+    next_index: usize,
+}
+
+impl Registry {
+    pub fn new(run_dir: PathBuf) -> Registry {
+        Registry {
+            links: RwLock::new((0..MAX_POOLS).map(|_| None).collect()),
+            slots: Mutex::new(Alloc { used: vec![false; MAX_SLOTS as usize], index_used: vec![false; MAX_POOLS as usize], next_slot: 0, next_index: 0 }),
+            reloading: Default::default(),
+            run_dir,
+        }
+    }
+
+    /// The pool at kernel index `index` (retiring or not).
+    pub fn get(&self, index: u32) -> Option<Arc<PoolLink>> {
+        self.links.read().unwrap().get(index as usize).cloned().flatten()
+    }
+
+    /// The live (not retiring) pool named `name`.
+    pub fn named(&self, name: &str) -> Option<Arc<PoolLink>> {
+        self.all().into_iter().find(|l| l.name == name && !l.retiring.load(Ordering::Relaxed))
+    }
+
+    /// The pool that owns global slot `slot`.
+    pub fn for_slot(&self, slot: usize) -> Option<Arc<PoolLink>> {
+        self.links.read().unwrap().iter().flatten().find(|l| l.slot_range().contains(&slot)).cloned()
+    }
+
+    /// Every pool, retiring ones included.
+    pub fn all(&self) -> Vec<Arc<PoolLink>> {
+        self.links.read().unwrap().iter().flatten().cloned().collect()
+    }
+
+    /// Takes a free pool index and `n` contiguous free slots.
+    fn allocate(&self, n: usize) -> Option<(u32, usize)> {
+        let mut a = self.slots.lock().unwrap();
+        let total = a.index_used.len();
+        let index = (0..total).map(|k| (a.next_index + k) % total).find(|&i| !a.index_used[i])?;
+        let size = a.used.len();
+        let first = (0..size)
+            .map(|k| (a.next_slot + k) % size)
+            .find(|&f| f + n <= size && a.used[f..f + n].iter().all(|u| !u))?;
+        a.used[first..first + n].iter_mut().for_each(|u| *u = true);
+        a.index_used[index] = true;
+        a.next_slot = (first + n) % size;
+        a.next_index = (index + 1) % total;
+        Some((index as u32, first))
+    }
+
+    /// Gives back what [`Registry::allocate`] took.
+    fn release(&self, index: u32, slots: std::ops::Range<usize>) {
+        self.links.write().unwrap()[index as usize] = None;
+        let mut a = self.slots.lock().unwrap();
+        a.index_used[index as usize] = false;
+        a.used[slots].iter_mut().for_each(|u| *u = false);
+    }
+
+    /// Writes `<run dir>/pools`: a pool name per index (an empty line for a
+    /// free one), which `dispatcher stats` labels its counters with.
+    fn write_names(&self) {
+        let links = self.links.read().unwrap();
+        let last = links.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
+        let text: String = links[..last]
+            .iter()
+            .map(|l| match l {
+                Some(l) if !l.retiring.load(Ordering::Relaxed) => format!("{}\n", l.name),
+                Some(l) => format!("{} (retiring)\n", l.name),
+                None => "\n".into(),
+            })
+            .collect();
+        if let Err(e) = std::fs::write(self.run_dir.join("pools"), text) {
+            tracing::warn!("writing the pool names: {e}");
+        }
+    }
+}
+
+/// What a reload did, for the log and the control socket's answer.
+#[derive(Default, Debug)]
+pub struct Summary {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+    pub routes_changed: Vec<String>,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        for (what, v) in [("added", &self.added), ("restarted", &self.changed), ("removed", &self.removed), ("new routes", &self.routes_changed)] {
+            if !v.is_empty() {
+                parts.push(format!("{what}: {}", v.join(", ")));
+            }
+        }
+        if parts.is_empty() {
+            return write!(f, "nothing changed");
+        }
+        write!(f, "{}", parts.join("; "))
+    }
+}
+
+/// Makes the running pools what `cfg` says (see the module comment).
+/// Nothing changes when it fails (a bad command path, too few free slots,
+/// a changed global setting).
+pub async fn apply(shared: &Arc<Shared>, cfg: &Config) -> Result<Summary> {
+    let reg = &shared.pools;
+    let _one = reg.reloading.lock().await;
+    unchanged_globals(&shared.cfg, cfg)?;
+
+    let mut summary = Summary::default();
+    let live: HashMap<String, Arc<PoolLink>> =
+        reg.all().into_iter().filter(|l| !l.retiring.load(Ordering::Relaxed)).map(|l| (l.name.clone(), l)).collect();
+    let mut start: Vec<&Pool> = Vec::new();
+    let mut retire: Vec<Arc<PoolLink>> = Vec::new();
+    let mut reroute: Vec<(Arc<PoolLink>, &Pool)> = Vec::new();
+    for p in &cfg.pools {
+        match live.get(&p.name) {
+            None => {
+                start.push(p);
+                summary.added.push(p.name.clone());
+            }
+            Some(l) => {
+                let old = l.def.lock().unwrap().clone();
+                if (Pool { routes: p.routes.clone(), ..old.clone() }) == *p {
+                    if old.routes != p.routes {
+                        summary.routes_changed.push(p.name.clone());
+                    }
+                    reroute.push((l.clone(), p));
+                } else {
+                    start.push(p);
+                    retire.push(l.clone());
+                    summary.changed.push(p.name.clone());
+                }
+            }
+        }
+    }
+    for (name, l) in &live {
+        if !cfg.pools.iter().any(|p| &p.name == name) {
+            retire.push(l.clone());
+            summary.removed.push(name.clone());
+        }
+    }
+
+    // Everything that can fail for a reason in the file, before anything
+    // changes.
+    let mut launches = Vec::new();
+    for p in &start {
+        launches.push(Launch::prepare(p, &cfg.base_dir, &reg.run_dir)?);
+    }
+    let mut taken: Vec<(u32, std::ops::Range<usize>)> = Vec::new();
+    for p in &start {
+        match reg.allocate(p.max_processes as usize) {
+            Some((index, first)) => taken.push((index, first..first + p.max_processes as usize)),
+            None => {
+                for (index, slots) in taken {
+                    reg.release(index, slots);
+                }
+                bail!(
+                    "not enough free worker slots or pool indices for the new pools ({MAX_SLOTS} slots and {MAX_POOLS} pools at most, \
+                     counting pools still retiring); nothing was changed; try again when they have stopped"
+                );
+            }
+        }
+    }
+
+    // The kernel's side of the new pools; the pins of a replaced pool give
+    // way to its replacement's.
+    {
+        let mut k = shared.kernel.lock().unwrap();
+        for l in &retire {
+            k.unpin_slots(l.slot_range());
+        }
+        let mut failed = None;
+        for (p, (index, slots)) in start.iter().zip(&taken) {
+            if let Err(e) = k.add_pool(*index, p, slots.start) {
+                failed = Some(e.context(format!("setting up pool `{}`", p.name)));
+                break;
+            }
+        }
+        if let Some(e) = failed {
+            // Nothing routes to the new pools yet: undo them; the old ones
+            // serve on.
+            for (index, slots) in taken {
+                let _ = k.remove_pool(index, slots.clone());
+                reg.release(index, slots);
+            }
+            for l in &retire {
+                k.pin_slots(l.slot_range());
+            }
+            return Err(e);
+        }
+    }
+    for l in &retire {
+        l.retiring.store(true, Ordering::Relaxed);
+    }
+    for ((p, launch), (index, slots)) in start.iter().zip(launches).zip(taken) {
+        let link = Arc::new(PoolLink::new(p, index, slots.start));
+        reg.links.write().unwrap()[index as usize] = Some(link.clone());
+        let tasks = (0..p.max_processes as usize)
+            .map(|local| pools::supervise(link.clone(), local, shared.clone(), p, launch.command.clone(), launch.args.clone()))
+            .collect();
+        *link.tasks.lock().unwrap() = tasks;
+    }
+    for (l, p) in &reroute {
+        l.def.lock().unwrap().routes = p.routes.clone();
+    }
+
+    // Route to the new set, then let the retired pools finish.
+    let table: Vec<(u32, Vec<crate::config::Route>)> = reg
+        .all()
+        .into_iter()
+        .filter(|l| !l.retiring.load(Ordering::Relaxed))
+        .map(|l| (l.index, l.def.lock().unwrap().routes.clone()))
+        .collect();
+    shared.kernel.lock().unwrap().set_routes(table.iter().map(|(i, r)| (*i, &r[..]))).context("writing the route table")?;
+    for l in retire {
+        tokio::spawn(retire_pool(shared.clone(), l));
+    }
+    reg.write_names();
+    Ok(summary)
+}
+
+/// Lets a pool that no route leads to any more serve what it has, then
+/// stops its workers and frees its index and slots.
+async fn retire_pool(shared: Arc<Shared>, link: Arc<PoolLink>) {
+    let limit = Duration::from_secs(link.def.lock().unwrap().shutdown_time_limit_secs.max(1));
+    let since = Instant::now();
+    tracing::info!(pool = %link.name, "retiring: serving what is queued, then stopping its workers");
+    while since.elapsed() < limit && !link.idle(&shared.kernel.lock().unwrap()) && link.stopped().is_none() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop_pool(&link).await;
+    for local in 0..link.slots.len() {
+        link.answer_leftovers(local, &shared, &format!("pool `{}` was removed by a configuration reload", link.name));
+    }
+    if let Err(e) = shared.kernel.lock().unwrap().remove_pool(link.index, link.slot_range()) {
+        tracing::error!(pool = %link.name, "removing the retired pool's kernel objects: {e:#}");
+    }
+    shared.pools.release(link.index, link.slot_range());
+    shared.pools.write_names();
+    tracing::info!(pool = %link.name, "retired");
+}
+
+/// Stops a pool's supervisors (each stops its worker: SIGTERM, then
+/// SIGKILL after the shutdown time limit) and waits for them.
+pub async fn stop_pool(link: &PoolLink) {
+    let _ = link.stop.send(true);
+    let tasks = std::mem::take(&mut *link.tasks.lock().unwrap());
+    let limit = Duration::from_secs(link.def.lock().unwrap().shutdown_time_limit_secs) + Duration::from_secs(1);
+    for t in tasks {
+        let _ = tokio::time::timeout(limit, t).await;
+    }
+}
+
+/// A pool's worker command and arguments, resolved.
+struct Launch {
+    command: PathBuf,
+    args: Vec<String>,
+}
+
+impl Launch {
+    fn prepare(p: &Pool, base_dir: &Path, run_dir: &Path) -> Result<Launch> {
+        let command = crate::serve::resolve_command(&p.command, base_dir).with_context(|| format!("pool `{}`", p.name))?;
+        let args = p
+            .args
+            .iter()
+            .map(|a| match a.as_str() {
+                "@demo-static" => crate::serve::materialize_demo(run_dir).map(|d| d.display().to_string()),
+                _ => Ok(a.clone()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Launch { command, args })
+    }
+}
+
+/// Refuses a reload that changes what only a restart can change.
+fn unchanged_globals(old: &Config, new: &Config) -> Result<()> {
+    let mut changed = Vec::new();
+    macro_rules! same {
+        ($($f:ident as $name:literal),*) => {$(
+            if old.$f != new.$f {
+                changed.push(format!("`{}` ({:?} → {:?})", $name, old.$f, new.$f));
+            }
+        )*};
+    }
+    same!(
+        listen as "listen",
+        instance as "instance",
+        max_fast_body as "fast_path.max_body",
+        fast_path as "fast_path.enabled",
+        direct_responses as "fast_path.direct_responses",
+        max_body as "limits.max_body",
+        response_timeout_secs as "limits.response_timeout_secs",
+        header_timeout_secs as "limits.header_timeout_secs",
+        keepalive_timeout_secs as "limits.keepalive_timeout_secs"
+    );
+    if !changed.is_empty() {
+        bail!("a reload cannot change {}; restart the dispatcher to apply them (nothing was changed)", changed.join(", "));
+    }
+    Ok(())
+}
