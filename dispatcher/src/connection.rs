@@ -218,6 +218,9 @@ impl Conn {
                                 if let Flow::Close = self.flush().await { return; }
                             }
                         }
+                        Some(ToConn::Lost { taken, in_flight }) => {
+                            if let Flow::Close = self.requests_lost(taken, in_flight).await { return; }
+                        }
                         Some(ToConn::Wake) => {
                             tracing::debug!(conn = self.cookie, leased = self.lease.is_some(), "woken (hand-off or peer closed)");
                             self.woken = true;
@@ -412,6 +415,36 @@ impl Conn {
             if !in_flight || self.pending.get(&seq).is_some_and(|f| !f.is_empty()) {
                 continue;
             }
+            if let Flow::Close = self.answer(seq, 502, "the worker died while handling this request", false, false, false).await {
+                return Flow::Close;
+            }
+        }
+        Flow::Continue
+    }
+
+    /// A worker died with requests of this connection taken and not
+    /// answered (it held no lease on it; see `worker::progress::Loose`):
+    /// each gets 502, unless its whole response arrived after all.
+    async fn requests_lost(&mut self, taken: u32, in_flight: u64) -> Flow {
+        for back in (1..=64u32.min(taken)).rev() {
+            let seq = taken - back;
+            if in_flight & (1u64 << (seq % 64)) == 0 || seq < self.next {
+                continue;
+            }
+            match self.pending.get(&seq) {
+                Some(f) if f.iter().any(|f| f.last) => continue,
+                // Part of its response is already in the socket: nothing
+                // can follow it.
+                Some(f) if f.is_empty() || (seq == self.next && self.lease.is_none()) => {
+                    tracing::warn!(conn = self.cookie, seq, "the worker died in the middle of a response; closing the connection");
+                    return Flow::Close;
+                }
+                Some(_) => {
+                    self.pending.remove(&seq);
+                }
+                None => {}
+            }
+            tracing::warn!(conn = self.cookie, seq, "the worker died while handling this request; answering 502");
             if let Flow::Close = self.answer(seq, 502, "the worker died while handling this request", false, false, false).await {
                 return Flow::Close;
             }

@@ -26,6 +26,10 @@ pub enum ToConn {
     /// The worker holding lease `gen` (progress entry `slot`) died without
     /// giving it back.
     LeaseLost { gen: u32, slot: u32 },
+    /// A worker died having taken requests of this connection (it held no
+    /// lease on it) and not answered them: one past the last it took, and
+    /// bit `seq % 64` of each unanswered one.
+    Lost { taken: u32, in_flight: u64 },
 }
 
 /// How long a response for a not-yet-registered connection is kept.
@@ -92,6 +96,14 @@ impl Conns {
     pub fn lease_lost(&self, cookie: u64, gen: u32, slot: u32) {
         if let Some(tx) = self.live.lock().unwrap().get(&cookie) {
             let _ = tx.send(ToConn::LeaseLost { gen, slot });
+        }
+    }
+
+    /// Tells connection `cookie` a dead worker did not answer some of its
+    /// requests (see [`ToConn::Lost`]).
+    pub fn lost(&self, cookie: u64, taken: u32, in_flight: u64) {
+        if let Some(tx) = self.live.lock().unwrap().get(&cookie) {
+            let _ = tx.send(ToConn::Lost { taken, in_flight });
         }
     }
 

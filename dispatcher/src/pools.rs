@@ -236,7 +236,7 @@ pub struct LeaseTx {
     sock: AsyncFd<OwnedFd>,
     /// The worker's trace of its leased connections (see
     /// `worker::progress`), read after it dies.
-    progress: worker::progress::ProgressMap,
+    progress: Arc<worker::progress::ProgressMap>,
     /// Messages not sent yet (the front one is the next to go), and the
     /// connections with a lease out (told when the worker dies).
     queue: Mutex<LeaseQueue>,
@@ -381,7 +381,7 @@ impl LeaseTx {
 }
 
 /// Makes a lease socket pair and the writer task for our end.
-fn lease_socket() -> Result<(Arc<LeaseTx>, OwnedFd, OwnedFd)> {
+fn lease_socket(progress: Arc<worker::progress::ProgressMap>) -> Result<(Arc<LeaseTx>, OwnedFd)> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .context("lease socketpair")?;
@@ -390,10 +390,9 @@ fn lease_socket() -> Result<(Arc<LeaseTx>, OwnedFd, OwnedFd)> {
     nix::fcntl::fcntl(ours.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(fl)).context("F_SETFL")?;
     // SAFETY: the AsyncFd owns the fd for as long as it is registered.
     let sock = unsafe { AsyncFd::register_with_interest(ours, Interest::WRITABLE) }?;
-    let (progress, progress_fd) = worker::progress::ProgressMap::create().context("making a progress map")?;
     let tx = Arc::new(LeaseTx { sock, progress, queue: Default::default(), wake: Default::default(), dead: Default::default() });
     tokio::spawn(tx.clone().write_queued());
-    Ok((tx, theirs, progress_fd))
+    Ok((tx, theirs))
 }
 
 fn send_lease(sock: &OwnedFd, msg: &LeaseMsg, fd: Option<&OwnedFd>) -> io::Result<()> {
@@ -411,12 +410,14 @@ fn send_lease(sock: &OwnedFd, msg: &LeaseMsg, fd: Option<&OwnedFd>) -> io::Resul
 /// by a reader (responses → connections) and a writer task. With `leases`,
 /// also a lease socket; returns the worker's ends.
 fn connect(link: &Arc<PoolLink>, slot: usize, conns: &Arc<Conns>, leases: bool) -> Result<(OwnedFd, Option<OwnedFd>, Option<OwnedFd>)> {
-    let (lease_tx, lease_fd, progress_fd) = match leases {
+    let (progress, progress_fd) = worker::progress::ProgressMap::create().context("making a progress map")?;
+    let progress = Arc::new(progress);
+    let (lease_tx, lease_fd) = match leases {
         true => {
-            let (tx, fd, progress) = lease_socket()?;
-            (Some(tx), Some(fd), Some(progress))
+            let (tx, fd) = lease_socket(progress.clone())?;
+            (Some(tx), Some(fd))
         }
-        false => (None, None, None),
+        false => (None, None),
     };
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("socketpair")?;
     ours.set_nonblocking(true)?;
@@ -434,7 +435,7 @@ fn connect(link: &Arc<PoolLink>, slot: usize, conns: &Arc<Conns>, leases: bool) 
     }
     let name = link.name.clone();
     tokio::spawn(async move {
-        if let Err(e) = worker::proto::write_batched(wr, rx).await {
+        if let Err(e) = worker::proto::write_batched(wr, rx, |_| {}).await {
             tracing::debug!(pool = %name, "control socket write: {e}");
         }
     });
@@ -474,8 +475,13 @@ fn connect(link: &Arc<PoolLink>, slot: usize, conns: &Arc<Conns>, leases: bool) 
         if let Some(l) = lease_tx {
             l.mark_dead(&conns);
         }
+        // Every frame it wrote is delivered (above): what its trace still
+        // marks was taken and never answered.
+        for (conn, taken, in_flight) in progress.loose_unanswered() {
+            conns.lost(conn, taken, in_flight);
+        }
     });
-    Ok((theirs.into(), lease_fd, progress_fd))
+    Ok((theirs.into(), lease_fd, Some(progress_fd)))
 }
 
 /// The dispatcher's side of one worker slot: pool `pool`'s slot `local`,

@@ -272,6 +272,15 @@ const KILL_AFTER: usize = 300;
 
 #[test]
 fn kill_9_of_a_busy_worker_fails_only_what_it_had_taken_with_502() {
+    kill_9_under_load("");
+}
+
+#[test]
+fn kill_9_of_a_busy_worker_fails_only_what_it_had_taken_with_502_without_leases() {
+    kill_9_under_load("[fast_path]\ndirect_responses = false\n");
+}
+
+fn kill_9_under_load(extra: &str) {
     use std::sync::{
         atomic::{AtomicU32, AtomicUsize, Ordering},
         Arc,
@@ -279,7 +288,7 @@ fn kill_9_of_a_busy_worker_fails_only_what_it_had_taken_with_502() {
     if !privileged() {
         return;
     }
-    let d = Dispatcher::start(&[PoolDef::echo("p", &["*/"])], "");
+    let d = Dispatcher::start(&[PoolDef::echo("p", &["*/"])], extra);
     let answered = Arc::new(AtomicUsize::new(0));
     let seen_pid = Arc::new(AtomicU32::new(0));
     let threads: Vec<_> = (0..KILL_CLIENTS)

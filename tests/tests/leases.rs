@@ -273,3 +273,40 @@ fn a_request_the_dead_worker_had_taken_gets_502_and_the_connection_goes_on() {
     assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/a/next")));
     assert!(d.log().contains("going on from its last response"), "{}", d.log());
 }
+
+#[test]
+fn a_request_taken_on_a_connection_without_a_lease_gets_502_when_its_worker_dies() {
+    if !privileged() {
+        return;
+    }
+    for extra in ["[fast_path]\ndirect_responses = false\n", ""] {
+        let d = two_pools(extra);
+        // With leases on, a connection's first request is answered
+        // through the dispatcher: the worker holds no lease while it works.
+        let mut c = d.connect();
+        if !extra.is_empty() {
+            get_ok(&mut c, "/a/0", "a");
+        }
+        c.send(format!("GET /a/delay/{SLOW_MS}/x HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+        let pid = eventually_worker(&d);
+        std::thread::sleep(Duration::from_millis(TAKE_MS));
+        kill(pid);
+        let t0 = Instant::now();
+        let r = c.read_response();
+        assert_eq!(r.status, 502, "{extra:?}: {r:?}");
+        assert!(t0.elapsed() < Duration::from_millis(SLOW_MS), "the 502 waited for the slow handler's time");
+        let r = c.get("x", "/a/next");
+        assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/a/next")), "{extra:?}");
+        assert!(d.log().contains("the worker died while handling this request"), "{}", d.log());
+    }
+}
+
+/// The one worker `d` runs, once it runs.
+fn eventually_worker(d: &Dispatcher) -> u32 {
+    let mut w = Vec::new();
+    assert!(eventually(|| {
+        w = d.workers();
+        w.len() == 1
+    }));
+    w[0]
+}

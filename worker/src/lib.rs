@@ -216,8 +216,14 @@ impl Worker {
             }
         });
         let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
-        let writer = tokio::spawn(proto::write_batched(wr, rx));
         let out = std::sync::Arc::new(Outbound::new(tx, lease.is_some(), progress));
+        // A request counts as answered once its response is in the socket.
+        let loose = out.loose.clone();
+        let writer = tokio::spawn(proto::write_batched(wr, rx, move |b| {
+            if let Some(l) = &loose {
+                l.written(b)
+            }
+        }));
         if let Some(fd) = lease {
             out.spawn_lease_reader(fd).map_err(Error::Control)?;
         }
@@ -352,14 +358,14 @@ impl Worker {
 }
 
 fn deliver(reassembly: &mut Reassembly, ready: &mut VecDeque<Raw>, responder: &Responder, hdr: &RecordHeader, data: &[u8]) {
+    if hdr.kind == dispatcher_ebpf::abi::RECORD_HEAD && hdr.flags & dispatcher_ebpf::abi::REC_SLOW == 0 {
+        // Ours from its head on (the rest of its body follows on this
+        // ring, which the next worker would not know what to do with):
+        // traced, so a crash answers it 502.
+        responder.out.taken(hdr.conn, hdr.seq);
+    }
     match reassembly.push(hdr, data) {
-        Some(Done::Request(raw)) => {
-            if raw.from_kernel {
-                // Ours from here on: traced, so a crash answers it 502.
-                responder.out.taken(raw.conn, raw.seq);
-            }
-            ready.push_back(raw)
-        }
+        Some(Done::Request(raw)) => ready.push_back(raw),
         Some(Done::Invalid { conn, seq }) => responder.reject(conn, seq),
         None => {}
     }

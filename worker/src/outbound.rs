@@ -20,7 +20,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use crate::progress::ProgressMap;
+use crate::progress::{Loose, ProgressMap};
 use crate::proto::{self, lease, LeaseMsg, ResponseHeader, MAX_FRAME, RESP_CLOSE, RESP_LAST, RESP_RELEASE, RESP_WANT_LEASE};
 
 /// The response router one worker's [`Responder`](crate::Responder)s share.
@@ -35,11 +35,10 @@ pub(crate) struct Outbound {
     progress: Option<Arc<ProgressMap>>,
     /// Held while a lease message is received and handled.
     lease_order: Mutex<()>,
-    /// Per connection, kernel requests taken and not answered yet: one past
-    /// the last taken, and bit `seq % 64` of each (merged into a lease's
-    /// trace when one is granted, whatever the lease state was when they
-    /// were taken).
-    unanswered: Mutex<HashMap<u64, (u32, u64)>>,
+    /// Kernel requests taken and not answered yet on connections without
+    /// a lease, in shared memory (merged into a lease's trace when one is
+    /// granted, whatever the lease state was when they were taken).
+    pub(crate) loose: Option<Arc<Loose>>,
 }
 
 enum Entry {
@@ -201,24 +200,22 @@ impl Lease {
 
 impl Outbound {
     pub(crate) fn new(ctl: mpsc::UnboundedSender<Bytes>, leases: bool, progress: Option<ProgressMap>) -> Self {
+        let progress = progress.map(Arc::new);
         Outbound {
             ctl,
             leases,
             conns: Mutex::new(HashMap::new()),
             lease_sock: OnceLock::new(),
-            progress: progress.map(Arc::new),
+            loose: progress.as_ref().map(|p| Arc::new(Loose::new(p.clone()))),
+            progress,
             lease_order: Mutex::new(()),
-            unanswered: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Request `seq` of `conn` was taken from the queue: if we write that
-    /// connection, trace it (so the dispatcher can answer 502 for it if we
-    /// die before answering).
+    /// Request `seq` of `conn` was taken from the queue: trace it (so the
+    /// dispatcher can answer 502 for it if we die before answering).
     pub(crate) fn taken(&self, conn: u64, seq: u32) {
-        if self.progress.is_none() {
-            return;
-        }
+        let Some(loose) = &self.loose else { return };
         let bit = 1u64 << (seq % 64);
         // Under `conns`, so a grant cannot slip between the state looked at
         // and the record made (lock order: conns, then unanswered).
@@ -230,12 +227,7 @@ impl Outbound {
                     e.taken.fetch_max(seq.wrapping_add(1), std::sync::atomic::Ordering::Release);
                 }
             }
-            _ => {
-                let mut u = self.unanswered.lock().unwrap();
-                let e = u.entry(conn).or_insert((0, 0));
-                e.0 = e.0.max(seq.wrapping_add(1));
-                e.1 |= bit;
-            }
+            _ => loose.taken(conn, seq),
         }
     }
 
@@ -250,13 +242,6 @@ impl Outbound {
             drop(map);
             self.poll_leases();
             map = self.conns.lock().unwrap();
-        }
-        if from_kernel && self.progress.is_some() && !matches!(map.get(&conn), Some(Entry::Leased(_))) {
-            // Answered: no longer one for a future lease's trace (under a
-            // lease, the trace itself is updated as the bytes go out).
-            if let Some(e) = self.unanswered.lock().unwrap().get_mut(&conn) {
-                e.1 &= !(1u64 << (seq % 64));
-            }
         }
         match map.get_mut(&conn) {
             Some(Entry::Leased(l)) => {
@@ -418,7 +403,7 @@ impl Outbound {
                 match fd {
                     Some(fd) if usable => {
                         // Moved into the lease's trace from here on.
-                        let (taken, in_flight) = self.unanswered.lock().unwrap().remove(&m.conn).unwrap_or((0, 0));
+                        let (taken, in_flight) = self.loose.as_ref().map_or((0, 0), |l| l.take_out(m.conn));
                         let sock = Arc::new(Sock { waiter: OnceLock::new(), fd });
                         let trace = match (&self.progress, m.slot) {
                             (Some(map), slot) if slot != proto::NO_SLOT => {
@@ -470,7 +455,9 @@ impl Outbound {
             }
             lease::FORGET => {
                 map.remove(&m.conn);
-                self.unanswered.lock().unwrap().remove(&m.conn);
+                if let Some(l) = &self.loose {
+                    l.take_out(m.conn);
+                }
             }
             k => tracing::warn!(kind = k, "unknown lease message"),
         }

@@ -9,6 +9,14 @@
 //! compares those bytes with what the socket took: a match means the
 //! stream stopped between two responses, so the connection goes on there,
 //! and the requests the dead worker took and never answered get 502.
+//!
+//! Past the lease entries lie [`LOOSE_ENTRIES`] more that the worker
+//! manages itself ([`Loose`]): one per connection it took requests of
+//! without holding its lease, with the requests taken and not answered
+//! yet. A bit is cleared only once the response's last frame is written
+//! into the control socket, so after the worker's death every request it
+//! took is either answered in what the dispatcher read from that socket or
+//! marked here (and answered 502).
 
 use std::{
     io,
@@ -19,6 +27,10 @@ use std::{
 
 /// Entries per worker: the most connections one worker can hold leases on.
 pub const ENTRIES: usize = 65536;
+/// Entries for connections without a lease (see [`Loose`]); the first is
+/// a header whose `taken` counts the entries used so far.
+pub const LOOSE_ENTRIES: usize = 65536;
+const MAP_BYTES: usize = (ENTRIES + LOOSE_ENTRIES) * std::mem::size_of::<Entry>();
 
 /// One leased connection's trace. The writer state is double-buffered: a
 /// worker killed in the middle of an update leaves the previous state
@@ -106,7 +118,7 @@ impl ProgressMap {
         }
         // SAFETY: a fresh fd we own.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let len = ENTRIES * std::mem::size_of::<Entry>();
+        let len = MAP_BYTES;
         // SAFETY: resizing our own memfd.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
             return Err(io::Error::last_os_error());
@@ -121,7 +133,7 @@ impl ProgressMap {
     }
 
     fn map_fd(fd: &OwnedFd) -> io::Result<ProgressMap> {
-        let len = ENTRIES * std::mem::size_of::<Entry>();
+        let len = MAP_BYTES;
         // SAFETY: a shared mapping of the whole file.
         let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
         if p == libc::MAP_FAILED {
@@ -135,6 +147,23 @@ impl ProgressMap {
         ((i as usize) < ENTRIES).then(|| unsafe { &*self.ptr.as_ptr().add(i as usize) })
     }
 
+    fn loose(&self, i: u32) -> Option<&Entry> {
+        // SAFETY: in bounds of the mapping, which lives as long as self.
+        ((i as usize) < LOOSE_ENTRIES).then(|| unsafe { &*self.ptr.as_ptr().add(ENTRIES + i as usize) })
+    }
+
+    /// After the worker's death: per connection it had no lease on, one
+    /// past the last request it took and the bits (`seq % 64`) of those it
+    /// did not answer.
+    pub fn loose_unanswered(&self) -> Vec<(u64, u32, u64)> {
+        let used = self.loose(0).map_or(0, |h| h.taken.load(Ordering::Acquire)).min(LOOSE_ENTRIES as u32);
+        (1..used)
+            .filter_map(|i| self.loose(i))
+            .map(|e| (e.conn.load(Ordering::Acquire), e.taken.load(Ordering::Acquire), e.in_flight.load(Ordering::Acquire)))
+            .filter(|(conn, _, bits)| *conn != 0 && *bits != 0)
+            .collect()
+    }
+
     /// Starts entry `i` for a new lease on `conn` from response `from`
     /// (the dispatcher does before the grant; the worker again on it).
     pub fn reset(&self, i: u32, conn: u64, from: u32) {
@@ -144,6 +173,96 @@ impl ProgressMap {
             e.in_flight.store(0, Ordering::Relaxed);
             e.record(from, 0, 0);
         }
+    }
+}
+
+/// The worker's side of the loose entries: which connection has which.
+pub struct Loose {
+    map: std::sync::Arc<ProgressMap>,
+    inner: std::sync::Mutex<LooseInner>,
+}
+
+struct LooseInner {
+    by_conn: std::collections::HashMap<u64, u32>,
+    free: Vec<u32>,
+    next: u32,
+}
+
+impl Loose {
+    pub fn new(map: std::sync::Arc<ProgressMap>) -> Loose {
+        let inner = LooseInner { by_conn: Default::default(), free: Vec::new(), next: 1 };
+        Loose { map, inner: std::sync::Mutex::new(inner) }
+    }
+
+    /// Request `seq` of `conn` was taken (its head left the ring).
+    pub fn taken(&self, conn: u64, seq: u32) {
+        let mut l = self.inner.lock().unwrap();
+        let i = match l.by_conn.get(&conn) {
+            Some(i) => *i,
+            None => {
+                let i = match l.free.pop() {
+                    Some(i) => i,
+                    None if (l.next as usize) < LOOSE_ENTRIES => {
+                        l.next += 1;
+                        if let Some(h) = self.map.loose(0) {
+                            h.taken.store(l.next, Ordering::Release);
+                        }
+                        l.next - 1
+                    }
+                    // Full: this connection goes untraced (a crash leaves
+                    // its request to the response time-out).
+                    None => return,
+                };
+                if let Some(e) = self.map.loose(i) {
+                    e.in_flight.store(0, Ordering::Relaxed);
+                    e.taken.store(seq, Ordering::Relaxed);
+                    e.conn.store(conn, Ordering::Release);
+                }
+                l.by_conn.insert(conn, i);
+                i
+            }
+        };
+        if let Some(e) = self.map.loose(i) {
+            e.taken.fetch_max(seq.wrapping_add(1), Ordering::Release);
+            e.in_flight.fetch_or(1u64 << (seq % 64), Ordering::Release);
+        }
+    }
+
+    /// `frames` (whole response frames, as written into the control
+    /// socket) are out: their requests are answered.
+    pub fn written(&self, mut frames: &[u8]) {
+        use crate::proto::{ResponseHeader, RESPONSE_HEADER_LEN, RESP_LAST};
+        let mut l = self.inner.lock().unwrap();
+        if l.by_conn.is_empty() {
+            return;
+        }
+        while let Some(h) = frames.get(..RESPONSE_HEADER_LEN).and_then(ResponseHeader::from_bytes) {
+            frames = frames.get(RESPONSE_HEADER_LEN + h.len as usize..).unwrap_or(&[]);
+            if h.flags & RESP_LAST == 0 {
+                continue;
+            }
+            let Some(&i) = l.by_conn.get(&h.conn) else { continue };
+            let Some(e) = self.map.loose(i) else { continue };
+            let bit = 1u64 << (h.seq % 64);
+            if e.in_flight.fetch_and(!bit, Ordering::Release) == bit {
+                // Nothing left: the entry is free again.
+                e.conn.store(0, Ordering::Release);
+                l.by_conn.remove(&h.conn);
+                l.free.push(i);
+            }
+        }
+    }
+
+    /// Takes `conn`'s entry out (a lease's trace carries it on, or the
+    /// connection is gone): (one past the last taken, unanswered bits).
+    pub fn take_out(&self, conn: u64) -> (u32, u64) {
+        let mut l = self.inner.lock().unwrap();
+        let Some(i) = l.by_conn.remove(&conn) else { return (0, 0) };
+        l.free.push(i);
+        let Some(e) = self.map.loose(i) else { return (0, 0) };
+        let r = (e.taken.load(Ordering::Relaxed), e.in_flight.swap(0, Ordering::Relaxed));
+        e.conn.store(0, Ordering::Release);
+        r
     }
 }
 

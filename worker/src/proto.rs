@@ -93,11 +93,13 @@ pub const BATCH_BYTES: usize = 256 * 1024;
 
 /// Writes everything sent on `rx` to `wr`, one `write` per wake-up for all
 /// that was queued meanwhile (both ends of the control socket use it: the
-/// per-frame syscall was the dispatcher's main cost). Ends when `rx` closes
-/// or a write fails, returning the error.
+/// per-frame syscall was the dispatcher's main cost), calling `written`
+/// with each batch once the socket has it. Ends when `rx` closes or a
+/// write fails, returning the error.
 pub async fn write_batched<W: tokio::io::AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+    mut written: impl FnMut(&[u8]),
 ) -> std::io::Result<()> {
     use tokio::io::AsyncWriteExt;
     let mut batch = Vec::new();
@@ -117,6 +119,7 @@ pub async fn write_batched<W: tokio::io::AsyncWrite + Unpin>(
         }
         if !batch.is_empty() {
             wr.write_all(&batch).await?;
+            written(&batch);
         }
         if end {
             wr.flush().await?;
