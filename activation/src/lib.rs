@@ -243,8 +243,10 @@ pub struct Policy {
     pub recycle_requests: Option<u64>,
     /// ...or is asked to stop (SIGTERM: it finishes what it took) after
     /// this long, or once its private memory passes this many KiB. The
-    /// next worker starts as soon as it exits; requests wait on the ring
-    /// meanwhile, none is lost.
+    /// next worker starts as soon as the old one stops pulling (it marks
+    /// its slot workerless), while the old one still answers what it took
+    /// (overlapped recycling); requests wait on the ring meanwhile, none
+    /// is lost.
     pub recycle_interval: Option<Duration>,
     pub recycle_private_kib: Option<u64>,
 }
@@ -312,9 +314,12 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
     }
     let mut backoff = MIN_BACKOFF;
     let mut crashes: std::collections::VecDeque<Instant> = Default::default();
+    // Workers that stopped pulling and are finishing what they took.
+    let mut draining: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     loop {
+        draining.retain(|d| !d.is_finished());
         if *stop.borrow() {
-            return;
+            return finish_draining(draining).await;
         }
         // On demand: start when a request waits. Either way the slot is
         // marked workerless until the new worker starts pulling, which is
@@ -328,7 +333,7 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
                     // A demand event lost to a full event ring costs at
                     // most this long.
                     _ = tokio::time::sleep(DEMAND_RECHECK) => {}
-                    _ = stop.changed() => return,
+                    _ = stop.changed() => return finish_draining(draining).await,
                 }
                 // A demand left over from an earlier worker's time is
                 // stale: only a request on the ring counts.
@@ -338,6 +343,9 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
             }
         }
         let started = Instant::now();
+        // A worker that consumed from the ring has started, even if it
+        // stopped before a tick saw it pulling.
+        let start_consumed = slot.progress().consumed;
         let child = slot
             .handles()
             .map_err(|source| Error::Handles { pool: spec.pool.clone(), source })
@@ -369,7 +377,16 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
                         },
                         _ = stop.changed() => {
                             terminate(&mut child, pid, policy.shutdown_limit).await;
-                            return;
+                            return finish_draining(draining).await;
+                        }
+                        // A request met the slot marked workerless: if it
+                        // is this worker that marked it, it stopped pulling.
+                        _ = signals.demand.notified() => {
+                            let p = slot.progress();
+                            if (ready || p.consumed != start_consumed) && !p.ready {
+                                draining.push(drain(child, pid, spec.pool.clone(), policy.shutdown_limit));
+                                break false;
+                            }
                         }
                         _ = tick.tick() => {
                             if recycling.is_some_and(|t| t.elapsed() >= policy.shutdown_limit) {
@@ -393,6 +410,14 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
                                 unsafe { libc::kill(pid as i32, libc::SIGTERM) };
                             }
                             let p = slot.progress();
+                            if (ready || p.consumed != start_consumed) && !p.ready {
+                                // It stopped pulling (recycling, idle, or
+                                // SIGTERM) and marked the slot workerless:
+                                // its successor may start while it answers
+                                // what it took.
+                                draining.push(drain(child, pid, spec.pool.clone(), policy.shutdown_limit));
+                                break false;
+                            }
                             if !ready {
                                 ready = p.ready;
                                 if !ready && started.elapsed() >= policy.startup_limit {
@@ -425,7 +450,7 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
             }
         };
         if *stop.borrow() {
-            return;
+            return finish_draining(draining).await;
         }
         if !crashed {
             backoff = MIN_BACKOFF;
@@ -455,7 +480,7 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
                         // The start signal wakes whoever waits at that
                         // moment; the count is what really tells.
                         _ = tokio::time::sleep(DEMAND_RECHECK) => {}
-                        _ = stop.changed() => return,
+                        _ = stop.changed() => return finish_draining(draining).await,
                     }
                 }
                 tracing::info!(pool = %spec.pool, "pool started again");
@@ -471,9 +496,33 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
         tracing::info!(pool = %spec.pool, delay_ms = backoff.as_millis() as u64, "restarting worker");
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = stop.changed() => return,
+            _ = stop.changed() => return finish_draining(draining).await,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Waits for a worker that stopped pulling to finish what it took (and
+/// exit), up to `limit`; then kills it.
+fn drain(mut child: tokio::process::Child, pid: u32, pool: String, limit: Duration) -> tokio::task::JoinHandle<()> {
+    tracing::info!(pool = %pool, pid, "worker stopped pulling; the next one may start while it finishes");
+    tokio::spawn(async move {
+        match tokio::time::timeout(limit, child.wait()).await {
+            Ok(Ok(s)) if s.success() => tracing::info!(pool = %pool, pid, "worker exited (finished)"),
+            Ok(Ok(s)) => tracing::warn!(pool = %pool, pid, status = %s, "worker exited after it stopped pulling"),
+            Ok(Err(e)) => tracing::warn!(pool = %pool, pid, "waiting for worker: {e}"),
+            Err(_) => {
+                tracing::warn!(pool = %pool, pid, "worker did not finish within the shutdown time limit; killing it");
+                let _ = child.kill().await;
+            }
+        }
+    })
+}
+
+/// Waits for the draining workers (each bounded by its shutdown limit).
+async fn finish_draining(draining: Vec<tokio::task::JoinHandle<()>>) {
+    for d in draining {
+        let _ = d.await;
     }
 }
 

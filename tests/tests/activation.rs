@@ -244,6 +244,38 @@ fn recycling_by_request_count_under_load_fails_no_request() {
     assert!(d.log().contains("recycled"), "{}", d.log());
 }
 
+/// How long the overlap test's slow request keeps the old worker busy.
+const OVERLAP_SLOW_MS: u64 = 3000;
+
+#[test]
+fn a_recycled_worker_finishing_a_slow_request_overlaps_its_successor() {
+    if !privileged() {
+        return;
+    }
+    let def = PoolDef { extra: "recycle_requests = 2\nstart_mode = \"always-running\"", ..PoolDef::echo("p", &["*/"]) };
+    let d = Dispatcher::start(&[def], "");
+    // Request 1: taken by the first worker, answered late.
+    let mut slow = d.connect();
+    slow.send(format!("GET /delay/{OVERLAP_SLOW_MS}/slow HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    std::thread::sleep(Duration::from_millis(300));
+    let old = d.workers();
+    assert_eq!(old.len(), 1, "{old:?}");
+    // Request 2: its count is reached; it stops pulling.
+    let r = d.connect().get("x", "/second");
+    assert_eq!((r.status, worker_pid(&r)), (200, old[0]));
+    // Request 3: answered by the next worker while the old one still
+    // works on request 1.
+    let t0 = Instant::now();
+    let r = d.connect().get("x", "/third");
+    assert_eq!(r.status, 200);
+    assert_ne!(worker_pid(&r), old[0], "the recycled worker answered after its count");
+    assert!(t0.elapsed() < Duration::from_millis(OVERLAP_SLOW_MS / 2), "the next worker waited for the old one to exit");
+    assert!(d.workers().contains(&old[0]), "the old worker is gone before its slow request was answered");
+    let r = slow.read_response();
+    assert_eq!((r.status, worker_pid(&r)), (200, old[0]));
+    assert!(d.wait_log(SETTLE, |l| l.contains("worker exited (finished)")), "{}", d.log());
+}
+
 #[test]
 fn recycling_by_interval_replaces_the_worker_without_failures() {
     if !privileged() {

@@ -8,7 +8,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use dispatcher_ebpf::abi::{RING_AWAKE_NO, RING_AWAKE_YES};
+use dispatcher_ebpf::abi::{RING_AWAKE_NO, RING_AWAKE_NO_WORKER, RING_AWAKE_YES};
 
 /// The slot's flag: value 0 of a one-entry mmapable BPF array.
 pub(crate) struct Awake {
@@ -50,6 +50,15 @@ impl Awake {
     /// afterwards (the store is ordered before that look).
     pub(crate) fn set_asleep(&self) {
         self.flag().swap(RING_AWAKE_NO, Ordering::SeqCst);
+    }
+}
+
+impl Awake {
+    /// This worker will not look at the ring again: the slot is
+    /// workerless (the kernel raises a demand for the next request, and
+    /// the supervisor may start the next worker at once).
+    pub(crate) fn set_stopped(&self) {
+        self.flag().swap(RING_AWAKE_NO_WORKER, Ordering::SeqCst);
     }
 }
 

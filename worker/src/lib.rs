@@ -281,6 +281,7 @@ impl Worker {
                     self.push(&hdr, &data);
                     continue;
                 }
+                self.stopped();
                 return Err(Error::Recycle);
             }
             if self.drain_ring() {
@@ -311,6 +312,7 @@ impl Worker {
             tokio::select! {
                 _ = async { tokio::time::sleep(idle.unwrap_or_default()).await }, if idle.is_some() => {
                     if self.ready.is_empty() && !self.drain_ring() {
+                        self.stopped();
                         return Err(Error::Idle);
                     }
                 }
@@ -326,6 +328,16 @@ impl Worker {
             if let Some(a) = &self.awake {
                 a.set_awake();
             }
+        }
+    }
+
+    /// Done with the ring for good (recycled, stopped or idle): later
+    /// calls never look at it again, and the slot says so, so the next
+    /// worker may start while this one answers what it took.
+    fn stopped(&mut self) {
+        self.draining = true;
+        if let Some(a) = &self.awake {
+            a.set_stopped();
         }
     }
 
