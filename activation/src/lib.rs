@@ -298,6 +298,10 @@ pub struct Signals {
     /// such requests, and its wake-up.
     pub start: std::sync::Arc<tokio::sync::Notify>,
     pub start_requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Fault injection for tests: the supervisor panics when this is
+    /// notified while it watches a worker (the dispatcher wires it up only
+    /// with `DISPATCHER_FAULTS=1`).
+    pub fault: std::sync::Arc<tokio::sync::Notify>,
 }
 
 
@@ -305,61 +309,89 @@ pub struct Signals {
 /// (at once or on demand), restarts it when it crashes (with back-off),
 /// lets it idle out, stops the pool when it crashes too often, and stops
 /// the worker (SIGTERM, then SIGKILL) at shutdown.
-pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot, signals: Signals, mut stop: watch::Receiver<bool>) {
+///
+/// A panic in the supervisor (a bug in activation) stops neither the
+/// worker nor the dispatcher: the worker keeps serving, and a new
+/// supervisor takes it over (adopts the running process) after a short
+/// pause, with fresh health and crash counts.
+pub async fn supervise<S: Slot + Clone>(mut spec: WorkerSpec, policy: Policy, slot: S, signals: Signals, stop: watch::Receiver<bool>) {
     if let (StartMode::OnDemand, Some(t)) = (policy.start, policy.idle_timeout) {
         spec.env.push((env::IDLE_TIMEOUT_SECS.into(), t.as_secs().max(1).to_string()));
     }
     if let Some(n) = policy.recycle_requests {
         spec.env.push((env::RECYCLE_REQUESTS.into(), n.to_string()));
     }
+    // The running worker outlives a supervisor that panics.
+    let current: std::sync::Arc<tokio::sync::Mutex<Option<Running>>> = Default::default();
+    loop {
+        let run = tokio::spawn(run(spec.clone(), policy.clone(), slot.clone(), signals.clone(), stop.clone(), current.clone()));
+        match run.await {
+            Err(e) if e.is_panic() && !*stop.borrow() => {
+                let pid = current.try_lock().ok().and_then(|c| c.as_ref().map(|r| r.pid));
+                tracing::error!(pool = %spec.pool, worker = ?pid, "the supervisor panicked; its worker keeps serving; restarting the supervisor");
+                tokio::time::sleep(MIN_BACKOFF).await;
+            }
+            _ => return,
+        }
+    }
+}
+
+/// A worker process a supervisor watches.
+struct Running {
+    child: tokio::process::Child,
+    pid: u32,
+    started: Instant,
+    /// The ring's consumer position when it started.
+    start_consumed: u64,
+}
+
+async fn run(
+    spec: WorkerSpec,
+    policy: Policy,
+    mut slot: impl Slot,
+    signals: Signals,
+    mut stop: watch::Receiver<bool>,
+    current: std::sync::Arc<tokio::sync::Mutex<Option<Running>>>,
+) {
+    let mut current = current.lock_owned().await;
     let mut backoff = MIN_BACKOFF;
     let mut crashes: std::collections::VecDeque<Instant> = Default::default();
     // Workers that stopped pulling and are finishing what they took.
     let mut draining: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     loop {
         draining.retain(|d| !d.is_finished());
-        if *stop.borrow() {
-            return finish_draining(draining).await;
-        }
-        // On demand: start when a request waits. Either way the slot is
-        // marked workerless until the new worker starts pulling, which is
-        // how its start-up is seen.
-        let waiting = slot.vacate();
-        if policy.start == StartMode::OnDemand && !waiting {
-            tracing::info!(pool = %spec.pool, "no worker; waiting for a request");
-            loop {
-                tokio::select! {
-                    _ = signals.demand.notified() => {}
-                    // A demand event lost to a full event ring costs at
-                    // most this long.
-                    _ = tokio::time::sleep(DEMAND_RECHECK) => {}
-                    _ = stop.changed() => return finish_draining(draining).await,
-                }
-                // A demand left over from an earlier worker's time is
-                // stale: only a request on the ring counts.
-                if slot.vacate() {
-                    break;
-                }
+        if let Some(r) = current.as_mut() {
+            if !matches!(r.child.try_wait(), Ok(None)) {
+                *current = None;
             }
         }
-        let started = Instant::now();
-        // A worker that consumed from the ring has started, even if it
-        // stopped before a tick saw it pulling.
-        let start_consumed = slot.progress().consumed;
-        let child = slot
-            .handles()
-            .map_err(|source| Error::Handles { pool: spec.pool.clone(), source })
-            .and_then(|h| spawn(&spec, h));
-        let crashed = match child {
-            Ok(mut child) => {
-                let pid = child.id().unwrap_or(0);
-                tracing::info!(pool = %spec.pool, pid, "worker started");
+        if *stop.borrow() {
+            if let Some(r) = current.as_mut() {
+                terminate(&mut r.child, r.pid, policy.shutdown_limit).await;
+            }
+            return finish_draining(draining).await;
+        }
+        if let Some(r) = current.as_ref() {
+            tracing::info!(pool = %spec.pool, pid = r.pid, "taking over the running worker");
+        } else if let Err(crash) = start(&spec, &policy, &mut slot, &signals, &mut stop, &mut current).await {
+            match crash {
+                None => return finish_draining(draining).await,
+                // Counted as a crash below.
+                Some(e) => tracing::error!("{e}"),
+            }
+        }
+        let (crashed, started) = match current.as_mut() {
+            None => (true, Instant::now()),
+            Some(r) => {
+                let Running { child, pid, started, start_consumed } = r;
+                let (pid, started, start_consumed) = (*pid, *started, *start_consumed);
+                let mut hand_off = false;
                 let mut tick = tokio::time::interval(policy.ping.map_or(STARTUP_CHECK, |p| p.0.min(STARTUP_CHECK)));
                 let mut recycling: Option<Instant> = None;
                 let mut ready = false;
                 let mut last = None;
                 let mut stuck_since: Option<Instant> = None;
-                loop {
+                let crashed = loop {
                     tokio::select! {
                         status = child.wait() => break match status {
                             Ok(s) if s.success() => {
@@ -376,7 +408,7 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
                             }
                         },
                         _ = stop.changed() => {
-                            terminate(&mut child, pid, policy.shutdown_limit).await;
+                            terminate(child, pid, policy.shutdown_limit).await;
                             return finish_draining(draining).await;
                         }
                         // A request met the slot marked workerless: if it
@@ -384,10 +416,11 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
                         _ = signals.demand.notified() => {
                             let p = slot.progress();
                             if (ready || p.consumed != start_consumed) && !p.ready {
-                                draining.push(drain(child, pid, spec.pool.clone(), policy.shutdown_limit));
+                                hand_off = true;
                                 break false;
                             }
                         }
+                        _ = signals.fault.notified() => panic!("fault injected: supervisor of pool `{}` panics", spec.pool),
                         _ = tick.tick() => {
                             if recycling.is_some_and(|t| t.elapsed() >= policy.shutdown_limit) {
                                 tracing::warn!(pool = %spec.pool, pid, "worker did not finish within the shutdown time limit; killing it");
@@ -415,7 +448,7 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
                                 // SIGTERM) and marked the slot workerless:
                                 // its successor may start while it answers
                                 // what it took.
-                                draining.push(drain(child, pid, spec.pool.clone(), policy.shutdown_limit));
+                                hand_off = true;
                                 break false;
                             }
                             if !ready {
@@ -442,11 +475,14 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
                             last = Some(p.consumed);
                         }
                     }
+                };
+                if hand_off {
+                    let r = current.take().expect("a running worker");
+                    draining.push(drain(r.child, r.pid, spec.pool.clone(), policy.shutdown_limit));
+                } else {
+                    *current = None;
                 }
-            }
-            Err(e) => {
-                tracing::error!("{e}");
-                true
+                (crashed, started)
             }
         };
         if *stop.borrow() {
@@ -500,6 +536,52 @@ pub async fn supervise(mut spec: WorkerSpec, policy: Policy, mut slot: impl Slot
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// Starts a worker (once a request waits, on demand) into `current`.
+/// `Err(None)`: stopped while waiting; `Err(Some(e))`: it could not start.
+async fn start(
+    spec: &WorkerSpec,
+    policy: &Policy,
+    slot: &mut impl Slot,
+    signals: &Signals,
+    stop: &mut watch::Receiver<bool>,
+    current: &mut Option<Running>,
+) -> Result<(), Option<Error>> {
+    // On demand: start when a request waits. Either way the slot is
+    // marked workerless until the new worker starts pulling, which is
+    // how its start-up is seen.
+    let waiting = slot.vacate();
+    if policy.start == StartMode::OnDemand && !waiting {
+        tracing::info!(pool = %spec.pool, "no worker; waiting for a request");
+        loop {
+            tokio::select! {
+                _ = signals.demand.notified() => {}
+                // A demand event lost to a full event ring costs at
+                // most this long.
+                _ = tokio::time::sleep(DEMAND_RECHECK) => {}
+                _ = stop.changed() => return Err(None),
+            }
+            // A demand left over from an earlier worker's time is
+            // stale: only a request on the ring counts.
+            if slot.vacate() {
+                break;
+            }
+        }
+    }
+    let started = Instant::now();
+    // A worker that consumed from the ring has started, even if it
+    // stopped before a tick saw it pulling.
+    let start_consumed = slot.progress().consumed;
+    let child = slot
+        .handles()
+        .map_err(|source| Error::Handles { pool: spec.pool.clone(), source })
+        .and_then(|h| spawn(&spec, h));
+    let child = child.map_err(Some)?;
+    let pid = child.id().unwrap_or(0);
+    tracing::info!(pool = %spec.pool, pid, "worker started");
+    *current = Some(Running { child, pid, started, start_consumed });
+    Ok(())
 }
 
 /// Waits for a worker that stopped pulling to finish what it took (and

@@ -5,6 +5,10 @@
 //! Commands:
 //! - `pool-start NAME`: start a pool that rapid-fail protection stopped.
 //! - `reload`: read the configuration again and apply it (see `registry`).
+//! - `fault supervisor-panic NAME`: makes the supervisor of pool NAME's
+//!   first slot panic (to test that activation's failure stops neither
+//!   the worker nor the dispatcher); refused unless the dispatcher was
+//!   started with `DISPATCHER_FAULTS=1`.
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -74,6 +78,17 @@ fn command(shared: &Shared, line: &str) -> String {
                 format!("ok: pool `{name}` starting")
             }
         },
+        (Some("fault"), Some("supervisor-panic"), Some(name)) if std::env::var_os("DISPATCHER_FAULTS").is_some_and(|v| v == "1") => {
+            match shared.pools.named(name) {
+                None => format!("error: no pool named `{name}`"),
+                Some(p) => {
+                    tracing::warn!(pool = %name, "fault injection: making the pool's supervisor panic");
+                    p.slots[0].signals.fault.notify_one();
+                    format!("ok: fault injected in pool `{name}`")
+                }
+            }
+        }
+        (Some("fault"), ..) => "error: fault injection is off (start the dispatcher with DISPATCHER_FAULTS=1)".into(),
         _ => format!("error: unknown command `{line}` (known: pool-start NAME, reload)"),
     }
 }

@@ -89,6 +89,7 @@ impl PoolLink {
                     demand: Default::default(),
                     start: shared.start.clone(),
                     start_requests: shared.start_requests.clone(),
+                    fault: Default::default(),
                 },
             })
             .collect();
@@ -486,6 +487,7 @@ fn connect(link: &Arc<PoolLink>, slot: usize, conns: &Arc<Conns>, leases: bool) 
 
 /// The dispatcher's side of one worker slot: pool `pool`'s slot `local`,
 /// global slot `slot`.
+#[derive(Clone)]
 struct PoolSlot {
     pool: usize,
     local: usize,

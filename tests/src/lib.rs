@@ -97,6 +97,8 @@ impl Dispatcher {
             .args(["serve", "--config"])
             .arg(&cfg_path)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            // Lets tests make parts fail on purpose (see `control.rs`).
+            .env("DISPATCHER_FAULTS", "1")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -138,6 +140,18 @@ impl Dispatcher {
             .expect("running dispatcher reload");
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         (out.status.success(), text)
+    }
+
+    /// One command on its control socket (see `dispatcher/src/control.rs`);
+    /// the answer line.
+    pub fn control(&self, cmd: &str) -> String {
+        use std::io::BufRead;
+        let mut s = std::os::unix::net::UnixStream::connect(format!("/run/dispatcher/{}/control", self.instance)).expect("control socket");
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        std::io::BufReader::new(&s).read_line(&mut answer).expect("control answer");
+        answer.trim().to_string()
     }
 
     /// Sends it SIGHUP (reload).

@@ -407,3 +407,36 @@ fn a_web_garden_spreads_connections_over_its_workers() {
     assert_eq!(pids.len(), 2, "the garden's two workers did not both serve: {pids:?}\n{}", d.log());
     assert_eq!(d.workers().len(), 2);
 }
+
+#[test]
+fn a_panicking_supervisor_leaves_its_worker_serving_and_comes_back() {
+    if !privileged() {
+        return;
+    }
+    let def = PoolDef { extra: "start_mode = \"always-running\"", ..PoolDef::echo("p", &["*/"]) };
+    let d = Dispatcher::start(&[def], "");
+    let mut c = d.connect();
+    let first = worker_pid(&c.get("x", "/before"));
+    let answer = d.control("fault supervisor-panic p");
+    assert!(answer.starts_with("ok"), "{answer}");
+    assert!(d.wait_log(SETTLE, |l| l.contains("the supervisor panicked")), "{}", d.log());
+    // The worker served on, through the panic and its aftermath.
+    for i in 0..20 {
+        let r = c.get("x", &format!("/during/{i}"));
+        assert_eq!((r.status, worker_pid(&r)), (200, first));
+    }
+    assert!(d.wait_log(SETTLE, |l| l.contains("taking over the running worker")), "{}", d.log());
+    // The new supervisor watches it: a crash is replaced as before.
+    // SAFETY: killing the worker process of this test's dispatcher.
+    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
+    let t0 = Instant::now();
+    loop {
+        let r = d.connect().get("x", "/after");
+        if r.status == 200 && worker_pid(&r) != first {
+            break;
+        }
+        assert!(t0.elapsed() < SETTLE, "no replacement after the supervisor came back: {}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.workers().len(), 1, "{:?}", d.workers());
+}
