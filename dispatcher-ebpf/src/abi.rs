@@ -280,7 +280,11 @@ pub struct PoolInfo {
     /// Queue limit in bytes of queued records per slot; above it the
     /// request gets 503 from the slow path.
     pub queue_bytes: u32,
-    pub _pad: u32,
+    /// Web garden: a slot without a worker counts as this many bytes more
+    /// queued, so a new request goes to a running worker unless every
+    /// running one has at least this much waiting (its queue grows), and
+    /// only then starts another. 0: spread over all slots at once.
+    pub scale_out_bytes: u32,
 }
 
 /// Global settings of the programs, in `CONFIG[0]`.

@@ -31,6 +31,9 @@ pub const DEFAULT_INSTANCE: &str = "dispatcher";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default user workers run as when the dispatcher runs as root.
 pub const DEFAULT_WORKER_USER: &str = "nobody";
+/// Bytes queued on each running worker of a web garden before the next
+/// one starts (a head record takes about 100-500).
+pub const DEFAULT_SCALE_OUT_QUEUE_BYTES: u32 = 16 * 1024;
 /// Default time a connection's oldest request may wait for its response.
 pub const DEFAULT_RESPONSE_TIMEOUT_SECS: u64 = 60;
 /// Default time a request head may take to arrive in full (408 after).
@@ -133,6 +136,7 @@ struct RawPool {
     recycle_private_memory_kib: Option<u64>,
     max_processes: Option<Spanned<u32>>,
     min_processes: Option<Spanned<u32>>,
+    scale_out_queue_bytes: Option<u32>,
 }
 
 /// Where `serve` reads its configuration, at start-up and on each reload:
@@ -221,6 +225,9 @@ pub struct Pool {
     /// many of them always run.
     pub max_processes: u32,
     pub min_processes: u32,
+    /// A web garden's next worker starts only once each running one has
+    /// this many bytes queued (0: every slot starts on its first request).
+    pub scale_out_queue_bytes: u32,
     /// Recycling triggers; 0: off.
     pub recycle_requests: u64,
     pub recycle_interval_secs: u64,
@@ -413,6 +420,7 @@ impl Config {
                 group: p.group.clone(),
                 max_processes,
                 min_processes,
+                scale_out_queue_bytes: p.scale_out_queue_bytes.unwrap_or(DEFAULT_SCALE_OUT_QUEUE_BYTES),
                 recycle_requests: p.recycle_requests.unwrap_or(0),
                 recycle_interval_secs: p.recycle_interval_secs.unwrap_or(DEFAULT_RECYCLE_INTERVAL_SECS),
                 recycle_private_memory_kib: p.recycle_private_memory_kib.unwrap_or(0),

@@ -232,7 +232,7 @@ impl Kernel {
         }
         self.pool_slots[index as usize] = p.max_processes;
         let mut pools: Array<&mut MapData, PoolInfo> = Array::try_from(self.map("pools")?)?;
-        let info = PoolInfo { first_slot: first_slot as u32, slots: p.max_processes, queue_bytes: p.queue_bytes, _pad: 0 };
+        let info = PoolInfo { first_slot: first_slot as u32, slots: p.max_processes, queue_bytes: p.queue_bytes, scale_out_bytes: p.scale_out_queue_bytes };
         pools.set(index, info, 0).context("writing `pools`")?;
         Ok(())
     }

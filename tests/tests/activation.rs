@@ -392,7 +392,8 @@ fn a_web_garden_spreads_connections_over_its_workers() {
     if !privileged() {
         return;
     }
-    let def = PoolDef { extra: "max_processes = 2", ..PoolDef::echo("p", &["*/"]) };
+    // Spread at once: a slot without a worker is not held back.
+    let def = PoolDef { extra: "max_processes = 2\nscale_out_queue_bytes = 0", ..PoolDef::echo("p", &["*/"]) };
     let d = Dispatcher::start(&[def], "");
     let mut clients: Vec<_> = (0..GARDEN_CONNECTIONS).map(|_| d.connect()).collect();
     let mut pids = std::collections::BTreeSet::new();
@@ -439,4 +440,54 @@ fn a_panicking_supervisor_leaves_its_worker_serving_and_comes_back() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(d.workers().len(), 1, "{:?}", d.workers());
+}
+
+/// The scale-out threshold of the scale-out test, and the requests it
+/// queues behind a stopped worker (more than the threshold's worth).
+const SCALE_OUT_BYTES: usize = 1024;
+const SCALE_OUT_REQUESTS: usize = 24;
+
+#[test]
+fn a_web_garden_starts_its_next_worker_only_when_the_queue_grows() {
+    if !privileged() {
+        return;
+    }
+    let extra = format!("max_processes = 2\nscale_out_queue_bytes = {SCALE_OUT_BYTES}");
+    let d = Dispatcher::start(&[PoolDef { extra: &extra, ..PoolDef::echo("p", &["*/"]) }], "");
+    // Keeping up: one worker serves every connection.
+    let mut pids = std::collections::BTreeSet::new();
+    for i in 0..GARDEN_CONNECTIONS {
+        let r = d.connect().get("x", &format!("/c{i}"));
+        assert_eq!(r.status, 200);
+        pids.insert(worker_pid(&r));
+    }
+    assert_eq!(pids.len(), 1, "a second worker started while the first kept up: {pids:?}");
+    let first = *pids.iter().next().unwrap();
+    assert_eq!(d.workers(), vec![first]);
+    // Not keeping up: its queue grows past the threshold, and the next
+    // requests start and reach a second worker.
+    // SAFETY: stopping (then continuing) a worker of this test's dispatcher.
+    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGSTOP) }, 0);
+    let mut waiting: Vec<_> = (0..SCALE_OUT_REQUESTS)
+        .map(|i| {
+            let mut c = d.connect();
+            c.send(format!("GET /q{i} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+            c
+        })
+        .collect();
+    let t0 = Instant::now();
+    while d.workers().len() < 2 && t0.elapsed() < SETTLE {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = d.workers().into_iter().find(|p| *p != first);
+    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGCONT) }, 0);
+    let second = second.unwrap_or_else(|| panic!("no second worker while the first was stopped: {}", d.log()));
+    let mut by = std::collections::BTreeMap::<u32, usize>::new();
+    for c in &mut waiting {
+        let r = c.read_response();
+        assert_eq!(r.status, 200);
+        *by.entry(worker_pid(&r)).or_default() += 1;
+    }
+    assert!(by.get(&second).is_some_and(|n| *n > 0), "the second worker served none: {by:?}");
+    assert!(by.get(&first).is_some_and(|n| *n > 0), "the first worker's queue was not kept for it: {by:?}");
 }

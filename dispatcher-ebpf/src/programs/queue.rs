@@ -135,7 +135,10 @@ pub fn push_head(
         }
         if let Some(r) = ring_ptr(slot) {
             // SAFETY: `r` is a ring buffer map.
-            let q = unsafe { bpf_ringbuf_query(r, BPF_RB_AVAIL_DATA as u64) };
+            let mut q = unsafe { bpf_ringbuf_query(r, BPF_RB_AVAIL_DATA as u64) };
+            if slots > 1 && read_awake(awake_flag(slot)) == RING_AWAKE_NO_WORKER {
+                q += info.scale_out_bytes as u64;
+            }
             if q < best_q {
                 best_q = q;
                 best = slot;
