@@ -330,6 +330,81 @@ pub struct SlowCounters {
 /// route.
 pub const UNROUTED: u32 = MAX_POOLS;
 
+/// What the XDP guard decided about a packet: the index of its counter in
+/// `guard_stats` (per CPU).
+pub mod verdict {
+    /// Not judged: not TCP to the service port (or not IP at all).
+    pub const PASSED: u32 = 0;
+    /// TCP to the service port from a source the lists and limits let in.
+    pub const ALLOWED: u32 = 1;
+    /// The source is on the deny list: dropped.
+    pub const DENIED: u32 = 2;
+    /// The allow list is not empty and the source is not on it: dropped.
+    pub const NOT_ALLOWED: u32 = 3;
+    /// A SYN over the source's new-connection rate: dropped.
+    pub const RATE_LIMITED: u32 = 4;
+    pub const COUNT: u32 = 5;
+
+    /// Name of a verdict, for the CLI.
+    pub fn name(v: u32) -> &'static str {
+        match v {
+            PASSED => "passed",
+            ALLOWED => "allowed",
+            DENIED => "denied",
+            NOT_ALLOWED => "not_allowed",
+            RATE_LIMITED => "rate_limited",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Most CIDRs per list and address family in the guard's tries.
+pub const GUARD_MAX_CIDRS: u32 = 4096;
+/// Sources whose new-connection rate the guard tracks at once (LRU).
+pub const GUARD_MAX_SOURCES: u32 = 65536;
+
+/// The XDP guard's settings, in `guard_config[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardConfig {
+    /// The service's TCP port (host order); other traffic passes.
+    pub port: u32,
+    /// Entries in the IPv4 / IPv6 allow lists (0: all allowed).
+    pub allow_v4: u32,
+    pub allow_v6: u32,
+    /// New connections (SYNs) per second and source; 0: no limit.
+    pub syn_rate: u32,
+    /// SYNs a source may send at once above the rate.
+    pub syn_burst: u32,
+    pub _pad: u32,
+}
+
+/// A source's new-connection token bucket (`guard_rate`, keyed by its
+/// IPv6 address or IPv4-mapped address). Tokens are counted in units of
+/// 1e-9 SYN so that the refill (rate × elapsed ns) stays in integers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateState {
+    pub tokens: u64,
+    pub last_ns: u64,
+}
+
+/// An LPM-trie key of the guard's lists: prefix length, then the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cidr4 {
+    pub prefix_len: u32,
+    pub addr: [u8; 4],
+}
+
+/// See [`Cidr4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Cidr6 {
+    pub prefix_len: u32,
+    pub addr: [u8; 16],
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -342,4 +417,6 @@ mod pod {
     unsafe impl aya::Pod for PoolCounters {}
     unsafe impl aya::Pod for SlowCounters {}
     unsafe impl aya::Pod for Event {}
+    unsafe impl aya::Pod for GuardConfig {}
+    unsafe impl aya::Pod for RateState {}
 }

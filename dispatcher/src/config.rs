@@ -78,6 +78,20 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     pool: Vec<RawPool>,
+    iface: Option<String>,
+    #[serde(default)]
+    guard: RawGuard,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuard {
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny: Vec<Spanned<String>>,
+    syn_rate_per_sec: Option<u32>,
+    syn_burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +153,28 @@ struct RawPool {
     scale_out_queue_bytes: Option<u32>,
 }
 
+/// The XDP guard's lists and limits (see `dispatcher-ebpf`'s `guard.rs`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Guard {
+    pub allow: Vec<ipnet::IpNet>,
+    pub deny: Vec<ipnet::IpNet>,
+    /// New connections per second and source; 0: no limit.
+    pub syn_rate_per_sec: u32,
+    pub syn_burst: u32,
+}
+
+/// Default burst of new connections a source may open above its rate.
+pub const DEFAULT_SYN_BURST: u32 = 20;
+
+/// Parses a CIDR (`10.0.0.0/8`, `2001:db8::/32`) or a single address.
+pub fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(|n| n.trunc())
+        .map_err(|_| format!("`{s}` is not an IPv4 or IPv6 address or CIDR (like 10.0.0.0/8 or 2001:db8::/32)"))
+}
+
 /// Where `serve` reads its configuration, at start-up and on each reload:
 /// a file or the built-in demo, with the command line's overrides.
 #[derive(Clone, Debug)]
@@ -146,6 +182,7 @@ pub struct ConfigSource {
     pub path: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
     pub instance: Option<String>,
+    pub iface: Option<String>,
 }
 
 impl ConfigSource {
@@ -159,6 +196,9 @@ impl ConfigSource {
         }
         if let Some(i) = &self.instance {
             cfg.instance = i.clone();
+        }
+        if let Some(i) = &self.iface {
+            cfg.iface = Some(i.clone());
         }
         Ok(cfg)
     }
@@ -191,6 +231,9 @@ pub struct Config {
     pub header_timeout_secs: u64,
     pub keepalive_timeout_secs: u64,
     pub pools: Vec<Pool>,
+    /// Interface the XDP guard is attached to (none: no guard).
+    pub iface: Option<String>,
+    pub guard: Guard,
     /// Directory relative worker arguments and commands resolve against.
     pub base_dir: PathBuf,
 }
@@ -430,6 +473,17 @@ impl Config {
         if entries > MAX_ROUTE_ENTRIES as usize {
             return Err(cx.err(None, format!("the routes need {entries} route-table entries; at most {MAX_ROUTE_ENTRIES} fit (a prefix without a trailing `/` takes two)")));
         }
+        let cidrs = |list: &[Spanned<String>], field: &str| {
+            list.iter()
+                .map(|c| parse_cidr(c.get_ref()).map_err(|e| cx.err(Some(c.span()), format!("field `guard.{field}`: {e}"))))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let guard = Guard {
+            allow: cidrs(&raw.guard.allow, "allow")?,
+            deny: cidrs(&raw.guard.deny, "deny")?,
+            syn_rate_per_sec: raw.guard.syn_rate_per_sec.unwrap_or(0),
+            syn_burst: raw.guard.syn_burst.unwrap_or(DEFAULT_SYN_BURST).max(1),
+        };
         Ok(Config {
             listen,
             instance,
@@ -441,6 +495,8 @@ impl Config {
             header_timeout_secs: raw.limits.header_timeout_secs.unwrap_or(DEFAULT_HEADER_TIMEOUT_SECS).max(1),
             keepalive_timeout_secs: raw.limits.keepalive_timeout_secs.unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT_SECS).max(1),
             pools,
+            iface: raw.iface.filter(|i| !i.is_empty()),
+            guard,
             base_dir,
         })
     }

@@ -5,6 +5,8 @@
 //! Commands:
 //! - `pool-start NAME`: start a pool that rapid-fail protection stopped.
 //! - `reload`: read the configuration again and apply it (see `registry`).
+//! - `guard show`: the XDP guard's state as JSON.
+//! - `guard allow|deny add|del CIDR`: change a guard list (next packet on).
 //! - `fault supervisor-panic NAME`: makes the supervisor of pool NAME's
 //!   first slot panic (to test that activation's failure stops neither
 //!   the worker nor the dispatcher); refused unless the dispatcher was
@@ -88,8 +90,25 @@ fn command(shared: &Shared, line: &str) -> String {
                 }
             }
         }
+        (Some("guard"), Some("show"), None) => format!("ok: {}", shared.kernel.lock().unwrap().guard_show()),
+        (Some("guard"), Some(list @ ("allow" | "deny")), Some(verb @ ("add" | "del"))) => {
+            let list_kind = if list == "allow" { crate::kernel::GuardList::Allow } else { crate::kernel::GuardList::Deny };
+            let Some(cidr) = words.next() else { return "error: missing CIDR".into() };
+            let net = match crate::config::parse_cidr(cidr) {
+                Ok(n) => n,
+                Err(e) => return format!("error: {e}"),
+            };
+            match shared.kernel.lock().unwrap().guard_list(list_kind, net, verb == "add") {
+                Ok(true) => {
+                    tracing::info!(list, cidr = %net, "guard list {}", if verb == "add" { "entry added" } else { "entry removed" });
+                    format!("ok: {list} list {} {net}", if verb == "add" { "now has" } else { "no longer has" })
+                }
+                Ok(false) => format!("ok: {list} list unchanged ({net} {})", if verb == "add" { "was there" } else { "was not there" }),
+                Err(e) => format!("error: {e:#}"),
+            }
+        }
         (Some("fault"), ..) => "error: fault injection is off (start the dispatcher with DISPATCHER_FAULTS=1)".into(),
-        _ => format!("error: unknown command `{line}` (known: pool-start NAME, reload)"),
+        _ => format!("error: unknown command `{line}` (known: pool-start NAME, reload, guard show, guard allow|deny add|del CIDR)"),
     }
 }
 

@@ -17,12 +17,12 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
         Array, HashMap, Map, MapData, PerCpuArray, ProgramArray, SockHash,
     },
-    programs::{links::CgroupAttachMode, SkSkb, SockOps},
+    programs::{links::CgroupAttachMode, SkSkb, SockOps, Xdp, XdpMode},
     Ebpf, EbpfLoader, VerifierLogLevel,
 };
 use dispatcher_ebpf::{
     abi::{
-        reason, Config as KConfig, ConnState, PoolCounters, PoolInfo, RouteKeyData, RouteValue,
+        reason, verdict, Config as KConfig, GuardConfig, ConnState, PoolCounters, PoolInfo, RouteKeyData, RouteValue,
         SlowCounters, MAX_POOLS, MAX_SLOTS, UNROUTED, WILDCARD_HOST,
     },
     route::{request_key, route_keys, wildcard, RouteKey},
@@ -47,6 +47,10 @@ pub struct Kernel {
     pool_slots: Vec<u32>,
     /// The route table's keys and the pool each points to, as written.
     route_keys: std::collections::HashMap<(u32, RouteKeyData), u32>,
+    /// The XDP guard's lists as written, and where it is attached.
+    guard_allow: std::collections::BTreeSet<ipnet::IpNet>,
+    guard_deny: std::collections::BTreeSet<ipnet::IpNet>,
+    guard_at: Option<(String, &'static str)>,
 }
 
 /// One worker slot's kernel objects: its ring, its awake flag (see
@@ -170,6 +174,9 @@ impl Kernel {
             slots: (0..MAX_SLOTS).map(|_| None).collect(),
             pool_slots: vec![0; MAX_POOLS as usize],
             route_keys: Default::default(),
+            guard_allow: Default::default(),
+            guard_deny: Default::default(),
+            guard_at: None,
         };
         // On failure `k` drops here, which removes the pins made so far.
         k.configure(cfg)?;
@@ -372,11 +379,132 @@ impl Kernel {
                 .with_context(|| format!("attaching sockops to cgroup {}", cgroup.display()))?;
             ops.pin(self.pin_dir.join("track_conn")).context("pinning track_conn")?;
         }
-        for name in ["conns", "conn_state", "routes", "pools", "rings", "config", "pool_stats", "handoffs", "slow_stats", "events", "ring_awake"] {
+        self.setup_guard(cfg)?;
+        for name in [
+            "conns",
+            "conn_state",
+            "routes",
+            "pools",
+            "rings",
+            "config",
+            "pool_stats",
+            "handoffs",
+            "slow_stats",
+            "events",
+            "ring_awake",
+            "guard_deny_v4",
+            "guard_deny_v6",
+            "guard_allow_v4",
+            "guard_allow_v6",
+            "guard_config",
+            "guard_rate",
+            "guard_stats",
+        ] {
             let path = self.pin_dir.join(name);
             self.map(name)?.pin(&path).with_context(|| format!("pinning map {name} at {}", path.display()))?;
         }
         Ok(())
+    }
+
+    /// Writes the guard's settings and lists, and attaches it to the
+    /// configured interface: driver mode first, generic mode if the
+    /// driver has no XDP support. Attached through a bpf_link, so it goes
+    /// with this process however it ends (no program left on the
+    /// interface after a crash).
+    fn setup_guard(&mut self, cfg: &Config) -> Result<()> {
+        let g = &cfg.guard;
+        for n in &g.deny {
+            self.guard_list(GuardList::Deny, *n, true)?;
+        }
+        for n in &g.allow {
+            self.guard_list(GuardList::Allow, *n, true)?;
+        }
+        self.write_guard_config(Some((cfg.listen.port(), g.syn_rate_per_sec, g.syn_burst)))?;
+        let Some(iface) = &cfg.iface else { return Ok(()) };
+        let prog: &mut Xdp = self.ebpf.program_mut("guard").ok_or_else(|| anyhow!("no program guard"))?.try_into()?;
+        prog.load().map_err(verifier("guard"))?;
+        let mode = match prog.attach(iface, XdpMode::Driver) {
+            Ok(_) => "driver",
+            Err(aya::programs::ProgramError::UnknownInterface { .. }) => {
+                bail!("interface `{iface}` (field `iface` / --iface) does not exist")
+            }
+            Err(e) => {
+                tracing::info!(iface = %iface, "XDP driver mode unavailable ({e}); using generic mode");
+                prog.attach(iface, XdpMode::Skb).with_context(|| format!("attaching the XDP guard to `{iface}`"))?;
+                "generic"
+            }
+        };
+        prog.pin(self.pin_dir.join("guard")).context("pinning guard")?;
+        tracing::info!(iface = %iface, mode, "XDP guard attached");
+        self.guard_at = Some((iface.clone(), mode));
+        Ok(())
+    }
+
+    /// Writes `guard_config`: the allow lists' sizes, and the port and
+    /// rate limit if given (else those already there).
+    fn write_guard_config(&mut self, limits: Option<(u16, u32, u32)>) -> Result<()> {
+        let (allow_v4, allow_v6) = (
+            self.guard_allow.iter().filter(|n| matches!(n, ipnet::IpNet::V4(_))).count() as u32,
+            self.guard_allow.iter().filter(|n| matches!(n, ipnet::IpNet::V6(_))).count() as u32,
+        );
+        let mut c: Array<&mut MapData, GuardConfig> = Array::try_from(self.map("guard_config")?)?;
+        let old = c.get(&0, 0).unwrap_or_default();
+        let (port, syn_rate, syn_burst) = limits.map_or((old.port, old.syn_rate, old.syn_burst), |(p, r, b)| (p as u32, r, b));
+        c.set(0, GuardConfig { port, allow_v4, allow_v6, syn_rate, syn_burst, _pad: 0 }, 0).context("writing `guard_config`")?;
+        Ok(())
+    }
+
+    /// Adds (`add`) or removes a CIDR on a guard list; takes effect for
+    /// the next packet. Returns whether the list changed.
+    pub fn guard_list(&mut self, list: GuardList, net: ipnet::IpNet, add: bool) -> Result<bool> {
+        let (set, name) = match list {
+            GuardList::Allow => (&mut self.guard_allow, "allow"),
+            GuardList::Deny => (&mut self.guard_deny, "deny"),
+        };
+        let changed = if add { set.insert(net) } else { set.remove(&net) };
+        if !changed {
+            return Ok(false);
+        }
+        let map = format!("guard_{name}_{}", if matches!(net, ipnet::IpNet::V4(_)) { "v4" } else { "v6" });
+        let r = match net {
+            ipnet::IpNet::V4(n) => {
+                let mut t: LpmTrie<&mut MapData, [u8; 4], u8> = LpmTrie::try_from(self.map(&map)?)?;
+                let k = Key::new(n.prefix_len() as u32, n.network().octets());
+                if add { t.insert(&k, 1, 0) } else { t.remove(&k) }
+            }
+            ipnet::IpNet::V6(n) => {
+                let mut t: LpmTrie<&mut MapData, [u8; 16], u8> = LpmTrie::try_from(self.map(&map)?)?;
+                let k = Key::new(n.prefix_len() as u32, n.network().octets());
+                if add { t.insert(&k, 1, 0) } else { t.remove(&k) }
+            }
+        };
+        if let Err(e) = r {
+            // Keep the set what the map holds.
+            let set = if matches!(list, GuardList::Allow) { &mut self.guard_allow } else { &mut self.guard_deny };
+            if add { set.remove(&net) } else { set.insert(net) };
+            return Err(anyhow!("{} {net} in `{map}`: {e}", if add { "adding" } else { "removing" }));
+        }
+        if matches!(list, GuardList::Allow) {
+            self.write_guard_config(None)?;
+        }
+        Ok(true)
+    }
+
+    /// The guard's state: where it is attached, its lists, its counters.
+    pub fn guard_show(&self) -> serde_json::Value {
+        let stats = self
+            .ebpf
+            .map("guard_stats")
+            .and_then(|m| PerCpuArray::<&MapData, u64>::try_from(m).ok())
+            .map(|a| guard_counters(&a))
+            .unwrap_or_default();
+        serde_json::json!({
+            "iface": self.guard_at.as_ref().map(|(i, _)| i.clone()),
+            "mode": self.guard_at.as_ref().map(|(_, m)| *m),
+            "allow": self.guard_allow.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            "deny": self.guard_deny.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            "counters": stats,
+        })
     }
 
     /// A duplicate fd of slot `slot`'s awake flag, for its worker.
@@ -517,6 +645,8 @@ impl Drop for Kernel {
 pub struct Stats {
     pub pools: Vec<PoolStats>,
     pub handoffs: std::collections::BTreeMap<String, u64>,
+    /// The XDP guard's packets by verdict.
+    pub guard: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -528,6 +658,20 @@ pub struct PoolStats {
     pub slow_handoffs: u64,
     pub slow_parsed: u64,
     pub slow_errors: u64,
+}
+
+/// Which guard list.
+#[derive(Clone, Copy, Debug)]
+pub enum GuardList {
+    Allow,
+    Deny,
+}
+
+/// The guard's packet counters by verdict, summed over CPUs.
+fn guard_counters<T: std::borrow::Borrow<MapData>>(a: &PerCpuArray<T, u64>) -> std::collections::BTreeMap<String, u64> {
+    (0..verdict::COUNT)
+        .map(|v| (verdict::name(v).to_string(), a.get(&v, 0).map(|c| c.iter().sum()).unwrap_or(0)))
+        .collect()
 }
 
 /// Reads the counters of running instance `instance` from its pins.
@@ -557,6 +701,9 @@ pub fn read_stats(instance: &str, npools: Option<u32>) -> Result<Stats> {
         s.slow_parsed = sl.parsed_requests;
         s.slow_errors = sl.errors;
         stats.pools.push(s);
+    }
+    if let Ok(g) = open("guard_stats") {
+        stats.guard = guard_counters(&PerCpuArray::<MapData, u64>::try_from(Map::PerCpuArray(g))?);
     }
     for r in 1..reason::COUNT {
         let total: u64 = ho.get(&r, 0)?.iter().sum();

@@ -47,6 +47,11 @@ enum Cmd {
         /// Override the configuration's instance name.
         #[arg(long)]
         instance: Option<String>,
+        /// Attach the XDP guard (allow/deny lists, per-source connection
+        /// rate; see `[guard]` in examples/dispatcher.toml) to this
+        /// interface, the one clients reach the service through.
+        #[arg(long)]
+        iface: Option<String>,
     },
     /// Check a configuration file and print what it routes where.
     Check {
@@ -70,6 +75,15 @@ enum Cmd {
         #[arg(long, default_value = config::DEFAULT_INSTANCE)]
         instance: String,
     },
+    /// Show or change the XDP guard of a running instance: its allow and
+    /// deny lists take effect for the next packet, no restart.
+    Guard {
+        #[command(subcommand)]
+        action: GuardAction,
+        /// Instance name.
+        #[arg(long, default_value = config::DEFAULT_INSTANCE, global = true)]
+        instance: String,
+    },
     /// Act on a pool of a running instance (through its control socket).
     Pool {
         #[command(subcommand)]
@@ -78,6 +92,30 @@ enum Cmd {
         #[arg(long, default_value = config::DEFAULT_INSTANCE, global = true)]
         instance: String,
     },
+}
+
+#[derive(Subcommand)]
+enum GuardAction {
+    /// Print the interface, mode, lists and packet counters (JSON).
+    Show,
+    /// Change the allow list (when not empty, only its sources get in).
+    Allow {
+        #[command(subcommand)]
+        change: ListChange,
+    },
+    /// Change the deny list (its sources never get in; wins over allow).
+    Deny {
+        #[command(subcommand)]
+        change: ListChange,
+    },
+}
+
+#[derive(Subcommand)]
+enum ListChange {
+    /// Add an address or CIDR (10.0.0.0/8, 2001:db8::/32).
+    Add { cidr: String },
+    /// Remove an address or CIDR.
+    Del { cidr: String },
 }
 
 #[derive(Subcommand)]
@@ -90,6 +128,16 @@ enum PoolAction {
     },
 }
 
+/// `add CIDR` / `del CIDR`, the CIDR checked here for a clear error.
+fn list_change(c: ListChange) -> Result<String> {
+    let (verb, cidr) = match c {
+        ListChange::Add { cidr } => ("add", cidr),
+        ListChange::Del { cidr } => ("del", cidr),
+    };
+    let net = config::parse_cidr(&cidr).map_err(anyhow::Error::msg)?;
+    Ok(format!("{verb} {net}"))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -98,8 +146,8 @@ fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match cli.cmd {
-        Cmd::Serve { config, listen, instance } => {
-            let source = config::ConfigSource { path: config, listen, instance };
+        Cmd::Serve { config, listen, instance, iface } => {
+            let source = config::ConfigSource { path: config, listen, instance, iface };
             // A bad file is reported before anything starts.
             source.load()?;
             // One descriptor per client connection.
@@ -115,6 +163,19 @@ fn main() -> Result<()> {
             for p in &cfg.pools {
                 let routes: Vec<String> = p.routes.iter().map(|r| r.to_string()).collect();
                 println!("  pool {:<16} {} <- {}", p.name, p.command, routes.join(", "));
+            }
+            Ok(())
+        }
+        Cmd::Guard { action, instance } => {
+            let cmd = match action {
+                GuardAction::Show => "guard show".to_string(),
+                GuardAction::Allow { change } => format!("guard allow {}", list_change(change)?),
+                GuardAction::Deny { change } => format!("guard deny {}", list_change(change)?),
+            };
+            let answer = control::send(&std::path::Path::new(serve::RUN_DIR).join(&instance), &cmd)?;
+            match answer.strip_prefix("ok: ").and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok()) {
+                Some(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+                None => println!("{answer}"),
             }
             Ok(())
         }
@@ -144,7 +205,7 @@ fn main() -> Result<()> {
                 });
                 pools.insert(name, serde_json::to_value(p)?);
             }
-            let out = serde_json::json!({ "instance": instance, "pools": pools, "handoffs": stats.handoffs });
+            let out = serde_json::json!({ "instance": instance, "pools": pools, "handoffs": stats.handoffs, "guard": stats.guard });
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }

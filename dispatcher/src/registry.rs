@@ -344,8 +344,12 @@ fn unchanged_globals(old: &Config, new: &Config) -> Result<()> {
         max_body as "limits.max_body",
         response_timeout_secs as "limits.response_timeout_secs",
         header_timeout_secs as "limits.header_timeout_secs",
-        keepalive_timeout_secs as "limits.keepalive_timeout_secs"
+        keepalive_timeout_secs as "limits.keepalive_timeout_secs",
+        iface as "iface"
     );
+    if old.guard != new.guard {
+        changed.push("`[guard]` (change its lists live with `dispatcher guard`)".into());
+    }
     if !changed.is_empty() {
         bail!("a reload cannot change {}; restart the dispatcher to apply them (nothing was changed)", changed.join(", "));
     }

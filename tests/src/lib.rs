@@ -65,6 +65,8 @@ pub struct Dispatcher {
     _dir: TempDir,
     /// Its configuration file (see [`Dispatcher::rewrite`]).
     pub config: PathBuf,
+    /// The network namespace it runs in, if not the test's.
+    netns: Option<String>,
 }
 
 /// A pool line for [`Dispatcher::start`]: name, routes, worker args.
@@ -87,15 +89,30 @@ impl<'a> PoolDef<'a> {
 impl Dispatcher {
     /// Starts a dispatcher with these pools and extra top-level TOML.
     pub fn start(pools: &[PoolDef], extra: &str) -> Dispatcher {
+        Self::start_with(pools, extra, None, &[])
+    }
+
+    /// Starts a dispatcher inside network namespace `netns` (joined with
+    /// `nsenter`, so mounts stay the host's), with more `serve` arguments.
+    pub fn start_with(pools: &[PoolDef], extra: &str, netns: Option<&str>, args: &[&str]) -> Dispatcher {
         let port = free_port();
         let instance = format!("test{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let dir = TempDir::new(&instance);
         let cfg_path = dir.path.join("dispatcher.toml");
         std::fs::write(&cfg_path, config_text(port, &instance, pools, extra)).unwrap();
         let log = std::fs::File::create(dir.path.join("dispatcher.log")).unwrap();
-        let child = Command::new(bin_dir().join("dispatcher"))
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(bin_dir().join("dispatcher"));
+                c
+            }
+            None => Command::new(bin_dir().join("dispatcher")),
+        };
+        let child = cmd
             .args(["serve", "--config"])
             .arg(&cfg_path)
+            .args(args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             // Lets tests make parts fail on purpose (see `control.rs`).
             .env("DISPATCHER_FAULTS", "1")
@@ -103,7 +120,7 @@ impl Dispatcher {
             .stderr(log)
             .spawn()
             .expect("starting dispatcher");
-        let mut d = Dispatcher { port, instance, child, _dir: dir, config: cfg_path };
+        let mut d = Dispatcher { port, instance, child, _dir: dir, config: cfg_path, netns: netns.map(str::to_string) };
         d.wait_ready();
         d
     }
@@ -115,7 +132,7 @@ impl Dispatcher {
                 panic!("dispatcher exited during start-up ({st}):\n{}", self.log());
             }
             // Pools start on demand by default: ready means listening.
-            if self.log().contains("dispatcher ready") && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if self.log().contains("dispatcher ready") && (self.netns.is_some() || TcpStream::connect(("127.0.0.1", self.port)).is_ok()) {
                 return;
             }
             if t0.elapsed() > START_TIMEOUT {
@@ -152,6 +169,17 @@ impl Dispatcher {
         let mut answer = String::new();
         std::io::BufReader::new(&s).read_line(&mut answer).expect("control answer");
         answer.trim().to_string()
+    }
+
+    /// Runs `dispatcher ARGS --instance <its instance>`: success, and
+    /// what it printed (stdout, then stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(bin_dir().join("dispatcher"))
+            .args(args)
+            .args(["--instance", &self.instance])
+            .output()
+            .expect("running the dispatcher CLI");
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 
     /// Sends it SIGHUP (reload).
@@ -386,4 +414,88 @@ pub fn checksum(b: &[u8]) -> u64 {
         h = (h ^ x as u64).wrapping_mul(0x100000001b3);
     }
     h
+}
+
+/// A network namespace pair for tests: `srv` (the dispatcher's side,
+/// 10.77.N.1/24 on `veth` and loopback up) and `cli` (clients, with
+/// addresses 10.77.N.2 and 10.77.N.3 on the peer). Removed on drop, with
+/// the veth pair, whatever happened.
+pub struct Netns {
+    pub srv: String,
+    pub cli: String,
+    /// The server side's interface (in `srv`).
+    pub veth: String,
+    pub server: std::net::Ipv4Addr,
+    pub clients: [std::net::Ipv4Addr; 2],
+}
+
+static NETNS_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command (an `ip` set-up step), panicking with its output.
+pub fn run(cmd: &[&str]) {
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl Netns {
+    pub fn new() -> Netns {
+        let n = NETNS_SEQ.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}x{n}", std::process::id() % 100_000);
+        // A subnet per test in this process (tests run in parallel).
+        let net = 10 + (std::process::id() % 200 + n * 7) % 240;
+        let ns = Netns {
+            srv: format!("dsp-srv-{id}"),
+            cli: format!("dsp-cli-{id}"),
+            veth: format!("dg{id}a"),
+            server: std::net::Ipv4Addr::new(10, 77, net as u8, 1),
+            clients: [std::net::Ipv4Addr::new(10, 77, net as u8, 2), std::net::Ipv4Addr::new(10, 77, net as u8, 3)],
+        };
+        let peer = format!("dg{id}b");
+        run(&["ip", "netns", "add", &ns.srv]);
+        run(&["ip", "netns", "add", &ns.cli]);
+        run(&["ip", "link", "add", &ns.veth, "netns", &ns.srv, "type", "veth", "peer", "name", &peer, "netns", &ns.cli]);
+        run(&["ip", "-n", &ns.srv, "addr", "add", &format!("{}/24", ns.server), "dev", &ns.veth]);
+        for c in ns.clients {
+            run(&["ip", "-n", &ns.cli, "addr", "add", &format!("{c}/24"), "dev", &peer]);
+        }
+        for (n, dev) in [(&ns.srv, ns.veth.as_str()), (&ns.cli, peer.as_str())] {
+            run(&["ip", "-n", n, "link", "set", dev, "up"]);
+            run(&["ip", "-n", n, "link", "set", "lo", "up"]);
+        }
+        ns
+    }
+
+    /// `curl` from client address `from` to `path` on the server's `port`:
+    /// the HTTP status, or 0 when no connection was made in `timeout`.
+    pub fn curl(&self, from: std::net::Ipv4Addr, port: u16, path: &str, timeout: Duration) -> u16 {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.cli))
+            .args(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--interface", &from.to_string()])
+            .args(["--connect-timeout", &format!("{:.3}", timeout.as_secs_f64()), "--max-time", &format!("{:.3}", timeout.as_secs_f64() * 4.0)])
+            .arg(format!("http://{}:{port}{path}", self.server))
+            .output()
+            .expect("running curl");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    }
+
+    /// `ip link show` of the server's interface.
+    pub fn link_show(&self) -> String {
+        let out = Command::new("ip").args(["-n", &self.srv, "link", "show", &self.veth]).output().expect("ip link show");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Default for Netns {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth in it, and so its peer.
+        for n in [&self.srv, &self.cli] {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
 }

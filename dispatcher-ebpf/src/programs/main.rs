@@ -5,6 +5,9 @@
 //! - `classify::classify` (sk_skb stream verdict on `conns`): frames HTTP
 //!   requests, routes them, queues them on their pool's ring.
 //! - `queue`: ring selection, record writes, counters.
+//! - `guard::guard` (XDP, on the interface when one is configured): drops
+//!   packets to the service port from denied sources or over a source's
+//!   new-connection rate, before the TCP stack.
 //! - `maps`: every map, with the names `bpftool` shows.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 // Atomic adds on the BPF target (see queue::atomic_add).
@@ -14,6 +17,8 @@
 mod classify;
 #[cfg(target_arch = "bpf")]
 mod connect;
+#[cfg(target_arch = "bpf")]
+mod guard;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]

@@ -4,11 +4,11 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, PerCpuArray, ProgramArray, RingBuf, SockHash},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash},
     macros::btf_map,
 };
 use dispatcher_ebpf::abi::{
-    reason, Config, ConnState, Event, PoolCounters, PoolInfo, RouteKeyData, RouteValue, SlowCounters,
+    reason, verdict, Config, GuardConfig, RateState, GUARD_MAX_CIDRS, GUARD_MAX_SOURCES, ConnState, Event, PoolCounters, PoolInfo, RouteKeyData, RouteValue, SlowCounters,
     MAX_POOLS, MAX_ROUTE_ENTRIES, MAX_SLOTS,
 };
 
@@ -77,3 +77,23 @@ pub static events: RingBuf<Event, { 1 << 20 }> = RingBuf::new();
 /// after the first in a segment.
 #[btf_map]
 pub static steps: ProgramArray<1> = ProgramArray::new();
+
+/// XDP guard: sources denied (IPv4, IPv6), by CIDR.
+#[btf_map]
+pub static guard_deny_v4: LpmTrie<[u8; 4], u8, { GUARD_MAX_CIDRS as usize }> = LpmTrie::new();
+#[btf_map]
+pub static guard_deny_v6: LpmTrie<[u8; 16], u8, { GUARD_MAX_CIDRS as usize }> = LpmTrie::new();
+/// XDP guard: sources allowed, when the list is not empty.
+#[btf_map]
+pub static guard_allow_v4: LpmTrie<[u8; 4], u8, { GUARD_MAX_CIDRS as usize }> = LpmTrie::new();
+#[btf_map]
+pub static guard_allow_v6: LpmTrie<[u8; 16], u8, { GUARD_MAX_CIDRS as usize }> = LpmTrie::new();
+/// XDP guard settings (entry 0).
+#[btf_map]
+pub static guard_config: Array<GuardConfig, 1> = Array::new();
+/// XDP guard: each recent source's new-connection token bucket.
+#[btf_map]
+pub static guard_rate: LruHashMap<[u8; 16], RateState, { GUARD_MAX_SOURCES as usize }> = LruHashMap::new();
+/// XDP guard: packets by verdict (`abi::verdict`), per CPU.
+#[btf_map]
+pub static guard_stats: PerCpuArray<u64, { verdict::COUNT as usize }> = PerCpuArray::new();
