@@ -148,3 +148,160 @@ fn no_xdp_program_is_left_on_the_interface_after_exit_or_a_crash() {
     let _d = start(&ns, "");
     assert!(ns.link_show().contains("xdp"));
 }
+
+/// `BPF_PROG_TEST_RUN` of the pinned program at `pin` on one frame: the
+/// XDP action it returns (1 drop, 2 pass).
+fn test_run(pin: &std::path::Path, frame: &[u8]) -> u32 {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).unwrap();
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let get = ObjGet { pathname: path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+    // SAFETY: BPF_OBJ_GET (7) with its attr.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 7, &get as *const ObjGet, std::mem::size_of::<ObjGet>()) };
+    assert!(fd >= 0, "opening {}: {}", pin.display(), std::io::Error::last_os_error());
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestRun {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+    }
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut attr = TestRun {
+        prog_fd: fd as u32,
+        data_size_in: frame.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ..Default::default()
+    };
+    // SAFETY: BPF_PROG_TEST_RUN (10) with its attr and buffers that live
+    // across the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 10, &mut attr as *mut TestRun, std::mem::size_of::<TestRun>()) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: our own fd.
+    unsafe { libc::close(fd as i32) };
+    assert_eq!(r, 0, "BPF_PROG_TEST_RUN: {err}");
+    attr.retval
+}
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+fn eth(types: &[u16]) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    f.extend_from_slice(&types[0].to_be_bytes());
+    for t in &types[1..] {
+        // A VLAN tag: TCI (VLAN 7), then the next type.
+        f.extend_from_slice(&[0x00, 0x07]);
+        f.extend_from_slice(&t.to_be_bytes());
+    }
+    f
+}
+
+fn tcp_syn(port: u16) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    t[2..4].copy_from_slice(&port.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = 0x02;
+    t
+}
+
+fn ipv4(src: [u8; 4], options: usize, frag: u16, l4: &[u8]) -> Vec<u8> {
+    let ihl = 5 + options / 4;
+    let mut h = vec![0u8; ihl * 4];
+    h[0] = 0x40 | ihl as u8;
+    let total = (h.len() + l4.len()) as u16;
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    h[6..8].copy_from_slice(&frag.to_be_bytes());
+    h[8] = 64;
+    h[9] = 6;
+    h[12..16].copy_from_slice(&src);
+    h[16..20].copy_from_slice(&[10, 0, 0, 1]);
+    for b in &mut h[20..] {
+        *b = 1; // NOP options
+    }
+    h.extend_from_slice(l4);
+    h
+}
+
+/// IPv6 with extension headers `ext` (next-header value, bytes) before TCP.
+fn ipv6(src: std::net::Ipv6Addr, ext: &[(u8, Vec<u8>)], l4: &[u8]) -> Vec<u8> {
+    let mut h = vec![0u8; 40];
+    h[0] = 0x60;
+    let payload: usize = ext.iter().map(|(_, e)| e.len()).sum::<usize>() + l4.len();
+    h[4..6].copy_from_slice(&(payload as u16).to_be_bytes());
+    h[6] = ext.first().map_or(6, |(n, _)| *n);
+    h[7] = 64;
+    h[8..24].copy_from_slice(&src.octets());
+    h[24..40].copy_from_slice(&"2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    for (i, (_, e)) in ext.iter().enumerate() {
+        let mut e = e.clone();
+        e[0] = ext.get(i + 1).map_or(6, |(n, _)| *n);
+        h.extend_from_slice(&e);
+    }
+    h.extend_from_slice(l4);
+    h
+}
+
+#[test]
+fn the_guard_parses_vlan_tags_ip_options_and_ipv6_extension_headers_or_passes() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new();
+    let (d, port) = start(&ns, "[guard]\ndeny = [\"198.51.100.7\", \"2001:db8::7\"]");
+    let pin = d.pin_dir().join("guard");
+    let bad4 = [198, 51, 100, 7];
+    let good4 = [198, 51, 100, 8];
+    let bad6: std::net::Ipv6Addr = "2001:db8::7".parse().unwrap();
+    let syn = tcp_syn(port);
+    let frame = |l2: Vec<u8>, l3: Vec<u8>| [l2, l3].concat();
+    let hop = |len8: u8| {
+        let mut e = vec![0u8; (len8 as usize + 1) * 8];
+        e[1] = len8;
+        e
+    };
+    let frag = |offset: u16| {
+        let mut e = vec![0u8; 8];
+        e[2..4].copy_from_slice(&(offset << 3).to_be_bytes());
+        e
+    };
+    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+        ("IPv4", frame(eth(&[0x0800]), ipv4(bad4, 0, 0, &syn)), XDP_DROP),
+        ("IPv4 with options", frame(eth(&[0x0800]), ipv4(bad4, 8, 0, &syn)), XDP_DROP),
+        ("802.1Q", frame(eth(&[0x8100, 0x0800]), ipv4(bad4, 0, 0, &syn)), XDP_DROP),
+        ("802.1ad + 802.1Q", frame(eth(&[0x88a8, 0x8100, 0x0800]), ipv4(bad4, 4, 0, &syn)), XDP_DROP),
+        ("IPv6", frame(eth(&[0x86dd]), ipv6(bad6, &[], &syn)), XDP_DROP),
+        ("IPv6 hop-by-hop + dest opts", frame(eth(&[0x86dd]), ipv6(bad6, &[(0, hop(0)), (60, hop(1))], &syn)), XDP_DROP),
+        ("IPv6 first fragment", frame(eth(&[0x86dd]), ipv6(bad6, &[(44, frag(0))], &syn)), XDP_DROP),
+        ("IPv6 later fragment", frame(eth(&[0x86dd]), ipv6(bad6, &[(44, frag(100))], &syn)), XDP_PASS),
+        ("IPv4 later fragment", frame(eth(&[0x0800]), ipv4(bad4, 0, 100, &syn)), XDP_PASS),
+        ("another port", frame(eth(&[0x0800]), ipv4(bad4, 0, 0, &tcp_syn(port.wrapping_add(1)))), XDP_PASS),
+        ("an allowed source", frame(eth(&[0x0800]), ipv4(good4, 0, 0, &syn)), XDP_PASS),
+        ("truncated TCP", frame(eth(&[0x0800]), ipv4(bad4, 0, 0, &syn[..10])), XDP_PASS),
+        ("ARP", [eth(&[0x0806]), vec![0u8; 28]].concat(), XDP_PASS),
+    ];
+    for (what, f, want) in cases {
+        assert_eq!(test_run(&pin, &f), want, "{what}");
+    }
+}
