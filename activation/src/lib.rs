@@ -102,6 +102,9 @@ pub enum Error {
     Spawn { pool: String, command: String, source: std::io::Error },
     #[error("pool `{pool}`: making the worker's handles: {source}")]
     Handles { pool: String, #[source] source: anyhow::Error },
+    /// The operator stopped the pool while a start was pending.
+    #[error("stopped by the operator")]
+    Halted,
 }
 
 struct Ids {
@@ -281,6 +284,10 @@ pub trait Slot: Send + 'static {
     fn stopped(&mut self, stopped: bool, why: &str);
     /// The worker's progress on its queue.
     fn progress(&mut self) -> Progress;
+    /// Worker `pid` runs on the slot now (started or adopted).
+    fn started(&mut self, _pid: u32) {}
+    /// The slot's worker is gone (`crashed`: not a clean exit).
+    fn exited(&mut self, _crashed: bool) {}
 }
 
 /// How often a workerless slot looks at its ring anyway.
@@ -302,6 +309,18 @@ pub struct Signals {
     /// notified while it watches a worker (the dispatcher wires it up only
     /// with `DISPATCHER_FAULTS=1`).
     pub fault: std::sync::Arc<tokio::sync::Notify>,
+    /// Operator requests, counted (shared by a pool's slots): stop the
+    /// pool (its requests get 503 until a start), recycle its workers.
+    /// `ops` wakes the supervisors to look at the counts.
+    pub halt_requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub recycle_requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub ops: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Signals {
+    fn count(c: &std::sync::atomic::AtomicU64) -> u64 {
+        c.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 
@@ -354,6 +373,8 @@ async fn run(
     current: std::sync::Arc<tokio::sync::Mutex<Option<Running>>>,
 ) {
     let mut current = current.lock_owned().await;
+    // Operator stops asked for before this supervisor ran are not its.
+    let mut halts = Signals::count(&signals.halt_requests);
     let mut backoff = MIN_BACKOFF;
     let mut crashes: std::collections::VecDeque<Instant> = Default::default();
     // Workers that stopped pulling and are finishing what they took.
@@ -371,11 +392,30 @@ async fn run(
             }
             return finish_draining(draining).await;
         }
+        if Signals::count(&signals.halt_requests) != halts {
+            halts = Signals::count(&signals.halt_requests);
+            if let Some(r) = current.as_mut() {
+                terminate(&mut r.child, r.pid, policy.shutdown_limit).await;
+                *current = None;
+                slot.exited(false);
+            }
+            let why = format!("stopped by the operator; `dispatcher start {}` starts it again", spec.pool);
+            tracing::warn!(pool = %spec.pool, "pool stopped: {why}");
+            if !wait_for_start(&spec, &mut slot, &signals, &mut stop, &why).await {
+                return finish_draining(draining).await;
+            }
+            crashes.clear();
+            backoff = MIN_BACKOFF;
+            continue;
+        }
         if let Some(r) = current.as_ref() {
             tracing::info!(pool = %spec.pool, pid = r.pid, "taking over the running worker");
-        } else if let Err(crash) = start(&spec, &policy, &mut slot, &signals, &mut stop, &mut current).await {
+            slot.started(r.pid);
+        } else if let Err(crash) = start(&spec, &policy, &mut slot, &signals, &mut stop, &mut current, halts).await {
             match crash {
                 None => return finish_draining(draining).await,
+                // The operator stopped the pool: seen at the loop's top.
+                Some(Error::Halted) => continue,
                 // Counted as a crash below.
                 Some(e) => tracing::error!("{e}"),
             }
@@ -386,6 +426,7 @@ async fn run(
                 let Running { child, pid, started, start_consumed } = r;
                 let (pid, started, start_consumed) = (*pid, *started, *start_consumed);
                 let mut hand_off = false;
+                let mut recycles = Signals::count(&signals.recycle_requests);
                 let mut tick = tokio::time::interval(policy.ping.map_or(STARTUP_CHECK, |p| p.0.min(STARTUP_CHECK)));
                 let mut recycling: Option<Instant> = None;
                 let mut ready = false;
@@ -421,6 +462,19 @@ async fn run(
                             }
                         }
                         _ = signals.fault.notified() => panic!("fault injected: supervisor of pool `{}` panics", spec.pool),
+                        _ = signals.ops.notified() => {
+                            if Signals::count(&signals.halt_requests) != halts {
+                                // Handled at the loop's top, worker included.
+                                break false;
+                            }
+                            if Signals::count(&signals.recycle_requests) != recycles && recycling.is_none() {
+                                recycles = Signals::count(&signals.recycle_requests);
+                                tracing::info!(pool = %spec.pool, pid, "recycling the worker: asked by the operator");
+                                recycling = Some(Instant::now());
+                                // SAFETY: signalling our own child.
+                                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                            }
+                        }
                         _ = tick.tick() => {
                             if recycling.is_some_and(|t| t.elapsed() >= policy.shutdown_limit) {
                                 tracing::warn!(pool = %spec.pool, pid, "worker did not finish within the shutdown time limit; killing it");
@@ -476,12 +530,17 @@ async fn run(
                         }
                     }
                 };
+                if Signals::count(&signals.halt_requests) != halts && !hand_off {
+                    // Stopped at the loop's top (still running).
+                    continue;
+                }
                 if hand_off {
                     let r = current.take().expect("a running worker");
                     draining.push(drain(r.child, r.pid, spec.pool.clone(), policy.shutdown_limit));
                 } else {
                     *current = None;
                 }
+                slot.exited(crashed);
                 (crashed, started)
             }
         };
@@ -506,21 +565,9 @@ async fn run(
                     spec.pool
                 );
                 tracing::error!(pool = %spec.pool, "pool stopped: {why}");
-                let asked = signals.start_requests.load(std::sync::atomic::Ordering::SeqCst);
-                slot.stopped(true, &why);
-                // Only a start asked for after this stop counts (a stale
-                // wake-up from an earlier one does not).
-                while signals.start_requests.load(std::sync::atomic::Ordering::SeqCst) == asked {
-                    tokio::select! {
-                        _ = signals.start.notified() => {}
-                        // The start signal wakes whoever waits at that
-                        // moment; the count is what really tells.
-                        _ = tokio::time::sleep(DEMAND_RECHECK) => {}
-                        _ = stop.changed() => return finish_draining(draining).await,
-                    }
+                if !wait_for_start(&spec, &mut slot, &signals, &mut stop, &why).await {
+                    return finish_draining(draining).await;
                 }
-                tracing::info!(pool = %spec.pool, "pool started again");
-                slot.stopped(false, "");
                 crashes.clear();
                 backoff = MIN_BACKOFF;
                 continue;
@@ -538,6 +585,28 @@ async fn run(
     }
 }
 
+/// Marks the pool stopped (its requests get 503), waits until someone
+/// asks to start it again, and marks it running. False if the supervisor
+/// is stopped meanwhile.
+async fn wait_for_start(spec: &WorkerSpec, slot: &mut impl Slot, signals: &Signals, stop: &mut watch::Receiver<bool>, why: &str) -> bool {
+    let asked = Signals::count(&signals.start_requests);
+    slot.stopped(true, why);
+    // Only a start asked for after this stop counts (a stale wake-up from
+    // an earlier one does not).
+    while Signals::count(&signals.start_requests) == asked {
+        tokio::select! {
+            _ = signals.start.notified() => {}
+            // The start signal wakes whoever waits at that moment; the
+            // count is what really tells.
+            _ = tokio::time::sleep(DEMAND_RECHECK) => {}
+            _ = stop.changed() => return false,
+        }
+    }
+    tracing::info!(pool = %spec.pool, "pool started again");
+    slot.stopped(false, "");
+    true
+}
+
 /// Starts a worker (once a request waits, on demand) into `current`.
 /// `Err(None)`: stopped while waiting; `Err(Some(e))`: it could not start.
 async fn start(
@@ -547,6 +616,7 @@ async fn start(
     signals: &Signals,
     stop: &mut watch::Receiver<bool>,
     current: &mut Option<Running>,
+    halts: u64,
 ) -> Result<(), Option<Error>> {
     // On demand: start when a request waits. Either way the slot is
     // marked workerless until the new worker starts pulling, which is
@@ -561,6 +631,10 @@ async fn start(
                 // most this long.
                 _ = tokio::time::sleep(DEMAND_RECHECK) => {}
                 _ = stop.changed() => return Err(None),
+                _ = signals.ops.notified() => {}
+            }
+            if Signals::count(&signals.halt_requests) != halts {
+                return Err(Some(Error::Halted));
             }
             // A demand left over from an earlier worker's time is
             // stale: only a request on the ring counts.
@@ -580,6 +654,7 @@ async fn start(
     let child = child.map_err(Some)?;
     let pid = child.id().unwrap_or(0);
     tracing::info!(pool = %spec.pool, pid, "worker started");
+    slot.started(pid);
     *current = Some(Running { child, pid, started, start_consumed });
     Ok(())
 }

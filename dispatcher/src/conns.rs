@@ -60,6 +60,11 @@ impl Conns {
         rx
     }
 
+    /// Connections open now.
+    pub fn len(&self) -> usize {
+        self.live.lock().unwrap().len()
+    }
+
     pub fn unregister(&self, cookie: u64) {
         self.live.lock().unwrap().remove(&cookie);
         self.early.lock().unwrap().remove(&cookie);

@@ -3,7 +3,11 @@
 //! `error: …`). `dispatcher pool start NAME` is its client.
 //!
 //! Commands:
-//! - `pool-start NAME`: start a pool that rapid-fail protection stopped.
+//! - `pool-start NAME` / `start NAME`: start a pool that was stopped (by
+//!   rapid-fail protection or `stop`).
+//! - `stop NAME`: stop a pool's workers; its requests get 503 until a start.
+//! - `recycle NAME`: recycle a pool's workers (overlapped).
+//! - `status`, `pools`, `routes`, `queues`: JSON (see `inspect`).
 //! - `reload`: read the configuration again and apply it (see `registry`).
 //! - `guard show`: the XDP guard's state as JSON.
 //! - `guard allow|deny add|del CIDR`: change a guard list (next packet on).
@@ -71,7 +75,33 @@ fn command(shared: &Shared, line: &str) -> String {
     }
     let mut words = line.split_whitespace();
     match (words.next(), words.next(), words.next()) {
-        (Some("pool-start"), Some(name), None) => match shared.pools.named(name) {
+        (Some(view @ ("status" | "pools" | "routes" | "queues")), None, None) => {
+            let v = match view {
+                "status" => crate::inspect::status(shared),
+                "pools" => crate::inspect::pools(shared),
+                "routes" => crate::inspect::routes(shared),
+                _ => crate::inspect::queues(shared),
+            };
+            format!("ok: {v}")
+        }
+        (Some("stop"), Some(name), None) => match shared.pools.named(name) {
+            None => format!("error: no pool named `{name}`"),
+            Some(p) if p.stopped().is_some() => format!("ok: pool `{name}` is already stopped"),
+            Some(p) => {
+                p.request_halt();
+                tracing::info!(pool = %name, "stop requested on the control socket");
+                format!("ok: pool `{name}` stopping (its requests get 503 until `dispatcher start {name}`)")
+            }
+        },
+        (Some("recycle"), Some(name), None) => match shared.pools.named(name) {
+            None => format!("error: no pool named `{name}`"),
+            Some(p) => {
+                p.request_recycle();
+                tracing::info!(pool = %name, "recycle requested on the control socket");
+                format!("ok: pool `{name}` recycling its workers")
+            }
+        },
+        (Some("pool-start" | "start"), Some(name), None) => match shared.pools.named(name) {
             None => format!("error: no pool named `{name}`"),
             Some(p) if p.stopped().is_none() => format!("ok: pool `{name}` is running"),
             Some(p) => {
@@ -108,7 +138,7 @@ fn command(shared: &Shared, line: &str) -> String {
             }
         }
         (Some("fault"), ..) => "error: fault injection is off (start the dispatcher with DISPATCHER_FAULTS=1)".into(),
-        _ => format!("error: unknown command `{line}` (known: pool-start NAME, reload, guard show, guard allow|deny add|del CIDR)"),
+        _ => format!("error: unknown command `{line}` (known: status, pools, routes, queues, start NAME, stop NAME, recycle NAME, reload, guard show, guard allow|deny add|del CIDR)"),
     }
 }
 

@@ -555,6 +555,46 @@ impl Kernel {
         }
     }
 
+    /// Bytes queued on slot `slot`'s ring and not consumed yet.
+    pub fn queued_bytes(&self, slot: usize) -> u64 {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.slot(slot).map_or(0, |s| {
+            // SAFETY: mapped for the life of the view.
+            unsafe { (*s.view.pos.byte_add(s.view.page)).load(SeqCst).saturating_sub((*s.view.pos).load(SeqCst)) }
+        })
+    }
+
+    /// Pool index `pool`'s request counters: (queued by the kernel,
+    /// parsed by the slow path, found its queue full).
+    pub fn pool_requests(&self, pool: u32) -> (u64, u64, u64) {
+        let fast = self
+            .ebpf
+            .map("pool_stats")
+            .and_then(|m| PerCpuArray::<&MapData, PoolCounters>::try_from(m).ok())
+            .and_then(|a| a.get(&pool, 0).ok())
+            .map_or((0, 0), |v| v.iter().fold((0, 0), |(r, q), c| (r + c.fast_requests, q + c.queue_full)));
+        let slow = self
+            .ebpf
+            .map("slow_stats")
+            .and_then(|m| Array::<&MapData, SlowCounters>::try_from(m).ok())
+            .and_then(|a| a.get(&pool, 0).ok())
+            .map_or(0, |c| c.parsed_requests);
+        (fast.0, slow, fast.1)
+    }
+
+    /// The programs and where each is attached.
+    pub fn programs(&self) -> Vec<(&'static str, &'static str, String)> {
+        let mut v = vec![
+            ("track_conn", "sockops", format!("cgroup {}", cgroup2_root().map(|p| p.display().to_string()).unwrap_or_default())),
+            ("classify", "sk_skb stream verdict", "sockhash `conns`".to_string()),
+            ("classify_step", "sk_skb (tail call)", "program array `steps`".to_string()),
+        ];
+        if let Some((iface, mode)) = &self.guard_at {
+            v.push(("guard", "xdp", format!("{iface} ({mode} mode)")));
+        }
+        v
+    }
+
     /// Adds to the slow-path counters of `pool` (or unrouted).
     pub fn count_slow(&mut self, pool: Option<u32>, parsed: u64, errors: u64) {
         let idx = pool.filter(|p| *p < MAX_POOLS).unwrap_or(UNROUTED);

@@ -11,6 +11,8 @@ mod config;
 mod control;
 mod conns;
 mod connection;
+mod inspect;
+mod table;
 mod kernel;
 mod parking;
 mod pools;
@@ -75,6 +77,29 @@ enum Cmd {
         #[arg(long, default_value = config::DEFAULT_INSTANCE)]
         instance: String,
     },
+    /// A running instance: listener, programs and where they are
+    /// attached, uptime.
+    Status(View),
+    /// Its pools: state, workers (pid, uptime), queue depth per slot,
+    /// requests, workers started and crashes.
+    Pools(View),
+    /// Its effective route table, in match order.
+    Routes(View),
+    /// Its live queue depths per pool slot.
+    Queues {
+        #[command(flatten)]
+        view: View,
+        /// Refresh every second until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Start a stopped pool (by `stop` or rapid-fail protection).
+    Start(Named),
+    /// Stop a pool's workers; its requests get 503 until `start`.
+    Stop(Named),
+    /// Recycle a pool's workers: each stops taking requests, the next
+    /// starts at once, the old one finishes what it took.
+    Recycle(Named),
     /// Show or change the XDP guard of a running instance: its allow and
     /// deny lists take effect for the next packet, no restart.
     Guard {
@@ -92,6 +117,27 @@ enum Cmd {
         #[arg(long, default_value = config::DEFAULT_INSTANCE, global = true)]
         instance: String,
     },
+}
+
+/// Options of the inspection commands.
+#[derive(clap::Args)]
+struct View {
+    /// Instance name.
+    #[arg(long, default_value = config::DEFAULT_INSTANCE)]
+    instance: String,
+    /// Print JSON (for scripts) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A pool of a running instance.
+#[derive(clap::Args)]
+struct Named {
+    /// The pool's name.
+    name: String,
+    /// Instance name.
+    #[arg(long, default_value = config::DEFAULT_INSTANCE)]
+    instance: String,
 }
 
 #[derive(Subcommand)]
@@ -126,6 +172,28 @@ enum PoolAction {
         /// The pool's name.
         name: String,
     },
+}
+
+fn run_dir(instance: &str) -> std::path::PathBuf {
+    std::path::Path::new(serve::RUN_DIR).join(instance)
+}
+
+/// Prints an inspection view, as JSON or a table.
+fn show(v: &View, what: &str) -> Result<()> {
+    let answer = control::send(&run_dir(&v.instance), what)?;
+    let json: serde_json::Value = serde_json::from_str(answer.strip_prefix("ok: ").unwrap_or(&answer)).context("reading the answer")?;
+    if v.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        print!("{}", table::render(what, &json));
+    }
+    Ok(())
+}
+
+/// Sends a pool action and prints the answer.
+fn act(n: &Named, verb: &str) -> Result<()> {
+    println!("{}", control::send(&run_dir(&n.instance), &format!("{verb} {}", n.name))?);
+    Ok(())
 }
 
 /// `add CIDR` / `del CIDR`, the CIDR checked here for a clear error.
@@ -179,6 +247,23 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Status(v) => show(&v, "status"),
+        Cmd::Pools(v) => show(&v, "pools"),
+        Cmd::Routes(v) => show(&v, "routes"),
+        Cmd::Queues { view, watch } => loop {
+            if watch && !view.json {
+                // Clear the screen, home the cursor.
+                print!("\x1b[2J\x1b[H");
+            }
+            show(&view, "queues")?;
+            if !watch {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        },
+        Cmd::Start(n) => act(&n, "start"),
+        Cmd::Stop(n) => act(&n, "stop"),
+        Cmd::Recycle(n) => act(&n, "recycle"),
         Cmd::Reload { instance } => {
             let answer = control::send(&std::path::Path::new(serve::RUN_DIR).join(&instance), "reload")?;
             println!("{answer}");

@@ -63,6 +63,11 @@ pub struct SlotLink {
     /// Demand (per slot) and start (shared by the pool's slots) signals
     /// for its supervisor.
     pub signals: activation::Signals,
+    /// Its worker now (pid, since when), and the crashes it had.
+    pub worker: Mutex<Option<(u32, std::time::Instant)>>,
+    pub crashes: AtomicU64,
+    /// Workers started on it.
+    pub starts: AtomicU64,
 }
 
 #[derive(Default)]
@@ -90,7 +95,13 @@ impl PoolLink {
                     start: shared.start.clone(),
                     start_requests: shared.start_requests.clone(),
                     fault: Default::default(),
+                    halt_requests: shared.halt_requests.clone(),
+                    recycle_requests: shared.recycle_requests.clone(),
+                    ops: shared.ops.clone(),
                 },
+                worker: Mutex::new(None),
+                crashes: AtomicU64::new(0),
+                starts: AtomicU64::new(0),
             })
             .collect();
         PoolLink {
@@ -160,6 +171,24 @@ impl PoolLink {
         if let Some(s) = self.slots.first() {
             s.signals.start_requests.fetch_add(1, Ordering::SeqCst);
             s.signals.start.notify_waiters();
+        }
+    }
+
+    /// Asks the pool's supervisors to stop its workers and the pool (503
+    /// until a start).
+    pub fn request_halt(&self) {
+        if let Some(s) = self.slots.first() {
+            s.signals.halt_requests.fetch_add(1, Ordering::SeqCst);
+            s.signals.ops.notify_waiters();
+        }
+    }
+
+    /// Asks the pool's supervisors to recycle their workers (overlapped:
+    /// see `activation::Policy::recycle_interval`).
+    pub fn request_recycle(&self) {
+        if let Some(s) = self.slots.first() {
+            s.signals.recycle_requests.fetch_add(1, Ordering::SeqCst);
+            s.signals.ops.notify_waiters();
         }
     }
 
@@ -510,6 +539,20 @@ impl activation::Slot for PoolSlot {
 
     fn progress(&mut self) -> activation::Progress {
         self.shared.kernel.lock().unwrap().progress(self.slot)
+    }
+
+    fn started(&mut self, pid: u32) {
+        let s = &self.link.slots[self.local];
+        *s.worker.lock().unwrap() = Some((pid, std::time::Instant::now()));
+        s.starts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn exited(&mut self, crashed: bool) {
+        let s = &self.link.slots[self.local];
+        *s.worker.lock().unwrap() = None;
+        if crashed {
+            s.crashes.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn stopped(&mut self, stopped: bool, why: &str) {

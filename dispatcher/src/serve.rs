@@ -35,6 +35,8 @@ pub struct Shared {
     pub pools: Registry,
     /// Where a reload reads the configuration again.
     pub source: ConfigSource,
+    /// When it started serving.
+    pub started: std::time::Instant,
     /// Where leased connections wait (out of tokio's poller).
     pub parking: Arc<Parking>,
 }
@@ -69,6 +71,7 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
         pools: Registry::new(run_dir.clone()),
         source,
         parking,
+        started: std::time::Instant::now(),
     });
     let started = registry::apply(&shared, &cfg).await;
     let listener = started.and_then(|_| listen(cfg.listen).with_context(|| format!("listening on {}", cfg.listen)));
