@@ -44,6 +44,9 @@ pub mod env {
     pub const RECYCLE_REQUESTS: &str = "DISPATCHER_RECYCLE_REQUESTS";
     /// The pool's name.
     pub const POOL: &str = "DISPATCHER_POOL";
+    /// Set (to 1) when the dispatcher keeps an access log: the worker
+    /// reports each request it answers (see `worker::proto::RESP_LOG`).
+    pub const ACCESS_LOG: &str = "DISPATCHER_ACCESS_LOG";
 }
 
 /// Fd number the worker finds its ring at.

@@ -81,6 +81,14 @@ struct RawConfig {
     iface: Option<String>,
     #[serde(default)]
     guard: RawGuard,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    access: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -234,6 +242,8 @@ pub struct Config {
     /// Interface the XDP guard is attached to (none: no guard).
     pub iface: Option<String>,
     pub guard: Guard,
+    /// The access log's file (none: no access log).
+    pub access_log: Option<PathBuf>,
     /// Directory relative worker arguments and commands resolve against.
     pub base_dir: PathBuf,
 }
@@ -497,6 +507,7 @@ impl Config {
             pools,
             iface: raw.iface.filter(|i| !i.is_empty()),
             guard,
+            access_log: raw.log.access.filter(|a| !a.is_empty()).map(|a| base_dir.join(a)),
             base_dir,
         })
     }

@@ -69,6 +69,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, cookie: u64, rx: mpsc
         eof: false,
         woken: false,
         written: 0,
+        request_line: Vec::new(),
     };
     c.run(rx).instrument(span).await;
     c.cleanup();
@@ -127,6 +128,9 @@ struct Conn {
     /// Bytes this task wrote to the socket (to tell, when a lease holder
     /// dies, whether it wrote anything).
     written: u64,
+    /// The request line of the last request the slow path parsed (for the
+    /// access log's lines of the dispatcher's own answers).
+    request_line: Vec<u8>,
 }
 
 /// The client's socket.
@@ -573,6 +577,10 @@ impl Conn {
             data.truncate(end);
         }
         let data = Bytes::from(data);
+        if let Some(log) = &self.shared.access_log {
+            let body = data.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |p| data.len() - p - 4);
+            log.local(self.shared.conns.peer(self.cookie), &std::mem::take(&mut self.request_line), status, body);
+        }
         self.shared.kernel.lock().unwrap().count_slow(None, 0, 1);
         self.on_frame(Frame::whole(seq, data, close)).await
     }
@@ -672,6 +680,10 @@ impl Conn {
     async fn on_event(&mut self, ev: Event) -> Flow {
         match ev {
             Event::Head(h) => {
+                if self.shared.access_log.is_some() {
+                    let end = h.bytes.windows(2).position(|w| w == b"\r\n").unwrap_or(h.bytes.len());
+                    self.request_line = h.bytes[..end].to_vec();
+                }
                 let s = self.slow.as_mut().unwrap();
                 let seq = s.seq;
                 s.seq += 1;

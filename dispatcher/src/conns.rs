@@ -42,12 +42,25 @@ pub const EARLY_MAX: usize = 65536;
 #[derive(Default)]
 pub struct Conns {
     live: Mutex<HashMap<u64, mpsc::UnboundedSender<ToConn>>>,
+    /// Each connection's client address (kept [`EARLY_TTL`] after it
+    /// closes, for access-log records that arrive late).
+    peers: Mutex<HashMap<u64, (std::net::SocketAddr, Option<Instant>)>>,
     early: Mutex<HashMap<u64, (Instant, Vec<Frame>)>>,
 }
 
 impl Conns {
     /// Registers connection `cookie`; returns its frame receiver, with any
     /// frames that arrived before it.
+    /// Records connection `cookie`'s client address.
+    pub fn set_peer(&self, cookie: u64, peer: std::net::SocketAddr) {
+        self.peers.lock().unwrap().insert(cookie, (peer, None));
+    }
+
+    /// Connection `cookie`'s client address.
+    pub fn peer(&self, cookie: u64) -> Option<std::net::SocketAddr> {
+        self.peers.lock().unwrap().get(&cookie).map(|p| p.0)
+    }
+
     pub fn register(&self, cookie: u64) -> mpsc::UnboundedReceiver<ToConn> {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut live = self.live.lock().unwrap();
@@ -68,6 +81,9 @@ impl Conns {
     pub fn unregister(&self, cookie: u64) {
         self.live.lock().unwrap().remove(&cookie);
         self.early.lock().unwrap().remove(&cookie);
+        if let Some(p) = self.peers.lock().unwrap().get_mut(&cookie) {
+            p.1 = Some(Instant::now());
+        }
     }
 
     /// Hands a response frame to its connection.
@@ -117,5 +133,6 @@ impl Conns {
     pub fn expire(&self) {
         let now = Instant::now();
         self.early.lock().unwrap().retain(|_, (t, _)| now.duration_since(*t) < EARLY_TTL);
+        self.peers.lock().unwrap().retain(|_, (_, closed)| closed.is_none_or(|t| now.duration_since(t) < EARLY_TTL));
     }
 }

@@ -7,6 +7,7 @@
 //! configuration into running pools (and reloads it); `config` reads the
 //! TOML.
 
+mod access_log;
 mod config;
 mod control;
 mod conns;

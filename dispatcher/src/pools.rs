@@ -439,7 +439,13 @@ fn send_lease(sock: &OwnedFd, msg: &LeaseMsg, fd: Option<&OwnedFd>) -> io::Resul
 /// Makes a control socket for a new worker of `link`: our end is served
 /// by a reader (responses → connections) and a writer task. With `leases`,
 /// also a lease socket; returns the worker's ends.
-fn connect(link: &Arc<PoolLink>, slot: usize, conns: &Arc<Conns>, leases: bool) -> Result<(OwnedFd, Option<OwnedFd>, Option<OwnedFd>)> {
+fn connect(
+    link: &Arc<PoolLink>,
+    slot: usize,
+    conns: &Arc<Conns>,
+    leases: bool,
+    access_log: Option<crate::access_log::AccessLog>,
+) -> Result<(OwnedFd, Option<OwnedFd>, Option<OwnedFd>)> {
     let (progress, progress_fd) = worker::progress::ProgressMap::create().context("making a progress map")?;
     let progress = Arc::new(progress);
     let (lease_tx, lease_fd) = match leases {
@@ -487,6 +493,12 @@ fn connect(link: &Arc<PoolLink>, slot: usize, conns: &Arc<Conns>, leases: bool) 
             if rd.read_exact(&mut data).await.is_err() {
                 break;
             }
+            if h.flags & worker::proto::RESP_LOG != 0 {
+                if let Some(log) = &access_log {
+                    log.worker_records(&data, |c| conns.peer(c));
+                }
+                continue;
+            }
             let release = (h.flags & RESP_RELEASE != 0).then_some(h.lease);
             let ask = if h.flags & RESP_WANT_LEASE != 0 { lease_tx.clone() } else { None };
             let last = h.flags & RESP_LAST != 0;
@@ -527,7 +539,7 @@ struct PoolSlot {
 
 impl activation::Slot for PoolSlot {
     fn handles(&mut self) -> Result<activation::Handles> {
-        let (ctl, lease, progress) = connect(&self.link, self.local, &self.shared.conns, self.shared.cfg.direct_responses)?;
+        let (ctl, lease, progress) = connect(&self.link, self.local, &self.shared.conns, self.shared.cfg.direct_responses, self.shared.access_log.clone())?;
         let k = self.shared.kernel.lock().unwrap();
         Ok(activation::Handles { ring: Some(k.ring_fd(self.slot)?), ctl, lease, awake: Some(k.awake_fd(self.slot)?), progress })
     }
@@ -585,7 +597,12 @@ pub fn supervise(link: Arc<PoolLink>, local: usize, shared: Arc<Shared>, pool: &
         pool: pool.name.clone(),
         command,
         args,
-        env: pool.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        env: pool
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .chain(shared.access_log.is_some().then(|| (activation::env::ACCESS_LOG.to_string(), "1".to_string())))
+            .collect(),
         user: Some(pool.user.clone()),
         group: pool.group.clone(),
     };

@@ -345,7 +345,8 @@ fn unchanged_globals(old: &Config, new: &Config) -> Result<()> {
         response_timeout_secs as "limits.response_timeout_secs",
         header_timeout_secs as "limits.header_timeout_secs",
         keepalive_timeout_secs as "limits.keepalive_timeout_secs",
-        iface as "iface"
+        iface as "iface",
+        access_log as "log.access"
     );
     if old.guard != new.guard {
         changed.push("`[guard]` (change its lists live with `dispatcher guard`)".into());

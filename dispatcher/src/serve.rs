@@ -37,6 +37,8 @@ pub struct Shared {
     pub source: ConfigSource,
     /// When it started serving.
     pub started: std::time::Instant,
+    /// The access log, if one is kept.
+    pub access_log: Option<crate::access_log::AccessLog>,
     /// Where leased connections wait (out of tokio's poller).
     pub parking: Arc<Parking>,
 }
@@ -72,6 +74,10 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
         source,
         parking,
         started: std::time::Instant::now(),
+        access_log: match &cfg.access_log {
+            Some(p) => Some(crate::access_log::AccessLog::open(p)?),
+            None => None,
+        },
     });
     let started = registry::apply(&shared, &cfg).await;
     let listener = started.and_then(|_| listen(cfg.listen).with_context(|| format!("listening on {}", cfg.listen)));
@@ -95,7 +101,7 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
     loop {
         tokio::select! {
             r = listener.accept() => {
-                let (stream, _) = match r {
+                let (stream, peer) = match r {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::warn!("accept: {e}");
@@ -108,6 +114,9 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
                     Ok(c) => c,
                     Err(e) => { tracing::warn!("SO_COOKIE: {e}"); continue; }
                 };
+                if shared.access_log.is_some() {
+                    shared.conns.set_peer(cookie, peer);
+                }
                 let rx = shared.conns.register(cookie);
                 tokio::spawn(connection::serve(shared.clone(), stream, cookie, rx));
             }

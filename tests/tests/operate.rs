@@ -114,3 +114,39 @@ fn stop_start_and_recycle_act_on_a_pool() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn the_access_log_has_a_line_per_request_with_its_status_and_bytes() {
+    if !privileged() {
+        return;
+    }
+    let d = Dispatcher::start(&[PoolDef::echo("app", &["*/app/"])], "[log]\naccess = \"access.log\"");
+    let log = d.config.parent().unwrap().join("access.log");
+    let mut c = d.connect();
+    let mut expect = Vec::new();
+    for i in 0..5 {
+        let path = format!("/app/{i}");
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: access-test/{i}\r\nReferer: http://ref/{i}\r\n\r\n").as_bytes());
+        let r = c.read_response();
+        assert_eq!(r.status, 200);
+        expect.push(format!("\"GET {path} HTTP/1.1\" 200 {} \"http://ref/{i}\" \"access-test/{i}\"", r.body.len()));
+    }
+    let r = d.connect().get("x", "/elsewhere");
+    assert_eq!(r.status, 404);
+    expect.push(format!("\"GET /elsewhere HTTP/1.1\" 404 {}", r.body.len()));
+    let t0 = Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if expect.iter().all(|e| text.contains(e.as_str())) || t0.elapsed() > SETTLE {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for e in &expect {
+        assert!(text.lines().filter(|l| l.contains(e.as_str())).count() == 1, "no single line with {e} in:\n{text}");
+    }
+    assert_eq!(text.lines().count(), expect.len(), "{text}");
+    for l in text.lines() {
+        assert!(l.starts_with("127.0.0.1 - - ["), "{l}");
+    }
+}

@@ -159,6 +159,9 @@ impl Worker {
             })?),
         };
         let mut w = Worker::from_fds(Handles { ring, ctl, lease, awake, progress }, pool)?;
+        if std::env::var_os(proto::ENV_ACCESS_LOG).is_some_and(|v| v == "1") {
+            w.responder.out.enable_access_log();
+        }
         w.idle = idle.filter(|d| !d.is_zero());
         w.recycle_after = recycle_after.filter(|n| *n > 0);
         Ok(w)
@@ -389,7 +392,9 @@ impl Responder {
     /// dispatcher otherwise.
     pub async fn respond(&self, req: &Request, resp: Response) -> Result<(), Error> {
         let close = req.close || resp.close;
+        let body = if req.method == "HEAD" { 0 } else { resp.body.len() };
         let bytes = resp.serialize(req.method == "HEAD", close);
+        self.out.log(req, resp.status, body);
         if self.out.respond(req.conn, req.seq, bytes, close, req.from_kernel) {
             Ok(())
         } else {

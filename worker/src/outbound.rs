@@ -39,7 +39,14 @@ pub(crate) struct Outbound {
     /// a lease, in shared memory (merged into a lease's trace when one is
     /// granted, whatever the lease state was when they were taken).
     pub(crate) loose: Option<Arc<Loose>>,
+    /// Access-log records not sent yet (None: no access log).
+    access_log: OnceLock<Arc<Mutex<Vec<u8>>>>,
 }
+
+/// Access-log records are sent when this many bytes are waiting...
+const LOG_BATCH: usize = 32 * 1024;
+/// ...or this long after the first of them.
+const LOG_FLUSH: std::time::Duration = std::time::Duration::from_millis(100);
 
 enum Entry {
     /// Asked for a lease with response `at`. `sent_after`: a later
@@ -208,6 +215,7 @@ impl Outbound {
             lease_sock: OnceLock::new(),
             loose: progress.as_ref().map(|p| Arc::new(Loose::new(p.clone()))),
             progress,
+            access_log: OnceLock::new(),
             lease_order: Mutex::new(()),
         }
     }
@@ -281,8 +289,51 @@ impl Outbound {
         map.clear();
     }
 
+    /// Reports each answered request to the dispatcher's access log, in
+    /// batches (one frame per [`LOG_BATCH`] bytes or [`LOG_FLUSH`]).
+    pub(crate) fn enable_access_log(&self) {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        if self.access_log.set(buf.clone()).is_ok() {
+            let ctl = self.ctl.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(LOG_FLUSH);
+                loop {
+                    tick.tick().await;
+                    if !send_log(&ctl, &buf) {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    /// Adds request `req`'s access-log record (answered `status` with a
+    /// body of `bytes`).
+    pub(crate) fn log(&self, req: &crate::Request, status: u16, bytes: usize) {
+        let Some(buf) = self.access_log.get() else { return };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+        let mut b = buf.lock().unwrap();
+        b.extend_from_slice(format!("{}\t{now}\t{status}\t{bytes}\t{}\t", req.conn, req.received.elapsed().as_micros()).as_bytes());
+        proto::log_field(&mut b, req.request_line());
+        for h in ["referer", "user-agent"] {
+            b.push(b'\t');
+            match req.header(h) {
+                Some(v) => proto::log_field(&mut b, v),
+                None => b.push(b'-'),
+            }
+        }
+        b.push(b'\n');
+        if b.len() >= LOG_BATCH {
+            drop(b);
+            send_log(&self.ctl, buf);
+        }
+    }
+
     /// Queues the control writer's end marker (see `proto::write_batched`).
     pub(crate) fn end_ctl(&self) {
+        if let Some(buf) = self.access_log.get() {
+            send_log(&self.ctl, buf);
+        }
         let _ = self.ctl.send(Bytes::new());
     }
 
@@ -553,4 +604,18 @@ fn recv_lease(fd: RawFd) -> io::Result<Option<(LeaseMsg, Option<OwnedFd>)>> {
     }
     let m = LeaseMsg::from_bytes(&buf[..n]).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "short lease message"))?;
     Ok(Some((m, passed)))
+}
+
+/// Sends the waiting access-log records as one frame; false once the
+/// control socket is gone.
+fn send_log(ctl: &mpsc::UnboundedSender<Bytes>, buf: &Mutex<Vec<u8>>) -> bool {
+    let data = std::mem::take(&mut *buf.lock().unwrap());
+    if data.is_empty() {
+        return !ctl.is_closed();
+    }
+    let h = ResponseHeader { conn: 0, seq: 0, len: data.len() as u32, flags: proto::RESP_LOG, lease: 0 };
+    let mut frame = Vec::with_capacity(data.len() + proto::RESPONSE_HEADER_LEN);
+    frame.extend_from_slice(&h.to_bytes());
+    frame.extend_from_slice(&data);
+    ctl.send(Bytes::from(frame)).is_ok()
 }

@@ -43,6 +43,23 @@ pub const RESP_WANT_LEASE: u32 = 4;
 /// A lease release (no data): the worker wrote every response before
 /// `seq` and none from `seq` on; `lease` names the lease given back.
 pub const RESP_RELEASE: u32 = 8;
+/// Not a response: access-log records of requests the worker answered
+/// (conn and seq 0), one per line, tab-separated: connection cookie,
+/// time answered (Unix ms), status, body bytes, handling time (µs),
+/// request line, Referer, User-Agent; fields escaped by [`log_field`].
+pub const RESP_LOG: u32 = 16;
+
+/// A request's text for an access-log record: printable ASCII kept, `"`,
+/// `\` and anything else as `\xHH` (no tab, newline or quote survives).
+pub fn log_field(out: &mut Vec<u8>, b: &[u8]) {
+    for &c in b {
+        if (0x20..0x7f).contains(&c) && c != b'"' && c != b'\\' {
+            out.push(c);
+        } else {
+            out.extend_from_slice(format!("\\x{c:02x}").as_bytes());
+        }
+    }
+}
 
 /// Header of a response frame on the control socket.
 #[repr(C)]
@@ -67,7 +84,7 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// process manager, which sets them).
 pub use activation::env::{
     AWAKE_FD as ENV_AWAKE_FD, CTL_FD as ENV_CTL_FD, IDLE_TIMEOUT_SECS as ENV_IDLE_TIMEOUT_SECS,
-    LEASE_FD as ENV_LEASE_FD, POOL as ENV_POOL, PROGRESS_FD as ENV_PROGRESS_FD, RECYCLE_REQUESTS as ENV_RECYCLE_REQUESTS,
+    LEASE_FD as ENV_LEASE_FD, ACCESS_LOG as ENV_ACCESS_LOG, POOL as ENV_POOL, PROGRESS_FD as ENV_PROGRESS_FD, RECYCLE_REQUESTS as ENV_RECYCLE_REQUESTS,
     RING_FD as ENV_RING_FD,
 };
 

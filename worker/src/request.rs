@@ -27,6 +27,8 @@ pub struct Request {
     pub from_kernel: bool,
     /// The head as received (request line and headers).
     pub raw_head: Bytes,
+    /// When the worker took it (for the access log's handling time).
+    pub received: std::time::Instant,
 }
 
 impl Request {
@@ -48,6 +50,7 @@ impl Request {
             close: raw.close,
             from_kernel: raw.from_kernel,
             raw_head: raw.head,
+            received: std::time::Instant::now(),
         })
     }
 

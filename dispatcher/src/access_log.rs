@@ -1,0 +1,125 @@
+//! The access log: one line per request in the combined log format
+//! (`host - - [time] "request" status bytes "referer" "user-agent"`).
+//!
+//! Workers report the requests they answer in batches over their control
+//! socket (`worker::proto::RESP_LOG`; a leased connection's responses
+//! never pass through the dispatcher); the dispatcher adds the client's
+//! address and logs its own answers (404, 503, 502, 408…). Lines go to a
+//! writer task through a channel, off the connections' path, and are
+//! flushed at least every 100 ms. SIGUSR1 reopens the file (rotate by
+//! renaming it, then signalling).
+
+use std::{
+    io::Write,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+
+/// How often the writer flushes what it has.
+const FLUSH: Duration = Duration::from_millis(100);
+
+/// A handle to the access log's writer task.
+#[derive(Clone)]
+pub struct AccessLog {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+}
+
+impl AccessLog {
+    /// Opens (creates, appends to) `path` and starts the writer task.
+    pub fn open(path: &Path) -> Result<AccessLog> {
+        let file = open_file(path)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write(path.to_path_buf(), file, rx));
+        Ok(AccessLog { tx })
+    }
+
+    /// Logs records a worker sent (see `worker::proto::RESP_LOG`), with the
+    /// client address of each connection from `peer`.
+    pub fn worker_records(&self, data: &[u8], peer: impl Fn(u64) -> Option<SocketAddr>) {
+        let mut out = Vec::with_capacity(data.len() + data.len() / 4);
+        for line in data.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let f: Vec<&[u8]> = line.split(|b| *b == b'\t').collect();
+            let [conn, ms, status, bytes, _us, request, referer, ua] = f[..] else { continue };
+            let num = |b: &[u8]| std::str::from_utf8(b).ok().and_then(|s| s.parse::<u64>().ok());
+            let (Some(conn), Some(ms), Some(status), Some(bytes)) = (num(conn), num(ms), num(status), num(bytes)) else { continue };
+            line_into(&mut out, peer(conn), ms, request, status, bytes, referer, ua);
+        }
+        let _ = self.tx.send(out);
+    }
+
+    /// Logs an answer the dispatcher wrote itself.
+    pub fn local(&self, peer: Option<SocketAddr>, request: &[u8], status: u16, bytes: usize) {
+        let mut out = Vec::new();
+        let mut req = Vec::new();
+        worker::proto::log_field(&mut req, request);
+        line_into(&mut out, peer, now_ms(), if req.is_empty() { b"-" } else { &req }, status as u64, bytes as u64, b"-", b"-");
+        let _ = self.tx.send(out);
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+#[allow(clippy::too_many_arguments)]
+fn line_into(out: &mut Vec<u8>, peer: Option<SocketAddr>, ms: u64, request: &[u8], status: u64, bytes: u64, referer: &[u8], ua: &[u8]) {
+    const FMT: &[time::format_description::FormatItem<'static>] =
+        time::macros::format_description!("[day]/[month repr:short]/[year]:[hour]:[minute]:[second] +0000");
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let host = peer.map_or("-".to_string(), |p| p.ip().to_string());
+    let _ = write!(out, "{host} - - [{}] \"", t.format(FMT).unwrap_or_default());
+    out.extend_from_slice(request);
+    let _ = write!(out, "\" {status} {bytes} \"");
+    out.extend_from_slice(referer);
+    out.extend_from_slice(b"\" \"");
+    out.extend_from_slice(ua);
+    out.extend_from_slice(b"\"\n");
+}
+
+fn open_file(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+        .with_context(|| format!("opening the access log {}", path.display()))
+}
+
+async fn write(path: PathBuf, file: std::fs::File, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, file);
+    let mut tick = tokio::time::interval(FLUSH);
+    let Ok(mut usr1) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) else { return };
+    loop {
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(b) => {
+                    if let Err(e) = out.write_all(&b) {
+                        tracing::warn!(path = %path.display(), "writing the access log: {e}");
+                    }
+                }
+                None => {
+                    let _ = out.flush();
+                    return;
+                }
+            },
+            _ = tick.tick() => {
+                let _ = out.flush();
+            }
+            _ = usr1.recv() => {
+                let _ = out.flush();
+                match open_file(&path) {
+                    Ok(f) => {
+                        out = std::io::BufWriter::with_capacity(64 * 1024, f);
+                        tracing::info!(path = %path.display(), "SIGUSR1: access log reopened");
+                    }
+                    Err(e) => tracing::error!("{e:#}; still writing to the old file"),
+                }
+            }
+        }
+    }
+}
