@@ -51,12 +51,26 @@ impl AccessLog {
         let _ = self.tx.send(out);
     }
 
-    /// Logs an answer the dispatcher wrote itself.
-    pub fn local(&self, peer: Option<SocketAddr>, request: &[u8], status: u16, bytes: usize) {
+    /// Logs an answer the dispatcher wrote itself, to the request whose
+    /// head is `head` (empty: none was parsed).
+    pub fn local(&self, peer: Option<SocketAddr>, head: &[u8], status: u16, bytes: usize) {
         let mut out = Vec::new();
+        let line = head.split(|b| *b == b'\n').next().unwrap_or_default().strip_suffix(b"\r").unwrap_or_default();
+        let header = |name: &str| {
+            let mut v = Vec::new();
+            match head.split(|b| *b == b'\n').skip(1).find_map(|l| {
+                let (n, rest) = l.split_at(l.iter().position(|b| *b == b':')?);
+                n.eq_ignore_ascii_case(name.as_bytes()).then(|| rest[1..].trim_ascii())
+            }) {
+                Some(h) => worker::proto::log_field(&mut v, h),
+                None => v.push(b'-'),
+            }
+            v
+        };
         let mut req = Vec::new();
-        worker::proto::log_field(&mut req, request);
-        line_into(&mut out, peer, now_ms(), if req.is_empty() { b"-" } else { &req }, status as u64, bytes as u64, b"-", b"-");
+        worker::proto::log_field(&mut req, line);
+        let (referer, ua) = (header("referer"), header("user-agent"));
+        line_into(&mut out, peer, now_ms(), if req.is_empty() { b"-" } else { &req }, status as u64, bytes as u64, &referer, &ua);
         let _ = self.tx.send(out);
     }
 }

@@ -128,8 +128,8 @@ struct Conn {
     /// Bytes this task wrote to the socket (to tell, when a lease holder
     /// dies, whether it wrote anything).
     written: u64,
-    /// The request line of the last request the slow path parsed (for the
-    /// access log's lines of the dispatcher's own answers).
+    /// The head of the last request the slow path parsed (for the access
+    /// log's lines of the dispatcher's own answers).
     request_line: Vec<u8>,
 }
 
@@ -681,8 +681,7 @@ impl Conn {
         match ev {
             Event::Head(h) => {
                 if self.shared.access_log.is_some() {
-                    let end = h.bytes.windows(2).position(|w| w == b"\r\n").unwrap_or(h.bytes.len());
-                    self.request_line = h.bytes[..end].to_vec();
+                    self.request_line = h.bytes.to_vec();
                 }
                 let s = self.slow.as_mut().unwrap();
                 let seq = s.seq;
