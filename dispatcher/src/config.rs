@@ -83,6 +83,14 @@ struct RawConfig {
     guard: RawGuard,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    metrics: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -244,6 +252,8 @@ pub struct Config {
     pub guard: Guard,
     /// The access log's file (none: no access log).
     pub access_log: Option<PathBuf>,
+    /// Where `GET /metrics` is served (none: nowhere).
+    pub metrics: Option<SocketAddr>,
     /// Directory relative worker arguments and commands resolve against.
     pub base_dir: PathBuf,
 }
@@ -507,6 +517,12 @@ impl Config {
             pools,
             iface: raw.iface.filter(|i| !i.is_empty()),
             guard,
+            metrics: match &raw.admin.metrics {
+                Some(m) => Some(m.get_ref().parse::<SocketAddr>().map_err(|e| {
+                    cx.err(Some(m.span()), format!("field `admin.metrics`: `{}` is not an address:port ({e})", m.get_ref()))
+                })?),
+                None => None,
+            },
             access_log: raw.log.access.filter(|a| !a.is_empty()).map(|a| base_dir.join(a)),
             base_dir,
         })

@@ -577,6 +577,7 @@ impl Conn {
             data.truncate(end);
         }
         let data = Bytes::from(data);
+        self.shared.local_responses[((status / 100) as usize).clamp(1, 5) - 1].fetch_add(1, Ordering::Relaxed);
         if let Some(log) = &self.shared.access_log {
             let body = data.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |p| data.len() - p - 4);
             log.local(self.shared.conns.peer(self.cookie), &std::mem::take(&mut self.request_line), status, body);

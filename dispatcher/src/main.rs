@@ -15,6 +15,7 @@ mod connection;
 mod inspect;
 mod table;
 mod kernel;
+mod metrics;
 mod parking;
 mod pools;
 mod registry;

@@ -54,6 +54,8 @@ pub struct PoolLink {
     stopped: Mutex<std::collections::BTreeMap<usize, String>>,
     /// Next slot to try for a slow-path request.
     turn: std::sync::atomic::AtomicUsize,
+    /// Its workers' counters, summed (see `worker::proto::RESP_STATS`).
+    pub worker_stats: Mutex<[u64; worker::proto::STATS_WORDS]>,
 }
 
 /// One worker slot of a pool.
@@ -117,6 +119,7 @@ impl PoolLink {
             slots,
             stopped: Mutex::new(Default::default()),
             turn: Default::default(),
+            worker_stats: Mutex::new([0; worker::proto::STATS_WORDS]),
         }
     }
 
@@ -492,6 +495,13 @@ fn connect(
             let mut data = vec![0u8; h.len as usize];
             if rd.read_exact(&mut data).await.is_err() {
                 break;
+            }
+            if h.flags & worker::proto::RESP_STATS != 0 {
+                let mut s = link.worker_stats.lock().unwrap();
+                for (w, b) in s.iter_mut().zip(data.chunks_exact(8)) {
+                    *w += u64::from_le_bytes(b.try_into().expect("8 bytes"));
+                }
+                continue;
             }
             if h.flags & worker::proto::RESP_LOG != 0 {
                 if let Some(log) = &access_log {

@@ -346,7 +346,8 @@ fn unchanged_globals(old: &Config, new: &Config) -> Result<()> {
         header_timeout_secs as "limits.header_timeout_secs",
         keepalive_timeout_secs as "limits.keepalive_timeout_secs",
         iface as "iface",
-        access_log as "log.access"
+        access_log as "log.access",
+        metrics as "admin.metrics"
     );
     if old.guard != new.guard {
         changed.push("`[guard]` (change its lists live with `dispatcher guard`)".into());

@@ -39,6 +39,8 @@ pub struct Shared {
     pub started: std::time::Instant,
     /// The access log, if one is kept.
     pub access_log: Option<crate::access_log::AccessLog>,
+    /// Answers the dispatcher wrote itself, by status class (1xx..5xx).
+    pub local_responses: [std::sync::atomic::AtomicU64; 5],
     /// Where leased connections wait (out of tokio's poller).
     pub parking: Arc<Parking>,
 }
@@ -78,6 +80,7 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
             Some(p) => Some(crate::access_log::AccessLog::open(p)?),
             None => None,
         },
+        local_responses: Default::default(),
     });
     let started = registry::apply(&shared, &cfg).await;
     let listener = started.and_then(|_| listen(cfg.listen).with_context(|| format!("listening on {}", cfg.listen)));
@@ -90,6 +93,9 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
     };
     watch_events(events, shared.clone())?;
     control::listen(&run_dir, shared.clone())?;
+    if let Some(addr) = cfg.metrics {
+        crate::metrics::listen(addr, shared.clone()).await?;
+    }
 
     tracing::info!(listen = %cfg.listen, pools = cfg.pools.len(), "dispatcher ready");
     println!("dispatcher listening on http://{} (instance `{}`, {} pools); Ctrl-C to stop", cfg.listen, cfg.instance, cfg.pools.len());

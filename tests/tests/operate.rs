@@ -150,3 +150,71 @@ fn the_access_log_has_a_line_per_request_with_its_status_and_bytes() {
         assert!(l.starts_with("127.0.0.1 - - ["), "{l}");
     }
 }
+
+/// `GET /metrics` on `addr`: the samples (name with labels → value),
+/// after checking every line is Prometheus text (a HELP/TYPE comment, or a
+/// sample of a metric whose TYPE came before).
+fn scrape(port: u16) -> std::collections::BTreeMap<String, f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response");
+    assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/plain; version=0.0.4"), "{head}");
+    let mut typed = std::collections::BTreeSet::new();
+    let mut samples = std::collections::BTreeMap::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            typed.insert(name.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad metric name: {line}");
+        let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s).filter(|b| typed.contains(*b))).unwrap_or(name);
+        assert!(typed.contains(base), "sample before its TYPE: {line}");
+        if let Some(labels) = series.strip_prefix(name) {
+            assert!(labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')), "{line}");
+        }
+        samples.insert(series.to_string(), value.parse::<f64>().unwrap_or_else(|_| panic!("bad value: {line}")));
+    }
+    samples
+}
+
+#[test]
+fn the_metrics_endpoint_is_prometheus_text_and_its_counters_move() {
+    if !privileged() {
+        return;
+    }
+    let port = tests::free_port();
+    let d = Dispatcher::start(&[PoolDef::echo("p", &["*/app/"])], &format!("[admin]\nmetrics = \"127.0.0.1:{port}\""));
+    let kernel = "dispatcher_requests_total{pool=\"p\",path=\"kernel\"}";
+    let ok = "dispatcher_responses_total{pool=\"p\",class=\"2xx\"}";
+    let count = "dispatcher_handling_seconds_count{pool=\"p\"}";
+    let before = scrape(port);
+    let mut c = d.connect();
+    for i in 0..5 {
+        assert_eq!(c.get("x", &format!("/app/{i}")).status, 200);
+    }
+    assert_eq!(d.connect().get("x", "/nothing").status, 404);
+    // Workers report every second.
+    let t0 = Instant::now();
+    let after = loop {
+        let m = scrape(port);
+        if m[ok] >= before[ok] + 5.0 || t0.elapsed() > SETTLE {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(after[kernel], before[kernel] + 5.0, "{after:?}");
+    assert!(after[ok] >= before[ok] + 5.0 && after[count] >= before[count] + 5.0, "{after:?}");
+    assert_eq!(after["dispatcher_local_responses_total{class=\"4xx\"}"], before["dispatcher_local_responses_total{class=\"4xx\"}"] + 1.0);
+    assert_eq!(after["dispatcher_workers{pool=\"p\"}"], 1.0);
+    assert!(after.contains_key("dispatcher_guard_packets_total{verdict=\"passed\"}"));
+}

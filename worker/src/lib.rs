@@ -394,6 +394,7 @@ impl Responder {
         let close = req.close || resp.close;
         let body = if req.method == "HEAD" { 0 } else { resp.body.len() };
         let bytes = resp.serialize(req.method == "HEAD", close);
+        self.out.count(resp.status, req.received.elapsed());
         self.out.log(req, resp.status, body);
         if self.out.respond(req.conn, req.seq, bytes, close, req.from_kernel) {
             Ok(())

@@ -41,7 +41,13 @@ pub(crate) struct Outbound {
     pub(crate) loose: Option<Arc<Loose>>,
     /// Access-log records not sent yet (None: no access log).
     access_log: OnceLock<Arc<Mutex<Vec<u8>>>>,
+    /// Counters not sent yet (see `proto::RESP_STATS`).
+    stats: Arc<[std::sync::atomic::AtomicU64; proto::STATS_WORDS]>,
+    stats_task: OnceLock<()>,
 }
+
+/// How often the counters go to the dispatcher (when they moved).
+const STATS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Access-log records are sent when this many bytes are waiting...
 const LOG_BATCH: usize = 32 * 1024;
@@ -216,6 +222,8 @@ impl Outbound {
             loose: progress.as_ref().map(|p| Arc::new(Loose::new(p.clone()))),
             progress,
             access_log: OnceLock::new(),
+            stats: Arc::new(std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0))),
+            stats_task: OnceLock::new(),
             lease_order: Mutex::new(()),
         }
     }
@@ -307,6 +315,27 @@ impl Outbound {
         }
     }
 
+    /// Counts an answer (status class, handling time) for the metrics.
+    pub(crate) fn count(&self, status: u16, took: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats_task.get_or_init(|| {
+            let (ctl, stats) = (self.ctl.clone(), self.stats.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(STATS_EVERY);
+                while !ctl.is_closed() {
+                    tick.tick().await;
+                    send_stats(&ctl, &stats);
+                }
+            });
+        });
+        let class = ((status / 100) as usize).clamp(1, 5) - 1;
+        self.stats[class].fetch_add(1, Relaxed);
+        let us = took.as_micros() as u64;
+        let b = proto::LATENCY_BUCKETS_US.iter().position(|l| us <= *l).unwrap_or(proto::LATENCY_BUCKETS_US.len());
+        self.stats[5 + b].fetch_add(1, Relaxed);
+        self.stats[proto::STATS_WORDS - 1].fetch_add(us, Relaxed);
+    }
+
     /// Adds request `req`'s access-log record (answered `status` with a
     /// body of `bytes`).
     pub(crate) fn log(&self, req: &crate::Request, status: u16, bytes: usize) {
@@ -331,6 +360,7 @@ impl Outbound {
 
     /// Queues the control writer's end marker (see `proto::write_batched`).
     pub(crate) fn end_ctl(&self) {
+        send_stats(&self.ctl, &self.stats);
         if let Some(buf) = self.access_log.get() {
             send_log(&self.ctl, buf);
         }
@@ -618,4 +648,20 @@ fn send_log(ctl: &mpsc::UnboundedSender<Bytes>, buf: &Mutex<Vec<u8>>) -> bool {
     frame.extend_from_slice(&h.to_bytes());
     frame.extend_from_slice(&data);
     ctl.send(Bytes::from(frame)).is_ok()
+}
+
+/// Sends the counters that moved since the last frame.
+fn send_stats(ctl: &mpsc::UnboundedSender<Bytes>, stats: &[std::sync::atomic::AtomicU64; proto::STATS_WORDS]) {
+    let words: Vec<u64> = stats.iter().map(|w| w.swap(0, std::sync::atomic::Ordering::Relaxed)).collect();
+    if words.iter().all(|w| *w == 0) {
+        return;
+    }
+    let len = proto::STATS_WORDS * 8;
+    let h = ResponseHeader { conn: 0, seq: 0, len: len as u32, flags: proto::RESP_STATS, lease: 0 };
+    let mut frame = Vec::with_capacity(len + proto::RESPONSE_HEADER_LEN);
+    frame.extend_from_slice(&h.to_bytes());
+    for w in words {
+        frame.extend_from_slice(&w.to_le_bytes());
+    }
+    let _ = ctl.send(Bytes::from(frame));
 }

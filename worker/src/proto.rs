@@ -49,6 +49,16 @@ pub const RESP_RELEASE: u32 = 8;
 /// request line, Referer, User-Agent; fields escaped by [`log_field`].
 pub const RESP_LOG: u32 = 16;
 
+/// Not a response: the worker's counters since its last such frame (conn
+/// and seq 0), [`STATS_WORDS`] little-endian u64: responses by status
+/// class (1xx..5xx), then handling time (take to answer) per bucket of
+/// [`LATENCY_BUCKETS_US`] plus one over the last, then the sum in µs.
+pub const RESP_STATS: u32 = 32;
+/// Upper bounds (µs) of the handling-time buckets.
+pub const LATENCY_BUCKETS_US: [u64; 14] = [500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000];
+/// Words in a [`RESP_STATS`] frame.
+pub const STATS_WORDS: usize = 5 + LATENCY_BUCKETS_US.len() + 1 + 1;
+
 /// A request's text for an access-log record: printable ASCII kept, `"`,
 /// `\` and anything else as `\xHH` (no tab, newline or quote survives).
 pub fn log_field(out: &mut Vec<u8>, b: &[u8]) {

@@ -1,0 +1,149 @@
+//! The metrics endpoint: `GET /metrics` in the Prometheus text format on
+//! the admin address (`[admin] metrics`), for a scraper on the host.
+//!
+//! Per pool: requests by path (kernel / slow path), queue-full
+//! rejections, queue depth per slot, workers running, started and crashed,
+//! responses by status class and the workers' handling-time histogram
+//! (both reported by the workers, see `worker::proto::RESP_STATS`). Also:
+//! the dispatcher's own answers by status class, hand-offs to the slow
+//! path by reason, the XDP guard's packets by verdict, open connections.
+
+use std::{fmt::Write as _, net::SocketAddr, sync::Arc};
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::serve::Shared;
+
+/// Largest request head the endpoint reads.
+const MAX_HEAD: usize = 8192;
+
+/// Serves the endpoint on `addr` until the process exits.
+pub async fn listen(addr: SocketAddr, shared: Arc<Shared>) -> Result<()> {
+    let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics address {addr} (field `admin.metrics`)"))?;
+    tracing::info!(%addr, "metrics on http://{addr}/metrics");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { continue };
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; MAX_HEAD];
+                let mut n = 0;
+                let status = loop {
+                    let Ok(Ok(k)) = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf[n..])).await else { return };
+                    if k == 0 {
+                        return;
+                    }
+                    n += k;
+                    let mut h = [httparse::EMPTY_HEADER; 32];
+                    let mut req = httparse::Request::new(&mut h);
+                    match req.parse(&buf[..n]) {
+                        Ok(httparse::Status::Complete(_)) => {
+                            break match (req.method, req.path) {
+                                (Some("GET"), Some("/metrics")) => 200,
+                                _ => 404,
+                            };
+                        }
+                        Ok(httparse::Status::Partial) if n < buf.len() => continue,
+                        _ => break 400,
+                    }
+                };
+                let body = if status == 200 { render(&shared) } else { "only GET /metrics is served here\n".into() };
+                let head = format!(
+                    "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    match status {
+                        200 => "OK",
+                        404 => "Not Found",
+                        _ => "Bad Request",
+                    },
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn help(out: &mut String, name: &str, kind: &str, text: &str) {
+    let _ = writeln!(out, "# HELP {name} {text}\n# TYPE {name} {kind}");
+}
+
+/// The exposition text.
+pub fn render(shared: &Shared) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    let links: Vec<_> = shared.pools.all().into_iter().filter(|l| !l.retiring.load(Relaxed)).collect();
+    let k = shared.kernel.lock().unwrap();
+    let counts: Vec<(u64, u64, u64)> = links.iter().map(|l| k.pool_requests(l.index)).collect();
+
+    help(&mut out, "dispatcher_requests_total", "counter", "Requests routed to a pool, by the path that framed them.");
+    for (l, (fast, slow, _)) in links.iter().zip(&counts) {
+        let _ = writeln!(out, "dispatcher_requests_total{{pool=\"{}\",path=\"kernel\"}} {fast}", l.name);
+        let _ = writeln!(out, "dispatcher_requests_total{{pool=\"{}\",path=\"slow\"}} {slow}", l.name);
+    }
+    help(&mut out, "dispatcher_queue_full_total", "counter", "Requests the kernel found their pool's queue full for (answered 503).");
+    for (l, (_, _, full)) in links.iter().zip(&counts) {
+        let _ = writeln!(out, "dispatcher_queue_full_total{{pool=\"{}\"}} {full}", l.name);
+    }
+    help(&mut out, "dispatcher_queue_bytes", "gauge", "Bytes queued on a worker slot's ring, not consumed yet.");
+    for l in &links {
+        for i in 0..l.slots.len() {
+            let _ = writeln!(out, "dispatcher_queue_bytes{{pool=\"{}\",slot=\"{i}\"}} {}", l.name, k.queued_bytes(l.first_slot + i));
+        }
+    }
+    drop(k);
+    help(&mut out, "dispatcher_workers", "gauge", "Worker processes running.");
+    for l in &links {
+        let n = l.slots.iter().filter(|s| s.worker.lock().unwrap().is_some()).count();
+        let _ = writeln!(out, "dispatcher_workers{{pool=\"{}\"}} {n}", l.name);
+    }
+    help(&mut out, "dispatcher_worker_starts_total", "counter", "Worker processes started (restarts and recycles included).");
+    for l in &links {
+        let _ = writeln!(out, "dispatcher_worker_starts_total{{pool=\"{}\"}} {}", l.name, l.slots.iter().map(|s| s.starts.load(Relaxed)).sum::<u64>());
+    }
+    help(&mut out, "dispatcher_worker_crashes_total", "counter", "Worker processes that exited uncleanly or were killed.");
+    for l in &links {
+        let _ = writeln!(out, "dispatcher_worker_crashes_total{{pool=\"{}\"}} {}", l.name, l.slots.iter().map(|s| s.crashes.load(Relaxed)).sum::<u64>());
+    }
+    help(&mut out, "dispatcher_responses_total", "counter", "Responses by the pool's workers, by status class (reported every second).");
+    let stats: Vec<_> = links.iter().map(|l| *l.worker_stats.lock().unwrap()).collect();
+    for (l, s) in links.iter().zip(&stats) {
+        for (c, name) in CLASSES.iter().enumerate() {
+            let _ = writeln!(out, "dispatcher_responses_total{{pool=\"{}\",class=\"{name}\"}} {}", l.name, s[c]);
+        }
+    }
+    help(&mut out, "dispatcher_handling_seconds", "histogram", "Time from a worker taking a request to its answer.");
+    for (l, s) in links.iter().zip(&stats) {
+        let buckets = &s[5..5 + worker::proto::LATENCY_BUCKETS_US.len() + 1];
+        let mut cum = 0;
+        for (i, le) in worker::proto::LATENCY_BUCKETS_US.iter().enumerate() {
+            cum += buckets[i];
+            let _ = writeln!(out, "dispatcher_handling_seconds_bucket{{pool=\"{}\",le=\"{}\"}} {cum}", l.name, *le as f64 / 1e6);
+        }
+        cum += buckets[worker::proto::LATENCY_BUCKETS_US.len()];
+        let _ = writeln!(out, "dispatcher_handling_seconds_bucket{{pool=\"{}\",le=\"+Inf\"}} {cum}", l.name);
+        let _ = writeln!(out, "dispatcher_handling_seconds_sum{{pool=\"{}\"}} {}", l.name, s[worker::proto::STATS_WORDS - 1] as f64 / 1e6);
+        let _ = writeln!(out, "dispatcher_handling_seconds_count{{pool=\"{}\"}} {cum}", l.name);
+    }
+    help(&mut out, "dispatcher_local_responses_total", "counter", "Answers the dispatcher wrote itself (errors, 503s, 502s), by status class.");
+    for (c, name) in CLASSES.iter().enumerate() {
+        let _ = writeln!(out, "dispatcher_local_responses_total{{class=\"{name}\"}} {}", shared.local_responses[c].load(Relaxed));
+    }
+    if let Ok(stats) = crate::kernel::read_stats(&shared.cfg.instance, Some(1)) {
+        help(&mut out, "dispatcher_handoffs_total", "counter", "Connections the kernel handed to the slow path, by reason.");
+        for (r, n) in &stats.handoffs {
+            let _ = writeln!(out, "dispatcher_handoffs_total{{reason=\"{r}\"}} {n}");
+        }
+        help(&mut out, "dispatcher_guard_packets_total", "counter", "Packets the XDP guard judged, by verdict.");
+        for (v, n) in &stats.guard {
+            let _ = writeln!(out, "dispatcher_guard_packets_total{{verdict=\"{v}\"}} {n}");
+        }
+    }
+    help(&mut out, "dispatcher_connections", "gauge", "Client connections open.");
+    let _ = writeln!(out, "dispatcher_connections {}", shared.conns.len());
+    out
+}
