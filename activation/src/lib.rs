@@ -378,6 +378,9 @@ async fn run(
     let mut current = current.lock_owned().await;
     // Operator stops asked for before this supervisor ran are not its.
     let mut halts = Signals::count(&signals.halt_requests);
+    // Recycles asked for before this supervisor ran are not its either; one
+    // asked for while no worker runs applies to the next.
+    let mut recycles = Signals::count(&signals.recycle_requests);
     let mut backoff = MIN_BACKOFF;
     let mut crashes: std::collections::VecDeque<Instant> = Default::default();
     // Workers that stopped pulling and are finishing what they took.
@@ -397,14 +400,18 @@ async fn run(
         }
         if Signals::count(&signals.halt_requests) != halts {
             halts = Signals::count(&signals.halt_requests);
+            // Stopped from now on, so a start asked for while the worker
+            // finishes counts.
+            let why = format!("stopped by the operator; `dispatcher start {}` starts it again", spec.pool);
+            tracing::warn!(pool = %spec.pool, "pool stopped: {why}");
+            let asked = Signals::count(&signals.start_requests);
+            slot.stopped(true, &why);
             if let Some(r) = current.as_mut() {
                 terminate(&mut r.child, r.pid, policy.shutdown_limit).await;
                 *current = None;
                 slot.exited(false);
             }
-            let why = format!("stopped by the operator; `dispatcher start {}` starts it again", spec.pool);
-            tracing::warn!(pool = %spec.pool, "pool stopped: {why}");
-            if !wait_for_start(&spec, &mut slot, &signals, &mut stop, &why).await {
+            if !wait_for_start(&spec, &mut slot, &signals, &mut stop, asked).await {
                 return finish_draining(draining).await;
             }
             crashes.clear();
@@ -429,13 +436,25 @@ async fn run(
                 let Running { child, pid, started, start_consumed } = r;
                 let (pid, started, start_consumed) = (*pid, *started, *start_consumed);
                 let mut hand_off = false;
-                let mut recycles = Signals::count(&signals.recycle_requests);
                 let mut tick = tokio::time::interval(policy.ping.map_or(STARTUP_CHECK, |p| p.0.min(STARTUP_CHECK)));
                 let mut recycling: Option<Instant> = None;
                 let mut ready = false;
                 let mut last = None;
                 let mut stuck_since: Option<Instant> = None;
                 let crashed = loop {
+                    // Operator requests, looked at after whatever woke us
+                    // (`ops`, or at worst the tick), so none is missed.
+                    if Signals::count(&signals.halt_requests) != halts {
+                        // Handled at the loop's top, worker included.
+                        break false;
+                    }
+                    if Signals::count(&signals.recycle_requests) != recycles && recycling.is_none() {
+                        recycles = Signals::count(&signals.recycle_requests);
+                        tracing::info!(pool = %spec.pool, pid, "recycling the worker: asked by the operator");
+                        recycling = Some(Instant::now());
+                        // SAFETY: signalling our own child.
+                        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                    }
                     tokio::select! {
                         status = child.wait() => break match status {
                             Ok(s) if s.success() => {
@@ -465,19 +484,7 @@ async fn run(
                             }
                         }
                         _ = signals.fault.notified() => panic!("fault injected: supervisor of pool `{}` panics", spec.pool),
-                        _ = signals.ops.notified() => {
-                            if Signals::count(&signals.halt_requests) != halts {
-                                // Handled at the loop's top, worker included.
-                                break false;
-                            }
-                            if Signals::count(&signals.recycle_requests) != recycles && recycling.is_none() {
-                                recycles = Signals::count(&signals.recycle_requests);
-                                tracing::info!(pool = %spec.pool, pid, "recycling the worker: asked by the operator");
-                                recycling = Some(Instant::now());
-                                // SAFETY: signalling our own child.
-                                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-                            }
-                        }
+                        _ = signals.ops.notified() => {}
                         _ = tick.tick() => {
                             if recycling.is_some_and(|t| t.elapsed() >= policy.shutdown_limit) {
                                 tracing::warn!(pool = %spec.pool, pid, "worker did not finish within the shutdown time limit; killing it");
@@ -568,7 +575,9 @@ async fn run(
                     spec.pool
                 );
                 tracing::error!(pool = %spec.pool, "pool stopped: {why}");
-                if !wait_for_start(&spec, &mut slot, &signals, &mut stop, &why).await {
+                let asked = Signals::count(&signals.start_requests);
+                slot.stopped(true, &why);
+                if !wait_for_start(&spec, &mut slot, &signals, &mut stop, asked).await {
                     return finish_draining(draining).await;
                 }
                 crashes.clear();
@@ -588,14 +597,12 @@ async fn run(
     }
 }
 
-/// Marks the pool stopped (its requests get 503), waits until someone
-/// asks to start it again, and marks it running. False if the supervisor
+/// Waits (the pool marked stopped: its requests get 503) until someone
+/// asks to start it again, that is until the start count passes `asked`
+/// (its value when the stop was recorded: a stale wake-up from an earlier
+/// start does not count), and marks it running. False if the supervisor
 /// is stopped meanwhile.
-async fn wait_for_start(spec: &WorkerSpec, slot: &mut impl Slot, signals: &Signals, stop: &mut watch::Receiver<bool>, why: &str) -> bool {
-    let asked = Signals::count(&signals.start_requests);
-    slot.stopped(true, why);
-    // Only a start asked for after this stop counts (a stale wake-up from
-    // an earlier one does not).
+async fn wait_for_start(spec: &WorkerSpec, slot: &mut impl Slot, signals: &Signals, stop: &mut watch::Receiver<bool>, asked: u64) -> bool {
     while Signals::count(&signals.start_requests) == asked {
         tokio::select! {
             _ = signals.start.notified() => {}

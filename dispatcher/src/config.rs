@@ -413,6 +413,9 @@ impl Config {
                 return Err(cx.err(Some(p.command.span()), format!("pool `{name}`: field `command` is empty")));
             }
             let queue_bytes = p.queue_bytes.as_ref().map(|q| *q.get_ref()).unwrap_or(DEFAULT_QUEUE_BYTES);
+            // Only steers the slot choice; the queue limit applies to the
+            // real depth. Past the limit it would keep spare slots idle.
+            let scale_out_queue_bytes = p.scale_out_queue_bytes.unwrap_or(DEFAULT_SCALE_OUT_QUEUE_BYTES).min(queue_bytes / 2);
             let ring_bytes = match &p.ring_bytes {
                 Some(r) => {
                     let v = *r.get_ref();
@@ -483,7 +486,7 @@ impl Config {
                 group: p.group.clone(),
                 max_processes,
                 min_processes,
-                scale_out_queue_bytes: p.scale_out_queue_bytes.unwrap_or(DEFAULT_SCALE_OUT_QUEUE_BYTES),
+                scale_out_queue_bytes,
                 recycle_requests: p.recycle_requests.unwrap_or(0),
                 recycle_interval_secs: p.recycle_interval_secs.unwrap_or(DEFAULT_RECYCLE_INTERVAL_SECS),
                 recycle_private_memory_kib: p.recycle_private_memory_kib.unwrap_or(0),
@@ -498,6 +501,10 @@ impl Config {
                 .map(|c| parse_cidr(c.get_ref()).map_err(|e| cx.err(Some(c.span()), format!("field `guard.{field}`: {e}"))))
                 .collect::<Result<Vec<_>, _>>()
         };
+        const MAX_SYN_RATE: u32 = 1_000_000;
+        if raw.guard.syn_rate_per_sec.unwrap_or(0) > MAX_SYN_RATE || raw.guard.syn_burst.unwrap_or(0) > MAX_SYN_RATE {
+            return Err(cx.err(None, format!("fields `guard.syn_rate_per_sec` and `guard.syn_burst` must be at most {MAX_SYN_RATE}")));
+        }
         let guard = Guard {
             allow: cidrs(&raw.guard.allow, "allow")?,
             deny: cidrs(&raw.guard.deny, "deny")?,

@@ -295,6 +295,7 @@ impl Conn {
             if idle >= Duration::from_secs(cfg.response_timeout_secs) {
                 tracing::warn!(conn = self.cookie, seq = self.next, "no response in time; answering 504");
                 let r = local_response(504, "the worker did not answer in time", true, false);
+                self.note_local(504, &r);
                 self.write(&r).await;
                 return Flow::Close;
             }
@@ -303,6 +304,7 @@ impl Conn {
         if partial_head && idle >= header {
             tracing::debug!(conn = self.cookie, "request not received in time; answering 408");
             let r = local_response(408, "the request did not arrive in time", true, false);
+            self.note_local(408, &r);
             self.write(&r).await;
             return Flow::Close;
         }
@@ -577,13 +579,19 @@ impl Conn {
             data.truncate(end);
         }
         let data = Bytes::from(data);
+        self.note_local(status, &data);
+        self.shared.kernel.lock().unwrap().count_slow(None, 0, 1);
+        self.on_frame(Frame::whole(seq, data, close)).await
+    }
+
+    /// Counts (metrics) and logs (access log) an answer of the
+    /// dispatcher's own.
+    fn note_local(&mut self, status: u16, data: &[u8]) {
         self.shared.local_responses[((status / 100) as usize).clamp(1, 5) - 1].fetch_add(1, Ordering::Relaxed);
         if let Some(log) = &self.shared.access_log {
             let body = data.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |p| data.len() - p - 4);
             log.local(self.shared.conns.peer(self.cookie), &std::mem::take(&mut self.request_line), status, body);
         }
-        self.shared.kernel.lock().unwrap().count_slow(None, 0, 1);
-        self.on_frame(Frame::whole(seq, data, close)).await
     }
 
     fn start_slow(&mut self) -> Option<Vec<u8>> {
@@ -757,6 +765,13 @@ impl Conn {
     }
 
     fn cleanup(&mut self) {
+        // A request body the kernel was copying to a worker stops short:
+        // tell its pool's workers, or the partial request would keep a
+        // recycling worker from ever stopping.
+        let mid_body = self.shared.kernel.lock().unwrap().conn_state(self.cookie).filter(|st| st.mode != MODE_SLOW && st.body_left > 0);
+        if let Some(link) = mid_body.and_then(|st| self.shared.pools.get(st.pool)) {
+            link.abort(self.cookie);
+        }
         if let Sock::Parked(s) = &self.sock {
             self.shared.parking.unpark(s);
         }

@@ -103,11 +103,16 @@ fn command(shared: &Shared, line: &str) -> String {
         },
         (Some("pool-start" | "start"), Some(name), None) => match shared.pools.named(name) {
             None => format!("error: no pool named `{name}`"),
-            Some(p) if p.stopped().is_none() => format!("ok: pool `{name}` is running"),
             Some(p) => {
+                // Asked for in any case: a stop a supervisor has not seen
+                // yet is recorded against the count as it is then.
+                let was_stopped = p.stopped().is_some();
                 p.request_start();
                 tracing::info!(pool = %name, "start requested on the control socket");
-                format!("ok: pool `{name}` starting")
+                match was_stopped {
+                    true => format!("ok: pool `{name}` starting"),
+                    false => format!("ok: pool `{name}` is running"),
+                }
             }
         },
         (Some("fault"), Some("supervisor-panic"), Some(name)) if std::env::var_os("DISPATCHER_FAULTS").is_some_and(|v| v == "1") => {

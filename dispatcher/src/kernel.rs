@@ -238,6 +238,14 @@ impl Kernel {
             update_fd_elem(self.map_raw_fd("rings")?, i as u32, ring_fd).with_context(|| format!("setting slot {i} in `rings`"))?;
         }
         self.pool_slots[index as usize] = p.max_processes;
+        // A reused index starts from zero, not from the retired pool's counts.
+        {
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
+            let mut pc: PerCpuArray<&mut MapData, PoolCounters> = PerCpuArray::try_from(self.map("pool_stats")?)?;
+            pc.set(index, aya::maps::PerCpuValues::try_from(vec![PoolCounters::default(); cpus])?, 0).context("zeroing `pool_stats`")?;
+            let mut slow: Array<&mut MapData, SlowCounters> = Array::try_from(self.map("slow_stats")?)?;
+            slow.set(index, SlowCounters::default(), 0).context("zeroing `slow_stats`")?;
+        }
         let mut pools: Array<&mut MapData, PoolInfo> = Array::try_from(self.map("pools")?)?;
         let info = PoolInfo { first_slot: first_slot as u32, slots: p.max_processes, queue_bytes: p.queue_bytes, scale_out_bytes: p.scale_out_queue_bytes };
         pools.set(index, info, 0).context("writing `pools`")?;
@@ -302,12 +310,23 @@ impl Kernel {
         let old = std::mem::take(&mut self.route_keys);
         let mut trie: LpmTrie<&mut MapData, RouteKeyData, RouteValue> = LpmTrie::try_from(self.map("routes")?)?;
         let mut err = None;
+        let mut failed = Vec::new();
         for (k, pool) in &want {
             if old.get(k) != Some(pool) {
                 if let Err(e) = trie.insert(&Key::new(k.0, k.1), RouteValue { pool: *pool, _pad: 0 }, 0) {
                     err.get_or_insert(anyhow!("inserting a route key: {e}"));
+                    failed.push(*k);
                 }
             }
+        }
+        // What the table really holds: a key that failed keeps its old
+        // value, if it had one, and is written again by the next reload.
+        let mut want = want;
+        for k in failed {
+            match old.get(&k) {
+                Some(p) => want.insert(k, *p),
+                None => want.remove(&k),
+            };
         }
         for k in old.keys() {
             if !want.contains_key(k) {
@@ -488,6 +507,27 @@ impl Kernel {
             self.write_guard_config(None)?;
         }
         Ok(true)
+    }
+
+    /// Makes the guard's lists and rate limit what `g` says (a reload:
+    /// the file wins over earlier live changes). Returns whether anything
+    /// changed.
+    pub fn guard_replace(&mut self, g: &crate::config::Guard, port: u16) -> Result<bool> {
+        let mut changed = false;
+        for (list, want) in [(GuardList::Deny, &g.deny), (GuardList::Allow, &g.allow)] {
+            let have: Vec<ipnet::IpNet> =
+                if matches!(list, GuardList::Deny) { &self.guard_deny } else { &self.guard_allow }.iter().copied().collect();
+            for n in have.iter().filter(|n| !want.contains(n)) {
+                changed |= self.guard_list(list, *n, false)?;
+            }
+            for n in want {
+                changed |= self.guard_list(list, *n, true)?;
+            }
+        }
+        let before = self.map("guard_config").ok().and_then(|m| Array::<&MapData, GuardConfig>::try_from(&*m).ok()?.get(&0, 0).ok());
+        self.write_guard_config(Some((port, g.syn_rate_per_sec, g.syn_burst)))?;
+        let after = self.map("guard_config").ok().and_then(|m| Array::<&MapData, GuardConfig>::try_from(&*m).ok()?.get(&0, 0).ok());
+        Ok(changed || before != after)
     }
 
     /// The guard's state: where it is attached, its lists, its counters.

@@ -572,6 +572,10 @@ impl activation::Slot for PoolSlot {
     fn exited(&mut self, crashed: bool) {
         let s = &self.link.slots[self.local];
         *s.worker.lock().unwrap() = None;
+        // A worker that stopped pulling is still finishing what it took,
+        // but takes nothing more: later slow-path records wait for (and
+        // ask for) the next one.
+        s.ctl.lock().unwrap().tx = None;
         if crashed {
             s.crashes.fetch_add(1, Ordering::Relaxed);
         }

@@ -14,8 +14,12 @@
 //!   Only after that are its index and slots reused;
 //! - a removed pool retires the same way.
 //!
-//! Settings outside the pools (listen address, time-outs…) belong to the
-//! running process; a reload that changes them is refused, naming them.
+//! The XDP guard's lists and limits become the file's (live changes made
+//! with `dispatcher guard` and not written to the file are undone).
+//!
+//! Other settings outside the pools (listen address, time-outs…) belong
+//! to the running process; a reload that changes them is refused, naming
+//! them.
 
 use std::{
     collections::HashMap,
@@ -134,6 +138,8 @@ pub struct Summary {
     pub changed: Vec<String>,
     pub removed: Vec<String>,
     pub routes_changed: Vec<String>,
+    /// The XDP guard's lists or limits changed.
+    pub guard: bool,
 }
 
 impl std::fmt::Display for Summary {
@@ -143,6 +149,9 @@ impl std::fmt::Display for Summary {
             if !v.is_empty() {
                 parts.push(format!("{what}: {}", v.join(", ")));
             }
+        }
+        if self.guard {
+            parts.push("guard lists and limits".into());
         }
         if parts.is_empty() {
             return write!(f, "nothing changed");
@@ -264,11 +273,18 @@ pub async fn apply(shared: &Arc<Shared>, cfg: &Config) -> Result<Summary> {
         .filter(|l| !l.retiring.load(Ordering::Relaxed))
         .map(|l| (l.index, l.def.lock().unwrap().routes.clone()))
         .collect();
-    shared.kernel.lock().unwrap().set_routes(table.iter().map(|(i, r)| (*i, &r[..]))).context("writing the route table")?;
+    let routed = shared.kernel.lock().unwrap().set_routes(table.iter().map(|(i, r)| (*i, &r[..])));
+    match shared.kernel.lock().unwrap().guard_replace(&cfg.guard, cfg.listen.port()) {
+        Ok(true) => summary.guard = true,
+        Ok(false) => {}
+        Err(e) => tracing::error!("applying `[guard]`: {e:#}"),
+    }
+    // The pools changed whatever the table says: the old ones retire.
     for l in retire {
         tokio::spawn(retire_pool(shared.clone(), l));
     }
     reg.write_names();
+    routed.context("the pools changed, but writing the route table failed (some routes keep their old pool; reload again)")?;
     Ok(summary)
 }
 
@@ -349,9 +365,7 @@ fn unchanged_globals(old: &Config, new: &Config) -> Result<()> {
         access_log as "log.access",
         metrics as "admin.metrics"
     );
-    if old.guard != new.guard {
-        changed.push("`[guard]` (change its lists live with `dispatcher guard`)".into());
-    }
+
     if !changed.is_empty() {
         bail!("a reload cannot change {}; restart the dispatcher to apply them (nothing was changed)", changed.join(", "));
     }

@@ -218,3 +218,56 @@ fn the_metrics_endpoint_is_prometheus_text_and_its_counters_move() {
     assert_eq!(after["dispatcher_workers{pool=\"p\"}"], 1.0);
     assert!(after.contains_key("dispatcher_guard_packets_total{verdict=\"passed\"}"));
 }
+
+#[test]
+fn a_start_right_after_a_stop_is_not_lost() {
+    if !privileged() {
+        return;
+    }
+    let d = two_pools();
+    assert_eq!(d.connect().get("x", "/api/1").status, 200);
+    // The worker takes a while to stop (it is busy): the start comes in
+    // meanwhile.
+    let mut slow = d.connect();
+    slow.send(b"GET /api/delay/1000/x HTTP/1.1\r\nHost: x\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(d.cli(&["stop", "api"]).0);
+    assert!(d.cli(&["start", "api"]).0);
+    assert_eq!(slow.read_response().status, 200);
+    let t0 = Instant::now();
+    while d.connect().get("x", "/api/2").status != 200 {
+        assert!(t0.elapsed() < SETTLE, "the pool stayed stopped after stop + start: {}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_client_gone_mid_upload_does_not_hold_up_a_recycle() {
+    if !privileged() {
+        return;
+    }
+    let d = Dispatcher::start(
+        &[PoolDef { extra: "start_mode = \"always-running\"\nshutdown_time_limit_secs = 60", ..PoolDef::echo("p", &["*/"]) }],
+        "",
+    );
+    let first = worker_pid(&d.connect().get("x", "/one"));
+    // A body the kernel copies to the worker, cut short by the client.
+    let mut c = d.connect();
+    c.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 30000\r\n\r\n");
+    c.send(&[b'x'; 1000]);
+    std::thread::sleep(Duration::from_millis(200));
+    drop(c);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(d.cli(&["recycle", "p"]).0);
+    let t0 = Instant::now();
+    loop {
+        let r = d.connect().get("x", "/two");
+        assert_eq!(r.status, 200);
+        if worker_pid(&r) != first {
+            break;
+        }
+        assert!(t0.elapsed() < SETTLE, "the worker never stopped pulling: {}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(d.wait_log(SETTLE, |l| l.contains("worker exited (finished)")), "{}", d.log());
+}

@@ -373,7 +373,12 @@ impl Worker {
 }
 
 fn deliver(reassembly: &mut Reassembly, ready: &mut VecDeque<Raw>, responder: &Responder, hdr: &RecordHeader, data: &[u8]) {
-    if hdr.kind == dispatcher_ebpf::abi::RECORD_HEAD && hdr.flags & dispatcher_ebpf::abi::REC_SLOW == 0 {
+    if hdr.kind == proto::RECORD_ABORT {
+        // The connection is gone: nothing of it is owed any more.
+        if let Some(l) = &responder.out.loose {
+            l.take_out(hdr.conn);
+        }
+    } else if hdr.kind == dispatcher_ebpf::abi::RECORD_HEAD && hdr.flags & dispatcher_ebpf::abi::REC_SLOW == 0 && !reassembly.is_aborted(hdr.conn) {
         // Ours from its head on (the rest of its body follows on this
         // ring, which the next worker would not know what to do with):
         // traced, so a crash answers it 502.

@@ -395,6 +395,18 @@ impl Outbound {
     /// dispatcher.
     fn release(&self, map: &mut HashMap<u64, Entry>, conn: u64) {
         let Some(Entry::Leased(l)) = map.remove(&conn) else { return };
+        // The dispatcher lets go of the lease's trace with the release:
+        // what is taken and not answered is traced as loose from here on
+        // (before the frames below, whose writing clears it).
+        if let (Some(loose), Some(e)) = (&self.loose, l.trace.as_ref().and_then(|(m, i)| m.entry(*i))) {
+            let t = e.read();
+            for back in (1..=64u32.min(t.taken)).rev() {
+                let seq = t.taken - back;
+                if t.in_flight & (1u64 << (seq % 64)) != 0 {
+                    loose.taken(conn, seq);
+                }
+            }
+        }
         let first = l.backlog.front().map_or(l.next, |(s, _, _)| *s);
         let h = ResponseHeader { conn, seq: first, len: 0, flags: RESP_RELEASE, lease: l.gen };
         let _ = self.ctl.send(Bytes::copy_from_slice(&h.to_bytes()));

@@ -42,17 +42,37 @@ struct Partial {
 #[derive(Default)]
 pub struct Reassembly {
     partial: HashMap<(u64, u32), Partial>,
+    /// Connections aborted lately (cookies are never reused): records of
+    /// theirs still on the ring behind the abort are dropped.
+    aborted: std::collections::HashSet<u64>,
+    aborted_order: std::collections::VecDeque<u64>,
 }
 
+/// Aborted connections remembered.
+const ABORTED_KEPT: usize = 4096;
+
 impl Reassembly {
+    /// Connection `conn` was aborted (its records are dropped).
+    pub fn is_aborted(&self, conn: u64) -> bool {
+        self.aborted.contains(&conn)
+    }
+
     /// Feeds one record; returns the request it completed, if any.
     pub fn push(&mut self, hdr: &RecordHeader, data: &[u8]) -> Option<Done> {
         let key = (hdr.conn, hdr.seq);
         match hdr.kind {
             RECORD_ABORT => {
                 self.partial.retain(|(c, _), _| *c != hdr.conn);
+                if self.aborted.insert(hdr.conn) {
+                    self.aborted_order.push_back(hdr.conn);
+                    if self.aborted_order.len() > ABORTED_KEPT {
+                        let old = self.aborted_order.pop_front().expect("non-empty");
+                        self.aborted.remove(&old);
+                    }
+                }
                 None
             }
+            _ if self.aborted.contains(&hdr.conn) => None,
             RECORD_HEAD => {
                 let from_kernel = hdr.flags & REC_SLOW == 0;
                 let head = Bytes::copy_from_slice(data);

@@ -35,8 +35,6 @@ const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 /// One SYN in the token bucket's units (see `RateState`).
 const TOKEN: u64 = 1_000_000_000;
-/// Longest refill interval counted (keeps rate × elapsed in a u64).
-const MAX_ELAPSED_NS: u64 = 10_000_000_000;
 
 /// The source and the TCP header of a packet worth judging.
 struct Tcp {
@@ -96,8 +94,13 @@ fn take_token(src: &[u8; 16], cfg: &GuardConfig) -> bool {
     };
     // SAFETY: a value of the LRU map; see above for concurrent updates.
     let st = unsafe { &mut *st };
-    let elapsed = now.saturating_sub(st.last_ns).min(MAX_ELAPSED_NS);
-    let tokens = (st.tokens + elapsed * cfg.syn_rate as u64).min(cap);
+    // Refill for no longer than an empty bucket takes to fill: the
+    // product stays below `cap` (no overflow), and a long-idle source
+    // gets its whole burst back.
+    let rate = cfg.syn_rate as u64;
+    let elapsed = now.saturating_sub(st.last_ns).min(cap / rate + 1);
+    // elapsed × rate <= cap + rate: no overflow.
+    let tokens = (st.tokens.min(cap) + elapsed * rate).min(cap);
     st.last_ns = now;
     if tokens < TOKEN {
         st.tokens = tokens;

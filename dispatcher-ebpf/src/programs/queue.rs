@@ -123,6 +123,9 @@ pub fn push_head(
     let home = (cookie % slots as u64) as u32;
     let mut best = info.first_slot;
     let mut best_q = u64::MAX;
+    // The chosen slot's real depth (best_q may include the scale-out
+    // penalty, which steers the choice but is no queued data).
+    let mut best_depth = 0u64;
     let mut i = 0;
     while i < MAX_GARDEN {
         if i >= slots {
@@ -135,12 +138,14 @@ pub fn push_head(
         }
         if let Some(r) = ring_ptr(slot) {
             // SAFETY: `r` is a ring buffer map.
-            let mut q = unsafe { bpf_ringbuf_query(r, BPF_RB_AVAIL_DATA as u64) };
+            let depth = unsafe { bpf_ringbuf_query(r, BPF_RB_AVAIL_DATA as u64) };
+            let mut q = depth;
             if slots > 1 && read_awake(awake_flag(slot)) == RING_AWAKE_NO_WORKER {
                 q += info.scale_out_bytes as u64;
             }
             if q < best_q {
                 best_q = q;
+                best_depth = depth;
                 best = slot;
             }
         }
@@ -148,7 +153,7 @@ pub fn push_head(
     }
     let Some(ring) = ring_ptr(best) else { return Err(reason::NO_RING) };
     let need = RECORD_HEADER_LEN as u64 + end as u64 + RING_OVERHEAD + body_space(content_length);
-    if best_q.saturating_add(need) > info.queue_bytes as u64 {
+    if best_depth.saturating_add(need) > info.queue_bytes as u64 {
         count_queue_full(pool);
         return Err(reason::QUEUE_FULL);
     }
