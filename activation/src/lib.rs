@@ -458,7 +458,7 @@ async fn run(
                     tokio::select! {
                         status = child.wait() => break match status {
                             Ok(s) if s.success() => {
-                                tracing::info!(pool = %spec.pool, pid, "worker exited (idle)");
+                                tracing::info!(pool = %spec.pool, pid, "worker exited cleanly (idle, recycled or stopped)");
                                 false
                             }
                             Ok(s) => {

@@ -80,7 +80,7 @@ fn an_idle_worker_exits_and_the_next_request_starts_another_on_the_same_connecti
     for i in 0..5 {
         assert_eq!(worker_pid(&c.get("x", &format!("/b{i}"))), first);
     }
-    assert!(d.wait_log(IDLE_EXIT_LIMIT, |l| l.contains("worker exited (idle)")), "{}", d.log());
+    assert!(d.wait_log(IDLE_EXIT_LIMIT, |l| l.contains("worker exited cleanly")), "{}", d.log());
     assert!(d.workers().is_empty(), "{:?}", d.workers());
     // It gave the connection back before exiting: the connection goes on.
     let r = c.get("x", "/after-idle");
