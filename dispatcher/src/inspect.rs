@@ -69,18 +69,20 @@ pub fn pools(shared: &Shared) -> Value {
 /// The effective route table in match order: explicit hosts before `*`,
 /// then the longest prefix first (what the kernel's lookup does).
 pub fn routes(shared: &Shared) -> Value {
+    Value::Array(route_rows(shared).into_iter().map(|(host, prefix, pool, _)| json!({ "host": host, "prefix": prefix, "pool": pool })).collect())
+}
+
+/// The live pools' routes in match order: (host or `*`, prefix, pool
+/// name, pool index).
+pub fn route_rows(shared: &Shared) -> Vec<(String, String, String, u32)> {
     let mut rows = Vec::new();
     for l in shared.pools.all().into_iter().filter(|l| !l.retiring.load(Ordering::Relaxed)) {
         for r in &l.def.lock().unwrap().routes {
-            rows.push((r.host.clone(), r.prefix.clone(), l.name.clone()));
+            rows.push((r.host.clone(), r.prefix.clone(), l.name.clone(), l.index));
         }
     }
     rows.sort_by(|a, b| (a.0.is_none(), std::cmp::Reverse(a.1.len()), &a.0, &a.1).cmp(&(b.0.is_none(), std::cmp::Reverse(b.1.len()), &b.0, &b.1)));
-    Value::Array(
-        rows.into_iter()
-            .map(|(host, prefix, pool)| json!({ "host": host.unwrap_or_else(|| "*".into()), "prefix": prefix, "pool": pool }))
-            .collect(),
-    )
+    rows.into_iter().map(|(h, p, n, i)| (h.unwrap_or_else(|| "*".into()), p, n, i)).collect()
 }
 
 /// Live queue depth per pool slot.

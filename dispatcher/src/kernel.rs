@@ -51,6 +51,8 @@ pub struct Kernel {
     guard_allow: std::collections::BTreeSet<ipnet::IpNet>,
     guard_deny: std::collections::BTreeSet<ipnet::IpNet>,
     guard_at: Option<(String, &'static str)>,
+    /// The readable list of routes (see `route_names`).
+    route_names: Option<crate::route_names::RouteNames>,
 }
 
 /// One worker slot's kernel objects: its ring, its awake flag (see
@@ -177,6 +179,7 @@ impl Kernel {
             guard_allow: Default::default(),
             guard_deny: Default::default(),
             guard_at: None,
+            route_names: None,
         };
         // On failure `k` drops here, which removes the pins made so far.
         k.configure(cfg)?;
@@ -337,6 +340,15 @@ impl Kernel {
         err.map_or(Ok(()), Err)
     }
 
+    /// Lists the routes readably in `route_names`: (host or `*`, prefix,
+    /// pool name, pool index), in match order.
+    pub fn list_routes(&mut self, rows: &[(String, String, String, u32)]) -> Result<()> {
+        match &mut self.route_names {
+            Some(r) => r.set(rows),
+            None => Ok(()),
+        }
+    }
+
     fn map_raw_fd(&mut self, name: &str) -> Result<std::os::fd::RawFd> {
         let m = self.map(name)?;
         let data: &MapData = match m {
@@ -399,6 +411,7 @@ impl Kernel {
             ops.pin(self.pin_dir.join("track_conn")).context("pinning track_conn")?;
         }
         self.setup_guard(cfg)?;
+        self.route_names = Some(crate::route_names::RouteNames::create(&self.pin_dir.join("route_names"))?);
         for name in [
             "conns",
             "conn_state",

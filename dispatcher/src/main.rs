@@ -19,6 +19,7 @@ mod metrics;
 mod parking;
 mod pools;
 mod registry;
+mod route_names;
 mod serve;
 mod slow;
 

@@ -274,6 +274,10 @@ pub async fn apply(shared: &Arc<Shared>, cfg: &Config) -> Result<Summary> {
         .map(|l| (l.index, l.def.lock().unwrap().routes.clone()))
         .collect();
     let routed = shared.kernel.lock().unwrap().set_routes(table.iter().map(|(i, r)| (*i, &r[..])));
+    let rows = crate::inspect::route_rows(shared);
+    if let Err(e) = shared.kernel.lock().unwrap().list_routes(&rows) {
+        tracing::warn!("listing the routes in `route_names`: {e:#}");
+    }
     match shared.kernel.lock().unwrap().guard_replace(&cfg.guard, cfg.listen.port()) {
         Ok(true) => summary.guard = true,
         Ok(false) => {}

@@ -273,3 +273,38 @@ fn a_client_gone_mid_upload_does_not_hold_up_a_recycle() {
     assert!(d.wait_log(SETTLE, |l| l.contains("worker exited (finished)") || l.contains("worker exited cleanly")), "{}", d.log());
     assert!(!d.log().contains("did not finish within the shutdown time limit"), "{}", d.log());
 }
+
+#[test]
+fn bpftool_prints_the_routes_readably() {
+    if !privileged() {
+        return;
+    }
+    let d = two_pools();
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(d.pin_dir().join("route_names"))
+        .output()
+        .expect("running bpftool");
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let mut rows: Vec<(u64, String, String, String)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let f = &e["formatted"];
+            let s = |k: &str| f["value"][k].as_str().unwrap_or_else(|| panic!("no {k} in {e}")).to_string();
+            (f["key"].as_u64().unwrap(), s("host"), s("prefix"), s("pool"))
+        })
+        .collect();
+    rows.sort();
+    let rows: Vec<(String, String, String)> = rows.into_iter().map(|(_, h, p, n)| (h, p, n)).collect();
+    let want = [("api.example", "/v1/", "api"), ("*", "/api", "api"), ("*", "/", "web")];
+    assert_eq!(rows, want.map(|(h, p, n)| (h.to_string(), p.to_string(), n.to_string())));
+    // A reload rewrites it.
+    d.rewrite(&[PoolDef::echo("web", &["*/", "*/new/"])], "");
+    assert!(d.reload().0);
+    let out = std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(d.pin_dir().join("route_names")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\"/new/\"") && !text.contains("api.example"), "{text}");
+}
