@@ -287,8 +287,10 @@ pub trait Slot: Send + 'static {
     fn stopped(&mut self, stopped: bool, why: &str);
     /// The worker's progress on its queue.
     fn progress(&mut self) -> Progress;
-    /// Worker `pid` runs on the slot now (started or adopted).
+    /// Worker `pid` was started on the slot.
     fn started(&mut self, _pid: u32) {}
+    /// A new supervisor took over running worker `pid` (see `supervise`).
+    fn adopted(&mut self, _pid: u32) {}
     /// The slot's worker is gone (`crashed`: not a clean exit).
     fn exited(&mut self, _crashed: bool) {}
 }
@@ -420,7 +422,7 @@ async fn run(
         }
         if let Some(r) = current.as_ref() {
             tracing::info!(pool = %spec.pool, pid = r.pid, "taking over the running worker");
-            slot.started(r.pid);
+            slot.adopted(r.pid);
         } else if let Err(crash) = start(&spec, &policy, &mut slot, &signals, &mut stop, &mut current, halts).await {
             match crash {
                 None => return finish_draining(draining).await,

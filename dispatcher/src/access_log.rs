@@ -7,7 +7,9 @@
 //! address and logs its own answers (404, 503, 502, 408…). Lines go to a
 //! writer task through a channel, off the connections' path, and are
 //! flushed at least every 100 ms. SIGUSR1 reopens the file (rotate by
-//! renaming it, then signalling).
+//! renaming it, then signalling); with a size limit, the writer renames
+//! the file to `<file>.1` itself (replacing an older one) once it passes
+//! the limit.
 
 use std::{
     io::Write,
@@ -30,10 +32,10 @@ pub struct AccessLog {
 
 impl AccessLog {
     /// Opens (creates, appends to) `path` and starts the writer task.
-    pub fn open(path: &Path) -> Result<AccessLog> {
+    pub fn open(path: &Path, max_bytes: u64) -> Result<AccessLog> {
         let file = open_file(path)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write(path.to_path_buf(), file, rx));
+        tokio::spawn(write(path.to_path_buf(), file, rx, max_bytes));
         Ok(AccessLog { tx })
     }
 
@@ -104,7 +106,8 @@ fn open_file(path: &Path) -> Result<std::fs::File> {
         .with_context(|| format!("opening the access log {}", path.display()))
 }
 
-async fn write(path: PathBuf, file: std::fs::File, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+async fn write(path: PathBuf, file: std::fs::File, mut rx: mpsc::UnboundedReceiver<Vec<u8>>, max_bytes: u64) {
+    let mut size = file.metadata().map_or(0, |m| m.len());
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, file);
     let mut tick = tokio::time::interval(FLUSH);
     let Ok(mut usr1) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()) else { return };
@@ -114,6 +117,20 @@ async fn write(path: PathBuf, file: std::fs::File, mut rx: mpsc::UnboundedReceiv
                 Some(b) => {
                     if let Err(e) = out.write_all(&b) {
                         tracing::warn!(path = %path.display(), "writing the access log: {e}");
+                    }
+                    size += b.len() as u64;
+                    if max_bytes > 0 && size >= max_bytes {
+                        let _ = out.flush();
+                        let mut old = path.clone().into_os_string();
+                        old.push(".1");
+                        match std::fs::rename(&path, &old).map_err(anyhow::Error::from).and_then(|_| open_file(&path)) {
+                            Ok(f) => {
+                                out = std::io::BufWriter::with_capacity(64 * 1024, f);
+                                size = 0;
+                                tracing::info!(path = %path.display(), "access log rotated (size limit)");
+                            }
+                            Err(e) => tracing::error!(path = %path.display(), "rotating the access log: {e:#}"),
+                        }
                     }
                 }
                 None => {

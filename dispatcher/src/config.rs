@@ -97,6 +97,7 @@ struct RawAdmin {
 #[serde(deny_unknown_fields)]
 struct RawLog {
     access: Option<String>,
+    access_max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -250,8 +251,10 @@ pub struct Config {
     /// Interface the XDP guard is attached to (none: no guard).
     pub iface: Option<String>,
     pub guard: Guard,
-    /// The access log's file (none: no access log).
+    /// The access log's file (none: no access log), and the size past
+    /// which it is rotated (renamed to `<file>.1`; 0: never).
     pub access_log: Option<PathBuf>,
+    pub access_log_max_bytes: u64,
     /// Where `GET /metrics` is served (none: nowhere).
     pub metrics: Option<SocketAddr>,
     /// Directory relative worker arguments and commands resolve against.
@@ -530,6 +533,7 @@ impl Config {
                 })?),
                 None => None,
             },
+            access_log_max_bytes: raw.log.access_max_bytes.unwrap_or(0),
             access_log: raw.log.access.filter(|a| !a.is_empty()).map(|a| base_dir.join(a)),
             base_dir,
         })

@@ -569,6 +569,11 @@ impl activation::Slot for PoolSlot {
         s.starts.fetch_add(1, Ordering::Relaxed);
     }
 
+    fn adopted(&mut self, pid: u32) {
+        let s = &self.link.slots[self.local];
+        s.worker.lock().unwrap().get_or_insert((pid, std::time::Instant::now()));
+    }
+
     fn exited(&mut self, crashed: bool) {
         let s = &self.link.slots[self.local];
         *s.worker.lock().unwrap() = None;

@@ -367,6 +367,7 @@ fn unchanged_globals(old: &Config, new: &Config) -> Result<()> {
         keepalive_timeout_secs as "limits.keepalive_timeout_secs",
         iface as "iface",
         access_log as "log.access",
+        access_log_max_bytes as "log.access_max_bytes",
         metrics as "admin.metrics"
     );
 

@@ -77,7 +77,7 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
         parking,
         started: std::time::Instant::now(),
         access_log: match &cfg.access_log {
-            Some(p) => Some(crate::access_log::AccessLog::open(p)?),
+            Some(p) => Some(crate::access_log::AccessLog::open(p, cfg.access_log_max_bytes)?),
             None => None,
         },
         local_responses: Default::default(),

@@ -308,3 +308,33 @@ fn bpftool_prints_the_routes_readably() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("\"/new/\"") && !text.contains("api.example"), "{text}");
 }
+
+#[test]
+fn the_access_log_rotates_at_its_size_limit() {
+    if !privileged() {
+        return;
+    }
+    // About 90 bytes a line: one rotation in 8 lines (one old file is kept).
+    let d = Dispatcher::start(&[PoolDef::echo("app", &["*/"])], "[log]\naccess = \"access.log\"\naccess_max_bytes = 600");
+    let dir = d.config.parent().unwrap().to_path_buf();
+    let mut c = d.connect();
+    for i in 0..8 {
+        assert_eq!(c.get("x", &format!("/r{i}")).status, 200);
+        // Separate batches (the worker sends its records every 100 ms).
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let t0 = Instant::now();
+    let all = loop {
+        let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap_or_default();
+        let all = read("access.log.1") + &read("access.log");
+        if (0..8).all(|i| all.contains(&format!("GET /r{i} "))) || t0.elapsed() > SETTLE {
+            break all;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(dir.join("access.log.1").exists(), "not rotated:\n{all}");
+    for i in 0..8 {
+        assert!(all.contains(&format!("GET /r{i} ")), "line {i} lost across the rotation:\n{all}");
+    }
+    assert!(std::fs::metadata(dir.join("access.log")).unwrap().len() < 600);
+}
