@@ -343,7 +343,9 @@ pub mod verdict {
     pub const NOT_ALLOWED: u32 = 3;
     /// A SYN over the source's new-connection rate: dropped.
     pub const RATE_LIMITED: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// A SYN from a source with its most open connections: dropped.
+    pub const TOO_MANY_CONNECTIONS: u32 = 5;
+    pub const COUNT: u32 = 6;
 
     /// Name of a verdict, for the CLI.
     pub fn name(v: u32) -> &'static str {
@@ -353,6 +355,7 @@ pub mod verdict {
             DENIED => "denied",
             NOT_ALLOWED => "not_allowed",
             RATE_LIMITED => "rate_limited",
+            TOO_MANY_CONNECTIONS => "too_many_connections",
             _ => "unknown",
         }
     }
@@ -376,7 +379,9 @@ pub struct GuardConfig {
     pub syn_rate: u32,
     /// SYNs a source may send at once above the rate.
     pub syn_burst: u32,
-    pub _pad: u32,
+    /// Open connections a source may have to the port (counted by the
+    /// sockops program in `guard_conns`); 0: no limit.
+    pub max_connections: u32,
 }
 
 /// A source's new-connection token bucket (`guard_rate`, keyed by its

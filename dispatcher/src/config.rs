@@ -109,6 +109,7 @@ struct RawGuard {
     deny: Vec<Spanned<String>>,
     syn_rate_per_sec: Option<u32>,
     syn_burst: Option<u32>,
+    max_connections_per_source: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,6 +179,8 @@ pub struct Guard {
     /// New connections per second and source; 0: no limit.
     pub syn_rate_per_sec: u32,
     pub syn_burst: u32,
+    /// Open connections per source; 0: no limit.
+    pub max_connections_per_source: u32,
 }
 
 /// Default burst of new connections a source may open above its rate.
@@ -513,6 +516,7 @@ impl Config {
             deny: cidrs(&raw.guard.deny, "deny")?,
             syn_rate_per_sec: raw.guard.syn_rate_per_sec.unwrap_or(0),
             syn_burst: raw.guard.syn_burst.unwrap_or(DEFAULT_SYN_BURST).max(1),
+            max_connections_per_source: raw.guard.max_connections_per_source.unwrap_or(0),
         };
         Ok(Config {
             listen,

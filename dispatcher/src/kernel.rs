@@ -431,6 +431,7 @@ impl Kernel {
             "guard_config",
             "guard_rate",
             "guard_stats",
+            "guard_conns",
         ] {
             let path = self.pin_dir.join(name);
             self.map(name)?.pin(&path).with_context(|| format!("pinning map {name} at {}", path.display()))?;
@@ -451,7 +452,7 @@ impl Kernel {
         for n in &g.allow {
             self.guard_list(GuardList::Allow, *n, true)?;
         }
-        self.write_guard_config(Some((cfg.listen.port(), g.syn_rate_per_sec, g.syn_burst)))?;
+        self.write_guard_config(Some((cfg.listen.port(), g.syn_rate_per_sec, g.syn_burst, g.max_connections_per_source)))?;
         let Some(iface) = &cfg.iface else { return Ok(()) };
         let prog: &mut Xdp = self.ebpf.program_mut("guard").ok_or_else(|| anyhow!("no program guard"))?.try_into()?;
         prog.load().map_err(verifier("guard"))?;
@@ -474,15 +475,16 @@ impl Kernel {
 
     /// Writes `guard_config`: the allow lists' sizes, and the port and
     /// rate limit if given (else those already there).
-    fn write_guard_config(&mut self, limits: Option<(u16, u32, u32)>) -> Result<()> {
+    fn write_guard_config(&mut self, limits: Option<(u16, u32, u32, u32)>) -> Result<()> {
         let (allow_v4, allow_v6) = (
             self.guard_allow.iter().filter(|n| matches!(n, ipnet::IpNet::V4(_))).count() as u32,
             self.guard_allow.iter().filter(|n| matches!(n, ipnet::IpNet::V6(_))).count() as u32,
         );
         let mut c: Array<&mut MapData, GuardConfig> = Array::try_from(self.map("guard_config")?)?;
         let old = c.get(&0, 0).unwrap_or_default();
-        let (port, syn_rate, syn_burst) = limits.map_or((old.port, old.syn_rate, old.syn_burst), |(p, r, b)| (p as u32, r, b));
-        c.set(0, GuardConfig { port, allow_v4, allow_v6, syn_rate, syn_burst, _pad: 0 }, 0).context("writing `guard_config`")?;
+        let (port, syn_rate, syn_burst, max_connections) =
+            limits.map_or((old.port, old.syn_rate, old.syn_burst, old.max_connections), |(p, r, b, m)| (p as u32, r, b, m));
+        c.set(0, GuardConfig { port, allow_v4, allow_v6, syn_rate, syn_burst, max_connections }, 0).context("writing `guard_config`")?;
         Ok(())
     }
 
@@ -538,7 +540,7 @@ impl Kernel {
             }
         }
         let before = self.map("guard_config").ok().and_then(|m| Array::<&MapData, GuardConfig>::try_from(&*m).ok()?.get(&0, 0).ok());
-        self.write_guard_config(Some((port, g.syn_rate_per_sec, g.syn_burst)))?;
+        self.write_guard_config(Some((port, g.syn_rate_per_sec, g.syn_burst, g.max_connections_per_source)))?;
         let after = self.map("guard_config").ok().and_then(|m| Array::<&MapData, GuardConfig>::try_from(&*m).ok()?.get(&0, 0).ok());
         Ok(changed || before != after)
     }

@@ -305,3 +305,45 @@ fn the_guard_parses_vlan_tags_ip_options_and_ipv6_extension_headers_or_passes() 
         assert_eq!(test_run(&pin, &f), want, "{what}");
     }
 }
+
+/// Opens a TCP connection from the client namespace's first address
+/// (its primary one): `None` when no connection was made in `timeout`.
+fn connect_from_client(ns: &Netns, port: u16, timeout: Duration) -> Option<std::net::TcpStream> {
+    let (path, server) = (format!("/run/netns/{}", ns.cli), ns.server);
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(&path).expect("netns file");
+        // SAFETY: setns on this thread only (network namespaces are per
+        // thread), with an open namespace fd.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns: {}", std::io::Error::last_os_error());
+        std::net::TcpStream::connect_timeout(&(server, port).into(), timeout).ok()
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn a_source_with_its_most_open_connections_gets_no_more() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new();
+    let [a, b] = ns.clients;
+    let (d, port) = start(&ns, "[guard]\nmax_connections_per_source = 2");
+    let first = connect_from_client(&ns, port, SERVED).expect("first connection");
+    let second = connect_from_client(&ns, port, SERVED).expect("second connection");
+    assert!(connect_from_client(&ns, port, DROPPED).is_none(), "a third connection from {a} got through");
+    assert!(counter(&d, "too_many_connections") > 0);
+    // Another source is not affected.
+    assert_eq!(ns.curl(b, port, "/", SERVED), 200);
+    // Closing one makes room again.
+    drop(first);
+    let t0 = Instant::now();
+    let third = loop {
+        if let Some(c) = connect_from_client(&ns, port, DROPPED) {
+            break c;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no room after a close: {}", d.log());
+    };
+    drop((second, third));
+}

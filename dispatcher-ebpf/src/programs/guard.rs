@@ -13,7 +13,7 @@ use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, pro
 use aya_ebpf::btf_maps::lpm_trie::Key;
 use dispatcher_ebpf::abi::{verdict, GuardConfig, RateState};
 
-use crate::maps::{guard_allow_v4, guard_allow_v6, guard_config, guard_deny_v4, guard_deny_v6, guard_rate, guard_stats};
+use crate::maps::{guard_allow_v4, guard_allow_v6, guard_config, guard_conns, guard_deny_v4, guard_deny_v6, guard_rate, guard_stats};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -74,8 +74,17 @@ fn judge(ctx: &XdpContext) -> (u32, u32) {
     if !allowed {
         return (verdict::NOT_ALLOWED, xdp_action::XDP_DROP);
     }
-    if t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN && cfg.syn_rate > 0 && !take_token(&t.src, cfg) {
-        return (verdict::RATE_LIMITED, xdp_action::XDP_DROP);
+    if t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        if cfg.max_connections > 0 {
+            // SAFETY: a value of the map, read once.
+            let open = guard_conns.get_ptr(&t.src).map_or(0, |c| unsafe { core::ptr::read_volatile(c) });
+            if open >= cfg.max_connections as u64 {
+                return (verdict::TOO_MANY_CONNECTIONS, xdp_action::XDP_DROP);
+            }
+        }
+        if cfg.syn_rate > 0 && !take_token(&t.src, cfg) {
+            return (verdict::RATE_LIMITED, xdp_action::XDP_DROP);
+        }
     }
     (verdict::ALLOWED, xdp_action::XDP_PASS)
 }

@@ -94,6 +94,10 @@ pub static guard_config: Array<GuardConfig, 1> = Array::new();
 /// XDP guard: each recent source's new-connection token bucket.
 #[btf_map]
 pub static guard_rate: LruHashMap<[u8; 16], RateState, { GUARD_MAX_SOURCES as usize }> = LruHashMap::new();
+/// XDP guard: each source's open connections to the port (sockops keeps
+/// it; only while `max_connections` is set).
+#[btf_map]
+pub static guard_conns: HashMap<[u8; 16], u64, { GUARD_MAX_SOURCES as usize }, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
 /// XDP guard: packets by verdict (`abi::verdict`), per CPU.
 #[btf_map]
 pub static guard_stats: PerCpuArray<u64, { verdict::COUNT as usize }> = PerCpuArray::new();

@@ -269,7 +269,7 @@ pub fn push_body(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32,
 /// process context can be interrupted on its CPU by another one, so a
 /// plain read-modify-write could lose counts.
 #[inline(always)]
-unsafe fn atomic_add(c: *mut u64, v: u64) {
+pub(crate) unsafe fn atomic_add(c: *mut u64, v: u64) {
     // SAFETY: `c` points to an aligned u64 in map memory.
     // The BPF target has no compare-and-swap, so `AtomicU64::fetch_add` is
     // not offered; the intrinsic lowers to BPF's atomic add.
