@@ -318,6 +318,10 @@ pub struct Signals {
     /// pool (its requests get 503 until a start), recycle its workers.
     /// `ops` wakes the supervisors to look at the counts.
     pub halt_requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The start count when the last stop was asked for: a start asked
+    /// for after it (even before a supervisor saw the stop) starts the
+    /// pool again.
+    pub halt_start_mark: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub recycle_requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub ops: std::sync::Arc<tokio::sync::Notify>,
 }
@@ -380,9 +384,6 @@ async fn run(
     let mut current = current.lock_owned().await;
     // Operator stops asked for before this supervisor ran are not its.
     let mut halts = Signals::count(&signals.halt_requests);
-    // Recycles asked for before this supervisor ran are not its either; one
-    // asked for while no worker runs applies to the next.
-    let mut recycles = Signals::count(&signals.recycle_requests);
     let mut backoff = MIN_BACKOFF;
     let mut crashes: std::collections::VecDeque<Instant> = Default::default();
     // Workers that stopped pulling and are finishing what they took.
@@ -402,17 +403,17 @@ async fn run(
         }
         if Signals::count(&signals.halt_requests) != halts {
             halts = Signals::count(&signals.halt_requests);
-            // Stopped from now on, so a start asked for while the worker
-            // finishes counts.
+            let asked = Signals::count(&signals.halt_start_mark);
             let why = format!("stopped by the operator; `dispatcher start {}` starts it again", spec.pool);
             tracing::warn!(pool = %spec.pool, "pool stopped: {why}");
-            let asked = Signals::count(&signals.start_requests);
-            slot.stopped(true, &why);
+            // The worker first (it may be reading its ring), then the
+            // slot is stopped and what is left on the ring answered 503.
             if let Some(r) = current.as_mut() {
                 terminate(&mut r.child, r.pid, policy.shutdown_limit).await;
                 *current = None;
                 slot.exited(false);
             }
+            slot.stopped(true, &why);
             if !wait_for_start(&spec, &mut slot, &signals, &mut stop, asked).await {
                 return finish_draining(draining).await;
             }
@@ -438,6 +439,8 @@ async fn run(
                 let Running { child, pid, started, start_consumed } = r;
                 let (pid, started, start_consumed) = (*pid, *started, *start_consumed);
                 let mut hand_off = false;
+                // A fresh worker meets every recycle asked for before it.
+                let mut recycles = Signals::count(&signals.recycle_requests);
                 let mut tick = tokio::time::interval(policy.ping.map_or(STARTUP_CHECK, |p| p.0.min(STARTUP_CHECK)));
                 let mut recycling: Option<Instant> = None;
                 let mut ready = false;
@@ -594,6 +597,8 @@ async fn run(
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = stop.changed() => return finish_draining(draining).await,
+            // An operator stop is not kept waiting for the back-off.
+            _ = signals.ops.notified() => {}
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }

@@ -126,11 +126,12 @@ async fn write(path: PathBuf, file: std::fs::File, mut rx: mpsc::UnboundedReceiv
                         match std::fs::rename(&path, &old).map_err(anyhow::Error::from).and_then(|_| open_file(&path)) {
                             Ok(f) => {
                                 out = std::io::BufWriter::with_capacity(64 * 1024, f);
-                                size = 0;
                                 tracing::info!(path = %path.display(), "access log rotated (size limit)");
                             }
-                            Err(e) => tracing::error!(path = %path.display(), "rotating the access log: {e:#}"),
+                            Err(e) => tracing::error!(path = %path.display(), "rotating the access log: {e:#}; trying again after another {max_bytes} bytes"),
                         }
+                        // Counted afresh either way (no retry per line).
+                        size = 0;
                     }
                 }
                 None => {
@@ -145,6 +146,7 @@ async fn write(path: PathBuf, file: std::fs::File, mut rx: mpsc::UnboundedReceiv
                 let _ = out.flush();
                 match open_file(&path) {
                     Ok(f) => {
+                        size = f.metadata().map_or(0, |m| m.len());
                         out = std::io::BufWriter::with_capacity(64 * 1024, f);
                         tracing::info!(path = %path.display(), "SIGUSR1: access log reopened");
                     }

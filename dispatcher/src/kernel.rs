@@ -411,7 +411,14 @@ impl Kernel {
             ops.pin(self.pin_dir.join("track_conn")).context("pinning track_conn")?;
         }
         self.setup_guard(cfg)?;
-        self.route_names = Some(crate::route_names::RouteNames::create(&self.pin_dir.join("route_names"))?);
+        // A display aid: its failure costs bpftool's readable routes only.
+        self.route_names = match crate::route_names::RouteNames::create(&self.pin_dir.join("route_names")) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("no `route_names` map (bpftool will show the routes as hashes and bytes only): {e:#}");
+                None
+            }
+        };
         for name in [
             "conns",
             "conn_state",
@@ -499,6 +506,11 @@ impl Kernel {
         if !changed {
             return Ok(false);
         }
+        if matches!(list, GuardList::Allow) && !add {
+            // The count first: removing the last entry must not leave a
+            // moment where the list counts as non-empty and matches none.
+            self.write_guard_config(None)?;
+        }
         let map = format!("guard_{name}_{}", if matches!(net, ipnet::IpNet::V4(_)) { "v4" } else { "v6" });
         let r = match net {
             ipnet::IpNet::V4(n) => {
@@ -516,9 +528,12 @@ impl Kernel {
             // Keep the set what the map holds.
             let set = if matches!(list, GuardList::Allow) { &mut self.guard_allow } else { &mut self.guard_deny };
             if add { set.remove(&net) } else { set.insert(net) };
+            if matches!(list, GuardList::Allow) && !add {
+                let _ = self.write_guard_config(None);
+            }
             return Err(anyhow!("{} {net} in `{map}`: {e}", if add { "adding" } else { "removing" }));
         }
-        if matches!(list, GuardList::Allow) {
+        if matches!(list, GuardList::Allow) && add {
             self.write_guard_config(None)?;
         }
         Ok(true)
@@ -528,21 +543,31 @@ impl Kernel {
     /// the file wins over earlier live changes). Returns whether anything
     /// changed.
     pub fn guard_replace(&mut self, g: &crate::config::Guard, port: u16) -> Result<bool> {
+        // New entries before stale ones go: the lists never open wider
+        // (or, for allow, narrower) than either version. Errors are
+        // collected; the rest is applied.
         let mut changed = false;
+        let mut err = None;
         for (list, want) in [(GuardList::Deny, &g.deny), (GuardList::Allow, &g.allow)] {
             let have: Vec<ipnet::IpNet> =
                 if matches!(list, GuardList::Deny) { &self.guard_deny } else { &self.guard_allow }.iter().copied().collect();
-            for n in have.iter().filter(|n| !want.contains(n)) {
-                changed |= self.guard_list(list, *n, false)?;
-            }
             for n in want {
-                changed |= self.guard_list(list, *n, true)?;
+                match self.guard_list(list, *n, true) {
+                    Ok(c) => changed |= c,
+                    Err(e) => _ = err.get_or_insert(e),
+                }
+            }
+            for n in have.iter().filter(|n| !want.contains(n)) {
+                match self.guard_list(list, *n, false) {
+                    Ok(c) => changed |= c,
+                    Err(e) => _ = err.get_or_insert(e),
+                }
             }
         }
         let before = self.map("guard_config").ok().and_then(|m| Array::<&MapData, GuardConfig>::try_from(&*m).ok()?.get(&0, 0).ok());
         self.write_guard_config(Some((port, g.syn_rate_per_sec, g.syn_burst, g.max_connections_per_source)))?;
         let after = self.map("guard_config").ok().and_then(|m| Array::<&MapData, GuardConfig>::try_from(&*m).ok()?.get(&0, 0).ok());
-        Ok(changed || before != after)
+        err.map_or(Ok(changed || before != after), Err)
     }
 
     /// The guard's state: where it is attached, its lists, its counters.

@@ -98,6 +98,7 @@ impl PoolLink {
                     start_requests: shared.start_requests.clone(),
                     fault: Default::default(),
                     halt_requests: shared.halt_requests.clone(),
+                    halt_start_mark: shared.halt_start_mark.clone(),
                     recycle_requests: shared.recycle_requests.clone(),
                     ops: shared.ops.clone(),
                 },
@@ -181,6 +182,7 @@ impl PoolLink {
     /// until a start).
     pub fn request_halt(&self) {
         if let Some(s) = self.slots.first() {
+            s.signals.halt_start_mark.store(s.signals.start_requests.load(Ordering::SeqCst), Ordering::SeqCst);
             s.signals.halt_requests.fetch_add(1, Ordering::SeqCst);
             s.signals.ops.notify_waiters();
         }
@@ -495,6 +497,17 @@ fn connect(
             let mut data = vec![0u8; h.len as usize];
             if rd.read_exact(&mut data).await.is_err() {
                 break;
+            }
+            if h.flags & worker::proto::RESP_STOPPED != 0 {
+                // Later slow-path records wait for (and ask for) the next
+                // worker instead of going to one that no longer reads.
+                let mut ctl = link.slots[slot].ctl.lock().unwrap();
+                if ctl.tx.as_ref().is_some_and(|t| t.same_channel(&tx)) {
+                    ctl.tx = None;
+                }
+                drop(ctl);
+                link.slots[slot].signals.demand.notify_one();
+                continue;
             }
             if h.flags & worker::proto::RESP_STATS != 0 {
                 let mut s = link.worker_stats.lock().unwrap();

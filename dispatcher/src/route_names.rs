@@ -102,8 +102,18 @@ impl RouteNames {
             btf_size: u32,
             log_size: u32,
             log_level: u32,
+            // Zero: kernels before 6.4 refuse non-zero bytes past the
+            // attribute they know (and this would be padding otherwise).
+            log_true_size: u32,
         }
-        let mut a = BtfLoad { btf: blob.as_ptr() as u64, log_buf: log.as_mut_ptr() as u64, btf_size: blob.len() as u32, log_size: log.len() as u32, log_level: 1 };
+        let mut a = BtfLoad {
+            btf: blob.as_ptr() as u64,
+            log_buf: log.as_mut_ptr() as u64,
+            btf_size: blob.len() as u32,
+            log_size: log.len() as u32,
+            log_level: 1,
+            log_true_size: 0,
+        };
         let btf = sys_bpf(18, &mut a).map_err(|e| {
             let msg = String::from_utf8_lossy(&log[..log.iter().position(|b| *b == 0).unwrap_or(0)]).into_owned();
             anyhow::anyhow!("loading the BTF of `route_names`: {e}: {msg}")

@@ -342,6 +342,7 @@ impl Worker {
         if let Some(a) = &self.awake {
             a.set_stopped();
         }
+        self.responder.out.send_stopped();
     }
 
     fn push(&mut self, hdr: &RecordHeader, data: &[u8]) {

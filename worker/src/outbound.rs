@@ -358,6 +358,12 @@ impl Outbound {
         }
     }
 
+    /// Tells the dispatcher this worker reads no more requests.
+    pub(crate) fn send_stopped(&self) {
+        let h = ResponseHeader { conn: 0, seq: 0, len: 0, flags: proto::RESP_STOPPED, lease: 0 };
+        let _ = self.ctl.send(Bytes::copy_from_slice(&h.to_bytes()));
+    }
+
     /// Queues the control writer's end marker (see `proto::write_batched`).
     pub(crate) fn end_ctl(&self) {
         send_stats(&self.ctl, &self.stats);

@@ -54,6 +54,11 @@ pub const RESP_LOG: u32 = 16;
 /// class (1xx..5xx), then handling time (take to answer) per bucket of
 /// [`LATENCY_BUCKETS_US`] plus one over the last, then the sum in µs.
 pub const RESP_STATS: u32 = 32;
+/// Not a response: the worker stopped pulling (recycled, stopped or
+/// idle) and reads no more requests from the control socket; the
+/// dispatcher sends later ones to the next worker.
+pub const RESP_STOPPED: u32 = 64;
+
 /// Upper bounds (µs) of the handling-time buckets.
 pub const LATENCY_BUCKETS_US: [u64; 14] = [500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000];
 /// Words in a [`RESP_STATS`] frame.
