@@ -413,8 +413,7 @@ async fn run(
                 *current = None;
                 slot.exited(false);
             }
-            slot.stopped(true, &why);
-            if !wait_for_start(&spec, &mut slot, &signals, &mut stop, asked).await {
+            if !stay_stopped(&spec, &mut slot, &signals, &mut stop, &why, asked).await {
                 return finish_draining(draining).await;
             }
             crashes.clear();
@@ -581,8 +580,7 @@ async fn run(
                 );
                 tracing::error!(pool = %spec.pool, "pool stopped: {why}");
                 let asked = Signals::count(&signals.start_requests);
-                slot.stopped(true, &why);
-                if !wait_for_start(&spec, &mut slot, &signals, &mut stop, asked).await {
+                if !stay_stopped(&spec, &mut slot, &signals, &mut stop, &why, asked).await {
                     return finish_draining(draining).await;
                 }
                 crashes.clear();
@@ -604,12 +602,20 @@ async fn run(
     }
 }
 
-/// Waits (the pool marked stopped: its requests get 503) until someone
-/// asks to start it again, that is until the start count passes `asked`
-/// (its value when the stop was recorded: a stale wake-up from an earlier
-/// start does not count), and marks it running. False if the supervisor
-/// is stopped meanwhile.
-async fn wait_for_start(spec: &WorkerSpec, slot: &mut impl Slot, signals: &Signals, stop: &mut watch::Receiver<bool>, asked: u64) -> bool {
+/// Marks the slot stopped for `why` (its pool's requests get 503), waits
+/// until someone asks to start it again, that is until the start count
+/// passes `asked` (its value when the stop was decided: a stale wake-up
+/// from an earlier start does not count), and marks it running. False if
+/// the supervisor is stopped meanwhile.
+async fn stay_stopped(
+    spec: &WorkerSpec,
+    slot: &mut impl Slot,
+    signals: &Signals,
+    stop: &mut watch::Receiver<bool>,
+    why: &str,
+    asked: u64,
+) -> bool {
+    slot.stopped(true, why);
     while Signals::count(&signals.start_requests) == asked {
         tokio::select! {
             _ = signals.start.notified() => {}

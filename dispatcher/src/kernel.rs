@@ -100,31 +100,24 @@ impl SlotView {
     /// In this order, against the verdict's commit-then-read: either it
     /// sees the mark (and raises a demand) or this sees its record.
     fn vacate(&self) -> bool {
-        use std::sync::atomic::Ordering::SeqCst;
         // SAFETY: mapped for the life of self.
-        unsafe {
-            (*self.flag).swap(dispatcher_ebpf::abi::RING_AWAKE_NO_WORKER, SeqCst);
-            let consumer = (*self.pos).load(SeqCst);
-            let producer = (*self.pos.byte_add(self.page)).load(SeqCst);
-            producer != consumer
-        }
+        unsafe { (*self.flag).swap(dispatcher_ebpf::abi::RING_AWAKE_NO_WORKER, std::sync::atomic::Ordering::SeqCst) };
+        let (consumed, produced) = self.positions();
+        produced != consumed
     }
-}
 
-impl SlotView {
-    fn progress(&self) -> activation::Progress {
+    /// The ring's consumer and producer positions (bytes).
+    fn positions(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::SeqCst;
         // SAFETY: mapped for the life of self.
-        unsafe {
-            let flag = (*self.flag).load(SeqCst);
-            let consumed = (*self.pos).load(SeqCst);
-            let produced = (*self.pos.byte_add(self.page)).load(SeqCst);
-            activation::Progress {
-                ready: flag != dispatcher_ebpf::abi::RING_AWAKE_NO_WORKER,
-                consumed,
-                queued: produced != consumed,
-            }
-        }
+        unsafe { ((*self.pos).load(SeqCst), (*self.pos.byte_add(self.page)).load(SeqCst)) }
+    }
+
+    fn progress(&self) -> activation::Progress {
+        // SAFETY: mapped for the life of self.
+        let flag = unsafe { (*self.flag).load(std::sync::atomic::Ordering::SeqCst) };
+        let (consumed, produced) = self.positions();
+        activation::Progress { ready: flag != dispatcher_ebpf::abi::RING_AWAKE_NO_WORKER, consumed, queued: produced != consumed }
     }
 }
 
@@ -350,12 +343,7 @@ impl Kernel {
     }
 
     fn map_raw_fd(&mut self, name: &str) -> Result<std::os::fd::RawFd> {
-        let m = self.map(name)?;
-        let data: &MapData = match m {
-            Map::Array(d) | Map::ArrayOfMaps(d) | Map::LpmTrie(d) => d,
-            _ => bail!("map `{name}` has an unexpected type"),
-        };
-        Ok(data.fd().as_fd().as_raw_fd())
+        map_fd(self.map(name)?).ok_or_else(|| anyhow!("map `{name}` has an unexpected type"))
     }
 
     /// Loads and attaches the programs; pools come after, through
@@ -637,10 +625,9 @@ impl Kernel {
 
     /// Bytes queued on slot `slot`'s ring and not consumed yet.
     pub fn queued_bytes(&self, slot: usize) -> u64 {
-        use std::sync::atomic::Ordering::SeqCst;
         self.slot(slot).map_or(0, |s| {
-            // SAFETY: mapped for the life of the view.
-            unsafe { (*s.view.pos.byte_add(s.view.page)).load(SeqCst).saturating_sub((*s.view.pos).load(SeqCst)) }
+            let (consumed, produced) = s.view.positions();
+            produced.saturating_sub(consumed)
         })
     }
 
@@ -879,7 +866,7 @@ fn cgroup2_root() -> Result<PathBuf> {
 
 fn map_fd(map: &Map) -> Option<std::os::fd::RawFd> {
     let data: &MapData = match map {
-        Map::HashMap(d) => d,
+        Map::HashMap(d) | Map::Array(d) | Map::ArrayOfMaps(d) | Map::LpmTrie(d) => d,
         _ => return None,
     };
     Some(data.fd().as_fd().as_raw_fd())
@@ -889,18 +876,10 @@ fn map_fd(map: &Map) -> Option<std::os::fd::RawFd> {
 /// comfortable stack copies).
 fn lookup_boxed<K, V: Copy>(fd: std::os::fd::RawFd, key: &K) -> Option<Box<V>> {
     let mut val: Box<std::mem::MaybeUninit<V>> = Box::new_uninit();
-    #[repr(C)]
-    struct Attr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    let attr = Attr { map_fd: fd as u32, _pad: 0, key: key as *const K as u64, value: val.as_mut_ptr() as u64, flags: 0 };
+    let attr = ElemAttr { map_fd: fd as u32, _pad: 0, key: key as *const K as u64, value: val.as_mut_ptr() as u64, flags: 0 };
     // SAFETY: BPF_MAP_LOOKUP_ELEM (1) with a correctly sized attr; the
     // kernel writes value_size bytes, which is size_of::<V>() for this map.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, 1, &attr as *const Attr, std::mem::size_of::<Attr>()) };
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 1, &attr as *const ElemAttr, std::mem::size_of::<ElemAttr>()) };
     if r != 0 {
         return None;
     }
@@ -908,6 +887,7 @@ fn lookup_boxed<K, V: Copy>(fd: std::os::fd::RawFd, key: &K) -> Option<Box<V>> {
     Some(unsafe { val.assume_init() })
 }
 
+/// `union bpf_attr` for the map element commands.
 #[repr(C)]
 struct ElemAttr {
     map_fd: u32,
@@ -919,9 +899,14 @@ struct ElemAttr {
 
 /// `bpf_map_update_elem` of a map-of-maps entry (the value is a map fd).
 fn update_fd_elem(map: std::os::fd::RawFd, index: u32, fd: std::os::fd::RawFd) -> std::io::Result<()> {
-    let v = fd as u32;
-    let attr = ElemAttr { map_fd: map as u32, _pad: 0, key: &index as *const u32 as u64, value: &v as *const u32 as u64, flags: 0 };
-    // SAFETY: BPF_MAP_UPDATE_ELEM (2) with a 4-byte key and value.
+    update_elem(map, &index, &(fd as u32))
+}
+
+/// `bpf_map_update_elem` with a key and value of the map's sizes.
+pub(crate) fn update_elem<K, V>(map: std::os::fd::RawFd, key: &K, value: &V) -> std::io::Result<()> {
+    let attr = ElemAttr { map_fd: map as u32, _pad: 0, key: key as *const K as u64, value: value as *const V as u64, flags: 0 };
+    // SAFETY: BPF_MAP_UPDATE_ELEM (2); the caller's key and value have the
+    // map's sizes.
     let r = unsafe { libc::syscall(libc::SYS_bpf, 2, &attr as *const ElemAttr, std::mem::size_of::<ElemAttr>()) };
     if r != 0 {
         return Err(std::io::Error::last_os_error());
@@ -929,8 +914,8 @@ fn update_fd_elem(map: std::os::fd::RawFd, index: u32, fd: std::os::fd::RawFd) -
     Ok(())
 }
 
-/// `bpf_map_delete_elem` of a map-of-maps entry.
-fn delete_elem(map: std::os::fd::RawFd, index: u32) -> std::io::Result<()> {
+/// `bpf_map_delete_elem` of an entry with a u32 key.
+pub(crate) fn delete_elem(map: std::os::fd::RawFd, index: u32) -> std::io::Result<()> {
     let attr = ElemAttr { map_fd: map as u32, _pad: 0, key: &index as *const u32 as u64, value: 0, flags: 0 };
     // SAFETY: BPF_MAP_DELETE_ELEM (3) with a 4-byte key.
     let r = unsafe { libc::syscall(libc::SYS_bpf, 3, &attr as *const ElemAttr, std::mem::size_of::<ElemAttr>()) };

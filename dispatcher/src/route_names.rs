@@ -194,22 +194,11 @@ impl RouteNames {
     }
 
     fn update(&self, key: u32, value: Option<&RouteName>) -> Result<()> {
-        #[repr(C)]
-        struct Elem {
-            map_fd: u32,
-            _pad: u32,
-            key: u64,
-            value: u64,
-            flags: u64,
+        let fd = self.map.as_raw_fd();
+        match value {
+            Some(v) => crate::kernel::update_elem(fd, &key, v),
+            None => crate::kernel::delete_elem(fd, key),
         }
-        let mut a = Elem {
-            map_fd: self.map.as_raw_fd() as u32,
-            _pad: 0,
-            key: &key as *const u32 as u64,
-            value: value.map_or(0, |v| v as *const RouteName as u64),
-            flags: 0,
-        };
-        // BPF_MAP_UPDATE_ELEM (2) or BPF_MAP_DELETE_ELEM (3).
-        sys_bpf(if value.is_some() { 2 } else { 3 }, &mut a).map(|_| ()).context("writing `route_names`")
+        .context("writing `route_names`")
     }
 }
