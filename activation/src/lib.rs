@@ -104,7 +104,11 @@ pub enum Error {
     #[error("pool `{pool}`: starting `{command}`: {source}")]
     Spawn { pool: String, command: String, source: std::io::Error },
     #[error("pool `{pool}`: making the worker's handles: {source}")]
-    Handles { pool: String, #[source] source: anyhow::Error },
+    Handles {
+        pool: String,
+        #[source]
+        source: anyhow::Error,
+    },
     /// The operator stopped the pool while a start was pending.
     #[error("stopped by the operator")]
     Halted,
@@ -123,7 +127,9 @@ fn lookup_user(name: &str) -> Option<Ids> {
 /// Starts one worker process with `handles`.
 pub fn spawn(spec: &WorkerSpec, handles: Handles) -> Result<tokio::process::Child, Error> {
     let mut ids = match (&spec.user, nix::unistd::geteuid().is_root()) {
-        (Some(u), true) => Some(lookup_user(u).ok_or_else(|| Error::NoSuchUser { pool: spec.pool.clone(), user: u.clone() })?),
+        (Some(u), true) => {
+            Some(lookup_user(u).ok_or_else(|| Error::NoSuchUser { pool: spec.pool.clone(), user: u.clone() })?)
+        }
         _ => None,
     };
     if let (Some(ids), Some(g)) = (ids.as_mut(), &spec.group) {
@@ -257,7 +263,6 @@ pub struct Policy {
     pub recycle_private_kib: Option<u64>,
 }
 
-
 /// Private (anonymous) resident memory of `pid`, KiB.
 fn private_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -332,7 +337,6 @@ impl Signals {
     }
 }
 
-
 /// Runs `spec`'s worker per `policy` until `stop` turns true: starts it
 /// (at once or on demand), restarts it when it crashes (with back-off),
 /// lets it idle out, stops the pool when it crashes too often, and stops
@@ -342,7 +346,13 @@ impl Signals {
 /// worker nor the dispatcher: the worker keeps serving, and a new
 /// supervisor takes it over (adopts the running process) after a short
 /// pause, with fresh health and crash counts.
-pub async fn supervise<S: Slot + Clone>(mut spec: WorkerSpec, policy: Policy, slot: S, signals: Signals, stop: watch::Receiver<bool>) {
+pub async fn supervise<S: Slot + Clone>(
+    mut spec: WorkerSpec,
+    policy: Policy,
+    slot: S,
+    signals: Signals,
+    stop: watch::Receiver<bool>,
+) {
     if let (StartMode::OnDemand, Some(t)) = (policy.start, policy.idle_timeout) {
         spec.env.push((env::IDLE_TIMEOUT_SECS.into(), t.as_secs().max(1).to_string()));
     }
@@ -352,7 +362,14 @@ pub async fn supervise<S: Slot + Clone>(mut spec: WorkerSpec, policy: Policy, sl
     // The running worker outlives a supervisor that panics.
     let current: std::sync::Arc<tokio::sync::Mutex<Option<Running>>> = Default::default();
     loop {
-        let run = tokio::spawn(run(spec.clone(), policy.clone(), slot.clone(), signals.clone(), stop.clone(), current.clone()));
+        let run = tokio::spawn(run(
+            spec.clone(),
+            policy.clone(),
+            slot.clone(),
+            signals.clone(),
+            stop.clone(),
+            current.clone(),
+        ));
         match run.await {
             Err(e) if e.is_panic() && !*stop.borrow() => {
                 let pid = current.try_lock().ok().and_then(|c| c.as_ref().map(|r| r.pid));

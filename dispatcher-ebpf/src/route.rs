@@ -13,7 +13,7 @@
 //! explicit host beats `*` and `*` still serves paths the explicit host
 //! does not route.
 
-use crate::abi::{PATH_KEY_MAX, ROUTE_KEY_LEN, RouteKeyData, WILDCARD_HOST};
+use crate::abi::{RouteKeyData, PATH_KEY_MAX, ROUTE_KEY_LEN, WILDCARD_HOST};
 
 /// Bits of route-key data that the host hash takes.
 pub const HOST_BITS: u32 = 64;

@@ -54,7 +54,10 @@ fn what_the_kernel_leaves_to_user_space() {
         (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", slow::BAD_VERSION),
         (b"GET / HTTP/1.1\nHost: a\n\n", slow::BAD_VERSION),
         (b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", slow::TRANSFER_ENCODING),
-        (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\ncontent-length: 1\r\n\r\n", slow::DUPLICATE_CONTENT_LENGTH),
+        (
+            b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\ncontent-length: 1\r\n\r\n",
+            slow::DUPLICATE_CONTENT_LENGTH,
+        ),
         (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1x\r\n\r\n", slow::BAD_CONTENT_LENGTH),
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", slow::DUPLICATE_HOST),
         (b"GET / HTTP/1.1\r\nAccept: *\r\n\r\n", slow::MISSING_HOST),
@@ -75,7 +78,8 @@ fn what_the_kernel_leaves_to_user_space() {
 
 #[test]
 fn incremental_in_any_split_is_the_same() {
-    let h = b"PUT /app/x HTTP/1.1\r\nHost: h.example\r\nContent-Length: 7\r\nX-Long: abcdefghijklmnopqrstuvwxyz\r\n\r\n";
+    let h =
+        b"PUT /app/x HTTP/1.1\r\nHost: h.example\r\nContent-Length: 7\r\nX-Long: abcdefghijklmnopqrstuvwxyz\r\n\r\n";
     let whole = done(h);
     // One byte at a time is how the kernel sees a head split over segments.
     let mut s = Scanner::new();

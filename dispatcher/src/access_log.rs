@@ -47,7 +47,10 @@ impl AccessLog {
             let f: Vec<&[u8]> = line.split(|b| *b == b'\t').collect();
             let [conn, ms, status, bytes, _us, request, referer, ua] = f[..] else { continue };
             let num = |b: &[u8]| std::str::from_utf8(b).ok().and_then(|s| s.parse::<u64>().ok());
-            let (Some(conn), Some(ms), Some(status), Some(bytes)) = (num(conn), num(ms), num(status), num(bytes)) else { continue };
+            let (Some(conn), Some(ms), Some(status), Some(bytes)) = (num(conn), num(ms), num(status), num(bytes))
+            else {
+                continue;
+            };
             line_into(&mut out, peer(conn), ms, request, status, bytes, referer, ua);
         }
         let _ = self.tx.send(out);
@@ -72,7 +75,16 @@ impl AccessLog {
         let mut req = Vec::new();
         worker::proto::log_field(&mut req, line);
         let (referer, ua) = (header("referer"), header("user-agent"));
-        line_into(&mut out, peer, now_ms(), if req.is_empty() { b"-" } else { &req }, status as u64, bytes as u64, &referer, &ua);
+        line_into(
+            &mut out,
+            peer,
+            now_ms(),
+            if req.is_empty() { b"-" } else { &req },
+            status as u64,
+            bytes as u64,
+            &referer,
+            &ua,
+        );
         let _ = self.tx.send(out);
     }
 }
@@ -82,10 +94,20 @@ fn now_ms() -> u64 {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn line_into(out: &mut Vec<u8>, peer: Option<SocketAddr>, ms: u64, request: &[u8], status: u64, bytes: u64, referer: &[u8], ua: &[u8]) {
+fn line_into(
+    out: &mut Vec<u8>,
+    peer: Option<SocketAddr>,
+    ms: u64,
+    request: &[u8],
+    status: u64,
+    bytes: u64,
+    referer: &[u8],
+    ua: &[u8],
+) {
     const FMT: &[time::format_description::FormatItem<'static>] =
         time::macros::format_description!("[day]/[month repr:short]/[year]:[hour]:[minute]:[second] +0000");
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     let host = peer.map_or("-".to_string(), |p| p.ip().to_string());
     let _ = write!(out, "{host} - - [{}] \"", t.format(FMT).unwrap_or_default());
     out.extend_from_slice(request);

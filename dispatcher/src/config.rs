@@ -372,13 +372,22 @@ impl Config {
             None => DEFAULT_LISTEN.parse().unwrap(),
         };
         if !listen.is_ipv4() {
-            return Err(cx.err(raw.listen.as_ref().map(|l| l.span()), "field `listen`: only IPv4 addresses are supported so far"));
+            return Err(cx.err(
+                raw.listen.as_ref().map(|l| l.span()),
+                "field `listen`: only IPv4 addresses are supported so far",
+            ));
         }
         let instance = match &raw.instance {
             Some(i) => {
                 let v = i.get_ref();
-                if v.is_empty() || v.len() > 32 || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                    return Err(cx.err(Some(i.span()), format!("field `instance`: `{v}` must be 1-32 characters of [A-Za-z0-9_-]")));
+                if v.is_empty()
+                    || v.len() > 32
+                    || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
+                    return Err(cx.err(
+                        Some(i.span()),
+                        format!("field `instance`: `{v}` must be 1-32 characters of [A-Za-z0-9_-]"),
+                    ));
                 }
                 v.clone()
             }
@@ -396,8 +405,14 @@ impl Config {
         let mut slots_used = 0u32;
         for p in &raw.pool {
             let name = p.name.get_ref();
-            if name.is_empty() || name.len() > 32 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                return Err(cx.err(Some(p.name.span()), format!("pool field `name`: `{name}` must be 1-32 characters of [A-Za-z0-9_-]")));
+            if name.is_empty()
+                || name.len() > 32
+                || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(cx.err(
+                    Some(p.name.span()),
+                    format!("pool field `name`: `{name}` must be 1-32 characters of [A-Za-z0-9_-]"),
+                ));
             }
             if !names.insert(name.clone()) {
                 return Err(cx.err(Some(p.name.span()), format!("pool field `name`: pool `{name}` is defined twice")));
@@ -407,11 +422,15 @@ impl Config {
             }
             let mut routes = Vec::new();
             for r in &p.routes {
-                let route = parse_route(r.get_ref(), listen.port())
-                    .map_err(|m| cx.err(Some(r.span()), format!("pool `{name}`, field `routes`: `{}`: {m}", r.get_ref())))?;
+                let route = parse_route(r.get_ref(), listen.port()).map_err(|m| {
+                    cx.err(Some(r.span()), format!("pool `{name}`, field `routes`: `{}`: {m}", r.get_ref()))
+                })?;
                 let k = (route.host.clone(), route.prefix.clone());
                 if let Some(other) = seen_routes.insert(k, name.clone()) {
-                    return Err(cx.err(Some(r.span()), format!("pool `{name}`, field `routes`: `{}` is already routed to pool `{other}`", r.get_ref())));
+                    return Err(cx.err(
+                        Some(r.span()),
+                        format!("pool `{name}`, field `routes`: `{}` is already routed to pool `{other}`", r.get_ref()),
+                    ));
                 }
                 routes.push(route);
             }
@@ -421,12 +440,16 @@ impl Config {
             let queue_bytes = p.queue_bytes.as_ref().map(|q| *q.get_ref()).unwrap_or(DEFAULT_QUEUE_BYTES);
             // Only steers the slot choice; the queue limit applies to the
             // real depth. Past the limit it would keep spare slots idle.
-            let scale_out_queue_bytes = p.scale_out_queue_bytes.unwrap_or(DEFAULT_SCALE_OUT_QUEUE_BYTES).min(queue_bytes / 2);
+            let scale_out_queue_bytes =
+                p.scale_out_queue_bytes.unwrap_or(DEFAULT_SCALE_OUT_QUEUE_BYTES).min(queue_bytes / 2);
             let ring_bytes = match &p.ring_bytes {
                 Some(r) => {
                     let v = *r.get_ref();
                     if !v.is_power_of_two() || v < 4096 {
-                        return Err(cx.err(Some(r.span()), format!("pool `{name}`, field `ring_bytes`: {v} must be a power of two of at least 4096")));
+                        return Err(cx.err(
+                            Some(r.span()),
+                            format!("pool `{name}`, field `ring_bytes`: {v} must be a power of two of at least 4096"),
+                        ));
                     }
                     v
                 }
@@ -434,24 +457,35 @@ impl Config {
             };
             if queue_bytes > ring_bytes {
                 let span = p.queue_bytes.as_ref().map(|q| q.span());
-                return Err(cx.err(span, format!("pool `{name}`, field `queue_bytes`: {queue_bytes} exceeds the ring size {ring_bytes}")));
+                return Err(cx.err(
+                    span,
+                    format!("pool `{name}`, field `queue_bytes`: {queue_bytes} exceeds the ring size {ring_bytes}"),
+                ));
             }
             let always_running = match p.start_mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
                 None => DEFAULT_START_MODE == "always-running",
                 Some(("on-demand", _)) => false,
                 Some(("always-running", _)) => true,
                 Some((other, span)) => {
-                    return Err(cx.err(Some(span), format!("pool `{name}`, field `start_mode`: `{other}` is not `on-demand` or `always-running`")))
+                    return Err(cx.err(
+                        Some(span),
+                        format!("pool `{name}`, field `start_mode`: `{other}` is not `on-demand` or `always-running`"),
+                    ))
                 }
             };
-            let rapid_fail_interval_secs = p.rapid_fail_interval_secs.as_ref().map(|v| *v.get_ref()).unwrap_or(DEFAULT_RAPID_FAIL_INTERVAL_SECS);
+            let rapid_fail_interval_secs =
+                p.rapid_fail_interval_secs.as_ref().map(|v| *v.get_ref()).unwrap_or(DEFAULT_RAPID_FAIL_INTERVAL_SECS);
             if rapid_fail_interval_secs == 0 {
                 let span = p.rapid_fail_interval_secs.as_ref().map(|v| v.span());
-                return Err(cx.err(span, format!("pool `{name}`, field `rapid_fail_interval_secs`: must be at least 1")));
+                return Err(
+                    cx.err(span, format!("pool `{name}`, field `rapid_fail_interval_secs`: must be at least 1"))
+                );
             }
             let at_least_1 = |v: &Option<Spanned<u64>>, default: u64, field: &str| -> Result<u64, ConfigError> {
                 match v {
-                    Some(s) if *s.get_ref() == 0 => Err(cx.err(Some(s.span()), format!("pool `{name}`, field `{field}`: must be at least 1"))),
+                    Some(s) if *s.get_ref() == 0 => {
+                        Err(cx.err(Some(s.span()), format!("pool `{name}`, field `{field}`: must be at least 1")))
+                    }
                     Some(s) => Ok(*s.get_ref()),
                     None => Ok(default),
                 }
@@ -459,19 +493,32 @@ impl Config {
             let max_processes = p.max_processes.as_ref().map_or(1, |v| *v.get_ref());
             if !(1..=MAX_GARDEN).contains(&max_processes) {
                 let span = p.max_processes.as_ref().map(|v| v.span());
-                return Err(cx.err(span, format!("pool `{name}`, field `max_processes`: {max_processes} is not in 1..={MAX_GARDEN}")));
+                return Err(cx.err(
+                    span,
+                    format!("pool `{name}`, field `max_processes`: {max_processes} is not in 1..={MAX_GARDEN}"),
+                ));
             }
             let min_processes = p.min_processes.as_ref().map_or(0, |v| *v.get_ref());
             if min_processes > max_processes {
                 let span = p.min_processes.as_ref().map(|v| v.span());
-                return Err(cx.err(span, format!("pool `{name}`, field `min_processes`: {min_processes} exceeds max_processes {max_processes}")));
+                return Err(cx.err(
+                    span,
+                    format!(
+                        "pool `{name}`, field `min_processes`: {min_processes} exceeds max_processes {max_processes}"
+                    ),
+                ));
             }
             slots_used += max_processes;
             if slots_used > MAX_SLOTS {
-                return Err(cx.err(p.max_processes.as_ref().map(|v| v.span()), format!("pool `{name}`: the pools need {slots_used} worker slots; at most {MAX_SLOTS} fit")));
+                return Err(cx.err(
+                    p.max_processes.as_ref().map(|v| v.span()),
+                    format!("pool `{name}`: the pools need {slots_used} worker slots; at most {MAX_SLOTS} fit"),
+                ));
             }
-            let ping_response_limit_secs = at_least_1(&p.ping_response_limit_secs, DEFAULT_PING_RESPONSE_LIMIT_SECS, "ping_response_limit_secs")?;
-            let startup_time_limit_secs = at_least_1(&p.startup_time_limit_secs, DEFAULT_STARTUP_TIME_LIMIT_SECS, "startup_time_limit_secs")?;
+            let ping_response_limit_secs =
+                at_least_1(&p.ping_response_limit_secs, DEFAULT_PING_RESPONSE_LIMIT_SECS, "ping_response_limit_secs")?;
+            let startup_time_limit_secs =
+                at_least_1(&p.startup_time_limit_secs, DEFAULT_STARTUP_TIME_LIMIT_SECS, "startup_time_limit_secs")?;
             pools.push(Pool {
                 name: name.clone(),
                 routes,
@@ -498,18 +545,24 @@ impl Config {
                 recycle_private_memory_kib: p.recycle_private_memory_kib.unwrap_or(0),
             });
         }
-        let entries: usize = pools.iter().flat_map(|p| &p.routes).map(|r| if r.prefix.ends_with('/') { 1 } else { 2 }).sum();
+        let entries: usize =
+            pools.iter().flat_map(|p| &p.routes).map(|r| if r.prefix.ends_with('/') { 1 } else { 2 }).sum();
         if entries > MAX_ROUTE_ENTRIES as usize {
             return Err(cx.err(None, format!("the routes need {entries} route-table entries; at most {MAX_ROUTE_ENTRIES} fit (a prefix without a trailing `/` takes two)")));
         }
         let cidrs = |list: &[Spanned<String>], field: &str| {
             list.iter()
-                .map(|c| parse_cidr(c.get_ref()).map_err(|e| cx.err(Some(c.span()), format!("field `guard.{field}`: {e}"))))
+                .map(|c| {
+                    parse_cidr(c.get_ref()).map_err(|e| cx.err(Some(c.span()), format!("field `guard.{field}`: {e}")))
+                })
                 .collect::<Result<Vec<_>, _>>()
         };
         const MAX_SYN_RATE: u32 = 1_000_000;
         if raw.guard.syn_rate_per_sec.unwrap_or(0) > MAX_SYN_RATE || raw.guard.syn_burst.unwrap_or(0) > MAX_SYN_RATE {
-            return Err(cx.err(None, format!("fields `guard.syn_rate_per_sec` and `guard.syn_burst` must be at most {MAX_SYN_RATE}")));
+            return Err(cx.err(
+                None,
+                format!("fields `guard.syn_rate_per_sec` and `guard.syn_burst` must be at most {MAX_SYN_RATE}"),
+            ));
         }
         let guard = Guard {
             allow: cidrs(&raw.guard.allow, "allow")?,
@@ -533,7 +586,10 @@ impl Config {
             guard,
             metrics: match &raw.admin.metrics {
                 Some(m) => Some(m.get_ref().parse::<SocketAddr>().map_err(|e| {
-                    cx.err(Some(m.span()), format!("field `admin.metrics`: `{}` is not an address:port ({e})", m.get_ref()))
+                    cx.err(
+                        Some(m.span()),
+                        format!("field `admin.metrics`: `{}` is not an address:port ({e})", m.get_ref()),
+                    )
                 })?),
                 None => None,
             },
@@ -574,7 +630,10 @@ pub fn parse_route(s: &str, listen_port: u16) -> Result<Route, String> {
     route_keys(1, prefix.as_bytes()).map_err(|e| match e {
         RouteError::NotAbsolute => "the path prefix must start with `/`".to_string(),
         RouteError::TooLong => format!("the path prefix is longer than {MAX_ROUTE_PREFIX} bytes"),
-        RouteError::BadByte => "the path prefix may not contain `?`, `#`, `%`, `\\`, spaces, control bytes, `//` or dot segments".to_string(),
+        RouteError::BadByte => {
+            "the path prefix may not contain `?`, `#`, `%`, `\\`, spaces, control bytes, `//` or dot segments"
+                .to_string()
+        }
     })?;
     Ok(Route { host, prefix: prefix.to_string() })
 }
@@ -614,7 +673,10 @@ mod tests {
         let src = "[[pool]]\nname = \"a\"\ncommand = \"x\"\nroutes = [\"*/\"]\n[[pool]]\nname = \"b\"\ncommand = \"x\"\nroutes = [\"*/\"]\n";
         let e = Config::parse(src, "f.toml", PathBuf::from(".")).unwrap_err();
         assert!(e.to_string().contains("already routed to pool `a`"), "{e}");
-        assert_eq!(parse_route("example.com:81/x", 80).unwrap_err(), "names port 81 but the dispatcher listens on port 80");
+        assert_eq!(
+            parse_route("example.com:81/x", 80).unwrap_err(),
+            "names port 81 but the dispatcher listens on port 80"
+        );
         assert_eq!(parse_route("Example.COM.:80/x", 80).unwrap().host.as_deref(), Some("example.com"));
     }
 }

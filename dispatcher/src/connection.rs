@@ -78,7 +78,12 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, cookie: u64, rx: mpsc
 /// Where the body of the request being parsed goes.
 enum BodyTo {
     /// To `link`'s worker slot `slot` (local), which has the head.
-    Pool { link: Arc<PoolLink>, slot: usize, seq: u32, close: bool },
+    Pool {
+        link: Arc<PoolLink>,
+        slot: usize,
+        seq: u32,
+        close: bool,
+    },
     Discard,
 }
 
@@ -262,7 +267,10 @@ impl Conn {
             if l.revoked.is_some_and(|t| t.elapsed() >= Duration::from_secs(cfg.response_timeout_secs)) {
                 // A worker that neither answers nor gives the connection
                 // back: nothing can be written on it in order any more.
-                tracing::warn!(conn = self.cookie, "the lease holder did not give the connection back in time; closing it");
+                tracing::warn!(
+                    conn = self.cookie,
+                    "the lease holder did not give the connection back in time; closing it"
+                );
                 return Flow::Close;
             }
             // The worker's writes are not seen here: ask where it is
@@ -406,7 +414,10 @@ impl Conn {
         } else if t.pending > 0 && n == self.written + t.complete_bytes + t.pending as u64 {
             t.next.wrapping_add(1)
         } else {
-            tracing::warn!(conn = self.cookie, "the worker holding the connection died in the middle of a response; closing it");
+            tracing::warn!(
+                conn = self.cookie,
+                "the worker holding the connection died in the middle of a response; closing it"
+            );
             return Flow::Close;
         };
         let taken = t.taken.max(next);
@@ -415,13 +426,20 @@ impl Conn {
             self.next = next;
             self.pending = self.pending.split_off(&next);
         }
-        tracing::warn!(conn = self.cookie, next, taken, "the worker holding the connection died; going on from its last response");
+        tracing::warn!(
+            conn = self.cookie,
+            next,
+            taken,
+            "the worker holding the connection died; going on from its last response"
+        );
         for seq in next..taken {
             let in_flight = taken - seq <= 64 && t.in_flight & (1u64 << (seq % 64)) != 0;
             if !in_flight || self.pending.get(&seq).is_some_and(|f| !f.is_empty()) {
                 continue;
             }
-            if let Flow::Close = self.answer(seq, 502, "the worker died while handling this request", false, false, false).await {
+            if let Flow::Close =
+                self.answer(seq, 502, "the worker died while handling this request", false, false, false).await
+            {
                 return Flow::Close;
             }
         }
@@ -442,7 +460,11 @@ impl Conn {
                 // Part of its response is already in the socket: nothing
                 // can follow it.
                 Some(f) if f.is_empty() || (seq == self.next && self.lease.is_none()) => {
-                    tracing::warn!(conn = self.cookie, seq, "the worker died in the middle of a response; closing the connection");
+                    tracing::warn!(
+                        conn = self.cookie,
+                        seq,
+                        "the worker died in the middle of a response; closing the connection"
+                    );
                     return Flow::Close;
                 }
                 Some(_) => {
@@ -451,7 +473,9 @@ impl Conn {
                 None => {}
             }
             tracing::warn!(conn = self.cookie, seq, "the worker died while handling this request; answering 502");
-            if let Flow::Close = self.answer(seq, 502, "the worker died while handling this request", false, false, false).await {
+            if let Flow::Close =
+                self.answer(seq, 502, "the worker died while handling this request", false, false, false).await
+            {
                 return Flow::Close;
             }
         }
@@ -489,7 +513,13 @@ impl Conn {
             return;
         };
         self.lease_gen = self.lease_gen.wrapping_add(1);
-        let msg = LeaseMsg { conn: self.cookie, kind: lease::GRANT, from: self.next, gen: self.lease_gen, slot: worker::proto::NO_SLOT };
+        let msg = LeaseMsg {
+            conn: self.cookie,
+            kind: lease::GRANT,
+            from: self.next,
+            gen: self.lease_gen,
+            slot: worker::proto::NO_SLOT,
+        };
         if to.send(msg, Some(fd)) {
             tracing::debug!(conn = self.cookie, gen = self.lease_gen, from = self.next, "lease granted");
             self.lease = Some(Held { gen: self.lease_gen, to, revoked: None });
@@ -572,7 +602,15 @@ impl Conn {
     }
 
     /// Queues a response the dispatcher makes itself.
-    async fn answer(&mut self, seq: u32, status: u16, why: &str, close: bool, retry_after: bool, head_only: bool) -> Flow {
+    async fn answer(
+        &mut self,
+        seq: u32,
+        status: u16,
+        why: &str,
+        close: bool,
+        retry_after: bool,
+        head_only: bool,
+    ) -> Flow {
         let mut data = local_response(status, why, close, retry_after);
         if head_only {
             let end = data.windows(4).position(|w| w == b"\r\n\r\n").map_or(data.len(), |p| p + 4);
@@ -614,7 +652,14 @@ impl Conn {
             return None;
         }
         let why = st.handoff_reason;
-        tracing::debug!(conn = self.cookie, reason = reason::name(why), seq = st.seq, skip = st.handoff_skip, prefix = st.handoff_prefix, "slow path takes over");
+        tracing::debug!(
+            conn = self.cookie,
+            reason = reason::name(why),
+            seq = st.seq,
+            skip = st.handoff_skip,
+            prefix = st.handoff_prefix,
+            "slow path takes over"
+        );
         let prefix_len = (st.handoff_prefix as usize).min(st.rec.data.len());
         let prefix = st.rec.data[..prefix_len].to_vec();
         let mut s = Slow {
@@ -700,12 +745,16 @@ impl Conn {
                 let routed = self.shared.kernel.lock().unwrap().route(h.host.as_deref(), &h.route_path);
                 let pool = match routed {
                     Routed::NoRoute => {
-                        return self.answer(seq, 404, "no route matches this host and path", h.close, false, h.method == "HEAD").await
+                        return self
+                            .answer(seq, 404, "no route matches this host and path", h.close, false, h.method == "HEAD")
+                            .await
                     }
                     Routed::Pool(p) => p,
                 };
                 let Some(link) = self.shared.pools.get(pool) else {
-                    return self.answer(seq, 503, "the pool is being reconfigured", h.close, true, h.method == "HEAD").await;
+                    return self
+                        .answer(seq, 503, "the pool is being reconfigured", h.close, true, h.method == "HEAD")
+                        .await;
                 };
                 let size = h.bytes.len() as u64 + h.content_length;
                 if let Some(why) = link.stopped() {
@@ -768,7 +817,13 @@ impl Conn {
         // A request body the kernel was copying to a worker stops short:
         // tell its pool's workers, or the partial request would keep a
         // recycling worker from ever stopping.
-        let mid_body = self.shared.kernel.lock().unwrap().conn_state(self.cookie).filter(|st| st.mode != MODE_SLOW && st.body_left > 0);
+        let mid_body = self
+            .shared
+            .kernel
+            .lock()
+            .unwrap()
+            .conn_state(self.cookie)
+            .filter(|st| st.mode != MODE_SLOW && st.body_left > 0);
         if let Some(link) = mid_body.and_then(|st| self.shared.pools.get(st.pool)) {
             link.abort(self.cookie);
         }
@@ -826,7 +881,9 @@ fn socket_written(stream: &TcpStream) -> std::io::Result<u64> {
         let mut info = TcpInfoHead::default();
         let mut len = std::mem::size_of::<TcpInfoHead>() as libc::socklen_t;
         // SAFETY: the kernel writes at most `len` bytes of tcp_info.
-        if unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info as *mut _ as *mut _, &mut len) } != 0 {
+        if unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info as *mut _ as *mut _, &mut len) }
+            != 0
+        {
             return Err(std::io::Error::last_os_error());
         }
         if (len as usize) < std::mem::size_of::<TcpInfoHead>() {
@@ -873,7 +930,10 @@ pub fn local_response(status: u16, why: &str, close: bool, retry_after: bool) ->
         _ => "Error",
     };
     let body = format!("{status} {reason}: {why}\n");
-    let mut r = format!("HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n", body.len());
+    let mut r = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     if retry_after {
         r.push_str("Retry-After: 1\r\n");
     }

@@ -43,7 +43,8 @@ pub fn listen(run_dir: &Path, shared: Arc<Shared>) -> Result<()> {
     let p = path(run_dir);
     let _ = std::fs::remove_file(&p);
     let listener = tokio::net::UnixListener::bind(&p).with_context(|| format!("binding {}", p.display()))?;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).with_context(|| format!("chmod {}", p.display()))?;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", p.display()))?;
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };

@@ -10,7 +10,11 @@ use crate::serve::Shared;
 /// Listener, programs and where they are attached, uptime.
 pub fn status(shared: &Shared) -> Value {
     let k = shared.kernel.lock().unwrap();
-    let programs: Vec<Value> = k.programs().into_iter().map(|(name, kind, at)| json!({ "name": name, "type": kind, "attached": at })).collect();
+    let programs: Vec<Value> = k
+        .programs()
+        .into_iter()
+        .map(|(name, kind, at)| json!({ "name": name, "type": kind, "attached": at }))
+        .collect();
     json!({
         "instance": shared.cfg.instance,
         "listen": shared.cfg.listen.to_string(),
@@ -69,7 +73,12 @@ pub fn pools(shared: &Shared) -> Value {
 /// The effective route table in match order: explicit hosts before `*`,
 /// then the longest prefix first (what the kernel's lookup does).
 pub fn routes(shared: &Shared) -> Value {
-    Value::Array(route_rows(shared).into_iter().map(|(host, prefix, pool, _)| json!({ "host": host, "prefix": prefix, "pool": pool })).collect())
+    Value::Array(
+        route_rows(shared)
+            .into_iter()
+            .map(|(host, prefix, pool, _)| json!({ "host": host, "prefix": prefix, "pool": pool }))
+            .collect(),
+    )
 }
 
 /// The live pools' routes in match order: (host or `*`, prefix, pool
@@ -81,7 +90,14 @@ pub fn route_rows(shared: &Shared) -> Vec<(String, String, String, u32)> {
             rows.push((r.host.clone(), r.prefix.clone(), l.name.clone(), l.index));
         }
     }
-    rows.sort_by(|a, b| (a.0.is_none(), std::cmp::Reverse(a.1.len()), &a.0, &a.1).cmp(&(b.0.is_none(), std::cmp::Reverse(b.1.len()), &b.0, &b.1)));
+    rows.sort_by(|a, b| {
+        (a.0.is_none(), std::cmp::Reverse(a.1.len()), &a.0, &a.1).cmp(&(
+            b.0.is_none(),
+            std::cmp::Reverse(b.1.len()),
+            &b.0,
+            &b.1,
+        ))
+    });
     rows.into_iter().map(|(h, p, n, i)| (h.unwrap_or_else(|| "*".into()), p, n, i)).collect()
 }
 

@@ -22,7 +22,7 @@ use aya::{
 };
 use dispatcher_ebpf::{
     abi::{
-        reason, verdict, Config as KConfig, GuardConfig, ConnState, PoolCounters, PoolInfo, RouteKeyData, RouteValue,
+        reason, verdict, Config as KConfig, ConnState, GuardConfig, PoolCounters, PoolInfo, RouteKeyData, RouteValue,
         SlowCounters, MAX_POOLS, MAX_SLOTS, UNROUTED, WILDCARD_HOST,
     },
     route::{request_key, route_keys, wildcard, RouteKey},
@@ -91,7 +91,8 @@ impl SlotView {
                 Ok(p)
             }
         };
-        let f = map(flag.fd().as_fd().as_raw_fd(), page, libc::PROT_READ | libc::PROT_WRITE).context("mapping an awake flag")?;
+        let f = map(flag.fd().as_fd().as_raw_fd(), page, libc::PROT_READ | libc::PROT_WRITE)
+            .context("mapping an awake flag")?;
         let r = map(ring.fd().as_fd().as_raw_fd(), 2 * page, libc::PROT_READ).context("mapping a ring's positions")?;
         Ok(SlotView { flag: f as *mut _, pos: r as *const _, page })
     }
@@ -117,7 +118,11 @@ impl SlotView {
         // SAFETY: mapped for the life of self.
         let flag = unsafe { (*self.flag).load(std::sync::atomic::Ordering::SeqCst) };
         let (consumed, produced) = self.positions();
-        activation::Progress { ready: flag != dispatcher_ebpf::abi::RING_AWAKE_NO_WORKER, consumed, queued: produced != consumed }
+        activation::Progress {
+            ready: flag != dispatcher_ebpf::abi::RING_AWAKE_NO_WORKER,
+            consumed,
+            queued: produced != consumed,
+        }
     }
 }
 
@@ -220,7 +225,8 @@ impl Kernel {
                 aya_obj::generated::BPF_F_MMAPABLE,
             );
             let name: String = format!("awake_{}{suffix}", p.name).replace(['-', '@'], "_").chars().take(15).collect();
-            let flag = MapData::create(obj, &name, None).with_context(|| format!("creating the awake flag of {what}"))?;
+            let flag =
+                MapData::create(obj, &name, None).with_context(|| format!("creating the awake flag of {what}"))?;
             let flag_pin = self.pin_dir.join(format!("awake_{}{suffix}", p.name));
             let view = SlotView::map(&flag, &ring);
             let pinned = flag.pin(&flag_pin).with_context(|| format!("pinning the awake flag of {what}"));
@@ -230,20 +236,28 @@ impl Kernel {
             pinned?;
             let maps = self.slots[i].as_ref().unwrap();
             let (ring_fd, flag_fd) = (maps.ring.fd().as_fd().as_raw_fd(), maps.awake.fd().as_fd().as_raw_fd());
-            update_fd_elem(self.map_raw_fd("ring_awake")?, i as u32, flag_fd).with_context(|| format!("setting slot {i} in `ring_awake`"))?;
-            update_fd_elem(self.map_raw_fd("rings")?, i as u32, ring_fd).with_context(|| format!("setting slot {i} in `rings`"))?;
+            update_fd_elem(self.map_raw_fd("ring_awake")?, i as u32, flag_fd)
+                .with_context(|| format!("setting slot {i} in `ring_awake`"))?;
+            update_fd_elem(self.map_raw_fd("rings")?, i as u32, ring_fd)
+                .with_context(|| format!("setting slot {i} in `rings`"))?;
         }
         self.pool_slots[index as usize] = p.max_processes;
         // A reused index starts from zero, not from the retired pool's counts.
         {
             let cpus = aya::util::nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
             let mut pc: PerCpuArray<&mut MapData, PoolCounters> = PerCpuArray::try_from(self.map("pool_stats")?)?;
-            pc.set(index, aya::maps::PerCpuValues::try_from(vec![PoolCounters::default(); cpus])?, 0).context("zeroing `pool_stats`")?;
+            pc.set(index, aya::maps::PerCpuValues::try_from(vec![PoolCounters::default(); cpus])?, 0)
+                .context("zeroing `pool_stats`")?;
             let mut slow: Array<&mut MapData, SlowCounters> = Array::try_from(self.map("slow_stats")?)?;
             slow.set(index, SlowCounters::default(), 0).context("zeroing `slow_stats`")?;
         }
         let mut pools: Array<&mut MapData, PoolInfo> = Array::try_from(self.map("pools")?)?;
-        let info = PoolInfo { first_slot: first_slot as u32, slots: p.max_processes, queue_bytes: p.queue_bytes, scale_out_bytes: p.scale_out_queue_bytes };
+        let info = PoolInfo {
+            first_slot: first_slot as u32,
+            slots: p.max_processes,
+            queue_bytes: p.queue_bytes,
+            scale_out_bytes: p.scale_out_queue_bytes,
+        };
         pools.set(index, info, 0).context("writing `pools`")?;
         Ok(())
     }
@@ -447,7 +461,12 @@ impl Kernel {
         for n in &g.allow {
             self.guard_list(GuardList::Allow, *n, true)?;
         }
-        self.write_guard_config(Some((cfg.listen.port(), g.syn_rate_per_sec, g.syn_burst, g.max_connections_per_source)))?;
+        self.write_guard_config(Some((
+            cfg.listen.port(),
+            g.syn_rate_per_sec,
+            g.syn_burst,
+            g.max_connections_per_source,
+        )))?;
         let Some(iface) = &cfg.iface else { return Ok(()) };
         let prog: &mut Xdp = self.ebpf.program_mut("guard").ok_or_else(|| anyhow!("no program guard"))?.try_into()?;
         prog.load().map_err(verifier("guard"))?;
@@ -477,9 +496,10 @@ impl Kernel {
         );
         let mut c: Array<&mut MapData, GuardConfig> = Array::try_from(self.map("guard_config")?)?;
         let old = c.get(&0, 0).unwrap_or_default();
-        let (port, syn_rate, syn_burst, max_connections) =
-            limits.map_or((old.port, old.syn_rate, old.syn_burst, old.max_connections), |(p, r, b, m)| (p as u32, r, b, m));
-        c.set(0, GuardConfig { port, allow_v4, allow_v6, syn_rate, syn_burst, max_connections }, 0).context("writing `guard_config`")?;
+        let (port, syn_rate, syn_burst, max_connections) = limits
+            .map_or((old.port, old.syn_rate, old.syn_burst, old.max_connections), |(p, r, b, m)| (p as u32, r, b, m));
+        c.set(0, GuardConfig { port, allow_v4, allow_v6, syn_rate, syn_burst, max_connections }, 0)
+            .context("writing `guard_config`")?;
         Ok(())
     }
 
@@ -504,18 +524,30 @@ impl Kernel {
             ipnet::IpNet::V4(n) => {
                 let mut t: LpmTrie<&mut MapData, [u8; 4], u8> = LpmTrie::try_from(self.map(&map)?)?;
                 let k = Key::new(n.prefix_len() as u32, n.network().octets());
-                if add { t.insert(&k, 1, 0) } else { t.remove(&k) }
+                if add {
+                    t.insert(&k, 1, 0)
+                } else {
+                    t.remove(&k)
+                }
             }
             ipnet::IpNet::V6(n) => {
                 let mut t: LpmTrie<&mut MapData, [u8; 16], u8> = LpmTrie::try_from(self.map(&map)?)?;
                 let k = Key::new(n.prefix_len() as u32, n.network().octets());
-                if add { t.insert(&k, 1, 0) } else { t.remove(&k) }
+                if add {
+                    t.insert(&k, 1, 0)
+                } else {
+                    t.remove(&k)
+                }
             }
         };
         if let Err(e) = r {
             // Keep the set what the map holds.
             let set = if matches!(list, GuardList::Allow) { &mut self.guard_allow } else { &mut self.guard_deny };
-            if add { set.remove(&net) } else { set.insert(net) };
+            if add {
+                set.remove(&net)
+            } else {
+                set.insert(net)
+            };
             if matches!(list, GuardList::Allow) && !add {
                 let _ = self.write_guard_config(None);
             }
@@ -538,7 +570,10 @@ impl Kernel {
         let mut err = None;
         for (list, want) in [(GuardList::Deny, &g.deny), (GuardList::Allow, &g.allow)] {
             let have: Vec<ipnet::IpNet> =
-                if matches!(list, GuardList::Deny) { &self.guard_deny } else { &self.guard_allow }.iter().copied().collect();
+                if matches!(list, GuardList::Deny) { &self.guard_deny } else { &self.guard_allow }
+                    .iter()
+                    .copied()
+                    .collect();
             for n in want {
                 match self.guard_list(list, *n, true) {
                     Ok(c) => changed |= c,
@@ -552,9 +587,15 @@ impl Kernel {
                 }
             }
         }
-        let before = self.map("guard_config").ok().and_then(|m| Array::<&MapData, GuardConfig>::try_from(&*m).ok()?.get(&0, 0).ok());
+        let before = self
+            .map("guard_config")
+            .ok()
+            .and_then(|m| Array::<&MapData, GuardConfig>::try_from(&*m).ok()?.get(&0, 0).ok());
         self.write_guard_config(Some((port, g.syn_rate_per_sec, g.syn_burst, g.max_connections_per_source)))?;
-        let after = self.map("guard_config").ok().and_then(|m| Array::<&MapData, GuardConfig>::try_from(&*m).ok()?.get(&0, 0).ok());
+        let after = self
+            .map("guard_config")
+            .ok()
+            .and_then(|m| Array::<&MapData, GuardConfig>::try_from(&*m).ok()?.get(&0, 0).ok());
         err.map_or(Ok(changed || before != after), Err)
     }
 
@@ -652,7 +693,11 @@ impl Kernel {
     /// The programs and where each is attached.
     pub fn programs(&self) -> Vec<(&'static str, &'static str, String)> {
         let mut v = vec![
-            ("track_conn", "sockops", format!("cgroup {}", cgroup2_root().map(|p| p.display().to_string()).unwrap_or_default())),
+            (
+                "track_conn",
+                "sockops",
+                format!("cgroup {}", cgroup2_root().map(|p| p.display().to_string()).unwrap_or_default()),
+            ),
             ("classify", "sk_skb stream verdict", "sockhash `conns`".to_string()),
             ("classify_step", "sk_skb (tail call)", "program array `steps`".to_string()),
         ];
@@ -827,10 +872,7 @@ fn load_object() -> Result<Ebpf> {
     } else {
         VerifierLogLevel::STATS
     };
-    EbpfLoader::new()
-        .verifier_log_level(level)
-        .load(OBJECT)
-        .context("loading the BPF object")
+    EbpfLoader::new().verifier_log_level(level).load(OBJECT).context("loading the BPF object")
 }
 
 fn verifier(prog: &'static str) -> impl Fn(aya::programs::ProgramError) -> anyhow::Error {
@@ -876,7 +918,8 @@ fn map_fd(map: &Map) -> Option<std::os::fd::RawFd> {
 /// comfortable stack copies).
 fn lookup_boxed<K, V: Copy>(fd: std::os::fd::RawFd, key: &K) -> Option<Box<V>> {
     let mut val: Box<std::mem::MaybeUninit<V>> = Box::new_uninit();
-    let attr = ElemAttr { map_fd: fd as u32, _pad: 0, key: key as *const K as u64, value: val.as_mut_ptr() as u64, flags: 0 };
+    let attr =
+        ElemAttr { map_fd: fd as u32, _pad: 0, key: key as *const K as u64, value: val.as_mut_ptr() as u64, flags: 0 };
     // SAFETY: BPF_MAP_LOOKUP_ELEM (1) with a correctly sized attr; the
     // kernel writes value_size bytes, which is size_of::<V>() for this map.
     let r = unsafe { libc::syscall(libc::SYS_bpf, 1, &attr as *const ElemAttr, std::mem::size_of::<ElemAttr>()) };
@@ -904,7 +947,13 @@ fn update_fd_elem(map: std::os::fd::RawFd, index: u32, fd: std::os::fd::RawFd) -
 
 /// `bpf_map_update_elem` with a key and value of the map's sizes.
 pub(crate) fn update_elem<K, V>(map: std::os::fd::RawFd, key: &K, value: &V) -> std::io::Result<()> {
-    let attr = ElemAttr { map_fd: map as u32, _pad: 0, key: key as *const K as u64, value: value as *const V as u64, flags: 0 };
+    let attr = ElemAttr {
+        map_fd: map as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: value as *const V as u64,
+        flags: 0,
+    };
     // SAFETY: BPF_MAP_UPDATE_ELEM (2); the caller's key and value have the
     // map's sizes.
     let r = unsafe { libc::syscall(libc::SYS_bpf, 2, &attr as *const ElemAttr, std::mem::size_of::<ElemAttr>()) };

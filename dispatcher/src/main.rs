@@ -9,11 +9,10 @@
 
 mod access_log;
 mod config;
-mod control;
-mod conns;
 mod connection;
+mod conns;
+mod control;
 mod inspect;
-mod table;
 mod kernel;
 mod metrics;
 mod parking;
@@ -22,6 +21,7 @@ mod registry;
 mod route_names;
 mod serve;
 mod slow;
+mod table;
 
 use std::path::PathBuf;
 
@@ -184,7 +184,8 @@ fn run_dir(instance: &str) -> std::path::PathBuf {
 /// Prints an inspection view, as JSON or a table.
 fn show(v: &View, what: &str) -> Result<()> {
     let answer = control::send(&run_dir(&v.instance), what)?;
-    let json: serde_json::Value = serde_json::from_str(answer.strip_prefix("ok: ").unwrap_or(&answer)).context("reading the answer")?;
+    let json: serde_json::Value =
+        serde_json::from_str(answer.strip_prefix("ok: ").unwrap_or(&answer)).context("reading the answer")?;
     if v.json {
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
@@ -273,14 +274,16 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Pool { action: PoolAction::Start { name }, instance } => {
-            let answer = control::send(&std::path::Path::new(serve::RUN_DIR).join(&instance), &format!("pool-start {name}"))?;
+            let answer =
+                control::send(&std::path::Path::new(serve::RUN_DIR).join(&instance), &format!("pool-start {name}"))?;
             println!("{answer}");
             Ok(())
         }
         Cmd::Stats { instance } => {
-            let names: Vec<String> = std::fs::read_to_string(std::path::Path::new(serve::RUN_DIR).join(&instance).join("pools"))
-                .map(|s| s.lines().map(str::to_string).collect())
-                .unwrap_or_default();
+            let names: Vec<String> =
+                std::fs::read_to_string(std::path::Path::new(serve::RUN_DIR).join(&instance).join("pools"))
+                    .map(|s| s.lines().map(str::to_string).collect())
+                    .unwrap_or_default();
             let stats = kernel::read_stats(&instance, Some(names.len() as u32).filter(|n| *n > 0))?;
             let mut pools = serde_json::Map::new();
             for p in &stats.pools {
@@ -289,7 +292,11 @@ fn main() -> Result<()> {
                     continue;
                 }
                 let name = names.get(p.index as usize).cloned().unwrap_or_else(|| {
-                    if p.index == dispatcher_ebpf::abi::UNROUTED { "(unrouted)".into() } else { format!("#{}", p.index) }
+                    if p.index == dispatcher_ebpf::abi::UNROUTED {
+                        "(unrouted)".into()
+                    } else {
+                        format!("#{}", p.index)
+                    }
                 });
                 pools.insert(name, serde_json::to_value(p)?);
             }

@@ -20,7 +20,9 @@ const MAX_HEAD: usize = 8192;
 
 /// Serves the endpoint on `addr` until the process exits.
 pub async fn listen(addr: SocketAddr, shared: Arc<Shared>) -> Result<()> {
-    let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the metrics address {addr} (field `admin.metrics`)"))?;
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics address {addr} (field `admin.metrics`)"))?;
     tracing::info!(%addr, "metrics on http://{addr}/metrics");
     tokio::spawn(async move {
         loop {
@@ -30,7 +32,11 @@ pub async fn listen(addr: SocketAddr, shared: Arc<Shared>) -> Result<()> {
                 let mut buf = vec![0u8; MAX_HEAD];
                 let mut n = 0;
                 let status = loop {
-                    let Ok(Ok(k)) = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf[n..])).await else { return };
+                    let Ok(Ok(k)) =
+                        tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf[n..])).await
+                    else {
+                        return;
+                    };
                     if k == 0 {
                         return;
                     }
@@ -85,14 +91,24 @@ pub fn render(shared: &Shared) -> String {
         let _ = writeln!(out, "dispatcher_requests_total{{pool=\"{}\",path=\"kernel\"}} {fast}", l.name);
         let _ = writeln!(out, "dispatcher_requests_total{{pool=\"{}\",path=\"slow\"}} {slow}", l.name);
     }
-    help(&mut out, "dispatcher_queue_full_total", "counter", "Requests the kernel found their pool's queue full for (answered 503).");
+    help(
+        &mut out,
+        "dispatcher_queue_full_total",
+        "counter",
+        "Requests the kernel found their pool's queue full for (answered 503).",
+    );
     for (l, (_, _, full)) in links.iter().zip(&counts) {
         let _ = writeln!(out, "dispatcher_queue_full_total{{pool=\"{}\"}} {full}", l.name);
     }
     help(&mut out, "dispatcher_queue_bytes", "gauge", "Bytes queued on a worker slot's ring, not consumed yet.");
     for l in &links {
         for i in 0..l.slots.len() {
-            let _ = writeln!(out, "dispatcher_queue_bytes{{pool=\"{}\",slot=\"{i}\"}} {}", l.name, k.queued_bytes(l.first_slot + i));
+            let _ = writeln!(
+                out,
+                "dispatcher_queue_bytes{{pool=\"{}\",slot=\"{i}\"}} {}",
+                l.name,
+                k.queued_bytes(l.first_slot + i)
+            );
         }
     }
     drop(k);
@@ -101,15 +117,40 @@ pub fn render(shared: &Shared) -> String {
         let n = l.slots.iter().filter(|s| s.worker.lock().unwrap().is_some()).count();
         let _ = writeln!(out, "dispatcher_workers{{pool=\"{}\"}} {n}", l.name);
     }
-    help(&mut out, "dispatcher_worker_starts_total", "counter", "Worker processes started (restarts and recycles included).");
+    help(
+        &mut out,
+        "dispatcher_worker_starts_total",
+        "counter",
+        "Worker processes started (restarts and recycles included).",
+    );
     for l in &links {
-        let _ = writeln!(out, "dispatcher_worker_starts_total{{pool=\"{}\"}} {}", l.name, l.slots.iter().map(|s| s.starts.load(Relaxed)).sum::<u64>());
+        let _ = writeln!(
+            out,
+            "dispatcher_worker_starts_total{{pool=\"{}\"}} {}",
+            l.name,
+            l.slots.iter().map(|s| s.starts.load(Relaxed)).sum::<u64>()
+        );
     }
-    help(&mut out, "dispatcher_worker_crashes_total", "counter", "Worker processes that exited uncleanly or were killed.");
+    help(
+        &mut out,
+        "dispatcher_worker_crashes_total",
+        "counter",
+        "Worker processes that exited uncleanly or were killed.",
+    );
     for l in &links {
-        let _ = writeln!(out, "dispatcher_worker_crashes_total{{pool=\"{}\"}} {}", l.name, l.slots.iter().map(|s| s.crashes.load(Relaxed)).sum::<u64>());
+        let _ = writeln!(
+            out,
+            "dispatcher_worker_crashes_total{{pool=\"{}\"}} {}",
+            l.name,
+            l.slots.iter().map(|s| s.crashes.load(Relaxed)).sum::<u64>()
+        );
     }
-    help(&mut out, "dispatcher_responses_total", "counter", "Responses by the pool's workers, by status class (reported every second).");
+    help(
+        &mut out,
+        "dispatcher_responses_total",
+        "counter",
+        "Responses by the pool's workers, by status class (reported every second).",
+    );
     let stats: Vec<_> = links.iter().map(|l| *l.worker_stats.lock().unwrap()).collect();
     for (l, s) in links.iter().zip(&stats) {
         for (c, name) in CLASSES.iter().enumerate() {
@@ -122,19 +163,43 @@ pub fn render(shared: &Shared) -> String {
         let mut cum = 0;
         for (i, le) in worker::proto::LATENCY_BUCKETS_US.iter().enumerate() {
             cum += buckets[i];
-            let _ = writeln!(out, "dispatcher_handling_seconds_bucket{{pool=\"{}\",le=\"{}\"}} {cum}", l.name, *le as f64 / 1e6);
+            let _ = writeln!(
+                out,
+                "dispatcher_handling_seconds_bucket{{pool=\"{}\",le=\"{}\"}} {cum}",
+                l.name,
+                *le as f64 / 1e6
+            );
         }
         cum += buckets[worker::proto::LATENCY_BUCKETS_US.len()];
         let _ = writeln!(out, "dispatcher_handling_seconds_bucket{{pool=\"{}\",le=\"+Inf\"}} {cum}", l.name);
-        let _ = writeln!(out, "dispatcher_handling_seconds_sum{{pool=\"{}\"}} {}", l.name, s[worker::proto::STATS_WORDS - 1] as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "dispatcher_handling_seconds_sum{{pool=\"{}\"}} {}",
+            l.name,
+            s[worker::proto::STATS_WORDS - 1] as f64 / 1e6
+        );
         let _ = writeln!(out, "dispatcher_handling_seconds_count{{pool=\"{}\"}} {cum}", l.name);
     }
-    help(&mut out, "dispatcher_local_responses_total", "counter", "Answers the dispatcher wrote itself (errors, 503s, 502s), by status class.");
+    help(
+        &mut out,
+        "dispatcher_local_responses_total",
+        "counter",
+        "Answers the dispatcher wrote itself (errors, 503s, 502s), by status class.",
+    );
     for (c, name) in CLASSES.iter().enumerate() {
-        let _ = writeln!(out, "dispatcher_local_responses_total{{class=\"{name}\"}} {}", shared.local_responses[c].load(Relaxed));
+        let _ = writeln!(
+            out,
+            "dispatcher_local_responses_total{{class=\"{name}\"}} {}",
+            shared.local_responses[c].load(Relaxed)
+        );
     }
     if let Ok(stats) = crate::kernel::read_stats(&shared.cfg.instance, Some(1)) {
-        help(&mut out, "dispatcher_handoffs_total", "counter", "Connections the kernel handed to the slow path, by reason.");
+        help(
+            &mut out,
+            "dispatcher_handoffs_total",
+            "counter",
+            "Connections the kernel handed to the slow path, by reason.",
+        );
         for (r, n) in &stats.handoffs {
             let _ = writeln!(out, "dispatcher_handoffs_total{{reason=\"{r}\"}} {n}");
         }

@@ -7,11 +7,11 @@ use std::{
     io,
     os::fd::{AsRawFd, OwnedFd},
     path::PathBuf,
-    time::Duration,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -223,7 +223,10 @@ impl PoolLink {
             Vec::new()
         });
         let waiting = std::mem::take(&mut self.slots[local].ctl.lock().unwrap().waiting);
-        let slow = waiting.iter().filter_map(|b| RecordHeader::from_bytes(b)).filter(|h| h.kind == dispatcher_ebpf::abi::RECORD_HEAD);
+        let slow = waiting
+            .iter()
+            .filter_map(|b| RecordHeader::from_bytes(b))
+            .filter(|h| h.kind == dispatcher_ebpf::abi::RECORD_HEAD);
         for h in heads.into_iter().chain(slow) {
             let r = crate::connection::local_response(503, why, true, true);
             shared.conns.deliver(h.conn, Frame::whole(h.seq, Bytes::from(r), true));
@@ -425,7 +428,13 @@ fn lease_socket(progress: Arc<worker::progress::ProgressMap>) -> Result<(Arc<Lea
     nix::fcntl::fcntl(ours.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(fl)).context("F_SETFL")?;
     // SAFETY: the AsyncFd owns the fd for as long as it is registered.
     let sock = unsafe { AsyncFd::register_with_interest(ours, Interest::WRITABLE) }?;
-    let tx = Arc::new(LeaseTx { sock, progress, queue: Default::default(), wake: Default::default(), dead: Default::default() });
+    let tx = Arc::new(LeaseTx {
+        sock,
+        progress,
+        queue: Default::default(),
+        wake: Default::default(),
+        dead: Default::default(),
+    });
     tokio::spawn(tx.clone().write_queued());
     Ok((tx, theirs))
 }
@@ -562,9 +571,21 @@ struct PoolSlot {
 
 impl activation::Slot for PoolSlot {
     fn handles(&mut self) -> Result<activation::Handles> {
-        let (ctl, lease, progress) = connect(&self.link, self.local, &self.shared.conns, self.shared.cfg.direct_responses, self.shared.access_log.clone())?;
+        let (ctl, lease, progress) = connect(
+            &self.link,
+            self.local,
+            &self.shared.conns,
+            self.shared.cfg.direct_responses,
+            self.shared.access_log.clone(),
+        )?;
         let k = self.shared.kernel.lock().unwrap();
-        Ok(activation::Handles { ring: Some(k.ring_fd(self.slot)?), ctl, lease, awake: Some(k.awake_fd(self.slot)?), progress })
+        Ok(activation::Handles {
+            ring: Some(k.ring_fd(self.slot)?),
+            ctl,
+            lease,
+            awake: Some(k.awake_fd(self.slot)?),
+            progress,
+        })
     }
 
     fn vacate(&mut self) -> bool {
@@ -622,7 +643,14 @@ impl activation::Slot for PoolSlot {
 }
 
 /// Starts supervising slot `local` of `link`'s pool.
-pub fn supervise(link: Arc<PoolLink>, local: usize, shared: Arc<Shared>, pool: &Pool, command: PathBuf, args: Vec<String>) -> tokio::task::JoinHandle<()> {
+pub fn supervise(
+    link: Arc<PoolLink>,
+    local: usize,
+    shared: Arc<Shared>,
+    pool: &Pool,
+    command: PathBuf,
+    args: Vec<String>,
+) -> tokio::task::JoinHandle<()> {
     let index = link.index as usize;
     let stop = link.stop.subscribe();
     let spec = activation::WorkerSpec {
@@ -648,8 +676,9 @@ pub fn supervise(link: Arc<PoolLink>, local: usize, shared: Arc<Shared>, pool: &
         idle_timeout: (pool.idle_timeout_secs > 0).then(|| Duration::from_secs(pool.idle_timeout_secs)),
         rapid_fail: (pool.rapid_fail_max_crashes > 0)
             .then(|| (pool.rapid_fail_max_crashes, Duration::from_secs(pool.rapid_fail_interval_secs))),
-        ping: (pool.ping_interval_secs > 0)
-            .then(|| (Duration::from_secs(pool.ping_interval_secs), Duration::from_secs(pool.ping_response_limit_secs))),
+        ping: (pool.ping_interval_secs > 0).then(|| {
+            (Duration::from_secs(pool.ping_interval_secs), Duration::from_secs(pool.ping_response_limit_secs))
+        }),
         startup_limit: Duration::from_secs(pool.startup_time_limit_secs),
         shutdown_limit: Duration::from_secs(pool.shutdown_time_limit_secs),
         recycle_requests: (pool.recycle_requests > 0).then_some(pool.recycle_requests),
@@ -658,5 +687,11 @@ pub fn supervise(link: Arc<PoolLink>, local: usize, shared: Arc<Shared>, pool: &
     };
     let signals = link.slots[local].signals.clone();
     let slot = link.first_slot + local;
-    tokio::spawn(activation::supervise(spec, policy, PoolSlot { pool: index, local, slot, link, shared }, signals, stop))
+    tokio::spawn(activation::supervise(
+        spec,
+        policy,
+        PoolSlot { pool: index, local, slot, link, shared },
+        signals,
+        stop,
+    ))
 }

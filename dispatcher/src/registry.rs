@@ -62,7 +62,12 @@ impl Registry {
     pub fn new(run_dir: PathBuf) -> Registry {
         Registry {
             links: RwLock::new((0..MAX_POOLS).map(|_| None).collect()),
-            slots: Mutex::new(Alloc { used: vec![false; MAX_SLOTS as usize], index_used: vec![false; MAX_POOLS as usize], next_slot: 0, next_index: 0 }),
+            slots: Mutex::new(Alloc {
+                used: vec![false; MAX_SLOTS as usize],
+                index_used: vec![false; MAX_POOLS as usize],
+                next_slot: 0,
+                next_index: 0,
+            }),
             reloading: Default::default(),
             run_dir,
         }
@@ -145,7 +150,12 @@ pub struct Summary {
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut parts = Vec::new();
-        for (what, v) in [("added", &self.added), ("restarted", &self.changed), ("removed", &self.removed), ("new routes", &self.routes_changed)] {
+        for (what, v) in [
+            ("added", &self.added),
+            ("restarted", &self.changed),
+            ("removed", &self.removed),
+            ("new routes", &self.routes_changed),
+        ] {
             if !v.is_empty() {
                 parts.push(format!("{what}: {}", v.join(", ")));
             }
@@ -258,7 +268,9 @@ pub async fn apply(shared: &Arc<Shared>, cfg: &Config) -> Result<Summary> {
         let link = Arc::new(PoolLink::new(p, index, slots.start));
         reg.links.write().unwrap()[index as usize] = Some(link.clone());
         let tasks = (0..p.max_processes as usize)
-            .map(|local| pools::supervise(link.clone(), local, shared.clone(), p, launch.command.clone(), launch.args.clone()))
+            .map(|local| {
+                pools::supervise(link.clone(), local, shared.clone(), p, launch.command.clone(), launch.args.clone())
+            })
             .collect();
         *link.tasks.lock().unwrap() = tasks;
     }
@@ -288,7 +300,9 @@ pub async fn apply(shared: &Arc<Shared>, cfg: &Config) -> Result<Summary> {
         tokio::spawn(retire_pool(shared.clone(), l));
     }
     reg.write_names();
-    routed.context("the pools changed, but writing the route table failed (some routes keep their old pool; reload again)")?;
+    routed.context(
+        "the pools changed, but writing the route table failed (some routes keep their old pool; reload again)",
+    )?;
     Ok(summary)
 }
 
@@ -332,7 +346,8 @@ struct Launch {
 
 impl Launch {
     fn prepare(p: &Pool, base_dir: &Path, run_dir: &Path) -> Result<Launch> {
-        let command = crate::serve::resolve_command(&p.command, base_dir).with_context(|| format!("pool `{}`", p.name))?;
+        let command =
+            crate::serve::resolve_command(&p.command, base_dir).with_context(|| format!("pool `{}`", p.name))?;
         let args = p
             .args
             .iter()
@@ -372,7 +387,10 @@ fn unchanged_globals(old: &Config, new: &Config) -> Result<()> {
     );
 
     if !changed.is_empty() {
-        bail!("a reload cannot change {}; restart the dispatcher to apply them (nothing was changed)", changed.join(", "));
+        bail!(
+            "a reload cannot change {}; restart the dispatcher to apply them (nothing was changed)",
+            changed.join(", ")
+        );
     }
     Ok(())
 }

@@ -180,7 +180,8 @@ impl RouteNames {
             out[..n].copy_from_slice(&s.as_bytes()[..n]);
         };
         for (i, (host, prefix, pool, index)) in routes.iter().enumerate() {
-            let mut v = RouteName { host: [0; HOST_LEN], prefix: [0; PREFIX_LEN], pool: [0; POOL_LEN], pool_index: *index };
+            let mut v =
+                RouteName { host: [0; HOST_LEN], prefix: [0; PREFIX_LEN], pool: [0; POOL_LEN], pool_index: *index };
             text(host, &mut v.host);
             text(prefix, &mut v.prefix);
             text(pool, &mut v.pool);

@@ -15,8 +15,8 @@ use tokio::net::TcpListener;
 
 use crate::{
     config::{Config, ConfigSource},
-    conns::Conns,
     connection,
+    conns::Conns,
     control,
     kernel::Kernel,
     parking::Parking,
@@ -98,7 +98,12 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
     }
 
     tracing::info!(listen = %cfg.listen, pools = cfg.pools.len(), "dispatcher ready");
-    println!("dispatcher listening on http://{} (instance `{}`, {} pools); Ctrl-C to stop", cfg.listen, cfg.instance, cfg.pools.len());
+    println!(
+        "dispatcher listening on http://{} (instance `{}`, {} pools); Ctrl-C to stop",
+        cfg.listen,
+        cfg.instance,
+        cfg.pools.len()
+    );
     let _ = std::io::stdout().flush();
 
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -220,7 +225,9 @@ fn socket_cookie(s: &tokio::net::TcpStream) -> std::io::Result<u64> {
     let mut v: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: getsockopt into a u64 with its size.
-    let r = unsafe { libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, &mut v as *mut u64 as *mut _, &mut len) };
+    let r = unsafe {
+        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, &mut v as *mut u64 as *mut _, &mut len)
+    };
     if r != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -240,10 +247,18 @@ impl Drop for RemoveOnDrop {
 /// same instance name would fight over the same pins.
 fn lock_instance(run_dir: &Path, instance: &str) -> Result<fs::File> {
     let path = run_dir.join("lock");
-    let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: flock on an open file.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        bail!("instance `{instance}` is already running (lock {} is held); stop it or choose another `instance`", path.display());
+        bail!(
+            "instance `{instance}` is already running (lock {} is held); stop it or choose another `instance`",
+            path.display()
+        );
     }
     Ok(f)
 }

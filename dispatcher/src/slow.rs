@@ -198,37 +198,30 @@ impl SlowParser {
         }
         // The target: origin-form routes on its path; absolute-form on its
         // authority and path; CONNECT and `*` are not served.
-        let path_part: &str = if let Some(rest) = target.strip_prefix("http://").or_else(|| target.strip_prefix("https://")) {
-            let slash = rest.find('/').unwrap_or(rest.len());
-            host = Some(rest[..slash].as_bytes().to_vec());
-            if slash == rest.len() {
+        let path_part: &str =
+            if let Some(rest) = target.strip_prefix("http://").or_else(|| target.strip_prefix("https://")) {
+                let slash = rest.find('/').unwrap_or(rest.len());
+                host = Some(rest[..slash].as_bytes().to_vec());
+                if slash == rest.len() {
+                    "/"
+                } else {
+                    &rest[slash..]
+                }
+            } else if target.starts_with('/') {
+                target
+            } else if method == "CONNECT" {
+                return self.fail(out, 405, "CONNECT is not supported");
+            } else if target == "*" && method == "OPTIONS" {
                 "/"
             } else {
-                &rest[slash..]
-            }
-        } else if target.starts_with('/') {
-            target
-        } else if method == "CONNECT" {
-            return self.fail(out, 405, "CONNECT is not supported");
-        } else if target == "*" && method == "OPTIONS" {
-            "/"
-        } else {
-            return self.fail(out, 400, "invalid request target");
-        };
+                return self.fail(out, 400, "invalid request target");
+            };
         let path_only = path_part.split(['?', '#']).next().unwrap_or("/");
         let Some(route_path) = normalize_path(path_only.as_bytes()) else {
             return self.fail(out, 400, "invalid percent-encoding in path");
         };
         let head_bytes = self.buf.split_to(n).freeze();
-        let mut head = Head {
-            bytes: head_bytes,
-            content_length: 0,
-            host,
-            route_path,
-            close,
-            expect_continue,
-            method,
-        };
+        let mut head = Head { bytes: head_bytes, content_length: 0, host, route_path, close, expect_continue, method };
         match te {
             Some(te) => {
                 // Only `chunked` (as the last and only coding) is framed.
@@ -351,10 +344,8 @@ fn parse_len(v: &[u8]) -> Option<u64> {
 fn rewrite_dechunked(head: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(head.len());
     for line in split_lines(head) {
-        let is_te = line
-            .iter()
-            .position(|&b| b == b':')
-            .is_some_and(|c| line[..c].eq_ignore_ascii_case(b"transfer-encoding"));
+        let is_te =
+            line.iter().position(|&b| b == b':').is_some_and(|c| line[..c].eq_ignore_ascii_case(b"transfer-encoding"));
         if !is_te {
             out.extend_from_slice(line);
         }

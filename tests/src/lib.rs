@@ -132,7 +132,9 @@ impl Dispatcher {
                 panic!("dispatcher exited during start-up ({st}):\n{}", self.log());
             }
             // Pools start on demand by default: ready means listening.
-            if self.log().contains("dispatcher ready") && (self.netns.is_some() || TcpStream::connect(("127.0.0.1", self.port)).is_ok()) {
+            if self.log().contains("dispatcher ready")
+                && (self.netns.is_some() || TcpStream::connect(("127.0.0.1", self.port)).is_ok())
+            {
                 return;
             }
             if t0.elapsed() > START_TIMEOUT {
@@ -163,7 +165,8 @@ impl Dispatcher {
     /// the answer line.
     pub fn control(&self, cmd: &str) -> String {
         use std::io::BufRead;
-        let mut s = std::os::unix::net::UnixStream::connect(format!("/run/dispatcher/{}/control", self.instance)).expect("control socket");
+        let mut s = std::os::unix::net::UnixStream::connect(format!("/run/dispatcher/{}/control", self.instance))
+            .expect("control socket");
         s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
         let mut answer = String::new();
@@ -179,7 +182,10 @@ impl Dispatcher {
             .args(["--instance", &self.instance])
             .output()
             .expect("running the dispatcher CLI");
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
     }
 
     /// Sends it SIGHUP (reload).
@@ -225,7 +231,9 @@ impl Dispatcher {
             let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
             // Fields after the command's closing parenthesis: state, ppid.
             let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
-            if ppid == Some(self.child.id()) && !stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')) {
+            if ppid == Some(self.child.id())
+                && !stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            {
                 v.push(pid);
             }
         }
@@ -403,7 +411,8 @@ impl Client {
     /// timeout, after any buffered bytes).
     pub fn is_closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.stream.read(&mut b), Ok(0)) || matches!(self.stream.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+        matches!(self.stream.read(&mut b), Ok(0))
+            || matches!(self.stream.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
     }
 }
 
@@ -453,7 +462,9 @@ impl Netns {
         let peer = format!("dg{id}b");
         run(&["ip", "netns", "add", &ns.srv]);
         run(&["ip", "netns", "add", &ns.cli]);
-        run(&["ip", "link", "add", &ns.veth, "netns", &ns.srv, "type", "veth", "peer", "name", &peer, "netns", &ns.cli]);
+        run(&[
+            "ip", "link", "add", &ns.veth, "netns", &ns.srv, "type", "veth", "peer", "name", &peer, "netns", &ns.cli,
+        ]);
         run(&["ip", "-n", &ns.srv, "addr", "add", &format!("{}/24", ns.server), "dev", &ns.veth]);
         for c in ns.clients {
             run(&["ip", "-n", &ns.cli, "addr", "add", &format!("{c}/24"), "dev", &peer]);
@@ -471,7 +482,12 @@ impl Netns {
         let out = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.cli))
             .args(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--interface", &from.to_string()])
-            .args(["--connect-timeout", &format!("{:.3}", timeout.as_secs_f64()), "--max-time", &format!("{:.3}", timeout.as_secs_f64() * 4.0)])
+            .args([
+                "--connect-timeout",
+                &format!("{:.3}", timeout.as_secs_f64()),
+                "--max-time",
+                &format!("{:.3}", timeout.as_secs_f64() * 4.0),
+            ])
             .arg(format!("http://{}:{port}{path}", self.server))
             .output()
             .expect("running curl");
@@ -480,7 +496,8 @@ impl Netns {
 
     /// `ip link show` of the server's interface.
     pub fn link_show(&self) -> String {
-        let out = Command::new("ip").args(["-n", &self.srv, "link", "show", &self.veth]).output().expect("ip link show");
+        let out =
+            Command::new("ip").args(["-n", &self.srv, "link", "show", &self.veth]).output().expect("ip link show");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }

@@ -156,7 +156,11 @@ fn pool_start_names_an_unknown_pool() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no pool named `nosuch`"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no pool named `nosuch`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -211,7 +215,11 @@ fn a_worker_cannot_open_another_pools_pinned_ring() {
         .output()
         .expect("running runuser");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Requests per client thread in the recycling test.
@@ -279,7 +287,10 @@ fn a_recycled_worker_finishing_a_slow_request_overlaps_its_successor() {
     let r = d.connect().get("x", "/third");
     assert_eq!(r.status, 200);
     assert_ne!(worker_pid(&r), old[0], "the recycled worker answered after its count");
-    assert!(t0.elapsed() < Duration::from_millis(OVERLAP_SLOW_MS / 2), "the next worker waited for the old one to exit");
+    assert!(
+        t0.elapsed() < Duration::from_millis(OVERLAP_SLOW_MS / 2),
+        "the next worker waited for the old one to exit"
+    );
     assert!(d.workers().contains(&old[0]), "the old worker is gone before its slow request was answered");
     let r = slow.read_response();
     assert_eq!((r.status, worker_pid(&r)), (200, old[0]));

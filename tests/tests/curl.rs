@@ -6,7 +6,11 @@ use std::process::Command;
 use tests::{privileged, Dispatcher, PoolDef, TempDir};
 
 fn curl(args: &[&str]) -> String {
-    let out = Command::new("curl").args(["-sS", "--max-time", "20"]).args(args).output().expect("running curl (apt-get install curl)");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("running curl (apt-get install curl)");
     assert!(out.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -24,7 +28,13 @@ fn curl_gets_echo_and_static_pools() {
     let d = Dispatcher::start(
         &[
             PoolDef::echo("echo", &["*/echo"]),
-            PoolDef { name: "static", routes: &["*/"], args: &["--pool-header", "static", &dir], extra: "", command: None },
+            PoolDef {
+                name: "static",
+                routes: &["*/"],
+                args: &["--pool-header", "static", &dir],
+                extra: "",
+                command: None,
+            },
         ],
         "",
     );
@@ -94,7 +104,11 @@ fn a_failed_start_leaves_nothing_behind() {
     .unwrap();
     let out = Command::new(tests::bin_dir().join("dispatcher")).args(["serve", "--config"]).arg(&cfg).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-worker-command"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no-such-worker-command"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let pins = std::path::Path::new("/sys/fs/bpf").join(&instance);
     let run = std::path::Path::new("/run/dispatcher").join(&instance);
     assert!(!pins.exists(), "pins left at {}", pins.display());

@@ -9,7 +9,10 @@ use tests::{checksum, privileged, Dispatcher, PoolDef};
 const BIG_BODY: usize = 1 << 20;
 
 fn echo_pools(extra: &str) -> Dispatcher {
-    Dispatcher::start(&[PoolDef::echo("a", &["*/a"]), PoolDef::echo("b", &["*/b"]), PoolDef::echo("root", &["*/"])], extra)
+    Dispatcher::start(
+        &[PoolDef::echo("a", &["*/a"]), PoolDef::echo("b", &["*/b"]), PoolDef::echo("root", &["*/"])],
+        extra,
+    )
 }
 
 fn body_of_echo(body: &[u8]) -> &[u8] {
@@ -178,8 +181,10 @@ fn many_pipelined_requests_in_one_write_are_all_answered_in_order() {
     }
     // The kernel framed what its budget allowed and handed over the rest.
     let stats = d.stats();
-    let fast = stats["pools"]["a"]["fast_requests"].as_u64().unwrap() + stats["pools"]["b"]["fast_requests"].as_u64().unwrap();
-    let slow = stats["pools"]["a"]["slow_parsed"].as_u64().unwrap() + stats["pools"]["b"]["slow_parsed"].as_u64().unwrap();
+    let fast =
+        stats["pools"]["a"]["fast_requests"].as_u64().unwrap() + stats["pools"]["b"]["fast_requests"].as_u64().unwrap();
+    let slow =
+        stats["pools"]["a"]["slow_parsed"].as_u64().unwrap() + stats["pools"]["b"]["slow_parsed"].as_u64().unwrap();
     assert_eq!(fast + slow, PIPELINED as u64, "{stats}");
     assert!(fast >= 30, "{stats}");
     if slow > 0 {

@@ -17,7 +17,12 @@ const SERVED: Duration = Duration::from_secs(5);
 fn start(ns: &Netns, extra: &str) -> (Dispatcher, u16) {
     let port = tests::free_port();
     let listen = format!("0.0.0.0:{port}");
-    let d = Dispatcher::start_with(&[PoolDef::echo("p", &["*/"])], extra, Some(&ns.srv), &["--listen", &listen, "--iface", &ns.veth]);
+    let d = Dispatcher::start_with(
+        &[PoolDef::echo("p", &["*/"])],
+        extra,
+        Some(&ns.srv),
+        &["--listen", &listen, "--iface", &ns.veth],
+    );
     (d, port)
 }
 
@@ -292,7 +297,11 @@ fn the_guard_parses_vlan_tags_ip_options_and_ipv6_extension_headers_or_passes() 
         ("802.1Q", frame(eth(&[0x8100, 0x0800]), ipv4(bad4, 0, 0, &syn)), XDP_DROP),
         ("802.1ad + 802.1Q", frame(eth(&[0x88a8, 0x8100, 0x0800]), ipv4(bad4, 4, 0, &syn)), XDP_DROP),
         ("IPv6", frame(eth(&[0x86dd]), ipv6(bad6, &[], &syn)), XDP_DROP),
-        ("IPv6 hop-by-hop + dest opts", frame(eth(&[0x86dd]), ipv6(bad6, &[(0, hop(0)), (60, hop(1))], &syn)), XDP_DROP),
+        (
+            "IPv6 hop-by-hop + dest opts",
+            frame(eth(&[0x86dd]), ipv6(bad6, &[(0, hop(0)), (60, hop(1))], &syn)),
+            XDP_DROP,
+        ),
         ("IPv6 first fragment", frame(eth(&[0x86dd]), ipv6(bad6, &[(44, frag(0))], &syn)), XDP_DROP),
         ("IPv6 later fragment", frame(eth(&[0x86dd]), ipv6(bad6, &[(44, frag(100))], &syn)), XDP_PASS),
         ("IPv4 later fragment", frame(eth(&[0x0800]), ipv4(bad4, 0, 100, &syn)), XDP_PASS),
@@ -315,7 +324,12 @@ fn connect_from_client(ns: &Netns, port: u16, timeout: Duration) -> Option<std::
         let f = std::fs::File::open(&path).expect("netns file");
         // SAFETY: setns on this thread only (network namespaces are per
         // thread), with an open namespace fd.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns: {}",
+            std::io::Error::last_os_error()
+        );
         std::net::TcpStream::connect_timeout(&(server, port).into(), timeout).ok()
     })
     .join()

@@ -55,7 +55,12 @@ fn status_pools_routes_and_queues_describe_the_running_instance() {
 
     // Match order: the explicit host first, then the longest prefix.
     let routes = json(&d, "routes");
-    let order: Vec<String> = routes.as_array().unwrap().iter().map(|r| format!("{}{}", r["host"].as_str().unwrap(), r["prefix"].as_str().unwrap())).collect();
+    let order: Vec<String> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| format!("{}{}", r["host"].as_str().unwrap(), r["prefix"].as_str().unwrap()))
+        .collect();
     assert_eq!(order, ["api.example/v1/", "*/api", "*/"]);
     let (ok, table) = d.cli(&["routes"]);
     assert!(ok && table.contains("api.example") && table.contains("PREFIX"), "{table}");
@@ -126,7 +131,10 @@ fn the_access_log_has_a_line_per_request_with_its_status_and_bytes() {
     let mut expect = Vec::new();
     for i in 0..5 {
         let path = format!("/app/{i}");
-        c.send(format!("GET {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: access-test/{i}\r\nReferer: http://ref/{i}\r\n\r\n").as_bytes());
+        c.send(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: access-test/{i}\r\nReferer: http://ref/{i}\r\n\r\n")
+                .as_bytes(),
+        );
         let r = c.read_response();
         assert_eq!(r.status, 200);
         expect.push(format!("\"GET {path} HTTP/1.1\" 200 {} \"http://ref/{i}\" \"access-test/{i}\"", r.body.len()));
@@ -176,8 +184,14 @@ fn scrape(port: u16) -> std::collections::BTreeMap<String, f64> {
         }
         let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
         let name = series.split('{').next().unwrap();
-        assert!(!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad metric name: {line}");
-        let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s).filter(|b| typed.contains(*b))).unwrap_or(name);
+        assert!(
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name: {line}"
+        );
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|b| typed.contains(*b)))
+            .unwrap_or(name);
         assert!(typed.contains(base), "sample before its TYPE: {line}");
         if let Some(labels) = series.strip_prefix(name) {
             assert!(labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')), "{line}");
@@ -214,7 +228,10 @@ fn the_metrics_endpoint_is_prometheus_text_and_its_counters_move() {
     };
     assert_eq!(after[kernel], before[kernel] + 5.0, "{after:?}");
     assert!(after[ok] >= before[ok] + 5.0 && after[count] >= before[count] + 5.0, "{after:?}");
-    assert_eq!(after["dispatcher_local_responses_total{class=\"4xx\"}"], before["dispatcher_local_responses_total{class=\"4xx\"}"] + 1.0);
+    assert_eq!(
+        after["dispatcher_local_responses_total{class=\"4xx\"}"],
+        before["dispatcher_local_responses_total{class=\"4xx\"}"] + 1.0
+    );
     assert_eq!(after["dispatcher_workers{pool=\"p\"}"], 1.0);
     assert!(after.contains_key("dispatcher_guard_packets_total{verdict=\"passed\"}"));
 }
@@ -247,7 +264,10 @@ fn a_client_gone_mid_upload_does_not_hold_up_a_recycle() {
         return;
     }
     let d = Dispatcher::start(
-        &[PoolDef { extra: "start_mode = \"always-running\"\nshutdown_time_limit_secs = 60", ..PoolDef::echo("p", &["*/"]) }],
+        &[PoolDef {
+            extra: "start_mode = \"always-running\"\nshutdown_time_limit_secs = 60",
+            ..PoolDef::echo("p", &["*/"])
+        }],
         "",
     );
     let first = worker_pid(&d.connect().get("x", "/one"));
@@ -270,7 +290,11 @@ fn a_client_gone_mid_upload_does_not_hold_up_a_recycle() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // It finished on its own, not at the shutdown limit.
-    assert!(d.wait_log(SETTLE, |l| l.contains("worker exited (finished)") || l.contains("worker exited cleanly")), "{}", d.log());
+    assert!(
+        d.wait_log(SETTLE, |l| l.contains("worker exited (finished)") || l.contains("worker exited cleanly")),
+        "{}",
+        d.log()
+    );
     assert!(!d.log().contains("did not finish within the shutdown time limit"), "{}", d.log());
 }
 
@@ -304,7 +328,11 @@ fn bpftool_prints_the_routes_readably() {
     // A reload rewrites it.
     d.rewrite(&[PoolDef::echo("web", &["*/", "*/new/"])], "");
     assert!(d.reload().0);
-    let out = std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(d.pin_dir().join("route_names")).output().unwrap();
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(d.pin_dir().join("route_names"))
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("\"/new/\"") && !text.contains("api.example"), "{text}");
 }
@@ -315,7 +343,8 @@ fn the_access_log_rotates_at_its_size_limit() {
         return;
     }
     // About 90 bytes a line: one rotation in 8 lines (one old file is kept).
-    let d = Dispatcher::start(&[PoolDef::echo("app", &["*/"])], "[log]\naccess = \"access.log\"\naccess_max_bytes = 600");
+    let d =
+        Dispatcher::start(&[PoolDef::echo("app", &["*/"])], "[log]\naccess = \"access.log\"\naccess_max_bytes = 600");
     let dir = d.config.parent().unwrap().to_path_buf();
     let mut c = d.connect();
     for i in 0..8 {

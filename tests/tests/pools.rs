@@ -16,7 +16,10 @@ fn a_request_larger_than_the_queue_gets_503_with_retry_after() {
         return;
     }
     let extra = format!("queue_bytes = {SMALL_QUEUE}");
-    let d = Dispatcher::start(&[PoolDef { name: "small", routes: &["*/"], args: &["--pool-header", "echo"], extra: &extra, command: None }], "");
+    let d = Dispatcher::start(
+        &[PoolDef { name: "small", routes: &["*/"], args: &["--pool-header", "echo"], extra: &extra, command: None }],
+        "",
+    );
     let mut c = d.connect();
     let body = vec![b'x'; 2 * SMALL_QUEUE];
     c.send(format!("POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());

@@ -52,7 +52,10 @@ fn sighup_restarts_a_changed_pool_and_removes_a_dropped_one_without_failing_a_re
     }
     let running = "start_mode = \"always-running\"";
     let d = Dispatcher::start(
-        &[PoolDef { extra: running, ..PoolDef::echo("p", &["*/"]) }, PoolDef { extra: running, ..PoolDef::echo("gone", &["*/gone/"]) }],
+        &[
+            PoolDef { extra: running, ..PoolDef::echo("p", &["*/"]) },
+            PoolDef { extra: running, ..PoolDef::echo("gone", &["*/gone/"]) },
+        ],
         "",
     );
     assert!(d.wait_log(START_TIMEOUT, |l| l.matches("worker started").count() >= 2), "{}", d.log());
@@ -70,7 +73,11 @@ fn sighup_restarts_a_changed_pool_and_removes_a_dropped_one_without_failing_a_re
                 let mut pids = std::collections::BTreeSet::new();
                 for i in 0..REQUESTS {
                     let r = c.get("x", &format!("/load/{k}/{i}"));
-                    assert_eq!((r.status, r.header("x-echo-path")), (200, Some(format!("/load/{k}/{i}").as_str())), "request {i} on connection {k}");
+                    assert_eq!(
+                        (r.status, r.header("x-echo-path")),
+                        (200, Some(format!("/load/{k}/{i}").as_str())),
+                        "request {i} on connection {k}"
+                    );
                     pids.insert(worker_pid(&r));
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -115,7 +122,10 @@ fn a_reload_that_cannot_apply_changes_nothing_and_says_why() {
     let mut c = d.connect();
     assert_eq!(c.get("x", "/1").status, 200);
 
-    d.rewrite(&[PoolDef::echo("a", &["*/"]), PoolDef { command: Some("no-such-worker"), ..PoolDef::echo("b", &["*/b/"]) }], "");
+    d.rewrite(
+        &[PoolDef::echo("a", &["*/"]), PoolDef { command: Some("no-such-worker"), ..PoolDef::echo("b", &["*/b/"]) }],
+        "",
+    );
     let (ok, out) = d.reload();
     assert!(!ok && out.contains("no-such-worker"), "{out}");
 

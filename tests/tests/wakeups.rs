@@ -63,12 +63,20 @@ fn an_idle_worker_clears_its_awake_flag() {
     let pin = d.pin_dir().join("awake_p");
     let t0 = Instant::now();
     loop {
-        let out = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&pin).arg("-j").output().expect("running bpftool");
+        let out = Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(&pin)
+            .arg("-j")
+            .output()
+            .expect("running bpftool");
         assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
         // An array of one entry; its value is the flag (BTF-formatted or raw bytes).
         let value = &v[0]["value"];
-        let asleep = value.as_u64() == Some(0) || value.as_array().is_some_and(|b| b.iter().all(|x| x.as_str().is_some_and(|s| s.trim_start_matches("0x").chars().all(|c| c == '0'))));
+        let asleep = value.as_u64() == Some(0)
+            || value.as_array().is_some_and(|b| {
+                b.iter().all(|x| x.as_str().is_some_and(|s| s.trim_start_matches("0x").chars().all(|c| c == '0')))
+            });
         if asleep {
             return;
         }

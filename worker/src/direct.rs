@@ -53,7 +53,11 @@ where
                         .find(|h| h.name.eq_ignore_ascii_case("content-length"))
                         .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
                         .unwrap_or(0);
-                    let conn = req.headers.iter().find(|h| h.name.eq_ignore_ascii_case("connection")).map(|h| h.value.to_ascii_lowercase());
+                    let conn = req
+                        .headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case("connection"))
+                        .map(|h| h.value.to_ascii_lowercase());
                     let close = match req.version {
                         Some(0) => conn.as_deref() != Some(b"keep-alive"),
                         _ => conn.as_deref() == Some(b"close"),

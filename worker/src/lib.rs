@@ -111,7 +111,8 @@ fn env_fd(var: &'static str) -> Result<Option<OwnedFd>, Error> {
     match std::env::var(var) {
         Err(_) => Ok(None),
         Ok(v) => {
-            let fd: i32 = v.parse().map_err(|_| Error::Env { var, why: format!("`{v}` is not a file descriptor number") })?;
+            let fd: i32 =
+                v.parse().map_err(|_| Error::Env { var, why: format!("`{v}` is not a file descriptor number") })?;
             // SAFETY: fcntl F_GETFD only checks that the fd is open.
             if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
                 return Err(Error::Env { var, why: format!("fd {fd} is not open") });
@@ -172,11 +173,17 @@ impl Worker {
     pub fn from_fds(h: Handles, pool: String) -> Result<Worker, Error> {
         let Handles { ring, ctl, lease, awake, progress } = h;
         let progress = match progress {
-            Some(fd) => Some(progress::ProgressMap::map(fd).map_err(|e| Error::Env { var: proto::ENV_PROGRESS_FD, why: format!("cannot map it: {e}") })?),
+            Some(fd) => Some(
+                progress::ProgressMap::map(fd)
+                    .map_err(|e| Error::Env { var: proto::ENV_PROGRESS_FD, why: format!("cannot map it: {e}") })?,
+            ),
             None => None,
         };
         let awake = match awake {
-            Some(fd) => Some(awake::Awake::map(fd).map_err(|e| Error::Env { var: proto::ENV_AWAKE_FD, why: format!("cannot map the flag: {e}") })?),
+            Some(fd) => Some(
+                awake::Awake::map(fd)
+                    .map_err(|e| Error::Env { var: proto::ENV_AWAKE_FD, why: format!("cannot map the flag: {e}") })?,
+            ),
             None => None,
         };
         if let Some(a) = &awake {
@@ -230,7 +237,21 @@ impl Worker {
         if let Some(fd) = lease {
             out.spawn_lease_reader(fd).map_err(Error::Control)?;
         }
-        Ok(Worker { pool, ring, awake, yielded: false, idle: None, served: 0, recycle_after: None, draining: false, writer: Some(writer), frames, reassembly: Reassembly::default(), ready: VecDeque::new(), responder: Responder { out } })
+        Ok(Worker {
+            pool,
+            ring,
+            awake,
+            yielded: false,
+            idle: None,
+            served: 0,
+            recycle_after: None,
+            draining: false,
+            writer: Some(writer),
+            frames,
+            reassembly: Reassembly::default(),
+            ready: VecDeque::new(),
+            responder: Responder { out },
+        })
     }
 
     /// Stops taking requests from the queue (a graceful stop, e.g. on
@@ -373,13 +394,22 @@ impl Worker {
     }
 }
 
-fn deliver(reassembly: &mut Reassembly, ready: &mut VecDeque<Raw>, responder: &Responder, hdr: &RecordHeader, data: &[u8]) {
+fn deliver(
+    reassembly: &mut Reassembly,
+    ready: &mut VecDeque<Raw>,
+    responder: &Responder,
+    hdr: &RecordHeader,
+    data: &[u8],
+) {
     if hdr.kind == proto::RECORD_ABORT {
         // The connection is gone: nothing of it is owed any more.
         if let Some(l) = &responder.out.loose {
             l.take_out(hdr.conn);
         }
-    } else if hdr.kind == dispatcher_ebpf::abi::RECORD_HEAD && hdr.flags & dispatcher_ebpf::abi::REC_SLOW == 0 && !reassembly.is_aborted(hdr.conn) {
+    } else if hdr.kind == dispatcher_ebpf::abi::RECORD_HEAD
+        && hdr.flags & dispatcher_ebpf::abi::REC_SLOW == 0
+        && !reassembly.is_aborted(hdr.conn)
+    {
         // Ours from its head on (the rest of its body follows on this
         // ring, which the next worker would not know what to do with):
         // traced, so a crash answers it 502.

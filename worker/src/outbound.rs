@@ -21,7 +21,9 @@ use tokio::{
 };
 
 use crate::progress::{Loose, ProgressMap};
-use crate::proto::{self, lease, LeaseMsg, ResponseHeader, MAX_FRAME, RESP_CLOSE, RESP_LAST, RESP_RELEASE, RESP_WANT_LEASE};
+use crate::proto::{
+    self, lease, LeaseMsg, ResponseHeader, MAX_FRAME, RESP_CLOSE, RESP_LAST, RESP_RELEASE, RESP_WANT_LEASE,
+};
 
 /// The response router one worker's [`Responder`](crate::Responder)s share.
 pub(crate) struct Outbound {
@@ -58,7 +60,10 @@ enum Entry {
     /// Asked for a lease with response `at`. `sent_after`: a later
     /// response already went through the dispatcher, so a grant has to be
     /// given back unused (the dispatcher may not have written it yet).
-    Asked { at: u32, sent_after: bool },
+    Asked {
+        at: u32,
+        sent_after: bool,
+    },
     Leased(Lease),
 }
 
@@ -250,7 +255,14 @@ impl Outbound {
     /// Sends response `seq` on `conn`. `from_kernel`: the request came
     /// from the ring (the slow path's responses always go through the
     /// dispatcher, which revoked the lease when it took the connection).
-    pub(crate) fn respond(self: &Arc<Self>, conn: u64, seq: u32, bytes: Vec<u8>, close: bool, from_kernel: bool) -> bool {
+    pub(crate) fn respond(
+        self: &Arc<Self>,
+        conn: u64,
+        seq: u32,
+        bytes: Vec<u8>,
+        close: bool,
+        from_kernel: bool,
+    ) -> bool {
         let mut map = self.conns.lock().unwrap();
         if from_kernel && matches!(map.get(&conn), Some(Entry::Asked { .. })) {
             // The dispatcher sends a grant before the client can have sent
@@ -342,7 +354,9 @@ impl Outbound {
         let Some(buf) = self.access_log.get() else { return };
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
         let mut b = buf.lock().unwrap();
-        b.extend_from_slice(format!("{}\t{now}\t{status}\t{bytes}\t{}\t", req.conn, req.received.elapsed().as_micros()).as_bytes());
+        b.extend_from_slice(
+            format!("{}\t{now}\t{status}\t{bytes}\t{}\t", req.conn, req.received.elapsed().as_micros()).as_bytes(),
+        );
         proto::log_field(&mut b, req.request_line());
         for h in ["referer", "user-agent"] {
             b.push(b'\t');
@@ -495,7 +509,23 @@ impl Outbound {
     /// Handles one message from the dispatcher's lease socket.
     fn on_lease(self: &Arc<Self>, m: LeaseMsg, fd: Option<OwnedFd>) {
         let mut map = self.conns.lock().unwrap();
-        tracing::debug!(conn = m.conn, kind = m.kind, gen = m.gen, from = m.from, fd = fd.is_some(), state = map.get(&m.conn).map(|e| match e { Entry::Asked { sent_after, .. } => if *sent_after { "asked-sent-after" } else { "asked" }, Entry::Leased(_) => "leased" }), "lease message");
+        tracing::debug!(
+            conn = m.conn,
+            kind = m.kind,
+            gen = m.gen,
+            from = m.from,
+            fd = fd.is_some(),
+            state = map.get(&m.conn).map(|e| match e {
+                Entry::Asked { sent_after, .. } =>
+                    if *sent_after {
+                        "asked-sent-after"
+                    } else {
+                        "asked"
+                    },
+                Entry::Leased(_) => "leased",
+            }),
+            "lease message"
+        );
         match m.kind {
             lease::GRANT => {
                 let usable = matches!(map.get(&m.conn), Some(Entry::Asked { sent_after: false, .. }));
@@ -650,7 +680,8 @@ fn recv_lease(fd: RawFd) -> io::Result<Option<(LeaseMsg, Option<OwnedFd>)>> {
     if truncated {
         tracing::warn!("a connection passed to this worker was lost (out of file descriptors?)");
     }
-    let m = LeaseMsg::from_bytes(&buf[..n]).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "short lease message"))?;
+    let m = LeaseMsg::from_bytes(&buf[..n])
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "short lease message"))?;
     Ok(Some((m, passed)))
 }
 

@@ -135,7 +135,16 @@ impl ProgressMap {
     fn map_fd(fd: &OwnedFd) -> io::Result<ProgressMap> {
         let len = MAP_BYTES;
         // SAFETY: a shared mapping of the whole file.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -159,7 +168,9 @@ impl ProgressMap {
         let used = self.loose(0).map_or(0, |h| h.taken.load(Ordering::Acquire)).min(LOOSE_ENTRIES as u32);
         (1..used)
             .filter_map(|i| self.loose(i))
-            .map(|e| (e.conn.load(Ordering::Acquire), e.taken.load(Ordering::Acquire), e.in_flight.load(Ordering::Acquire)))
+            .map(|e| {
+                (e.conn.load(Ordering::Acquire), e.taken.load(Ordering::Acquire), e.in_flight.load(Ordering::Acquire))
+            })
             .filter(|(conn, _, bits)| *conn != 0 && *bits != 0)
             .collect()
     }

@@ -27,7 +27,9 @@
 //! dispatcher revokes a lease when some other party (another pool, its slow
 //! path, a time-out) has something to write on the connection.
 
-pub use dispatcher_ebpf::abi::{RecordHeader, RECORD_BODY, RECORD_HEADER_LEN, RECORD_HEAD, REC_CLOSE, REC_LAST, REC_SLOW};
+pub use dispatcher_ebpf::abi::{
+    RecordHeader, RECORD_BODY, RECORD_HEAD, RECORD_HEADER_LEN, REC_CLOSE, REC_LAST, REC_SLOW,
+};
 
 /// Record kind (dispatcher → worker): connection `conn` closed; forget its
 /// partial requests.
@@ -60,7 +62,10 @@ pub const RESP_STATS: u32 = 32;
 pub const RESP_STOPPED: u32 = 64;
 
 /// Upper bounds (µs) of the handling-time buckets.
-pub const LATENCY_BUCKETS_US: [u64; 14] = [500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000];
+pub const LATENCY_BUCKETS_US: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000,
+    10_000_000,
+];
 /// Words in a [`RESP_STATS`] frame.
 pub const STATS_WORDS: usize = 5 + LATENCY_BUCKETS_US.len() + 1 + 1;
 
@@ -98,9 +103,9 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// The environment variables a worker is started with (defined by the
 /// process manager, which sets them).
 pub use activation::env::{
-    AWAKE_FD as ENV_AWAKE_FD, CTL_FD as ENV_CTL_FD, IDLE_TIMEOUT_SECS as ENV_IDLE_TIMEOUT_SECS,
-    LEASE_FD as ENV_LEASE_FD, ACCESS_LOG as ENV_ACCESS_LOG, POOL as ENV_POOL, PROGRESS_FD as ENV_PROGRESS_FD, RECYCLE_REQUESTS as ENV_RECYCLE_REQUESTS,
-    RING_FD as ENV_RING_FD,
+    ACCESS_LOG as ENV_ACCESS_LOG, AWAKE_FD as ENV_AWAKE_FD, CTL_FD as ENV_CTL_FD,
+    IDLE_TIMEOUT_SECS as ENV_IDLE_TIMEOUT_SECS, LEASE_FD as ENV_LEASE_FD, POOL as ENV_POOL,
+    PROGRESS_FD as ENV_PROGRESS_FD, RECYCLE_REQUESTS as ENV_RECYCLE_REQUESTS, RING_FD as ENV_RING_FD,
 };
 
 impl ResponseHeader {

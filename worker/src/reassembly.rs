@@ -28,7 +28,10 @@ pub enum Done {
     Request(Raw),
     /// The records were inconsistent (a body longer than announced, a body
     /// without a head): answer 400 and close.
-    Invalid { conn: u64, seq: u32 },
+    Invalid {
+        conn: u64,
+        seq: u32,
+    },
 }
 
 struct Partial {
@@ -90,7 +93,10 @@ impl Reassembly {
                 // Reserve at most what one ring's worth could carry up front;
                 // the rest grows as records come.
                 let cap = hdr.content_length.min(1 << 20) as usize;
-                self.partial.insert(key, Partial { head, body: BytesMut::with_capacity(cap), expected: hdr.content_length, from_kernel });
+                self.partial.insert(
+                    key,
+                    Partial { head, body: BytesMut::with_capacity(cap), expected: hdr.content_length, from_kernel },
+                );
                 None
             }
             RECORD_BODY => {

@@ -256,7 +256,12 @@ fn h2load(port: u16, conns: u32, seconds: u32) -> Result<Sample> {
         let l = line.trim();
         if let Some(rest) = l.strip_prefix("finished in") {
             // "finished in 5.00s, 123456.70 req/s, 12.34MB/s"
-            s.rps = rest.split(',').nth(1).and_then(|x| x.trim().strip_suffix("req/s")).and_then(|x| x.trim().parse().ok()).unwrap_or(0.0);
+            s.rps = rest
+                .split(',')
+                .nth(1)
+                .and_then(|x| x.trim().strip_suffix("req/s"))
+                .and_then(|x| x.trim().parse().ok())
+                .unwrap_or(0.0);
         } else if let Some(rest) = l.strip_prefix("requests:") {
             // "requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout"
             for part in rest.split(',') {
@@ -284,7 +289,15 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-fn start_dispatcher(bin: &Path, dir: &Path, name: &str, port: u16, fast: bool, direct: bool, extra_routes: usize) -> Result<Child> {
+fn start_dispatcher(
+    bin: &Path,
+    dir: &Path,
+    name: &str,
+    port: u16,
+    fast: bool,
+    direct: bool,
+    extra_routes: usize,
+) -> Result<Child> {
     let mut routes = String::from("\"*/\"");
     for i in 0..extra_routes {
         let _ = write!(routes, ", \"h{i}.bench/p{i}/\"");
@@ -395,7 +408,13 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
         for (ci, case) in cases.iter().enumerate() {
             for (si, setup) in SETUPS.iter().enumerate() {
                 k += 1;
-                println!("[xtask] bench {k}/{total}: round {} {setup}: {} c={} {}s", round + 1, case.label, case.conns, o.seconds);
+                println!(
+                    "[xtask] bench {k}/{total}: round {} {setup}: {} c={} {}s",
+                    round + 1,
+                    case.label,
+                    case.conns,
+                    o.seconds
+                );
                 let s = measure(ports[si], case, o.seconds, &dir)?;
                 samples[ci][si].push(s);
             }
@@ -509,7 +528,11 @@ fn timed_get(s: &mut TcpStream) -> Result<f64> {
         buf.extend_from_slice(&chunk[..n]);
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
             if buf.len() >= end + 4 + len {
                 if !head.starts_with("http/1.1 200") {
                     bail!("cold-start request: {}", head.lines().next().unwrap_or(""));
@@ -521,7 +544,11 @@ fn timed_get(s: &mut TcpStream) -> Result<f64> {
 }
 
 fn uname() -> String {
-    Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 fn write_results(
@@ -568,7 +595,11 @@ fn write_results(
                 Load::H2load => (format!("mean {:.0}", p50.0), "—".to_string()),
                 _ => (format!("{:.0}", p50.0), format!("{:.0}", p99.0)),
             };
-            writeln!(md, "| {label} | {c} | {setup} | {:.0} ({:.0}–{:.0}) | {p50s} | {p99s} | {:.2} | {errors} | {ratios} |", rps.0, rps.1, rps.2, cpu.0)?;
+            writeln!(
+                md,
+                "| {label} | {c} | {setup} | {:.0} ({:.0}–{:.0}) | {p50s} | {p99s} | {:.2} | {errors} | {ratios} |",
+                rps.0, rps.1, rps.2, cpu.0
+            )?;
             let num = |v: f64| if v.is_finite() { format!("{v:.1}") } else { "null".into() };
             json.push(format!(
                 "{{\"case\":\"{label}\",\"connections\":{c},\"setup\":\"{setup}\",\"rps\":{:.1},\"rps_min\":{:.1},\"rps_max\":{:.1},\"p50_us\":{},\"p99_us\":{},\"cpu_s_per_100k\":{:.3},\"errors\":{errors}}}",
@@ -581,7 +612,11 @@ fn write_results(
     for (ci, case) in cases.iter().enumerate().filter(|(_, c)| matches!(&c.load, Load::Get(p) if p == "/echo/bench")) {
         let c = case.conns;
         let r = median(samples[ci][FAST_100K].iter().zip(&samples[ci][2]).map(|(x, y)| x.rps / y.rps).collect());
-        writeln!(md, "Route-table scaling at {c} connections: 100,001 vs 1 route, throughput ratio {:.2} ({:.2}–{:.2}).", r.0, r.1, r.2)?;
+        writeln!(
+            md,
+            "Route-table scaling at {c} connections: 100,001 vs 1 route, throughput ratio {:.2} ({:.2}–{:.2}).",
+            r.0, r.1, r.2
+        )?;
     }
     writeln!(md, "\nPeak RSS (VmHWM, process and its children, KiB): {}. The dispatcher setups' figures include the workers' mappings of their 32 MiB rings (mapped twice by the kernel's ring layout).", SETUPS.iter().zip(rss).map(|(s, r)| format!("{s} {r}")).collect::<Vec<_>>().join(", "))?;
     if let Some(c) = cold {
@@ -609,7 +644,12 @@ fn write_results(
     fs::write(out.join("results.md"), &md)?;
     fs::write(
         out.join("results.json"),
-        format!("{{\"cores\":{cores},\"kernel\":\"{kernel}\",\"rounds\":{},\"seconds\":{},\"results\":[{}]}}\n", o.rounds, o.seconds, json.join(",")),
+        format!(
+            "{{\"cores\":{cores},\"kernel\":\"{kernel}\",\"rounds\":{},\"seconds\":{},\"results\":[{}]}}\n",
+            o.rounds,
+            o.seconds,
+            json.join(",")
+        ),
     )?;
     fs::write(out.join("throughput.svg"), chart(cases, samples, cores, &kernel))?;
     print!("{md}");
@@ -637,8 +677,19 @@ fn chart(cases: &[Case], samples: &[Vec<Vec<Sample>>], cores: usize, kernel: &st
             let bh = (h - bottom - top) * v / max;
             let x = gx + (si as f64 + 0.5) * bar_w;
             let y = h - bottom - bh;
-            let _ = writeln!(svg, "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"/>", bar_w * 0.9, colors[si]);
-            let _ = writeln!(svg, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{:.0}k</text>", x + bar_w * 0.45, y - 3.0, v / 1000.0);
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"/>",
+                bar_w * 0.9,
+                colors[si]
+            );
+            let _ = writeln!(
+                svg,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"10\">{:.0}k</text>",
+                x + bar_w * 0.45,
+                y - 3.0,
+                v / 1000.0
+            );
         }
         let _ = writeln!(
             svg,
@@ -651,9 +702,22 @@ fn chart(cases: &[Case], samples: &[Vec<Vec<Sample>>], cores: usize, kernel: &st
     }
     for (si, s) in SETUPS.iter().enumerate() {
         let x = left + si as f64 * 105.0;
-        let _ = writeln!(svg, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{s}</text>", h - 22.0, colors[si], x + 16.0, h - 12.0);
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{s}</text>",
+            h - 22.0,
+            colors[si],
+            x + 16.0,
+            h - 12.0
+        );
     }
-    let _ = writeln!(svg, "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>", h - bottom, w - 20.0, h - bottom);
+    let _ = writeln!(
+        svg,
+        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>",
+        h - bottom,
+        w - 20.0,
+        h - bottom
+    );
     svg.push_str("</svg>\n");
     svg
 }

@@ -113,10 +113,23 @@ fn build_bpf(apt: &mut Apt) -> Result<PathBuf> {
     let mut cmd = Command::new("rustup");
     clean_env(&mut cmd);
     cmd.current_dir(&root)
-        .args(["run", &tc.name, "cargo", "build", "--package", "dispatcher-ebpf", "--bin", "dispatcher-ebpf", "--release"])
+        .args([
+            "run",
+            &tc.name,
+            "cargo",
+            "build",
+            "--package",
+            "dispatcher-ebpf",
+            "--bin",
+            "dispatcher-ebpf",
+            "--release",
+        ])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--target-dir"])
         .arg(root.join("target/bpf"))
-        .env("CARGO_ENCODED_RUSTFLAGS", format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf"))
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf"),
+        )
         .env("PATH", format!("{}:{}", linker_dir.display(), std::env::var("PATH").unwrap_or_default()));
     if tc.bootstrap {
         cmd.env("RUSTC_BOOTSTRAP", "1");
@@ -173,18 +186,34 @@ fn main() -> Result<()> {
             require_root("`cargo xtask run`")?;
             let obj = build_bpf(&mut apt)?;
             let bin = build_user(&obj, true)?;
-            toolchain::ensure_packages(&mut apt, &[("bpftool", "bpftool"), ("curl", "curl")], "inspection tools (bpftool, curl)")?;
+            toolchain::ensure_packages(
+                &mut apt,
+                &[("bpftool", "bpftool"), ("curl", "curl")],
+                "inspection tools (bpftool, curl)",
+            )?;
             let exe = bin.join("dispatcher");
-            step("run", &format!("{} serve {} (Ctrl-C to stop)", exe.display(), args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")));
+            step(
+                "run",
+                &format!(
+                    "{} serve {} (Ctrl-C to stop)",
+                    exe.display(),
+                    args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+                ),
+            );
             let err = Command::new(&exe).arg("serve").args(&args).exec();
             bail!("starting {}: {err}", exe.display());
         }
         Cmd::Bench { connections, seconds, rounds, small_only } => {
             require_root("`cargo xtask bench`")?;
-            toolchain::ensure_packages(&mut apt, &[("wrk", "wrk"), ("nginx", "nginx"), ("nghttp2-client", "h2load")], "benchmark tools (wrk, nginx, h2load)")?;
+            toolchain::ensure_packages(
+                &mut apt,
+                &[("wrk", "wrk"), ("nginx", "nginx"), ("nghttp2-client", "h2load")],
+                "benchmark tools (wrk, nginx, h2load)",
+            )?;
             let obj = build_bpf(&mut apt)?;
             let bin = build_user(&obj, true)?;
-            let out = bench::run(&bin, &workspace_root(), &bench::Options { connections, seconds, rounds, small_only })?;
+            let out =
+                bench::run(&bin, &workspace_root(), &bench::Options { connections, seconds, rounds, small_only })?;
             step("bench", &format!("results in {}", out.display()));
         }
         Cmd::Test { args } => {

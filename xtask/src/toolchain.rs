@@ -75,12 +75,18 @@ impl Apt {
         let t = Instant::now();
         if !self.updated {
             step("apt-get update", "running");
-            run_quiet(Command::new("apt-get").arg("update"), "apt-get update failed; check the network or the apt sources")?;
+            run_quiet(
+                Command::new("apt-get").arg("update"),
+                "apt-get update failed; check the network or the apt sources",
+            )?;
             self.updated = true;
         }
         step(&format!("apt-get install {list}"), &format!("installing ({why})"));
         run_quiet(
-            Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(pkgs).env("DEBIAN_FRONTEND", "noninteractive"),
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(pkgs)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
             &format!("install them by hand: apt-get install -y {list}"),
         )?;
         step(&format!("apt-get install {list}"), &format!("done in {}s", t.elapsed().as_secs()));
@@ -98,11 +104,8 @@ fn dpkg_installed(pkg: &str) -> bool {
 
 /// Makes sure these tools' packages are installed.
 pub fn ensure_packages(apt: &mut Apt, pkgs: &[(&str, &str)], why: &str) -> Result<()> {
-    let missing: Vec<&str> = pkgs
-        .iter()
-        .filter(|(pkg, bin)| !dpkg_installed(pkg) && which(bin).is_none())
-        .map(|(pkg, _)| *pkg)
-        .collect();
+    let missing: Vec<&str> =
+        pkgs.iter().filter(|(pkg, bin)| !dpkg_installed(pkg) && which(bin).is_none()).map(|(pkg, _)| *pkg).collect();
     if missing.is_empty() {
         step(why, "ok (already there)");
         return Ok(());
@@ -146,14 +149,18 @@ pub fn bpf_toolchain(apt: &mut Apt) -> Result<BpfToolchain> {
         }
     }
     if !debian_rustc_ok() {
-        apt.install(&["rustc-web", "cargo-web", "rust-web-src"], "the BPF toolchain (Debian's rustc 1.96 with the core sources)")?;
+        apt.install(
+            &["rustc-web", "cargo-web", "rust-web-src"],
+            "the BPF toolchain (Debian's rustc 1.96 with the core sources)",
+        )?;
         if !debian_rustc_ok() {
             bail!("after installing rustc-web, /usr/bin/rustc is still not >= 1.96 with sources in /usr/lib/rustlib/src/rust; install `rustc-web cargo-web rust-web-src` from bookworm-security");
         }
     } else {
         step("Debian rustc-web 1.96 + rust-web-src", "ok (already there)");
     }
-    let listed = Command::new("rustup").args(["toolchain", "list"]).output().context("running rustup (is rustup installed?)")?;
+    let listed =
+        Command::new("rustup").args(["toolchain", "list"]).output().context("running rustup (is rustup installed?)")?;
     if !String::from_utf8_lossy(&listed.stdout).lines().any(|l| l.starts_with(DEBIAN_TOOLCHAIN)) {
         run_quiet(
             Command::new("rustup").args(["toolchain", "link", DEBIAN_TOOLCHAIN, "/usr"]),
@@ -191,7 +198,15 @@ pub fn bpf_linker(apt: &mut Apt) -> Result<PathBuf> {
     let t = Instant::now();
     let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
     let status = Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--no-default-features", "--features", "llvm-22"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
         .env("PATH", path)
         .env_remove("RUSTUP_TOOLCHAIN")
         .status()

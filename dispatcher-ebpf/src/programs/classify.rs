@@ -17,16 +17,15 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::generated::{bpf_get_socket_cookie, bpf_loop, bpf_skb_load_bytes},
     btf_maps::lpm_trie::Key,
+    helpers::generated::{bpf_get_socket_cookie, bpf_loop, bpf_skb_load_bytes},
     macros::stream_verdict,
     programs::SkBuffContext,
 };
 use dispatcher_ebpf::{
     abi::{
-        reason, ConnState, Event, LpmKey, EVENT_HANDOFF, RouteKeyData, HEAD_MAX, MODE_BODY, MODE_DRAIN, MODE_HEAD,
-        MODE_SLOW, PATH_KEY_MAX, REC_CLOSE, REC_LAST, ROUTE_KEY_LEN, UNROUTED,
-        WILDCARD_HOST,
+        reason, ConnState, Event, LpmKey, RouteKeyData, EVENT_HANDOFF, HEAD_MAX, MODE_BODY, MODE_DRAIN, MODE_HEAD,
+        MODE_SLOW, PATH_KEY_MAX, REC_CLOSE, REC_LAST, ROUTE_KEY_LEN, UNROUTED, WILDCARD_HOST,
     },
     route::HOST_BITS,
     scan::{Scanner, Step},
@@ -152,13 +151,7 @@ extern "C" fn scan_byte(i: u64, ctx: *mut c_void) -> i64 {
 }
 
 #[inline(always)]
-fn head_step(
-    ctx: &SkBuffContext,
-    st: &mut ConnState,
-    cookie: u64,
-    off: u32,
-    len: u32,
-) -> Next {
+fn head_step(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32, len: u32) -> Next {
     let old = st.head_len;
     if old as usize >= HEAD_MAX {
         return Next::Handoff { reason: reason::HEAD_TOO_LARGE, pool: UNROUTED, skip: off };
@@ -176,12 +169,7 @@ fn head_step(
     // SAFETY: at < HEAD_MAX and n <= HEAD_MAX, and `spill` follows
     // `rec.data`, so the destination stays inside the map value.
     let ret = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb as *const c_void,
-            off,
-            st.rec.data.as_mut_ptr().add(at) as *mut c_void,
-            n,
-        )
+        bpf_skb_load_bytes(ctx.skb.skb as *const c_void, off, st.rec.data.as_mut_ptr().add(at) as *mut c_void, n)
     };
     if ret != 0 {
         return Next::Handoff { reason: reason::INTERNAL, pool: UNROUTED, skip: off };

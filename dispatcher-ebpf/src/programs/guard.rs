@@ -9,11 +9,13 @@
 //! header chain longer than it follows, a malformed header) passes: the
 //! stack sees it as before, so the guard never misjudges a packet.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext};
 use aya_ebpf::btf_maps::lpm_trie::Key;
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext};
 use dispatcher_ebpf::abi::{verdict, GuardConfig, RateState};
 
-use crate::maps::{guard_allow_v4, guard_allow_v6, guard_config, guard_conns, guard_deny_v4, guard_deny_v6, guard_rate, guard_stats};
+use crate::maps::{
+    guard_allow_v4, guard_allow_v6, guard_config, guard_conns, guard_deny_v4, guard_deny_v6, guard_rate, guard_stats,
+};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;

@@ -8,10 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use dispatcher_ebpf::abi::{
-    reason, verdict, Config, GuardConfig, RateState, GUARD_MAX_CIDRS, GUARD_MAX_SOURCES, ConnState, Event, PoolCounters, PoolInfo, RouteKeyData, RouteValue, SlowCounters,
-    MAX_POOLS, MAX_ROUTE_ENTRIES, MAX_SLOTS,
+    reason, verdict, Config, ConnState, Event, GuardConfig, PoolCounters, PoolInfo, RateState, RouteKeyData,
+    RouteValue, SlowCounters, GUARD_MAX_CIDRS, GUARD_MAX_SOURCES, MAX_POOLS, MAX_ROUTE_ENTRIES, MAX_SLOTS,
 };
-
 
 /// Connections accepted on the listening port, keyed by socket cookie.
 /// The stream verdict program is attached to this map.
@@ -45,7 +44,8 @@ pub static rings: ArrayOfMaps<RingBuf<u8, { 1 << 22 }>, { MAX_SLOTS as usize }> 
 /// Ring slot → its worker's awake flag (one mmapable u32 per slot, the
 /// worker holding only its own; see `abi::RING_AWAKE_YES`).
 #[btf_map]
-pub static ring_awake: ArrayOfMaps<Array<u32, 1, { BPF_F_MMAPABLE as usize }>, { MAX_SLOTS as usize }> = ArrayOfMaps::new();
+pub static ring_awake: ArrayOfMaps<Array<u32, 1, { BPF_F_MMAPABLE as usize }>, { MAX_SLOTS as usize }> =
+    ArrayOfMaps::new();
 
 /// Global settings, index 0.
 #[btf_map]
@@ -97,7 +97,8 @@ pub static guard_rate: LruHashMap<[u8; 16], RateState, { GUARD_MAX_SOURCES as us
 /// XDP guard: each source's open connections to the port (sockops keeps
 /// it; only while `max_connections` is set).
 #[btf_map]
-pub static guard_conns: HashMap<[u8; 16], u64, { GUARD_MAX_SOURCES as usize }, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
+pub static guard_conns: HashMap<[u8; 16], u64, { GUARD_MAX_SOURCES as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 /// XDP guard: packets by verdict (`abi::verdict`), per CPU.
 #[btf_map]
 pub static guard_stats: PerCpuArray<u64, { verdict::COUNT as usize }> = PerCpuArray::new();

@@ -11,15 +11,15 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::generated::{
-        bpf_ringbuf_discard, bpf_ringbuf_output, bpf_ringbuf_query, bpf_ringbuf_reserve,
-        bpf_ringbuf_submit, bpf_skb_load_bytes,
+        bpf_ringbuf_discard, bpf_ringbuf_output, bpf_ringbuf_query, bpf_ringbuf_reserve, bpf_ringbuf_submit,
+        bpf_skb_load_bytes,
     },
     programs::SkBuffContext,
 };
 use dispatcher_ebpf::abi::{
-    reason, BodyRecord, ConnState, RecordHeader, BODY_CHUNK, HEAD_MAX, MAX_POOLS, MAX_SLOTS,
-    Event, EVENT_DEMAND, RECORD_BODY, RECORD_HEADER_LEN, RECORD_HEAD, RECORD_WAKE, REC_LAST, RING_AWAKE_NO,
-    RING_AWAKE_NO_WORKER, RING_AWAKE_YES, UNROUTED,
+    reason, BodyRecord, ConnState, Event, RecordHeader, BODY_CHUNK, EVENT_DEMAND, HEAD_MAX, MAX_POOLS, MAX_SLOTS,
+    RECORD_BODY, RECORD_HEAD, RECORD_HEADER_LEN, RECORD_WAKE, REC_LAST, RING_AWAKE_NO, RING_AWAKE_NO_WORKER,
+    RING_AWAKE_YES, UNROUTED,
 };
 
 use crate::maps::{events, handoffs, pool_stats, pools, ring_awake, rings};
@@ -213,20 +213,14 @@ pub fn push_body(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32,
         // the verifier can see.
         let chunk = crate::bounded(chunk, BODY_CHUNK as u32);
         // SAFETY: ring buffer map; fixed size the verifier can check.
-        let rec = unsafe { bpf_ringbuf_reserve(ring, core::mem::size_of::<BodyRecord>() as u64, 0) }
-            as *mut BodyRecord;
+        let rec = unsafe { bpf_ringbuf_reserve(ring, core::mem::size_of::<BodyRecord>() as u64, 0) } as *mut BodyRecord;
         if rec.is_null() {
             failed = true;
             break;
         }
         // SAFETY: `rec` is a reserved BodyRecord; chunk <= BODY_CHUNK.
         let ret = unsafe {
-            bpf_skb_load_bytes(
-                ctx.skb.skb as *const c_void,
-                off + done,
-                (*rec).data.as_mut_ptr() as *mut c_void,
-                chunk,
-            )
+            bpf_skb_load_bytes(ctx.skb.skb as *const c_void, off + done, (*rec).data.as_mut_ptr() as *mut c_void, chunk)
         };
         if ret != 0 {
             unsafe { bpf_ringbuf_discard(rec as *mut c_void, 0) };
