@@ -27,6 +27,9 @@ pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 pub const DEFAULT_QUEUE_BYTES: u32 = 2 << 20;
 /// Default instance name (pin directory `/sys/fs/bpf/<instance>`).
 pub const DEFAULT_INSTANCE: &str = "dispatcher";
+/// Run-time state directory (instance lock, pool names, control socket,
+/// demo files), one directory per instance.
+pub const RUN_DIR: &str = "/run/dispatcher";
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default user workers run as when the dispatcher runs as root.

@@ -1,30 +1,32 @@
-//! `dispatcher`: the daemon and its inspection commands.
+//! `dispatcher`: the daemon and its operator commands. This file is the
+//! CLI only; the parts, bottom to top (imports point down this list):
 //!
-//! Where things happen: `kernel` loads and pins the BPF programs and maps;
-//! `serve` accepts connections and starts the pools; `connection` writes
-//! responses in order and runs the slow path (`slow` frames what the kernel
-//! handed over); `pools` talks to the workers; `registry` turns the
-//! configuration into running pools (and reloads it); `config` reads the
-//! TOML.
+//! - `config`: the TOML; `http`: user-space HTTP framing and the
+//!   dispatcher's own answers; `bpf`: the kernel objects (programs, pins,
+//!   and each group of maps owned by the part that uses it);
+//!   `access_log`.
+//! - `deliver`: where a worker's frames and lease messages meet the
+//!   connection tasks.
+//! - `pool`: the running pools, their worker slots as activation drives
+//!   them, the workers' control channels, reloads.
+//! - `conn`: one client connection (ordered write-back, leases, slow path,
+//!   time-outs, parking).
+//! - `admin`: control socket, inspection, metrics, the CLI's client side.
+//! - `daemon`: `dispatcher serve`, which wires them together and accepts.
 
 mod access_log;
+mod admin;
+mod bpf;
 mod config;
-mod connection;
-mod conns;
-mod control;
-mod inspect;
-mod kernel;
-mod metrics;
-mod parking;
-mod pools;
-mod registry;
-mod route_names;
-mod serve;
-mod slow;
-mod table;
+mod conn;
+mod daemon;
+mod deliver;
+mod http;
+mod pool;
 
 use std::path::PathBuf;
 
+use admin::cli;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
@@ -177,39 +179,6 @@ enum PoolAction {
     },
 }
 
-fn run_dir(instance: &str) -> std::path::PathBuf {
-    std::path::Path::new(serve::RUN_DIR).join(instance)
-}
-
-/// Prints an inspection view, as JSON or a table.
-fn show(v: &View, what: &str) -> Result<()> {
-    let answer = control::send(&run_dir(&v.instance), what)?;
-    let json: serde_json::Value =
-        serde_json::from_str(answer.strip_prefix("ok: ").unwrap_or(&answer)).context("reading the answer")?;
-    if v.json {
-        println!("{}", serde_json::to_string_pretty(&json)?);
-    } else {
-        print!("{}", table::render(what, &json));
-    }
-    Ok(())
-}
-
-/// Sends a pool action and prints the answer.
-fn act(n: &Named, verb: &str) -> Result<()> {
-    println!("{}", control::send(&run_dir(&n.instance), &format!("{verb} {}", n.name))?);
-    Ok(())
-}
-
-/// `add CIDR` / `del CIDR`, the CIDR checked here for a clear error.
-fn list_change(c: ListChange) -> Result<String> {
-    let (verb, cidr) = match c {
-        ListChange::Add { cidr } => ("add", cidr),
-        ListChange::Del { cidr } => ("del", cidr),
-    };
-    let net = config::parse_cidr(&cidr).map_err(anyhow::Error::msg)?;
-    Ok(format!("{verb} {net}"))
-}
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -225,7 +194,7 @@ fn main() -> Result<()> {
             // One descriptor per client connection.
             worker::raise_fd_limit();
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
-            rt.block_on(serve::serve(source))?;
+            rt.block_on(daemon::serve(source))?;
             rt.shutdown_timeout(std::time::Duration::from_millis(200));
             Ok(())
         }
@@ -244,65 +213,39 @@ fn main() -> Result<()> {
                 GuardAction::Allow { change } => format!("guard allow {}", list_change(change)?),
                 GuardAction::Deny { change } => format!("guard deny {}", list_change(change)?),
             };
-            let answer = control::send(&std::path::Path::new(serve::RUN_DIR).join(&instance), &cmd)?;
-            match answer.strip_prefix("ok: ").and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok()) {
-                Some(v) => println!("{}", serde_json::to_string_pretty(&v)?),
-                None => println!("{answer}"),
-            }
-            Ok(())
+            cli::send_json(&instance, &cmd)
         }
-        Cmd::Status(v) => show(&v, "status"),
-        Cmd::Pools(v) => show(&v, "pools"),
-        Cmd::Routes(v) => show(&v, "routes"),
+        Cmd::Status(v) => cli::show(&v.instance, "status", v.json),
+        Cmd::Pools(v) => cli::show(&v.instance, "pools", v.json),
+        Cmd::Routes(v) => cli::show(&v.instance, "routes", v.json),
         Cmd::Queues { view, watch } => loop {
             if watch && !view.json {
                 // Clear the screen, home the cursor.
                 print!("\x1b[2J\x1b[H");
             }
-            show(&view, "queues")?;
+            cli::show(&view.instance, "queues", view.json)?;
             if !watch {
                 return Ok(());
             }
             std::thread::sleep(std::time::Duration::from_secs(1));
         },
-        Cmd::Start(n) => act(&n, "start"),
-        Cmd::Stop(n) => act(&n, "stop"),
-        Cmd::Recycle(n) => act(&n, "recycle"),
-        Cmd::Reload { instance } => {
-            let answer = control::send(&std::path::Path::new(serve::RUN_DIR).join(&instance), "reload")?;
-            println!("{answer}");
-            Ok(())
-        }
+        Cmd::Start(n) => cli::send(&n.instance, &format!("start {}", n.name)),
+        Cmd::Stop(n) => cli::send(&n.instance, &format!("stop {}", n.name)),
+        Cmd::Recycle(n) => cli::send(&n.instance, &format!("recycle {}", n.name)),
+        Cmd::Reload { instance } => cli::send(&instance, "reload"),
         Cmd::Pool { action: PoolAction::Start { name }, instance } => {
-            let answer =
-                control::send(&std::path::Path::new(serve::RUN_DIR).join(&instance), &format!("pool-start {name}"))?;
-            println!("{answer}");
-            Ok(())
+            cli::send(&instance, &format!("pool-start {name}"))
         }
-        Cmd::Stats { instance } => {
-            let names: Vec<String> =
-                std::fs::read_to_string(std::path::Path::new(serve::RUN_DIR).join(&instance).join("pools"))
-                    .map(|s| s.lines().map(str::to_string).collect())
-                    .unwrap_or_default();
-            let stats = kernel::read_stats(&instance, Some(names.len() as u32).filter(|n| *n > 0))?;
-            let mut pools = serde_json::Map::new();
-            for p in &stats.pools {
-                // A free index (a pool a reload removed).
-                if names.get(p.index as usize).is_some_and(|n| n.is_empty()) {
-                    continue;
-                }
-                let name = names.get(p.index as usize).cloned().unwrap_or_else(|| {
-                    if p.index == dispatcher_ebpf::abi::UNROUTED {
-                        "(unrouted)".into()
-                    } else {
-                        format!("#{}", p.index)
-                    }
-                });
-                pools.insert(name, serde_json::to_value(p)?);
-            }
-            let out = serde_json::json!({ "instance": instance, "pools": pools, "handoffs": stats.handoffs, "guard": stats.guard });
-            println!("{}", serde_json::to_string_pretty(&out)?);
-            Ok(())
-        }
+        Cmd::Stats { instance } => cli::stats(&instance),
     }
+}
+
+/// `add CIDR` / `del CIDR`, the CIDR checked here for a clear error.
+fn list_change(c: ListChange) -> Result<String> {
+    let (verb, cidr) = match c {
+        ListChange::Add { cidr } => ("add", cidr),
+        ListChange::Del { cidr } => ("del", cidr),
+    };
+    let net = config::parse_cidr(&cidr).map_err(anyhow::Error::msg)?;
+    Ok(format!("{verb} {net}"))
 }

@@ -61,10 +61,20 @@ enum Cmd {
         /// Only small responses (skip the 64 KiB, 1 MiB POST and h2load cases).
         #[arg(long)]
         small_only: bool,
+        /// Measure the `dispatcher` and `dispatcher-worker` binaries in DIR
+        /// (e.g. copies of an earlier commit's target/release) instead of
+        /// building this tree: before/after comparisons in one session.
+        #[arg(long, value_name = "DIR")]
+        bin_dir: Option<PathBuf>,
     },
-    /// Build, install the test tools (curl, wrk, bpftool), and run the whole
-    /// test suite (unit, property and end-to-end tests; the latter need root).
+    /// Check formatting and lints (cargo fmt, clippy), build, install the
+    /// test tools (curl, wrk, bpftool), and run the whole test suite (unit,
+    /// property and end-to-end tests; the latter need root).
     Test {
+        /// Skip the `cargo fmt --check` and clippy checks that run first
+        /// (while iterating on one test; CI never skips them).
+        #[arg(long)]
+        no_lint: bool,
         /// Arguments for `cargo test` (e.g. `-- --nocapture`, or a filter).
         #[arg(last = true)]
         args: Vec<OsString>,
@@ -73,6 +83,46 @@ enum Cmd {
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The ecosystem's habits, checked before anything is built so drift
+/// fails fast: the tree as `cargo fmt` writes it (rustfmt.toml), and no
+/// clippy warning in user space (the BPF programs are linted for their own
+/// target by `toolchain::clippy_bpf` when the BPF toolchain has clippy).
+fn lint() -> Result<()> {
+    let t = Instant::now();
+    let has = |tool: &str| Command::new("cargo").args([tool, "--version"]).output().is_ok_and(|o| o.status.success());
+    for tool in ["fmt", "clippy"] {
+        if !has(tool) {
+            let why = format!(
+                "`cargo {tool}` is not installed (rustup component add {})",
+                if tool == "fmt" { "rustfmt" } else { "clippy" }
+            );
+            if std::env::var_os("CI").is_some() {
+                bail!("{why}; CI needs it");
+            }
+            step("lint", &format!("{why}; skipping that check"));
+        }
+    }
+    if has("fmt") {
+        step("lint", "cargo fmt --all --check");
+        let ok = Command::new("cargo").current_dir(workspace_root()).args(["fmt", "--all", "--check"]).status()?;
+        if !ok.success() {
+            bail!("the tree is not formatted: run `cargo fmt --all` (the diff is above)");
+        }
+    }
+    if has("clippy") {
+        step("lint", "cargo clippy --workspace --all-targets -- -D warnings");
+        let ok = Command::new("cargo")
+            .current_dir(workspace_root())
+            .args(["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"])
+            .status()?;
+        if !ok.success() {
+            bail!("clippy found warnings (above); fix them or allow one with a reason");
+        }
+    }
+    step("lint", &format!("done in {}s", t.elapsed().as_secs()));
+    Ok(())
 }
 
 /// Environment variables an outer `cargo run` sets that would confuse an
@@ -203,20 +253,36 @@ fn main() -> Result<()> {
             let err = Command::new(&exe).arg("serve").args(&args).exec();
             bail!("starting {}: {err}", exe.display());
         }
-        Cmd::Bench { connections, seconds, rounds, small_only } => {
+        Cmd::Bench { connections, seconds, rounds, small_only, bin_dir } => {
             require_root("`cargo xtask bench`")?;
             toolchain::ensure_packages(
                 &mut apt,
                 &[("wrk", "wrk"), ("nginx", "nginx"), ("nghttp2-client", "h2load")],
                 "benchmark tools (wrk, nginx, h2load)",
             )?;
-            let obj = build_bpf(&mut apt)?;
-            let bin = build_user(&obj, true)?;
+            let bin = match bin_dir {
+                Some(dir) => {
+                    for exe in ["dispatcher", "dispatcher-worker"] {
+                        if !dir.join(exe).is_file() {
+                            bail!("--bin-dir {}: no `{exe}` there", dir.display());
+                        }
+                    }
+                    step("bench", &format!("measuring the binaries in {}", dir.display()));
+                    std::fs::canonicalize(&dir).with_context(|| format!("--bin-dir {}", dir.display()))?
+                }
+                None => {
+                    let obj = build_bpf(&mut apt)?;
+                    build_user(&obj, true)?
+                }
+            };
             let out =
                 bench::run(&bin, &workspace_root(), &bench::Options { connections, seconds, rounds, small_only })?;
             step("bench", &format!("results in {}", out.display()));
         }
-        Cmd::Test { args } => {
+        Cmd::Test { no_lint, args } => {
+            if !no_lint || std::env::var_os("CI").is_some() {
+                lint()?;
+            }
             toolchain::ensure_packages(
                 &mut apt,
                 &[("curl", "curl"), ("wrk", "wrk"), ("bpftool", "bpftool"), ("iproute2", "ip")],

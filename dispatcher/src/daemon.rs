@@ -10,46 +10,18 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use tokio::net::TcpListener;
 
 use crate::{
-    config::{Config, ConfigSource},
-    connection,
-    conns::Conns,
-    control,
-    kernel::Kernel,
-    parking::Parking,
-    registry::{self, Registry},
+    access_log::AccessLog,
+    admin,
+    bpf::Kernel,
+    config::{ConfigSource, RUN_DIR},
+    conn::{self, LocalAnswers, Parking},
+    deliver::Conns,
+    pool::{self, Registry},
 };
-
-/// Run-time state directory (instance lock, pool names, demo files).
-pub const RUN_DIR: &str = "/run/dispatcher";
-
-/// What every connection task shares.
-pub struct Shared {
-    pub cfg: Config,
-    pub kernel: Mutex<Kernel>,
-    pub conns: Arc<Conns>,
-    /// The running pools (see `registry`).
-    pub pools: Registry,
-    /// Where a reload reads the configuration again.
-    pub source: ConfigSource,
-    /// When it started serving.
-    pub started: std::time::Instant,
-    /// The access log, if one is kept.
-    pub access_log: Option<crate::access_log::AccessLog>,
-    /// Answers the dispatcher wrote itself, by status class (1xx..5xx).
-    pub local_responses: [std::sync::atomic::AtomicU64; 5],
-    /// Where leased connections wait (out of tokio's poller).
-    pub parking: Arc<Parking>,
-}
-
-/// The demo site built into the binary (`@demo-static` in the demo config).
-const DEMO_FILES: &[(&str, &[u8])] = &[
-    ("index.html", include_bytes!("../../demo/static/index.html")),
-    ("style.css", include_bytes!("../../demo/static/style.css")),
-];
 
 pub async fn serve(source: ConfigSource) -> Result<()> {
     let cfg = source.load()?;
@@ -62,39 +34,70 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
     // start-up included.
     let _run_dir = RemoveOnDrop(run_dir.clone());
 
-    let mut kernel = Kernel::load(&cfg)?;
-    let events = kernel.take_events()?;
+    let (kernel, maps) = Kernel::load(&cfg)?;
     tracing::info!(pins = %kernel.pin_dir().display(), "BPF programs loaded and attached");
 
+    // Each part is handed what it uses (see main.rs for the layers).
     let conns = Arc::new(Conns::default());
     let parking = Parking::start(conns.clone()).context("making the parked connections' epoll set")?;
-    let shared = Arc::new(Shared {
-        cfg: cfg.clone(),
-        kernel: Mutex::new(kernel),
-        conns: conns.clone(),
-        pools: Registry::new(run_dir.clone()),
-        source,
-        parking,
-        started: std::time::Instant::now(),
-        access_log: match &cfg.access_log {
-            Some(p) => Some(crate::access_log::AccessLog::open(p, cfg.access_log_max_bytes)?),
-            None => None,
+    let access_log = match &cfg.access_log {
+        Some(p) => Some(AccessLog::open(p, cfg.access_log_max_bytes)?),
+        None => None,
+    };
+    let counters = Arc::new(maps.counters);
+    let pools = Arc::new(Registry::new(
+        run_dir.clone(),
+        pool::registry::Parts {
+            ctx: Arc::new(pool::Context {
+                rings: Mutex::new(maps.rings),
+                conns: conns.clone(),
+                access_log: access_log.clone(),
+                leases: cfg.direct_responses,
+            }),
+            counters: counters.clone(),
+            routes: maps.routes,
+            guard: Arc::new(Mutex::new(maps.guard)),
+            source,
+            config: cfg.clone(),
         },
-        local_responses: Default::default(),
+    ));
+    let local = Arc::new(LocalAnswers::default());
+    let conn_ctx = Arc::new(conn::Context {
+        limits: conn::Limits::of(&cfg),
+        conn_state: maps.conns,
+        routes: maps.lookup,
+        counters: counters.clone(),
+        pools: pools.clone(),
+        conns: conns.clone(),
+        parking,
+        access_log: access_log.clone(),
+        local: local.clone(),
     });
-    let started = registry::apply(&shared, &cfg).await;
+    let admin_ctx = Arc::new(admin::Context {
+        instance: cfg.instance.clone(),
+        listen: cfg.listen,
+        started: std::time::Instant::now(),
+        pin_dir: kernel.pin_dir().to_path_buf(),
+        attached: maps.attached,
+        pools: pools.clone(),
+        counters,
+        conns: conns.clone(),
+        local,
+    });
+
+    let started = pools.apply(&cfg).await;
     let listener = started.and_then(|_| listen(cfg.listen).with_context(|| format!("listening on {}", cfg.listen)));
     let listener = match listener {
         Ok(l) => l,
         Err(e) => {
-            stop_all(&shared).await;
+            pools.stop_all().await;
             return Err(e);
         }
     };
-    watch_events(events, shared.clone())?;
-    control::listen(&run_dir, shared.clone())?;
+    watch_events(maps.events, conns.clone(), pools.clone())?;
+    admin::control::listen(&run_dir, admin_ctx.clone())?;
     if let Some(addr) = cfg.metrics {
-        crate::metrics::listen(addr, shared.clone()).await?;
+        admin::metrics::listen(addr, admin_ctx).await?;
     }
 
     tracing::info!(listen = %cfg.listen, pools = cfg.pools.len(), "dispatcher ready");
@@ -125,60 +128,34 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
                     Ok(c) => c,
                     Err(e) => { tracing::warn!("SO_COOKIE: {e}"); continue; }
                 };
-                if shared.access_log.is_some() {
-                    shared.conns.set_peer(cookie, peer);
+                if access_log.is_some() {
+                    conns.set_peer(cookie, peer);
                 }
-                let rx = shared.conns.register(cookie);
-                tokio::spawn(connection::serve(shared.clone(), stream, cookie, rx));
+                let rx = conns.register(cookie);
+                tokio::spawn(conn::serve(conn_ctx.clone(), stream, cookie, rx));
             }
-            _ = expire.tick() => shared.conns.expire(),
+            _ = expire.tick() => conns.expire(),
             _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; shutting down"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM; shutting down"); break; }
             _ = sighup.recv() => {
-                tracing::info!(config = %shared.source, "SIGHUP; reloading the configuration");
-                let shared = shared.clone();
-                tokio::spawn(async move { let _ = reload(&shared).await; });
+                tracing::info!(config = %pools.source(), "SIGHUP; reloading the configuration");
+                let pools = pools.clone();
+                tokio::spawn(async move { let _ = pools.reload().await; });
             }
         }
     }
     drop(listener);
-    stop_all(&shared).await;
-    // Connection tasks still hold the shared state, so remove the pins
-    // explicitly; the programs detach when this process's fds close.
-    shared.kernel.lock().unwrap_or_else(|e| e.into_inner()).unpin();
+    pools.stop_all().await;
+    // Connection tasks still hold the maps, so remove the pins explicitly;
+    // the programs detach when this process's fds close.
+    kernel.unpin();
 
     Ok(())
 }
 
-/// Reads the configuration again and applies it (SIGHUP, `dispatcher
-/// reload`); the answer says what changed, or why nothing did.
-pub async fn reload(shared: &Arc<Shared>) -> Result<registry::Summary> {
-    let r = match shared.source.load() {
-        Ok(cfg) => registry::apply(shared, &cfg).await,
-        Err(e) => Err(e.into()),
-    };
-    match &r {
-        Ok(s) => tracing::info!("configuration reloaded: {s}"),
-        Err(e) => tracing::error!("configuration not reloaded: {e:#}"),
-    }
-    r
-}
-
-/// Stops every pool's workers (all at once; each within its shutdown
-/// time limit).
-async fn stop_all(shared: &Shared) {
-    let links = shared.pools.all();
-    for l in &links {
-        let _ = l.stop.send(true);
-    }
-    for l in &links {
-        registry::stop_pool(l).await;
-    }
-}
-
 /// Wakes the connection of each cookie the verdict program puts on the
 /// `events` ring, and the supervisor of each slot it raises a demand on.
-fn watch_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<Shared>) -> Result<()> {
+fn watch_events(ring: aya::maps::RingBuf<aya::maps::MapData>, conns: Arc<Conns>, pools: Arc<Registry>) -> Result<()> {
     use dispatcher_ebpf::abi::{Event, EVENT_DEMAND, EVENT_HANDOFF};
     // SAFETY: the AsyncFd owns the ring (and its fd) while registered.
     let mut ring = unsafe { tokio::io::unix::AsyncFd::register(ring) }.context("polling `events`")?;
@@ -193,11 +170,12 @@ fn watch_events(ring: aya::maps::RingBuf<aya::maps::MapData>, shared: Arc<Shared
                 // SAFETY: an Event-sized record; any bit pattern is valid.
                 let e: Event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
                 match e.kind {
-                    EVENT_HANDOFF => shared.conns.wake(e.cookie),
+                    EVENT_HANDOFF => conns.wake(e.cookie),
                     EVENT_DEMAND => {
-                        let slot = e.slot as usize;
-                        if let Some(p) = shared.pools.for_slot(slot) {
-                            p.slots[slot - p.first_slot].signals.demand.notify_one();
+                        // `Event::slot` is the ring the head was committed on.
+                        let ring = e.slot as usize;
+                        if let Some(p) = pools.for_ring(ring) {
+                            p.slots[ring - p.first_ring].signals.demand.notify_one();
                         }
                     }
                     _ => {}
@@ -261,41 +239,4 @@ fn lock_instance(run_dir: &Path, instance: &str) -> Result<fs::File> {
         );
     }
     Ok(f)
-}
-
-/// Finds a worker command: a path is taken relative to the config's
-/// directory; a bare name is looked for next to this binary, then in PATH.
-pub fn resolve_command(cmd: &str, base: &Path) -> Result<PathBuf> {
-    if cmd.contains('/') {
-        let p = base.join(cmd);
-        if p.exists() {
-            return Ok(p);
-        }
-        bail!("worker command `{cmd}` not found (looked at {})", p.display());
-    }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
-        let p = dir.join(cmd);
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
-        let p = dir.join(cmd);
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    Err(anyhow!("worker command `{cmd}` not found next to the dispatcher binary or in PATH"))
-}
-
-pub fn materialize_demo(run_dir: &Path) -> Result<PathBuf> {
-    let dir = run_dir.join("demo-static");
-    fs::create_dir_all(&dir)?;
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
-    for (name, data) in DEMO_FILES {
-        let p = dir.join(name);
-        fs::write(&p, data)?;
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o644))?;
-    }
-    Ok(dir)
 }

@@ -197,8 +197,8 @@ impl RouteNames {
     fn update(&self, key: u32, value: Option<&RouteName>) -> Result<()> {
         let fd = self.map.as_raw_fd();
         match value {
-            Some(v) => crate::kernel::update_elem(fd, &key, v),
-            None => crate::kernel::delete_elem(fd, key),
+            Some(v) => super::sys::update_elem(fd, &key, v),
+            None => super::sys::delete_elem(fd, &key),
         }
         .context("writing `route_names`")
     }

@@ -23,10 +23,11 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Context as _, Result};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use crate::serve::Shared;
+use super::Context;
+use crate::bpf::GuardList;
 
 /// Longest command line accepted.
 const MAX_LINE: usize = 4096;
@@ -39,7 +40,7 @@ pub fn path(run_dir: &Path) -> PathBuf {
 }
 
 /// Serves the control socket in `run_dir` until the process exits.
-pub fn listen(run_dir: &Path, shared: Arc<Shared>) -> Result<()> {
+pub fn listen(run_dir: &Path, ctx: Arc<Context>) -> Result<()> {
     let p = path(run_dir);
     let _ = std::fs::remove_file(&p);
     let listener = tokio::net::UnixListener::bind(&p).with_context(|| format!("binding {}", p.display()))?;
@@ -48,17 +49,17 @@ pub fn listen(run_dir: &Path, shared: Arc<Shared>) -> Result<()> {
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
-            let shared = shared.clone();
+            let ctx = ctx.clone();
             tokio::spawn(async move {
                 let (rd, mut wr) = stream.into_split();
                 let mut lines = BufReader::new(rd.take(MAX_LINE as u64 * 16)).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     let answer = match line.trim() {
-                        "reload" => match crate::serve::reload(&shared).await {
+                        "reload" => match ctx.pools.reload().await {
                             Ok(summary) => format!("ok: reloaded ({summary})"),
                             Err(e) => format!("error: {}", format!("{e:#}").replace('\n', " ")),
                         },
-                        line => command(&shared, line),
+                        line => command(&ctx, line),
                     };
                     if wr.write_all(format!("{answer}\n").as_bytes()).await.is_err() {
                         return;
@@ -70,7 +71,7 @@ pub fn listen(run_dir: &Path, shared: Arc<Shared>) -> Result<()> {
     Ok(())
 }
 
-fn command(shared: &Shared, line: &str) -> String {
+fn command(ctx: &Context, line: &str) -> String {
     if line.len() > MAX_LINE {
         return "error: command too long".into();
     }
@@ -78,14 +79,14 @@ fn command(shared: &Shared, line: &str) -> String {
     match (words.next(), words.next(), words.next()) {
         (Some(view @ ("status" | "pools" | "routes" | "queues")), None, None) => {
             let v = match view {
-                "status" => crate::inspect::status(shared),
-                "pools" => crate::inspect::pools(shared),
-                "routes" => crate::inspect::routes(shared),
-                _ => crate::inspect::queues(shared),
+                "status" => super::inspect::status(ctx),
+                "pools" => super::inspect::pools(ctx),
+                "routes" => super::inspect::routes(ctx),
+                _ => super::inspect::queues(ctx),
             };
             format!("ok: {v}")
         }
-        (Some("stop"), Some(name), None) => match shared.pools.named(name) {
+        (Some("stop"), Some(name), None) => match ctx.pools.named(name) {
             None => format!("error: no pool named `{name}`"),
             Some(p) if p.stopped().is_some() => format!("ok: pool `{name}` is already stopped"),
             Some(p) => {
@@ -94,7 +95,7 @@ fn command(shared: &Shared, line: &str) -> String {
                 format!("ok: pool `{name}` stopping (its requests get 503 until `dispatcher start {name}`)")
             }
         },
-        (Some("recycle"), Some(name), None) => match shared.pools.named(name) {
+        (Some("recycle"), Some(name), None) => match ctx.pools.named(name) {
             None => format!("error: no pool named `{name}`"),
             Some(p) => {
                 p.request_recycle();
@@ -102,7 +103,7 @@ fn command(shared: &Shared, line: &str) -> String {
                 format!("ok: pool `{name}` recycling its workers")
             }
         },
-        (Some("pool-start" | "start"), Some(name), None) => match shared.pools.named(name) {
+        (Some("pool-start" | "start"), Some(name), None) => match ctx.pools.named(name) {
             None => format!("error: no pool named `{name}`"),
             Some(p) => {
                 // Asked for in any case: a stop a supervisor has not seen
@@ -117,7 +118,7 @@ fn command(shared: &Shared, line: &str) -> String {
             }
         },
         (Some("fault"), Some("supervisor-panic"), Some(name)) if std::env::var_os("DISPATCHER_FAULTS").is_some_and(|v| v == "1") => {
-            match shared.pools.named(name) {
+            match ctx.pools.named(name) {
                 None => format!("error: no pool named `{name}`"),
                 Some(p) => {
                     tracing::warn!(pool = %name, "fault injection: making the pool's supervisor panic");
@@ -126,15 +127,15 @@ fn command(shared: &Shared, line: &str) -> String {
                 }
             }
         }
-        (Some("guard"), Some("show"), None) => format!("ok: {}", shared.kernel.lock().unwrap().guard_show()),
+        (Some("guard"), Some("show"), None) => format!("ok: {}", ctx.pools.guard().lock().unwrap().show()),
         (Some("guard"), Some(list @ ("allow" | "deny")), Some(verb @ ("add" | "del"))) => {
-            let list_kind = if list == "allow" { crate::kernel::GuardList::Allow } else { crate::kernel::GuardList::Deny };
+            let list_kind = if list == "allow" { GuardList::Allow } else { GuardList::Deny };
             let Some(cidr) = words.next() else { return "error: missing CIDR".into() };
             let net = match crate::config::parse_cidr(cidr) {
                 Ok(n) => n,
                 Err(e) => return format!("error: {e}"),
             };
-            match shared.kernel.lock().unwrap().guard_list(list_kind, net, verb == "add") {
+            match ctx.pools.guard().lock().unwrap().change(list_kind, net, verb == "add") {
                 Ok(true) => {
                     tracing::info!(list, cidr = %net, "guard list {}", if verb == "add" { "entry added" } else { "entry removed" });
                     format!("ok: {list} list {} {net}", if verb == "add" { "now has" } else { "no longer has" })

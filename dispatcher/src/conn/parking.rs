@@ -23,7 +23,7 @@ use std::{
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use tokio::io::{unix::AsyncFd, Interest};
 
-use crate::conns::Conns;
+use crate::deliver::Conns;
 
 /// Most events taken per `epoll_wait`.
 const BATCH: usize = 256;

@@ -10,16 +10,16 @@
 
 use std::{fmt::Write as _, net::SocketAddr, sync::Arc};
 
-use anyhow::{Context, Result};
+use anyhow::{Context as _, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::serve::Shared;
+use super::Context;
 
 /// Largest request head the endpoint reads.
 const MAX_HEAD: usize = 8192;
 
 /// Serves the endpoint on `addr` until the process exits.
-pub async fn listen(addr: SocketAddr, shared: Arc<Shared>) -> Result<()> {
+pub async fn listen(addr: SocketAddr, ctx: Arc<Context>) -> Result<()> {
     let l = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics address {addr} (field `admin.metrics`)"))?;
@@ -27,7 +27,7 @@ pub async fn listen(addr: SocketAddr, shared: Arc<Shared>) -> Result<()> {
     tokio::spawn(async move {
         loop {
             let Ok((mut s, _)) = l.accept().await else { continue };
-            let shared = shared.clone();
+            let ctx = ctx.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; MAX_HEAD];
                 let mut n = 0;
@@ -54,7 +54,7 @@ pub async fn listen(addr: SocketAddr, shared: Arc<Shared>) -> Result<()> {
                         _ => break 400,
                     }
                 };
-                let body = if status == 200 { render(&shared) } else { "only GET /metrics is served here\n".into() };
+                let body = if status == 200 { render(&ctx) } else { "only GET /metrics is served here\n".into() };
                 let head = format!(
                     "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     match status {
@@ -79,12 +79,11 @@ fn help(out: &mut String, name: &str, kind: &str, text: &str) {
 }
 
 /// The exposition text.
-pub fn render(shared: &Shared) -> String {
+pub fn render(ctx: &Context) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let mut out = String::new();
-    let links: Vec<_> = shared.pools.all().into_iter().filter(|l| !l.retiring.load(Relaxed)).collect();
-    let k = shared.kernel.lock().unwrap();
-    let counts: Vec<(u64, u64, u64)> = links.iter().map(|l| k.pool_requests(l.index)).collect();
+    let links: Vec<_> = ctx.pools.all().into_iter().filter(|l| !l.retiring.load(Relaxed)).collect();
+    let counts: Vec<(u64, u64, u64)> = links.iter().map(|l| ctx.counters.pool_requests(l.index)).collect();
 
     help(&mut out, "dispatcher_requests_total", "counter", "Requests routed to a pool, by the path that framed them.");
     for (l, (fast, slow, _)) in links.iter().zip(&counts) {
@@ -101,13 +100,14 @@ pub fn render(shared: &Shared) -> String {
         let _ = writeln!(out, "dispatcher_queue_full_total{{pool=\"{}\"}} {full}", l.name);
     }
     help(&mut out, "dispatcher_queue_bytes", "gauge", "Bytes queued on a worker slot's ring, not consumed yet.");
+    let k = ctx.pools.ctx.rings.lock().unwrap();
     for l in &links {
         for i in 0..l.slots.len() {
             let _ = writeln!(
                 out,
                 "dispatcher_queue_bytes{{pool=\"{}\",slot=\"{i}\"}} {}",
                 l.name,
-                k.queued_bytes(l.first_slot + i)
+                k.queued_bytes(l.first_ring + i)
             );
         }
     }
@@ -187,13 +187,9 @@ pub fn render(shared: &Shared) -> String {
         "Answers the dispatcher wrote itself (errors, 503s, 502s), by status class.",
     );
     for (c, name) in CLASSES.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "dispatcher_local_responses_total{{class=\"{name}\"}} {}",
-            shared.local_responses[c].load(Relaxed)
-        );
+        let _ = writeln!(out, "dispatcher_local_responses_total{{class=\"{name}\"}} {}", ctx.local.get(c + 1));
     }
-    if let Ok(stats) = crate::kernel::read_stats(&shared.cfg.instance, Some(1)) {
+    if let Ok(stats) = crate::bpf::read_stats(&ctx.instance, Some(1)) {
         help(
             &mut out,
             "dispatcher_handoffs_total",
@@ -209,6 +205,6 @@ pub fn render(shared: &Shared) -> String {
         }
     }
     help(&mut out, "dispatcher_connections", "gauge", "Client connections open.");
-    let _ = writeln!(out, "dispatcher_connections {}", shared.conns.len());
+    let _ = writeln!(out, "dispatcher_connections {}", ctx.conns.len());
     out
 }

@@ -5,15 +5,19 @@
 //! so a response for an unknown connection is kept for a while
 //! ([`EARLY_TTL`]) and handed over when the connection registers.
 
+mod lease;
+
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use tokio::sync::mpsc;
 
-use crate::pools::Frame;
+use bytes::Bytes;
+
+pub use lease::{lease_socket, LeaseTx};
 
 /// What a connection task is told.
 #[derive(Debug)]
@@ -134,5 +138,28 @@ impl Conns {
         let now = Instant::now();
         self.early.lock().unwrap().retain(|_, (t, _)| now.duration_since(*t) < EARLY_TTL);
         self.peers.lock().unwrap().retain(|_, (_, closed)| closed.is_none_or(|t| now.duration_since(t) < EARLY_TTL));
+    }
+}
+
+/// A frame of a response, on its way to a connection.
+#[derive(Debug)]
+pub struct Frame {
+    pub seq: u32,
+    pub data: Bytes,
+    pub last: bool,
+    pub close: bool,
+    /// The worker asks for a lease on the connection once this response
+    /// is written; the answer goes to this lease socket.
+    pub ask: Option<Arc<LeaseTx>>,
+    /// Not a response: the worker gives lease `gen` back, having written
+    /// every response before `seq` (and possibly a prefix of `seq`, whose
+    /// rest follows as ordinary frames).
+    pub release: Option<u32>,
+}
+
+impl Frame {
+    /// A whole response the dispatcher writes.
+    pub fn whole(seq: u32, data: Bytes, close: bool) -> Frame {
+        Frame { seq, data, last: true, close, ask: None, release: None }
     }
 }

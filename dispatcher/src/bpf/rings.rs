@@ -1,0 +1,295 @@
+//! The pools' queues in the kernel: one BPF ring buffer and one awake flag
+//! per worker slot, indexed by *ring* (the global index the verdict program
+//! selects in `rings` and `ring_awake`, `0..MAX_SLOTS`), and each pool's
+//! entry in `pools` (its first ring, its slot count, its queue limits).
+//!
+//! A pool's *slot* k (`0..max_processes`, its web garden) is ring
+//! `first_ring + k`. Rings are created at run time, pinned as
+//! `ring_<pool>` / `awake_<pool>` (`…@k` for k > 0) and set into the
+//! map-of-maps the verdict reads.
+
+use std::{
+    fs,
+    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
+    path::PathBuf,
+    sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::maps::{Array, Map, MapData};
+use dispatcher_ebpf::abi::{PoolInfo, RecordHeader, MAX_POOLS, MAX_SLOTS, RECORD_HEAD, RING_AWAKE_NO_WORKER};
+
+use super::sys::{delete_elem, update_fd_elem};
+use crate::config::Pool;
+
+/// The rings, awake flags and pool entries of one instance.
+pub struct Rings {
+    pin_dir: PathBuf,
+    /// `pools`: pool index → its rings and limits.
+    pools: Array<MapData, PoolInfo>,
+    /// `rings` and `ring_awake`: the map-of-maps the verdict selects from.
+    rings_map: MapData,
+    awake_map: MapData,
+    /// The rings in use, by ring index.
+    rings: Vec<Option<RingMaps>>,
+    /// Each pool index's slot count (what `pools` holds while it runs).
+    pool_slots: Vec<u32>,
+}
+
+/// One ring's kernel objects: the ring, its awake flag (see
+/// `abi::RING_AWAKE_YES`), their mapped view, and their pins.
+struct RingMaps {
+    ring: MapData,
+    awake: MapData,
+    view: RingView,
+    pins: [PathBuf; 2],
+    /// Its pins are there (a replacement may own the paths now).
+    pinned: bool,
+}
+
+/// What the dispatcher sees of a ring without consuming it: the awake flag
+/// (read-write) and the ring's consumer and producer positions (read-only
+/// mappings of the ring's first two pages).
+struct RingView {
+    flag: *mut AtomicU32,
+    pos: *const AtomicU64,
+    page: usize,
+}
+
+// SAFETY: shared memory accessed only through atomics.
+unsafe impl Send for RingView {}
+
+impl RingView {
+    fn map(flag: &MapData, ring: &MapData) -> Result<RingView> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let map = |fd: RawFd, len: usize, prot: i32| {
+            // SAFETY: a fresh shared mapping of a BPF map's pages.
+            let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
+            if p == libc::MAP_FAILED {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(p)
+            }
+        };
+        let f = map(raw(flag), page, libc::PROT_READ | libc::PROT_WRITE).context("mapping an awake flag")?;
+        let r = map(raw(ring), 2 * page, libc::PROT_READ).context("mapping a ring's positions")?;
+        Ok(RingView { flag: f as *mut _, pos: r as *const _, page })
+    }
+
+    /// Marks the ring workerless, then says whether requests wait on it.
+    /// In this order, against the verdict's commit-then-read: either it
+    /// sees the mark (and raises a demand) or this sees its record.
+    fn vacate(&self) -> bool {
+        // SAFETY: mapped for the life of self.
+        unsafe { (*self.flag).swap(RING_AWAKE_NO_WORKER, SeqCst) };
+        let (consumed, produced) = self.positions();
+        produced != consumed
+    }
+
+    /// The ring's consumer and producer positions (bytes).
+    fn positions(&self) -> (u64, u64) {
+        // SAFETY: mapped for the life of self.
+        unsafe { ((*self.pos).load(SeqCst), (*self.pos.byte_add(self.page)).load(SeqCst)) }
+    }
+
+    fn progress(&self) -> activation::Progress {
+        // SAFETY: mapped for the life of self.
+        let flag = unsafe { (*self.flag).load(SeqCst) };
+        let (consumed, produced) = self.positions();
+        activation::Progress { ready: flag != RING_AWAKE_NO_WORKER, consumed, queued: produced != consumed }
+    }
+}
+
+impl Drop for RingView {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mappings.
+        unsafe {
+            libc::munmap(self.flag as *mut _, self.page);
+            libc::munmap(self.pos as *mut _, 2 * self.page);
+        }
+    }
+}
+
+fn raw(m: &MapData) -> RawFd {
+    m.fd().as_fd().as_raw_fd()
+}
+
+/// A kernel object name for `what` of pool `pool`: [A-Za-z0-9_.] only (a
+/// pool name may have `-`) and at most 15 bytes; the pin paths keep the
+/// pool's name.
+fn object_name(what: &str, pool: &str, suffix: &str) -> String {
+    format!("{what}_{pool}{suffix}").replace(['-', '@'], "_").chars().take(15).collect()
+}
+
+impl Rings {
+    pub(super) fn new(pin_dir: PathBuf, pools: Map, rings: Map, awake: Map) -> Result<Rings> {
+        let data = |m: Map, name: &str| match m {
+            Map::ArrayOfMaps(d) => Ok(d),
+            _ => Err(anyhow!("map `{name}` has an unexpected type")),
+        };
+        Ok(Rings {
+            pin_dir,
+            pools: Array::try_from(pools)?,
+            rings_map: data(rings, "rings")?,
+            awake_map: data(awake, "ring_awake")?,
+            rings: (0..MAX_SLOTS).map(|_| None).collect(),
+            pool_slots: vec![0; MAX_POOLS as usize],
+        })
+    }
+
+    /// Creates pool index `index`'s rings and awake flags on rings
+    /// `first_ring..` (pinned as `ring_<pool>`, `awake_<pool>`, and
+    /// `ring_<pool>@k` for slot k > 0 of a web garden) and opens the pool
+    /// in `pools`. Routes to it are written by the route table.
+    pub fn add_pool(&mut self, index: u32, p: &Pool, first_ring: usize) -> Result<()> {
+        for k in 0..p.max_processes as usize {
+            let i = first_ring + k;
+            if self.rings.get(i).is_none_or(|s| s.is_some()) {
+                bail!("ring {i} is not free");
+            }
+            // Slot 0 of a pool keeps the plain names. Pins of other slots
+            // are `ring_<pool>@<k>` (`@` cannot occur in a pool name, so no
+            // clash with a pool's; bpffs refuses `.`).
+            let suffix = if k == 0 { String::new() } else { format!("@{k}") };
+            let what = format!("pool `{}` slot {k}", p.name);
+            let obj = aya_obj::Map::new_from_params(
+                aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_RINGBUF as u32,
+                0,
+                0,
+                p.ring_bytes,
+                0,
+            );
+            let ring = MapData::create(obj, &object_name("ring", &p.name, &suffix), None)
+                .with_context(|| format!("creating the ring of {what}"))?;
+            let ring_pin = self.pin_dir.join(format!("ring_{}{suffix}", p.name));
+            ring.pin(&ring_pin).with_context(|| format!("pinning the ring of {what}"))?;
+            // The worker maps this one page and flips the flag itself.
+            let obj = aya_obj::Map::new_from_params(
+                aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
+                4,
+                4,
+                1,
+                aya_obj::generated::BPF_F_MMAPABLE,
+            );
+            let flag = MapData::create(obj, &object_name("awake", &p.name, &suffix), None)
+                .with_context(|| format!("creating the awake flag of {what}"))?;
+            let flag_pin = self.pin_dir.join(format!("awake_{}{suffix}", p.name));
+            let view = RingView::map(&flag, &ring);
+            let pinned = flag.pin(&flag_pin).with_context(|| format!("pinning the awake flag of {what}"));
+            let maps = RingMaps { ring, awake: flag, view: view?, pins: [ring_pin, flag_pin], pinned: true };
+            // From here on the ring is ours, so a failure below unpins it.
+            self.rings[i] = Some(maps);
+            pinned?;
+            let maps = self.rings[i].as_ref().unwrap();
+            update_fd_elem(raw(&self.awake_map), i as u32, raw(&maps.awake))
+                .with_context(|| format!("setting ring {i} in `ring_awake`"))?;
+            update_fd_elem(raw(&self.rings_map), i as u32, raw(&maps.ring))
+                .with_context(|| format!("setting ring {i} in `rings`"))?;
+        }
+        self.pool_slots[index as usize] = p.max_processes;
+        let info = PoolInfo {
+            first_slot: first_ring as u32,
+            slots: p.max_processes,
+            queue_bytes: p.queue_bytes,
+            scale_out_bytes: p.scale_out_queue_bytes,
+        };
+        self.pools.set(index, info, 0).context("writing `pools`")?;
+        Ok(())
+    }
+
+    /// Removes the pins of rings `rings` (a replacement of the pool may
+    /// take the names); the maps live on until [`Rings::remove_pool`].
+    pub fn unpin(&mut self, rings: std::ops::Range<usize>) {
+        for m in self.rings[rings].iter_mut().flatten() {
+            if std::mem::take(&mut m.pinned) {
+                for p in &m.pins {
+                    let _ = fs::remove_file(p);
+                }
+            }
+        }
+    }
+
+    /// Pins rings `rings` again (a reload that unpinned them failed).
+    pub fn pin(&mut self, rings: std::ops::Range<usize>) {
+        for m in self.rings[rings].iter_mut().flatten() {
+            if !m.pinned {
+                m.pinned = m.ring.pin(&m.pins[0]).is_ok() & m.awake.pin(&m.pins[1]).is_ok();
+            }
+        }
+    }
+
+    /// Closes pool index `index` in `pools` and frees its rings and flags
+    /// (no worker may hold them any more).
+    pub fn remove_pool(&mut self, index: u32, rings: std::ops::Range<usize>) -> Result<()> {
+        self.unpin(rings.clone());
+        self.pool_slots[index as usize] = 0;
+        self.pools.set(index, PoolInfo::default(), 0).context("writing `pools`")?;
+        for i in rings {
+            // The verdict takes a ring and its flag under RCU: deleting
+            // them here is safe while a program runs.
+            let _ = delete_elem(raw(&self.rings_map), &(i as u32));
+            let _ = delete_elem(raw(&self.awake_map), &(i as u32));
+            self.rings[i] = None;
+        }
+        Ok(())
+    }
+
+    fn ring(&self, ring: usize) -> Result<&RingMaps> {
+        self.rings.get(ring).and_then(Option::as_ref).ok_or_else(|| anyhow!("ring {ring} is not in use"))
+    }
+
+    /// A duplicate fd of ring `ring`'s awake flag, for its worker.
+    pub fn awake_fd(&self, ring: usize) -> Result<OwnedFd> {
+        self.ring(ring)?.awake.fd().as_fd().try_clone_to_owned().context("duplicating an awake-flag fd")
+    }
+
+    /// A duplicate fd of ring `ring`, for its worker.
+    pub fn ring_fd(&self, ring: usize) -> Result<OwnedFd> {
+        self.ring(ring)?.ring.fd().as_fd().try_clone_to_owned().context("duplicating a ring fd")
+    }
+
+    /// Bytes queued on ring `ring` and not consumed yet.
+    pub fn queued_bytes(&self, ring: usize) -> u64 {
+        self.ring(ring).map_or(0, |s| {
+            let (consumed, produced) = s.view.positions();
+            produced.saturating_sub(consumed)
+        })
+    }
+
+    /// How ring `ring`'s worker is doing with its queue.
+    pub fn progress(&self, ring: usize) -> activation::Progress {
+        self.ring(ring).map(|s| s.view.progress()).unwrap_or_default()
+    }
+
+    /// Marks ring `ring` workerless; true if requests wait on it.
+    pub fn vacate(&self, ring: usize) -> bool {
+        self.ring(ring).is_ok_and(|s| s.view.vacate())
+    }
+
+    /// Stops (`false`) or resumes (`true`) queueing on pool `pool` in the
+    /// kernel; a stopped pool's requests go to the slow path.
+    pub fn set_pool_running(&mut self, pool: u32, running: bool) -> Result<()> {
+        let slots = if running { self.pool_slots[pool as usize] } else { 0 };
+        let mut info = self.pools.get(&pool, 0).context("reading `pools`")?;
+        info.slots = slots;
+        self.pools.set(pool, info, 0).context("writing `pools`")?;
+        Ok(())
+    }
+
+    /// Takes every record off ring `ring` (no worker may be consuming it)
+    /// and returns the request heads among them.
+    pub fn drain(&self, ring: usize) -> Result<Vec<RecordHeader>> {
+        let data = MapData::from_fd(self.ring_fd(ring)?).context("opening a ring")?;
+        let mut ring = aya::maps::RingBuf::try_from(Map::RingBuf(data))?;
+        let mut heads = Vec::new();
+        while let Some(item) = ring.next() {
+            if let Some(h) = RecordHeader::from_bytes(&item) {
+                if h.kind == RECORD_HEAD {
+                    heads.push(h);
+                }
+            }
+        }
+        Ok(heads)
+    }
+}

@@ -1,0 +1,217 @@
+//! The connection's side of a lease: granting a worker the socket after
+//! its first response, revoking it whenever anyone else must write (or a
+//! time-out is due, or the client closes), taking it back on the worker's
+//! release, and going on after the worker's death from its trace. Also
+//! where the socket leaves tokio's poller while leased (see `parking`).
+
+use std::{sync::Arc, time::Instant};
+
+use dispatcher_ebpf::abi::MODE_SLOW;
+use tokio::net::TcpStream;
+use worker::proto::{lease, LeaseMsg};
+
+use super::{
+    socket::{dup_fd, socket_written},
+    Conn, Flow, Held, Sock,
+};
+use crate::deliver::LeaseTx;
+
+impl Conn {
+    /// The worker gave lease `gen` back, having written everything before
+    /// `seq`.
+    pub(super) async fn on_release(&mut self, gen: u32, seq: u32) -> Flow {
+        let Some(l) = self.lease.take_if(|l| l.gen == gen) else {
+            tracing::debug!(conn = self.cookie, gen, seq, "stale release");
+            return Flow::Continue;
+        };
+        tracing::debug!(conn = self.cookie, gen, seq, "lease released");
+        l.to.settled(self.cookie);
+        self.unpark();
+        // The worker's writes count as written from here on (a later
+        // holder's death is judged against this).
+        if let Sock::Polled(stream) = &self.sock {
+            if let Ok(n) = socket_written(stream) {
+                self.written = n;
+            }
+        }
+        if seq > self.next {
+            // Slow-path requests are never answered under a lease, so
+            // nothing in `sent` is settled by this; drop stale frames.
+            self.next = seq;
+            self.pending = self.pending.split_off(&seq);
+        }
+        self.flush().await
+    }
+
+    /// The worker holding the lease died without giving it back. Its
+    /// trace (`worker::progress`) says how far it wrote; if the socket took
+    /// exactly that, the stream stopped between two responses: the
+    /// connection goes on, and the requests the worker had taken and not
+    /// answered get 502. Otherwise part of a response is out, and the
+    /// connection has to close.
+    pub(super) async fn lease_lost(&mut self, slot: u32) -> Flow {
+        let Some(l) = self.lease.take() else { return Flow::Continue };
+        l.to.settled(self.cookie);
+        let t = l.to.trace(self.cookie, slot).unwrap_or(worker::progress::Trace {
+            next: self.next,
+            taken: self.next,
+            complete_bytes: 0,
+            pending: 0,
+            in_flight: 0,
+        });
+        self.unpark();
+        let Sock::Polled(stream) = &self.sock else { return Flow::Close };
+        let n = match socket_written(stream) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(conn = self.cookie, "the worker holding the connection died; closing it ({e})");
+                return Flow::Close;
+            }
+        };
+        // Between two responses: before the one it was writing, or (killed
+        // before it could note it) just after it.
+        let next = if n == self.written + t.complete_bytes {
+            t.next
+        } else if t.pending > 0 && n == self.written + t.complete_bytes + t.pending as u64 {
+            t.next.wrapping_add(1)
+        } else {
+            tracing::warn!(
+                conn = self.cookie,
+                "the worker holding the connection died in the middle of a response; closing it"
+            );
+            return Flow::Close;
+        };
+        let taken = t.taken.max(next);
+        self.written = n;
+        if next > self.next {
+            self.next = next;
+            self.pending = self.pending.split_off(&next);
+        }
+        tracing::warn!(
+            conn = self.cookie,
+            next,
+            taken,
+            "the worker holding the connection died; going on from its last response"
+        );
+        for seq in next..taken {
+            let in_flight = taken - seq <= 64 && t.in_flight & (1u64 << (seq % 64)) != 0;
+            if !in_flight || self.pending.get(&seq).is_some_and(|f| !f.is_empty()) {
+                continue;
+            }
+            if let Flow::Close =
+                self.answer(seq, 502, "the worker died while handling this request", false, false, false).await
+            {
+                return Flow::Close;
+            }
+        }
+        Flow::Continue
+    }
+
+    /// A worker died with requests of this connection taken and not
+    /// answered (it held no lease on it; see `worker::progress::Loose`):
+    /// each gets 502, unless its whole response arrived after all.
+    pub(super) async fn requests_lost(&mut self, taken: u32, in_flight: u64) -> Flow {
+        for back in (1..=64u32.min(taken)).rev() {
+            let seq = taken - back;
+            if in_flight & (1u64 << (seq % 64)) == 0 || seq < self.next {
+                continue;
+            }
+            match self.pending.get(&seq) {
+                Some(f) if f.iter().any(|f| f.last) => continue,
+                // Part of its response is already in the socket: nothing
+                // can follow it.
+                Some(f) if f.is_empty() || (seq == self.next && self.lease.is_none()) => {
+                    tracing::warn!(
+                        conn = self.cookie,
+                        seq,
+                        "the worker died in the middle of a response; closing the connection"
+                    );
+                    return Flow::Close;
+                }
+                Some(_) => {
+                    self.pending.remove(&seq);
+                }
+                None => {}
+            }
+            tracing::warn!(conn = self.cookie, seq, "the worker died while handling this request; answering 502");
+            if let Flow::Close =
+                self.answer(seq, 502, "the worker died while handling this request", false, false, false).await
+            {
+                return Flow::Close;
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Asks the lease holder, if any, to give the connection back.
+    pub(super) fn revoke(&mut self) {
+        if let Some(l) = &mut self.lease {
+            if l.revoked.is_none() {
+                tracing::debug!(conn = self.cookie, gen = l.gen, "revoking the lease");
+                l.revoked = Some(Instant::now());
+                l.to.send(LeaseMsg { conn: self.cookie, kind: lease::REVOKE, gen: l.gen, ..Default::default() }, None);
+            }
+        }
+    }
+
+    /// Answers a worker's request for a lease, made with the response just
+    /// written: granted when the connection has nothing else to write and
+    /// nobody else is expected to write on it.
+    pub(super) fn answer_ask(&mut self, to: Arc<LeaseTx>) {
+        // Not while the socket has something for user space: a hand-off
+        // (its wake-up may already be spent on revoking a lease that this
+        // grant would replace) or the peer's close.
+        let grant = self.ctx.limits.direct_responses
+            && self.lease.is_none()
+            && self.slow.is_none()
+            && self.pending.is_empty()
+            && !self.eof
+            && !self.woken
+            && !self.ctx.conn_state.get(self.cookie).is_some_and(|st| st.mode == MODE_SLOW);
+        let fd = if grant { self.sock.fd().and_then(dup_fd) } else { None };
+        let Some(fd) = fd else {
+            to.send(LeaseMsg { conn: self.cookie, kind: lease::DENY, from: self.next, ..Default::default() }, None);
+            return;
+        };
+        self.lease_gen = self.lease_gen.wrapping_add(1);
+        let msg = LeaseMsg {
+            conn: self.cookie,
+            kind: lease::GRANT,
+            from: self.next,
+            gen: self.lease_gen,
+            slot: worker::proto::NO_SLOT,
+        };
+        if to.send(msg, Some(fd)) {
+            tracing::debug!(conn = self.cookie, gen = self.lease_gen, from = self.next, "lease granted");
+            self.lease = Some(Held { gen: self.lease_gen, to, revoked: None });
+            self.park();
+        }
+    }
+
+    /// Takes the socket out of tokio's poller while a worker writes to it.
+    pub(super) fn park(&mut self) {
+        let Sock::Polled(_) = self.sock else { return };
+        let Sock::Polled(s) = std::mem::replace(&mut self.sock, Sock::Gone) else { unreachable!() };
+        match s.into_std() {
+            Ok(std) => match self.ctx.parking.park(&std, self.cookie) {
+                Ok(()) => self.sock = Sock::Parked(std),
+                Err(e) => {
+                    tracing::warn!(conn = self.cookie, "parking a connection: {e}");
+                    self.sock = TcpStream::from_std(std).map_or(Sock::Gone, Sock::Polled);
+                }
+            },
+            Err(e) => tracing::warn!(conn = self.cookie, "taking a connection out of the poller: {e}"),
+        }
+    }
+
+    /// Puts a parked socket back into tokio's poller.
+    pub(super) fn unpark(&mut self) {
+        let Sock::Parked(_) = self.sock else { return };
+        let Sock::Parked(std) = std::mem::replace(&mut self.sock, Sock::Gone) else { unreachable!() };
+        self.ctx.parking.unpark(&std);
+        match TcpStream::from_std(std) {
+            Ok(s) => self.sock = Sock::Polled(s),
+            Err(e) => tracing::warn!(conn = self.cookie, "putting a connection back in the poller: {e}"),
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Ordered write-back: responses (and parts of them) from any pool or from
+//! the dispatcher itself wait here until every earlier response on the
+//! connection is written, then go to the socket in request order.
+
+use std::{sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use worker::proto::{lease, LeaseMsg};
+
+use super::{Conn, Flow, Sock};
+use crate::{deliver::Frame, http::local_response};
+
+impl Conn {
+    pub(super) async fn on_frame(&mut self, f: Frame) -> Flow {
+        if let Some(gen) = f.release {
+            return self.on_release(gen, f.seq).await;
+        }
+        if let Some(a) = &f.ask {
+            self.lease_peers.retain(|p| !p.is_closed());
+            if !self.lease_peers.iter().any(|p| Arc::ptr_eq(p, a)) {
+                self.lease_peers.push(a.clone());
+            }
+        }
+        if f.seq < self.next {
+            if let Some(a) = f.ask {
+                // Stale: still answer the ask, or the worker never asks again.
+                a.send(LeaseMsg { conn: self.cookie, kind: lease::DENY, from: self.next, ..Default::default() }, None);
+            }
+            return Flow::Continue;
+        }
+        // Somebody other than the lease holder has a response to write
+        // (or the holder sent one around its lease): take the lease back.
+        self.revoke();
+        self.pending.entry(f.seq).or_default().push(f);
+        self.flush().await
+    }
+
+    /// Writes every response that is next in order.
+    pub(super) async fn flush(&mut self) -> Flow {
+        while self.lease.is_none() {
+            let Some(frames) = self.pending.get_mut(&self.next) else { break };
+            let frames = std::mem::take(frames);
+            let mut done = None;
+            for f in frames {
+                if !self.write(&f.data).await {
+                    return Flow::Close;
+                }
+                self.last_progress = Instant::now();
+                if f.last {
+                    done = Some((f.close, f.ask));
+                    break;
+                }
+            }
+            let Some((close, ask)) = done else { break };
+            self.pending.remove(&self.next);
+            if let Some((link, bytes)) = self.sent.remove(&self.next) {
+                link.release(bytes);
+            }
+            self.next += 1;
+            if close {
+                if let Sock::Polled(s) = &mut self.sock {
+                    let _ = s.shutdown().await;
+                }
+                return Flow::Close;
+            }
+            if let Some(to) = ask {
+                self.answer_ask(to);
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Writes all of `data` (the socket must not be leased). False when
+    /// the connection is unusable.
+    pub(super) async fn write(&mut self, data: &[u8]) -> bool {
+        self.unpark();
+        let Sock::Polled(s) = &mut self.sock else { return false };
+        if s.write_all(data).await.is_err() {
+            return false;
+        }
+        self.written += data.len() as u64;
+        true
+    }
+
+    /// Queues a response the dispatcher makes itself.
+    pub(super) async fn answer(
+        &mut self,
+        seq: u32,
+        status: u16,
+        why: &str,
+        close: bool,
+        retry_after: bool,
+        head_only: bool,
+    ) -> Flow {
+        let mut data = local_response(status, why, close, retry_after);
+        if head_only {
+            let end = data.windows(4).position(|w| w == b"\r\n\r\n").map_or(data.len(), |p| p + 4);
+            data.truncate(end);
+        }
+        let data = Bytes::from(data);
+        self.note_local(status, &data);
+        self.ctx.counters.count_slow(None, 0, 1);
+        self.on_frame(Frame::whole(seq, data, close)).await
+    }
+
+    /// Counts (metrics) and logs (access log) an answer of the
+    /// dispatcher's own.
+    pub(super) fn note_local(&mut self, status: u16, data: &[u8]) {
+        self.ctx.local.count(status);
+        if let Some(log) = &self.ctx.access_log {
+            let body = data.windows(4).position(|w| w == b"\r\n\r\n").map_or(0, |p| data.len() - p - 4);
+            log.local(self.ctx.conns.peer(self.cookie), &std::mem::take(&mut self.request_line), status, body);
+        }
+    }
+}

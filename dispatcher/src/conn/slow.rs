@@ -1,0 +1,252 @@
+//! The slow path of one connection: once the kernel hands the connection
+//! over (or never tracked it), its bytes are read here, framed by the
+//! user-space parser, routed with the kernel's table and sent to the
+//! pool's workers over their control channels; the dispatcher's own
+//! answers (404, 503, 4xx) take their place in the response order.
+
+use std::sync::{atomic::Ordering, Arc};
+
+use dispatcher_ebpf::abi::{reason, RecordHeader, MODE_SLOW, RECORD_BODY, RECORD_HEAD, REC_CLOSE, REC_LAST, REC_SLOW};
+use worker::proto::MAX_FRAME;
+
+use super::{Conn, Flow};
+use crate::{
+    bpf::Routed,
+    http::{Event, SlowParser},
+    pool::PoolLink,
+};
+
+/// Where the body of the request being parsed goes.
+pub(super) enum BodyTo {
+    /// To `link`'s worker slot `slot` (local), which has the head.
+    Pool {
+        link: Arc<PoolLink>,
+        slot: usize,
+        seq: u32,
+        close: bool,
+    },
+    Discard,
+}
+
+pub(super) struct Slow {
+    pub(super) parser: SlowParser,
+    /// Sequence number of the next request the parser completes.
+    pub(super) seq: u32,
+    /// Socket bytes still to skip (the kernel consumed them).
+    pub(super) skip: usize,
+    /// The kernel found the first request's pool queue full.
+    pub(super) first_queue_full: bool,
+    /// Body bytes of a kernel-framed request still to forward (the ring
+    /// filled up mid-body).
+    pub(super) body_left: u64,
+    pub(super) body_to: BodyTo,
+}
+
+impl Conn {
+    pub(super) fn start_slow(&mut self) -> Option<Vec<u8>> {
+        let max_body = self.ctx.limits.max_body;
+        let st = self.ctx.conn_state.get(self.cookie);
+        let Some(st) = st else {
+            // Not tracked by the kernel: ours from the first byte.
+            self.slow = Some(Slow {
+                parser: SlowParser::new(max_body),
+                seq: 0,
+                skip: 0,
+                first_queue_full: false,
+                body_left: 0,
+                body_to: BodyTo::Discard,
+            });
+            return Some(Vec::new());
+        };
+        if st.mode != MODE_SLOW {
+            tracing::error!(conn = self.cookie, mode = st.mode, "bytes reached user space without a hand-off");
+            return None;
+        }
+        let why = st.handoff_reason;
+        tracing::debug!(
+            conn = self.cookie,
+            reason = reason::name(why),
+            seq = st.seq,
+            skip = st.handoff_skip,
+            prefix = st.handoff_prefix,
+            "slow path takes over"
+        );
+        let prefix_len = (st.handoff_prefix as usize).min(st.rec.data.len());
+        let prefix = st.rec.data[..prefix_len].to_vec();
+        let mut s = Slow {
+            parser: SlowParser::new(max_body),
+            seq: st.seq,
+            skip: st.handoff_skip as usize,
+            first_queue_full: why == reason::QUEUE_FULL,
+            body_left: 0,
+            body_to: BodyTo::Discard,
+        };
+        if st.body_left > 0 {
+            // Handed over mid-body (the ring filled up, or the segment used
+            // up the tail-call budget): the head and part of the body are
+            // in the worker's ring; the rest goes over its control socket.
+            s.body_left = st.body_left;
+            // The head went through the kernel to ring slot `st.slot`.
+            if let Some(link) = self.ctx.pools.get(st.pool) {
+                let slot = (st.slot as usize).saturating_sub(link.first_ring);
+                s.body_to = BodyTo::Pool { link, slot, seq: st.seq, close: st.req_flags != 0 };
+            }
+            s.seq = st.seq + 1;
+        }
+        self.slow = Some(s);
+        Some(prefix)
+    }
+
+    pub(super) async fn on_bytes(&mut self, data: &[u8]) -> Flow {
+        let mut input: Vec<u8>;
+        let mut data = data;
+        if self.slow.is_none() {
+            // User space takes the connection for good: so do its writes.
+            self.revoke();
+            let Some(prefix) = self.start_slow() else { return Flow::Close };
+            let s = self.slow.as_mut().unwrap();
+            let skip = s.skip.min(data.len());
+            s.skip -= skip;
+            input = prefix;
+            input.extend_from_slice(&data[skip..]);
+            data = &input[..];
+        } else {
+            let s = self.slow.as_mut().unwrap();
+            if s.skip > 0 {
+                let skip = s.skip.min(data.len());
+                s.skip -= skip;
+                data = &data[skip..];
+            }
+        }
+        // A body the kernel started.
+        let s = self.slow.as_mut().unwrap();
+        if s.body_left > 0 {
+            let n = (s.body_left as usize).min(data.len());
+            s.body_left -= n as u64;
+            let last = s.body_left == 0;
+            if let BodyTo::Pool { link, slot, seq, close } = &s.body_to {
+                forward_body(self.cookie, link, *slot, *seq, &data[..n], last, *close);
+            }
+            data = &data[n..];
+            if !last {
+                return Flow::Continue;
+            }
+            self.slow.as_mut().unwrap().body_to = BodyTo::Discard;
+        }
+        let events = self.slow.as_mut().unwrap().parser.feed(data);
+        for ev in events {
+            if let Flow::Close = self.on_event(ev).await {
+                return Flow::Close;
+            }
+        }
+        Flow::Continue
+    }
+
+    pub(super) async fn on_event(&mut self, ev: Event) -> Flow {
+        match ev {
+            Event::Head(h) => {
+                if self.ctx.access_log.is_some() {
+                    self.request_line = h.bytes.to_vec();
+                }
+                let s = self.slow.as_mut().unwrap();
+                let seq = s.seq;
+                s.seq += 1;
+                s.body_to = BodyTo::Discard;
+                let queue_full = std::mem::take(&mut s.first_queue_full);
+                let routed = self.ctx.routes.route(h.host.as_deref(), &h.route_path);
+                let pool = match routed {
+                    Routed::NoRoute => {
+                        return self
+                            .answer(seq, 404, "no route matches this host and path", h.close, false, h.method == "HEAD")
+                            .await
+                    }
+                    Routed::Pool(p) => p,
+                };
+                let Some(link) = self.ctx.pools.get(pool) else {
+                    return self
+                        .answer(seq, 503, "the pool is being reconfigured", h.close, true, h.method == "HEAD")
+                        .await;
+                };
+                let size = h.bytes.len() as u64 + h.content_length;
+                if let Some(why) = link.stopped() {
+                    let why = format!("pool `{}` is stopped: {why}", link.name);
+                    return self.answer(seq, 503, &why, h.close, true, h.method == "HEAD").await;
+                }
+                if queue_full || link.inflight.load(Ordering::Relaxed) + size > link.queue_bytes.max(size) {
+                    return self.answer(seq, 503, "the pool's queue is full", h.close, true, h.method == "HEAD").await;
+                }
+                if h.expect_continue && self.next == seq && self.pending.is_empty() && self.lease.is_none() {
+                    const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+                    self.write(CONTINUE).await;
+                }
+                link.inflight.fetch_add(size, Ordering::Relaxed);
+                self.sent.insert(seq, (link.clone(), size));
+                let close = h.close;
+                let mut flags = REC_SLOW;
+                if close {
+                    flags |= REC_CLOSE;
+                }
+                if h.content_length == 0 {
+                    flags |= REC_LAST;
+                }
+                let hdr = RecordHeader {
+                    conn: self.cookie,
+                    seq,
+                    len: h.bytes.len() as u32,
+                    content_length: h.content_length,
+                    kind: RECORD_HEAD,
+                    flags,
+                    pool: pool as u16,
+                    _pad: 0,
+                };
+                let slot = link.send_head(hdr, &h.bytes);
+                self.ctx.counters.count_slow(Some(pool), 1, 0);
+                if h.content_length > 0 {
+                    self.slow.as_mut().unwrap().body_to = BodyTo::Pool { link, slot, seq, close };
+                }
+                Flow::Continue
+            }
+            Event::Body { data, last } => {
+                if let BodyTo::Pool { link, slot, seq, close } = &self.slow.as_ref().unwrap().body_to {
+                    forward_body(self.cookie, link, *slot, *seq, &data, last, *close);
+                }
+                Flow::Continue
+            }
+            Event::Error { status, why } => {
+                let seq = {
+                    let s = self.slow.as_mut().unwrap();
+                    s.seq += 1;
+                    s.seq - 1
+                };
+                tracing::debug!(conn = self.cookie, status, why, "rejecting request");
+                self.answer(seq, status, why, true, false, false).await
+            }
+        }
+    }
+}
+
+fn body_header(conn: u64, seq: u32, len: u32, pool: u32, last: bool, close: bool) -> RecordHeader {
+    let mut flags = REC_SLOW;
+    if last {
+        flags |= REC_LAST;
+        if close {
+            flags |= REC_CLOSE;
+        }
+    }
+    RecordHeader { conn, seq, len, content_length: 0, kind: RECORD_BODY, flags, pool: pool as u16, _pad: 0 }
+}
+
+/// Sends body bytes of request `seq` to the worker slot that has its head.
+fn forward_body(cookie: u64, link: &PoolLink, slot: usize, seq: u32, data: &[u8], last: bool, close: bool) {
+    let pool = link.index;
+    let max = MAX_FRAME - 64;
+    let mut chunks = data.chunks(max).peekable();
+    if data.is_empty() && last {
+        let hdr = body_header(cookie, seq, 0, pool, last, close);
+        link.send_record(slot, hdr, &[]);
+    }
+    while let Some(c) = chunks.next() {
+        let end = last && chunks.peek().is_none();
+        link.send_record(slot, body_header(cookie, seq, c.len() as u32, pool, end, close), c);
+    }
+}

@@ -1,0 +1,205 @@
+//! The dispatcher's end of a worker's lease socket: grants (with the
+//! client's socket, by SCM_RIGHTS), denials, revocations and forgets, and
+//! which leases are out, so that a worker's death reaches every
+//! connection it held. The protocol is in `worker::proto`.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, OwnedFd},
+    sync::{atomic::Ordering, Arc, Mutex},
+};
+
+use anyhow::{Context, Result};
+use tokio::io::{unix::AsyncFd, Interest};
+use worker::proto::{lease, LeaseMsg};
+
+use super::Conns;
+
+/// The dispatcher's end of one worker's lease socket: grants (with the
+/// connection's socket), denials, revocations and forgets, in order.
+///
+/// A message is sent at once when nothing is queued ahead of it, so a
+/// grant is in the worker's socket before the client can have read the
+/// response that preceded it and sent its next request (which the worker
+/// should already write itself); a full socket queues the rest for a
+/// writer task.
+#[derive(Debug)]
+pub struct LeaseTx {
+    sock: AsyncFd<OwnedFd>,
+    /// The worker's trace of its leased connections (see
+    /// `worker::progress`), read after it dies.
+    progress: Arc<worker::progress::ProgressMap>,
+    /// Messages not sent yet (the front one is the next to go), and the
+    /// connections with a lease out (told when the worker dies).
+    queue: Mutex<LeaseQueue>,
+    wake: tokio::sync::Notify,
+    /// The worker is gone (its control or lease socket closed), and with
+    /// it whatever it held.
+    dead: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct LeaseQueue {
+    msgs: std::collections::VecDeque<(LeaseMsg, Option<OwnedFd>)>,
+    /// Connection → (generation, progress entry) of the lease it has out
+    /// with this worker.
+    granted: std::collections::HashMap<u64, (u32, u32)>,
+    /// Progress entries given back, and the next never used.
+    free: Vec<u32>,
+    next_slot: u32,
+}
+
+impl LeaseTx {
+    /// Sends `msg` (with `fd` passed along for a grant), or queues it.
+    /// False when the worker is gone. A grant is recorded, so that if the
+    /// worker dies before giving it back the connection hears of it
+    /// (after everything the worker sent before dying).
+    pub fn send(&self, mut msg: LeaseMsg, fd: Option<OwnedFd>) -> bool {
+        let mut q = self.queue.lock().unwrap();
+        if self.is_closed() {
+            return false;
+        }
+        if msg.kind == lease::GRANT {
+            let slot = match q.free.pop() {
+                Some(s) => s,
+                None if (q.next_slot as usize) < worker::progress::ENTRIES => {
+                    q.next_slot += 1;
+                    q.next_slot - 1
+                }
+                None => worker::proto::NO_SLOT,
+            };
+            msg.slot = slot;
+            // Fresh before the worker sees it: a worker that dies without
+            // reading the grant leaves this, not an earlier lease's trace.
+            self.progress.reset(slot, msg.conn, msg.from);
+            q.granted.insert(msg.conn, (msg.gen, slot));
+        }
+        if q.msgs.is_empty() {
+            match send_lease(self.sock.get_ref(), &msg, fd.as_ref()) {
+                // `fd` (our duplicate of the client's socket) closes here:
+                // the worker has its own now.
+                Ok(()) => return true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    // The message did not go: a grant is not out.
+                    tracing::debug!("lease socket: {e}");
+                    if msg.kind == lease::GRANT {
+                        if let Some((_, slot)) = q.granted.remove(&msg.conn) {
+                            if slot != worker::proto::NO_SLOT {
+                                q.free.push(slot);
+                            }
+                        }
+                        return false;
+                    }
+                    return true;
+                }
+            }
+        }
+        q.msgs.push_back((msg, fd));
+        self.wake.notify_one();
+        true
+    }
+
+    /// Connection `conn` has no lease out with this worker any more.
+    pub fn settled(&self, conn: u64) {
+        let mut q = self.queue.lock().unwrap();
+        if let Some((_, slot)) = q.granted.remove(&conn) {
+            if slot != worker::proto::NO_SLOT {
+                q.free.push(slot);
+            }
+        }
+    }
+
+    /// What the (dead) worker traced for `conn`'s lease `gen`: (the next
+    /// response it would have written, one past the last request it took,
+    /// bytes of the complete responses it wrote).
+    pub fn trace(&self, conn: u64, slot: u32) -> Option<worker::progress::Trace> {
+        let e = self.progress.entry(slot)?;
+        (e.conn.load(std::sync::atomic::Ordering::Acquire) == conn).then(|| e.read())
+    }
+
+    /// The worker exited (its control socket ended, after every frame it
+    /// sent): the leases it still held are lost.
+    pub fn mark_dead(&self, conns: &Conns) {
+        let lost: Vec<(u64, (u32, u32))> = {
+            let mut q = self.queue.lock().unwrap();
+            self.dead.store(true, Ordering::Relaxed);
+            q.msgs.clear();
+            q.granted.drain().collect()
+        };
+        for (conn, (gen, slot)) in lost {
+            conns.lease_lost(conn, gen, slot);
+        }
+        self.wake.notify_one();
+    }
+
+    /// The worker exited.
+    pub fn is_closed(&self) -> bool {
+        self.dead.load(Ordering::Relaxed)
+    }
+
+    /// Sends what [`LeaseTx::send`] had to queue, as the socket drains.
+    async fn write_queued(self: Arc<Self>) {
+        loop {
+            self.wake.notified().await;
+            if self.is_closed() {
+                // Drops our end of the socket once the last holder goes.
+                return;
+            }
+            loop {
+                let blocked = {
+                    let mut q = self.queue.lock().unwrap();
+                    let Some((msg, fd)) = q.msgs.front() else { break };
+                    match send_lease(self.sock.get_ref(), msg, fd.as_ref()) {
+                        Ok(()) => {
+                            q.msgs.pop_front();
+                            false
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+                        Err(e) => {
+                            tracing::debug!("lease socket: {e}");
+                            q.msgs.clear();
+                            return;
+                        }
+                    }
+                };
+                if blocked {
+                    let Ok(mut g) = self.sock.writable().await else { return };
+                    g.clear_ready();
+                }
+            }
+        }
+    }
+}
+
+/// Makes a lease socket pair and the writer task for our end.
+pub fn lease_socket(progress: Arc<worker::progress::ProgressMap>) -> Result<(Arc<LeaseTx>, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+        .context("lease socketpair")?;
+    let fl = nix::fcntl::fcntl(ours.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).context("F_GETFL")?;
+    let fl = nix::fcntl::OFlag::from_bits_truncate(fl) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(ours.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(fl)).context("F_SETFL")?;
+    // SAFETY: the AsyncFd owns the fd for as long as it is registered.
+    let sock = unsafe { AsyncFd::register_with_interest(ours, Interest::WRITABLE) }?;
+    let tx = Arc::new(LeaseTx {
+        sock,
+        progress,
+        queue: Default::default(),
+        wake: Default::default(),
+        dead: Default::default(),
+    });
+    tokio::spawn(tx.clone().write_queued());
+    Ok((tx, theirs))
+}
+
+fn send_lease(sock: &OwnedFd, msg: &LeaseMsg, fd: Option<&OwnedFd>) -> io::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let bytes = msg.to_bytes();
+    let iov = [io::IoSlice::new(&bytes)];
+    let raw = fd.map(|f| [f.as_raw_fd()]);
+    let cmsgs: Vec<ControlMessage> = raw.as_ref().map(|r| ControlMessage::ScmRights(r)).into_iter().collect();
+    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL, None)
+        .map(|_| ())
+        .map_err(io::Error::from)
+}

@@ -1,0 +1,129 @@
+//! A worker's control channel, made fresh for each worker a slot starts:
+//! a stream socket whose writer task sends the slow path's request records
+//! (in batches) and whose reader task delivers the worker's frames —
+//! responses and lease releases to their connections, stop notices,
+//! stats and access-log records — and, once the worker is gone, tells
+//! the connections what it held and never answered.
+
+use std::{os::fd::OwnedFd, sync::Arc};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use tokio::{io::AsyncReadExt, sync::mpsc};
+use worker::proto::{
+    ResponseHeader, BATCH_BYTES, MAX_FRAME, RESPONSE_HEADER_LEN, RESP_CLOSE, RESP_LAST, RESP_RELEASE, RESP_WANT_LEASE,
+};
+
+use super::link::PoolLink;
+use crate::{
+    access_log::AccessLog,
+    deliver::{lease_socket, Conns, Frame},
+};
+
+/// Makes a control socket for a new worker of `link`: our end is served
+/// by a reader (responses → connections) and a writer task. With `leases`,
+/// also a lease socket; returns the worker's ends.
+pub(super) fn connect(
+    link: &Arc<PoolLink>,
+    slot: usize,
+    conns: &Arc<Conns>,
+    leases: bool,
+    access_log: Option<AccessLog>,
+) -> Result<(OwnedFd, Option<OwnedFd>, Option<OwnedFd>)> {
+    let (progress, progress_fd) = worker::progress::ProgressMap::create().context("making a progress map")?;
+    let progress = Arc::new(progress);
+    let (lease_tx, lease_fd) = match leases {
+        true => {
+            let (tx, fd) = lease_socket(progress.clone())?;
+            (Some(tx), Some(fd))
+        }
+        false => (None, None),
+    };
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().context("socketpair")?;
+    ours.set_nonblocking(true)?;
+    let ours = tokio::net::UnixStream::from_std(ours)?;
+    let (rd, wr) = ours.into_split();
+    // Many response frames per read syscall.
+    let mut rd = tokio::io::BufReader::with_capacity(BATCH_BYTES, rd);
+    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+    {
+        let mut ctl = link.slots[slot].ctl.lock().unwrap();
+        for b in ctl.waiting.drain(..) {
+            let _ = tx.send(b);
+        }
+        ctl.tx = Some(tx.clone());
+    }
+    let name = link.name.clone();
+    tokio::spawn(async move {
+        if let Err(e) = worker::proto::write_batched(wr, rx, |_| {}).await {
+            tracing::debug!(pool = %name, "control socket write: {e}");
+        }
+    });
+    let conns = conns.clone();
+    let name = link.name.clone();
+    let link = link.clone();
+    tokio::spawn(async move {
+        let mut hdr = [0u8; RESPONSE_HEADER_LEN];
+        loop {
+            if rd.read_exact(&mut hdr).await.is_err() {
+                break;
+            }
+            let h = ResponseHeader::from_bytes(&hdr).expect("header length");
+            if h.len as usize > MAX_FRAME {
+                tracing::error!(pool = %name, len = h.len, "oversized response frame; dropping the worker's socket");
+                break;
+            }
+            let mut data = vec![0u8; h.len as usize];
+            if rd.read_exact(&mut data).await.is_err() {
+                break;
+            }
+            if h.flags & worker::proto::RESP_STOPPED != 0 {
+                // Later slow-path records wait for (and ask for) the next
+                // worker instead of going to one that no longer reads.
+                let mut ctl = link.slots[slot].ctl.lock().unwrap();
+                if ctl.tx.as_ref().is_some_and(|t| t.same_channel(&tx)) {
+                    ctl.tx = None;
+                }
+                drop(ctl);
+                link.slots[slot].signals.demand.notify_one();
+                continue;
+            }
+            if h.flags & worker::proto::RESP_STATS != 0 {
+                let mut s = link.worker_stats.lock().unwrap();
+                for (w, b) in s.iter_mut().zip(data.chunks_exact(8)) {
+                    *w += u64::from_le_bytes(b.try_into().expect("8 bytes"));
+                }
+                continue;
+            }
+            if h.flags & worker::proto::RESP_LOG != 0 {
+                if let Some(log) = &access_log {
+                    log.worker_records(&data, |c| conns.peer(c));
+                }
+                continue;
+            }
+            let release = (h.flags & RESP_RELEASE != 0).then_some(h.lease);
+            let ask = if h.flags & RESP_WANT_LEASE != 0 { lease_tx.clone() } else { None };
+            let last = h.flags & RESP_LAST != 0;
+            let close = h.flags & RESP_CLOSE != 0;
+            conns.deliver(h.conn, Frame { seq: h.seq, data: Bytes::from(data), last, close, ask, release });
+        }
+        tracing::debug!(pool = %name, "control socket closed");
+        {
+            // Later slow-path records wait for the next worker (and ask
+            // for one) instead of going into a dead socket.
+            let mut ctl = link.slots[slot].ctl.lock().unwrap();
+            if ctl.tx.as_ref().is_some_and(|t| t.same_channel(&tx)) {
+                ctl.tx = None;
+            }
+        }
+        if let Some(l) = lease_tx {
+            l.mark_dead(&conns);
+        }
+        // Every frame it wrote is delivered (above): what its trace still
+        // marks was taken and never answered.
+        for (conn, taken, in_flight) in progress.loose_unanswered() {
+            conns.lost(conn, taken, in_flight);
+        }
+    });
+    Ok((theirs.into(), lease_fd, Some(progress_fd)))
+}
