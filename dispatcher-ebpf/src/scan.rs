@@ -252,6 +252,13 @@ pub struct Scanner {
     pub path: [u8; PATH_KEY_MAX],
 }
 
+impl Default for Scanner {
+    /// [`Scanner::new`].
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Scanner {
     /// A scanner at the start of a request head.
     pub const fn new() -> Self {

@@ -25,7 +25,7 @@ use dispatcher_ebpf::{
         reason, verdict, Config as KConfig, ConnState, GuardConfig, PoolCounters, PoolInfo, RouteKeyData, RouteValue,
         SlowCounters, MAX_POOLS, MAX_SLOTS, UNROUTED, WILDCARD_HOST,
     },
-    route::{request_key, route_keys, wildcard, RouteKey},
+    route::{self, request_key, route_keys, RouteKey},
     scan::host_hash,
 };
 
@@ -651,14 +651,8 @@ impl Kernel {
             Some(h) if !dispatcher_ebpf::scan::strip_port(h).is_empty() => host_hash(h),
             _ => WILDCARD_HOST,
         };
-        let key = request_key(h, path);
         let look = |k: &RouteKey| trie.get(&Key::new(k.prefix_len, k.data), 0).ok();
-        if h != WILDCARD_HOST {
-            if let Some(v) = look(&key) {
-                return Routed::Pool(v.pool);
-            }
-        }
-        match look(&wildcard(&key)) {
+        match route::lookup(&mut request_key(h, path), h, look) {
             Some(v) => Routed::Pool(v.pool),
             None => Routed::NoRoute,
         }
