@@ -79,7 +79,7 @@ fn judge(ctx: &XdpContext) -> (u32, u32) {
     if t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         if cfg.max_connections > 0 {
             // SAFETY: a value of the map, read once.
-            let open = guard_conns.get_ptr(&t.src).map_or(0, |c| unsafe { core::ptr::read_volatile(c) });
+            let open = guard_conns.get_ptr(t.src).map_or(0, |c| unsafe { core::ptr::read_volatile(c) });
             if open >= cfg.max_connections as u64 {
                 return (verdict::TOO_MANY_CONNECTIONS, xdp_action::XDP_DROP);
             }
