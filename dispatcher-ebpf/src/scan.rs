@@ -18,7 +18,7 @@
 //! lower-cased host (without port and trailing dot) and the path bytes up
 //! to `?`.
 
-use crate::abi::{MAX_CONTENT_LENGTH, PATH_KEY_MAX, WILDCARD_HOST};
+use crate::limits::{MAX_CONTENT_LENGTH, PATH_KEY_MAX, WILDCARD_HOST};
 
 /// What the caller should do after a byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
