@@ -37,11 +37,7 @@ fn peer(ctx: &SockOpsContext) -> Option<[u8; 16]> {
     if field!(ctx, family) != AF_INET {
         return None;
     }
-    let mut k = [0u8; 16];
-    k[10] = 0xff;
-    k[11] = 0xff;
-    k[12..].copy_from_slice(&field!(ctx, remote_ip4).to_ne_bytes());
-    Some(k)
+    Some(crate::guard::v4_mapped(field!(ctx, remote_ip4).to_ne_bytes()))
 }
 
 /// Counts the guard's open connections per source, when it limits them:

@@ -121,6 +121,19 @@ fn take_token(src: &[u8; 16], cfg: &GuardConfig) -> bool {
     true
 }
 
+/// The guard's key for IPv4 address `a`: its IPv4-mapped IPv6 address
+/// (`::ffff:a.b.c.d`), so one table serves both families. The sockops
+/// program counts a source's connections in `guard_conns` under this key
+/// and this program reads them back with it, so both build it here.
+#[inline(always)]
+pub(crate) fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[10] = 0xff;
+    k[11] = 0xff;
+    k[12..].copy_from_slice(&a);
+    k
+}
+
 /// A pointer to a `T` at `off` bytes into the packet, if it is all there.
 #[inline(always)]
 fn at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
@@ -176,10 +189,7 @@ fn parse_v4(ctx: &XdpContext, off: usize) -> Option<Tcp> {
     if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
         return None;
     }
-    let mut src = [0u8; 16];
-    src[10] = 0xff;
-    src[11] = 0xff;
-    src[12..].copy_from_slice(&ip[12..16]);
+    let src = v4_mapped([ip[12], ip[13], ip[14], ip[15]]);
     // Options included: ihl is 20..=60.
     let (dport, flags) = tcp(ctx, off + (ihl & 0x3c))?;
     Some(Tcp { src, v4: true, dport, flags })
