@@ -7,6 +7,8 @@
 //! dispatcher, the worker library and the programs at once.
 
 use crate::scan::Scanner;
+// Part of the ABI, defined in a leaf module because the scanner uses them too.
+pub use crate::limits::{MAX_CONTENT_LENGTH, PATH_KEY_MAX, WILDCARD_HOST};
 
 /// Head bytes the kernel frames itself. A request head (request line,
 /// headers and the blank line) longer than this takes the slow path.
@@ -26,20 +28,8 @@ pub const MAX_POOLS: u32 = 64;
 /// prefix does not end with `/`).
 pub const MAX_ROUTE_ENTRIES: u32 = 1 << 18;
 
-/// Path bytes that take part in route matching. Longer paths are matched on
-/// their first `PATH_KEY_MAX` bytes, which is exact because route prefixes
-/// are limited to `PATH_KEY_MAX - 1` bytes.
-pub const PATH_KEY_MAX: usize = 120;
-
 /// Bytes of route-key data: a 64-bit host hash, then the path bytes.
 pub const ROUTE_KEY_LEN: usize = 8 + PATH_KEY_MAX;
-
-/// Host hash that stands for "any host" (`*` in a route).
-pub const WILDCARD_HOST: u64 = 0;
-
-/// Largest Content-Length the scanner accepts before it hands the request
-/// to the slow path (which answers 413 or streams it).
-pub const MAX_CONTENT_LENGTH: u64 = 1 << 40;
 
 /// Kind of a [`RecordHeader`]: the record carries the request head.
 pub const RECORD_HEAD: u8 = 1;

@@ -18,7 +18,7 @@
 //! lower-cased host (without port and trailing dot) and the path bytes up
 //! to `?`.
 
-use crate::abi::{MAX_CONTENT_LENGTH, PATH_KEY_MAX, WILDCARD_HOST};
+use crate::limits::{MAX_CONTENT_LENGTH, PATH_KEY_MAX, WILDCARD_HOST};
 
 /// What the caller should do after a byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -250,6 +250,13 @@ pub struct Scanner {
     pub host_hash: u64,
     /// Route key path bytes: the path up to `?`, first `PATH_KEY_MAX` bytes.
     pub path: [u8; PATH_KEY_MAX],
+}
+
+impl Default for Scanner {
+    /// [`Scanner::new`].
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Scanner {

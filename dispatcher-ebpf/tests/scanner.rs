@@ -1,9 +1,8 @@
-//! Host tests of the kernel's head scanner and route keys: the same code
-//! the verdict program runs.
+//! Host tests of the kernel's head scanner: the same code the verdict
+//! program runs (route keys: tests/route.rs).
 
 use dispatcher_ebpf::{
     abi::{PATH_KEY_MAX, WILDCARD_HOST},
-    route::{request_key, route_keys, wildcard, RouteKey, HOST_BITS},
     scan::{flag, host_hash, scan, slow, Scanner, Step},
 };
 use proptest::prelude::*;
@@ -94,73 +93,6 @@ fn incremental_in_any_split_is_the_same() {
     assert_eq!(s, whole);
 }
 
-#[test]
-fn long_paths_are_truncated_in_the_key() {
-    let path = format!("/{}", "a".repeat(300));
-    let h = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-    let s = done(h.as_bytes());
-    assert_eq!(s.path_key().len(), PATH_KEY_MAX);
-    let k = request_key(s.host_hash, s.path_key());
-    assert_eq!(k.prefix_len, HOST_BITS + 8 * PATH_KEY_MAX as u32);
-}
-
-/// A tiny LPM lookup over route keys, as the kernel's trie answers it.
-fn lpm(table: &[(RouteKey, &'static str)], key: &RouteKey) -> Option<&'static str> {
-    let mut best: Option<(u32, &'static str)> = None;
-    for (r, pool) in table {
-        if r.prefix_len > key.prefix_len {
-            continue;
-        }
-        let bits = r.prefix_len as usize;
-        let bytes = bits / 8;
-        if r.data[..bytes] == key.data[..bytes] && best.is_none_or(|(b, _)| r.prefix_len > b) {
-            best = Some((r.prefix_len, pool));
-        }
-    }
-    best.map(|b| b.1)
-}
-
-fn lookup(table: &[(RouteKey, &'static str)], host: &[u8], path: &[u8]) -> Option<&'static str> {
-    let k = request_key(host_hash(host), path);
-    lpm(table, &k).or_else(|| lpm(table, &wildcard(&k)))
-}
-
-#[test]
-fn route_precedence_and_segment_boundaries() {
-    let mut table = Vec::new();
-    let mut add = |host: Option<&str>, prefix: &str, pool: &'static str| {
-        let h = host.map(|h| host_hash(h.as_bytes())).unwrap_or(WILDCARD_HOST);
-        let (keys, n) = route_keys(h, prefix.as_bytes()).unwrap();
-        for k in &keys[..n] {
-            table.push((*k, pool));
-        }
-    };
-    add(None, "/", "root");
-    add(None, "/app", "app");
-    add(None, "/app/admin/", "admin");
-    add(Some("api.example"), "/", "api");
-    add(Some("api.example"), "/v2", "v2");
-    assert_eq!(lookup(&table, b"x", b"/"), Some("root"));
-    assert_eq!(lookup(&table, b"x", b"/app"), Some("app"));
-    assert_eq!(lookup(&table, b"x", b"/app/"), Some("app"));
-    assert_eq!(lookup(&table, b"x", b"/app/x"), Some("app"));
-    assert_eq!(lookup(&table, b"x", b"/apple"), Some("root"));
-    assert_eq!(lookup(&table, b"x", b"/app/admin"), Some("app"));
-    assert_eq!(lookup(&table, b"x", b"/app/admin/users"), Some("admin"));
-    assert_eq!(lookup(&table, b"API.example.", b"/anything"), Some("api"));
-    assert_eq!(lookup(&table, b"api.example:8080", b"/v2/x"), Some("v2"));
-    assert_eq!(lookup(&table, b"api.example", b"/v20"), Some("api"));
-}
-
-#[test]
-fn route_prefixes_are_validated() {
-    assert!(route_keys(1, b"noslash").is_err());
-    assert!(route_keys(1, b"/a%20").is_err());
-    assert!(route_keys(1, b"/a/../b").is_err());
-    assert!(route_keys(1, "/".repeat(2).as_bytes()).is_err());
-    assert!(route_keys(1, format!("/{}", "a".repeat(PATH_KEY_MAX)).as_bytes()).is_err());
-}
-
 // ---- property test against httparse ----
 
 fn token() -> impl Strategy<Value = String> {
@@ -249,7 +181,7 @@ proptest! {
                 .map(|x| String::from_utf8_lossy(x.value).trim().parse::<u64>().unwrap()).unwrap_or(0);
             prop_assert_eq!(cl, s.content_length);
         }
-        if matches!(parsed, Err(_)) {
+        if parsed.is_err() {
             prop_assert!(r != Step::Done);
         }
     }

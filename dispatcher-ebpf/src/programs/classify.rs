@@ -25,9 +25,9 @@ use aya_ebpf::{
 use dispatcher_ebpf::{
     abi::{
         reason, ConnState, Event, LpmKey, RouteKeyData, EVENT_HANDOFF, HEAD_MAX, MODE_BODY, MODE_DRAIN, MODE_HEAD,
-        MODE_SLOW, PATH_KEY_MAX, REC_CLOSE, REC_LAST, ROUTE_KEY_LEN, UNROUTED, WILDCARD_HOST,
+        MODE_SLOW, REC_CLOSE, REC_LAST, UNROUTED,
     },
-    route::HOST_BITS,
+    route,
     scan::{Scanner, Step},
 };
 
@@ -205,7 +205,7 @@ fn head_step(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32, len
     if cl > cfg.max_fast_body {
         return Next::Handoff { reason: reason::BODY_TOO_LARGE, pool: UNROUTED, skip: off };
     }
-    let Some(pool) = route(st) else {
+    let Some(pool) = find_pool(st) else {
         return Next::Handoff { reason: reason::NO_ROUTE, pool: UNROUTED, skip: off };
     };
     let close = if st.scan.wants_close() { REC_CLOSE } else { 0 };
@@ -236,28 +236,13 @@ fn finish_request(st: &mut ConnState, close: u32) {
 
 /// Looks the scanned request up in the route table: its host, then `*`.
 #[inline(always)]
-fn route(st: &mut ConnState) -> Option<u32> {
-    let plen = st.scan.path_len as usize;
-    let n = if plen < PATH_KEY_MAX { plen } else { PATH_KEY_MAX };
-    let d: &mut RouteKeyData = &mut st.key.data;
-    d[8..8 + PATH_KEY_MAX].copy_from_slice(&st.scan.path);
-    let mut bytes = n;
-    if n < PATH_KEY_MAX {
-        d[(8 + n) & (ROUTE_KEY_LEN - 1)] = 0;
-        bytes = n + 1;
-    }
-    st.key.prefix_len = HOST_BITS + 8 * bytes as u32;
-    let host = st.scan.host_hash;
-    // SAFETY: LpmKey has the layout of aya's (packed) Key<RouteKeyData>.
-    let key = unsafe { &*(&st.key as *const LpmKey as *const Key<RouteKeyData>) };
-    if host != WILDCARD_HOST {
-        st.key.data[..8].copy_from_slice(&host.to_le_bytes());
-        if let Some(v) = routes.get(key) {
-            return Some(v.pool);
-        }
-    }
-    st.key.data[..8].copy_from_slice(&WILDCARD_HOST.to_le_bytes());
-    routes.get(key).map(|v| v.pool)
+fn find_pool(st: &mut ConnState) -> Option<u32> {
+    route::set_path(&mut st.key, &st.scan.path, st.scan.path_len);
+    route::lookup(&mut st.key, st.scan.host_hash, |key| {
+        // SAFETY: LpmKey has the layout of aya's (packed) Key<RouteKeyData>.
+        let key = unsafe { &*(key as *const LpmKey as *const Key<RouteKeyData>) };
+        routes.get(key).map(|v| v.pool)
+    })
 }
 
 #[inline(always)]

@@ -37,11 +37,7 @@ fn peer(ctx: &SockOpsContext) -> Option<[u8; 16]> {
     if field!(ctx, family) != AF_INET {
         return None;
     }
-    let mut k = [0u8; 16];
-    k[10] = 0xff;
-    k[11] = 0xff;
-    k[12..].copy_from_slice(&field!(ctx, remote_ip4).to_ne_bytes());
-    Some(k)
+    Some(crate::guard::v4_mapped(field!(ctx, remote_ip4).to_ne_bytes()))
 }
 
 /// Counts the guard's open connections per source, when it limits them:
@@ -54,11 +50,11 @@ fn count_connection(ctx: &SockOpsContext, op: u32) {
             return;
         }
         let Some(key) = peer(ctx) else { return };
-        if let Some(c) = guard_conns.get_ptr_mut(&key) {
+        if let Some(c) = guard_conns.get_ptr_mut(key) {
             // SAFETY: a value of the map; the last close removes it.
             unsafe {
                 if *c <= 1 {
-                    let _ = guard_conns.remove(&key);
+                    let _ = guard_conns.remove(key);
                 } else {
                     // Minus one (BPF has an atomic add, no subtract).
                     crate::queue::atomic_add(c, u64::MAX);
@@ -72,11 +68,11 @@ fn count_connection(ctx: &SockOpsContext, op: u32) {
         return;
     }
     let Some(key) = peer(ctx) else { return };
-    match guard_conns.get_ptr_mut(&key) {
+    match guard_conns.get_ptr_mut(key) {
         // SAFETY: a value of the map.
         Some(c) => unsafe { crate::queue::atomic_add(c, 1) },
         None => {
-            let _ = guard_conns.insert(&key, &1, 0);
+            let _ = guard_conns.insert(key, 1, 0);
         }
     }
     let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);

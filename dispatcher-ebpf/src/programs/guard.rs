@@ -79,7 +79,7 @@ fn judge(ctx: &XdpContext) -> (u32, u32) {
     if t.flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         if cfg.max_connections > 0 {
             // SAFETY: a value of the map, read once.
-            let open = guard_conns.get_ptr(&t.src).map_or(0, |c| unsafe { core::ptr::read_volatile(c) });
+            let open = guard_conns.get_ptr(t.src).map_or(0, |c| unsafe { core::ptr::read_volatile(c) });
             if open >= cfg.max_connections as u64 {
                 return (verdict::TOO_MANY_CONNECTIONS, xdp_action::XDP_DROP);
             }
@@ -119,6 +119,19 @@ fn take_token(src: &[u8; 16], cfg: &GuardConfig) -> bool {
     }
     st.tokens = tokens - TOKEN;
     true
+}
+
+/// The guard's key for IPv4 address `a`: its IPv4-mapped IPv6 address
+/// (`::ffff:a.b.c.d`), so one table serves both families. The sockops
+/// program counts a source's connections in `guard_conns` under this key
+/// and this program reads them back with it, so both build it here.
+#[inline(always)]
+pub(crate) fn v4_mapped(a: [u8; 4]) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[10] = 0xff;
+    k[11] = 0xff;
+    k[12..].copy_from_slice(&a);
+    k
 }
 
 /// A pointer to a `T` at `off` bytes into the packet, if it is all there.
@@ -176,10 +189,7 @@ fn parse_v4(ctx: &XdpContext, off: usize) -> Option<Tcp> {
     if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
         return None;
     }
-    let mut src = [0u8; 16];
-    src[10] = 0xff;
-    src[11] = 0xff;
-    src[12..].copy_from_slice(&ip[12..16]);
+    let src = v4_mapped([ip[12], ip[13], ip[14], ip[15]]);
     // Options included: ihl is 20..=60.
     let (dport, flags) = tcp(ctx, off + (ihl & 0x3c))?;
     Some(Tcp { src, v4: true, dport, flags })

@@ -11,7 +11,7 @@ use aya::maps::{
 };
 use dispatcher_ebpf::{
     abi::{RouteKeyData, RouteValue, WILDCARD_HOST},
-    route::{request_key, route_keys, wildcard, RouteKey},
+    route::{self, request_key, route_keys, RouteKey},
     scan::host_hash,
 };
 
@@ -113,14 +113,8 @@ impl RouteLookup {
             Some(h) if !dispatcher_ebpf::scan::strip_port(h).is_empty() => host_hash(h),
             _ => WILDCARD_HOST,
         };
-        let key = request_key(h, path);
         let look = |k: &RouteKey| self.trie.get(&Key::new(k.prefix_len, k.data), 0).ok();
-        if h != WILDCARD_HOST {
-            if let Some(v) = look(&key) {
-                return Routed::Pool(v.pool);
-            }
-        }
-        match look(&wildcard(&key)) {
+        match route::lookup(&mut request_key(h, path), h, look) {
             Some(v) => Routed::Pool(v.pool),
             None => Routed::NoRoute,
         }
