@@ -27,9 +27,9 @@ use bytes::Bytes;
 use dispatcher_ebpf::abi::{
     reason, RecordHeader, MODE_BODY, MODE_HEAD, MODE_SLOW, RECORD_BODY, RECORD_HEAD, REC_CLOSE, REC_LAST, REC_SLOW,
 };
+use dispatcher_ebpf::wire::{LeaseMsg, MAX_FRAME, NO_ENTRY};
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::mpsc};
 use tracing::Instrument;
-use worker::proto::{lease, LeaseMsg, MAX_FRAME};
 
 use crate::{
     conns::ToConn,
@@ -345,7 +345,7 @@ impl Conn {
         if f.seq < self.next {
             if let Some(a) = f.ask {
                 // Stale: still answer the ask, or the worker never asks again.
-                a.send(LeaseMsg { conn: self.cookie, kind: lease::DENY, from: self.next, ..Default::default() }, None);
+                a.send(LeaseMsg::Deny { conn: self.cookie, from: self.next }, None);
             }
             return Flow::Continue;
         }
@@ -488,7 +488,7 @@ impl Conn {
             if l.revoked.is_none() {
                 tracing::debug!(conn = self.cookie, gen = l.gen, "revoking the lease");
                 l.revoked = Some(Instant::now());
-                l.to.send(LeaseMsg { conn: self.cookie, kind: lease::REVOKE, gen: l.gen, ..Default::default() }, None);
+                l.to.send(LeaseMsg::Revoke { conn: self.cookie, gen: l.gen }, None);
             }
         }
     }
@@ -509,17 +509,11 @@ impl Conn {
             && !self.shared.kernel.lock().unwrap().conn_state(self.cookie).is_some_and(|st| st.mode == MODE_SLOW);
         let fd = if grant { self.sock.fd().and_then(dup_fd) } else { None };
         let Some(fd) = fd else {
-            to.send(LeaseMsg { conn: self.cookie, kind: lease::DENY, from: self.next, ..Default::default() }, None);
+            to.send(LeaseMsg::Deny { conn: self.cookie, from: self.next }, None);
             return;
         };
         self.lease_gen = self.lease_gen.wrapping_add(1);
-        let msg = LeaseMsg {
-            conn: self.cookie,
-            kind: lease::GRANT,
-            from: self.next,
-            gen: self.lease_gen,
-            slot: worker::proto::NO_SLOT,
-        };
+        let msg = LeaseMsg::Grant { conn: self.cookie, from: self.next, gen: self.lease_gen, entry: NO_ENTRY };
         if to.send(msg, Some(fd)) {
             tracing::debug!(conn = self.cookie, gen = self.lease_gen, from = self.next, "lease granted");
             self.lease = Some(Held { gen: self.lease_gen, to, revoked: None });
@@ -839,7 +833,7 @@ impl Conn {
             l.to.settled(self.cookie);
         }
         for p in self.lease_peers.drain(..) {
-            p.send(LeaseMsg { conn: self.cookie, kind: lease::FORGET, ..Default::default() }, None);
+            p.send(LeaseMsg::Forget { conn: self.cookie }, None);
         }
         let mut aborted: HashMap<u32, Arc<PoolLink>> = HashMap::new();
         for (_, (link, bytes)) in self.sent.drain() {

@@ -17,14 +17,12 @@ use std::{
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use dispatcher_ebpf::abi::RecordHeader;
+use dispatcher_ebpf::wire::{FrameHeader, LeaseMsg, WorkerFrame, FRAME_HEADER_LEN, MAX_FRAME, NO_ENTRY};
 use tokio::{
     io::{unix::AsyncFd, AsyncReadExt, Interest},
     sync::{mpsc, watch},
 };
-use worker::proto::{
-    lease, LeaseMsg, ResponseHeader, BATCH_BYTES, MAX_FRAME, RESPONSE_HEADER_LEN, RESP_CLOSE, RESP_LAST, RESP_RELEASE,
-    RESP_WANT_LEASE,
-};
+use worker::proto::BATCH_BYTES;
 
 use crate::{config::Pool, conns::Conns, serve::Shared};
 
@@ -162,8 +160,7 @@ impl PoolLink {
             let mut ctl = s.ctl.lock().unwrap();
             match &ctl.tx {
                 Some(tx) if !tx.is_closed() => {
-                    let hdr = RecordHeader { conn, kind: worker::proto::RECORD_ABORT, ..Default::default() };
-                    let _ = tx.send(Bytes::copy_from_slice(&hdr.to_bytes()));
+                    let _ = tx.send(Bytes::copy_from_slice(&RecordHeader::abort(conn).to_bytes()));
                 }
                 _ => ctl.waiting.retain(|b| RecordHeader::from_bytes(b).is_none_or(|h| h.conn != conn)),
             }
@@ -305,20 +302,20 @@ impl LeaseTx {
         if self.is_closed() {
             return false;
         }
-        if msg.kind == lease::GRANT {
+        if let LeaseMsg::Grant { conn, from, gen, entry } = &mut msg {
             let slot = match q.free.pop() {
                 Some(s) => s,
                 None if (q.next_slot as usize) < worker::progress::ENTRIES => {
                     q.next_slot += 1;
                     q.next_slot - 1
                 }
-                None => worker::proto::NO_SLOT,
+                None => NO_ENTRY,
             };
-            msg.slot = slot;
+            *entry = slot;
             // Fresh before the worker sees it: a worker that dies without
             // reading the grant leaves this, not an earlier lease's trace.
-            self.progress.reset(slot, msg.conn, msg.from);
-            q.granted.insert(msg.conn, (msg.gen, slot));
+            self.progress.reset(slot, *conn, *from);
+            q.granted.insert(*conn, (*gen, slot));
         }
         if q.msgs.is_empty() {
             match send_lease(self.sock.get_ref(), &msg, fd.as_ref()) {
@@ -329,9 +326,9 @@ impl LeaseTx {
                 Err(e) => {
                     // The message did not go: a grant is not out.
                     tracing::debug!("lease socket: {e}");
-                    if msg.kind == lease::GRANT {
-                        if let Some((_, slot)) = q.granted.remove(&msg.conn) {
-                            if slot != worker::proto::NO_SLOT {
+                    if let LeaseMsg::Grant { conn, .. } = msg {
+                        if let Some((_, slot)) = q.granted.remove(&conn) {
+                            if slot != NO_ENTRY {
                                 q.free.push(slot);
                             }
                         }
@@ -350,7 +347,7 @@ impl LeaseTx {
     pub fn settled(&self, conn: u64) {
         let mut q = self.queue.lock().unwrap();
         if let Some((_, slot)) = q.granted.remove(&conn) {
-            if slot != worker::proto::NO_SLOT {
+            if slot != NO_ENTRY {
                 q.free.push(slot);
             }
         }
@@ -441,7 +438,7 @@ fn lease_socket(progress: Arc<worker::progress::ProgressMap>) -> Result<(Arc<Lea
 
 fn send_lease(sock: &OwnedFd, msg: &LeaseMsg, fd: Option<&OwnedFd>) -> io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    let bytes = msg.to_bytes();
+    let bytes = msg.encode();
     let iov = [io::IoSlice::new(&bytes)];
     let raw = fd.map(|f| [f.as_raw_fd()]);
     let cmsgs: Vec<ControlMessage> = raw.as_ref().map(|r| ControlMessage::ScmRights(r)).into_iter().collect();
@@ -493,12 +490,12 @@ fn connect(
     let name = link.name.clone();
     let link = link.clone();
     tokio::spawn(async move {
-        let mut hdr = [0u8; RESPONSE_HEADER_LEN];
+        let mut hdr = [0u8; FRAME_HEADER_LEN];
         loop {
             if rd.read_exact(&mut hdr).await.is_err() {
                 break;
             }
-            let h = ResponseHeader::from_bytes(&hdr).expect("header length");
+            let h = FrameHeader::from_bytes(&hdr).expect("header length");
             if h.len as usize > MAX_FRAME {
                 tracing::error!(pool = %name, len = h.len, "oversized response frame; dropping the worker's socket");
                 break;
@@ -507,35 +504,39 @@ fn connect(
             if rd.read_exact(&mut data).await.is_err() {
                 break;
             }
-            if h.flags & worker::proto::RESP_STOPPED != 0 {
-                // Later slow-path records wait for (and ask for) the next
-                // worker instead of going to one that no longer reads.
-                let mut ctl = link.slots[slot].ctl.lock().unwrap();
-                if ctl.tx.as_ref().is_some_and(|t| t.same_channel(&tx)) {
-                    ctl.tx = None;
+            match WorkerFrame::decode(&h) {
+                Ok(WorkerFrame::Stopped) => {
+                    // Later slow-path records wait for (and ask for) the next
+                    // worker instead of going to one that no longer reads.
+                    let mut ctl = link.slots[slot].ctl.lock().unwrap();
+                    if ctl.tx.as_ref().is_some_and(|t| t.same_channel(&tx)) {
+                        ctl.tx = None;
+                    }
+                    drop(ctl);
+                    link.slots[slot].signals.demand.notify_one();
                 }
-                drop(ctl);
-                link.slots[slot].signals.demand.notify_one();
-                continue;
-            }
-            if h.flags & worker::proto::RESP_STATS != 0 {
-                let mut s = link.worker_stats.lock().unwrap();
-                for (w, b) in s.iter_mut().zip(data.chunks_exact(8)) {
-                    *w += u64::from_le_bytes(b.try_into().expect("8 bytes"));
+                Ok(WorkerFrame::Stats) => {
+                    let mut s = link.worker_stats.lock().unwrap();
+                    for (w, b) in s.iter_mut().zip(data.chunks_exact(8)) {
+                        *w += u64::from_le_bytes(b.try_into().expect("8 bytes"));
+                    }
                 }
-                continue;
-            }
-            if h.flags & worker::proto::RESP_LOG != 0 {
-                if let Some(log) = &access_log {
-                    log.worker_records(&data, |c| conns.peer(c));
+                Ok(WorkerFrame::Log) => {
+                    if let Some(log) = &access_log {
+                        log.worker_records(&data, |c| conns.peer(c));
+                    }
                 }
-                continue;
+                Ok(WorkerFrame::Release { conn, seq, lease }) => {
+                    let release = Some(lease);
+                    let f = Frame { seq, data: data.into(), last: false, close: false, ask: None, release };
+                    conns.deliver(conn, f);
+                }
+                Ok(WorkerFrame::Response { conn, seq, last, close, want_lease }) => {
+                    let ask = if want_lease { lease_tx.clone() } else { None };
+                    conns.deliver(conn, Frame { seq, data: Bytes::from(data), last, close, ask, release: None });
+                }
+                Err(e) => tracing::warn!(pool = %name, "skipping a frame from the worker: {e}"),
             }
-            let release = (h.flags & RESP_RELEASE != 0).then_some(h.lease);
-            let ask = if h.flags & RESP_WANT_LEASE != 0 { lease_tx.clone() } else { None };
-            let last = h.flags & RESP_LAST != 0;
-            let close = h.flags & RESP_CLOSE != 0;
-            conns.deliver(h.conn, Frame { seq: h.seq, data: Bytes::from(data), last, close, ask, release });
         }
         tracing::debug!(pool = %name, "control socket closed");
         {

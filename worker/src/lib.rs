@@ -35,6 +35,8 @@ use std::{
 use aya::maps::{Map, MapData, RingBuf};
 use bytes::Bytes;
 use dispatcher_ebpf::abi::{RecordHeader, RECORD_HEADER_LEN};
+use dispatcher_ebpf::launch::env;
+use dispatcher_ebpf::wire::RecordKind;
 use tokio::{
     io::{unix::AsyncFd, AsyncReadExt},
     net::UnixStream,
@@ -74,9 +76,9 @@ pub enum Error {
     Recycle,
 }
 
-/// The handles a worker is started with (the process manager's type: what
-/// it passes is what the worker takes).
-pub use activation::Handles;
+/// The handles a worker is started with (the launch contract's type: what
+/// the process manager passes is what the worker takes).
+pub use dispatcher_ebpf::launch::Handles;
 
 /// A worker's connection to its pool.
 pub struct Worker {
@@ -138,29 +140,29 @@ impl Worker {
     pub fn from_env() -> Result<Worker, Error> {
         // Every leased connection is a descriptor here.
         raise_fd_limit();
-        let ctl = env_fd(proto::ENV_CTL_FD)?
-            .ok_or(Error::Env { var: proto::ENV_CTL_FD, why: "not set (is this started by the dispatcher?)".into() })?;
-        let ring = env_fd(proto::ENV_RING_FD)?;
-        let lease = env_fd(proto::ENV_LEASE_FD)?;
-        let awake = env_fd(proto::ENV_AWAKE_FD)?;
-        let progress = env_fd(proto::ENV_PROGRESS_FD)?;
-        let pool = std::env::var(proto::ENV_POOL).unwrap_or_else(|_| "default".into());
-        let idle = match std::env::var(proto::ENV_IDLE_TIMEOUT_SECS) {
+        let ctl = env_fd(env::CTL_FD)?
+            .ok_or(Error::Env { var: env::CTL_FD, why: "not set (is this started by the dispatcher?)".into() })?;
+        let ring = env_fd(env::RING_FD)?;
+        let lease = env_fd(env::LEASE_FD)?;
+        let awake = env_fd(env::AWAKE_FD)?;
+        let progress = env_fd(env::PROGRESS_FD)?;
+        let pool = std::env::var(env::POOL).unwrap_or_else(|_| "default".into());
+        let idle = match std::env::var(env::IDLE_TIMEOUT_SECS) {
             Err(_) => None,
             Ok(v) => Some(std::time::Duration::from_secs(v.parse().map_err(|_| Error::Env {
-                var: proto::ENV_IDLE_TIMEOUT_SECS,
+                var: env::IDLE_TIMEOUT_SECS,
                 why: format!("`{v}` is not a number of seconds"),
             })?)),
         };
-        let recycle_after = match std::env::var(proto::ENV_RECYCLE_REQUESTS) {
+        let recycle_after = match std::env::var(env::RECYCLE_REQUESTS) {
             Err(_) => None,
             Ok(v) => Some(v.parse::<u64>().map_err(|_| Error::Env {
-                var: proto::ENV_RECYCLE_REQUESTS,
+                var: env::RECYCLE_REQUESTS,
                 why: format!("`{v}` is not a request count"),
             })?),
         };
         let mut w = Worker::from_fds(Handles { ring, ctl, lease, awake, progress }, pool)?;
-        if std::env::var_os(proto::ENV_ACCESS_LOG).is_some_and(|v| v == "1") {
+        if std::env::var_os(env::ACCESS_LOG).is_some_and(|v| v == "1") {
             w.responder.out.enable_access_log();
         }
         w.idle = idle.filter(|d| !d.is_zero());
@@ -175,14 +177,14 @@ impl Worker {
         let progress = match progress {
             Some(fd) => Some(
                 progress::ProgressMap::map(fd)
-                    .map_err(|e| Error::Env { var: proto::ENV_PROGRESS_FD, why: format!("cannot map it: {e}") })?,
+                    .map_err(|e| Error::Env { var: env::PROGRESS_FD, why: format!("cannot map it: {e}") })?,
             ),
             None => None,
         };
         let awake = match awake {
             Some(fd) => Some(
                 awake::Awake::map(fd)
-                    .map_err(|e| Error::Env { var: proto::ENV_AWAKE_FD, why: format!("cannot map the flag: {e}") })?,
+                    .map_err(|e| Error::Env { var: env::AWAKE_FD, why: format!("cannot map the flag: {e}") })?,
             ),
             None => None,
         };
@@ -401,12 +403,13 @@ fn deliver(
     hdr: &RecordHeader,
     data: &[u8],
 ) {
-    if hdr.kind == proto::RECORD_ABORT {
+    let kind = hdr.record_kind();
+    if kind == Ok(RecordKind::Abort) {
         // The connection is gone: nothing of it is owed any more.
         if let Some(l) = &responder.out.loose {
             l.take_out(hdr.conn);
         }
-    } else if hdr.kind == dispatcher_ebpf::abi::RECORD_HEAD
+    } else if kind == Ok(RecordKind::Head)
         && hdr.flags & dispatcher_ebpf::abi::REC_SLOW == 0
         && !reassembly.is_aborted(hdr.conn)
     {

@@ -21,9 +21,7 @@ use tokio::{
 };
 
 use crate::progress::{Loose, ProgressMap};
-use crate::proto::{
-    self, lease, LeaseMsg, ResponseHeader, MAX_FRAME, RESP_CLOSE, RESP_LAST, RESP_RELEASE, RESP_WANT_LEASE,
-};
+use crate::proto::{self, DecodeError, LeaseMsg, WorkerFrame, LEASE_MSG_LEN, MAX_FRAME, NO_ENTRY};
 
 /// The response router one worker's [`Responder`](crate::Responder)s share.
 pub(crate) struct Outbound {
@@ -43,7 +41,7 @@ pub(crate) struct Outbound {
     pub(crate) loose: Option<Arc<Loose>>,
     /// Access-log records not sent yet (None: no access log).
     access_log: OnceLock<Arc<Mutex<Vec<u8>>>>,
-    /// Counters not sent yet (see `proto::RESP_STATS`).
+    /// Counters not sent yet (see `WorkerFrame::Stats`).
     stats: Arc<[std::sync::atomic::AtomicU64; proto::STATS_WORDS]>,
     stats_task: OnceLock<()>,
 }
@@ -374,8 +372,7 @@ impl Outbound {
 
     /// Tells the dispatcher this worker reads no more requests.
     pub(crate) fn send_stopped(&self) {
-        let h = ResponseHeader { conn: 0, seq: 0, len: 0, flags: proto::RESP_STOPPED, lease: 0 };
-        let _ = self.ctl.send(Bytes::copy_from_slice(&h.to_bytes()));
+        let _ = self.ctl.send(frame(WorkerFrame::Stopped, &[]));
     }
 
     /// Queues the control writer's end marker (see `proto::write_batched`).
@@ -428,8 +425,7 @@ impl Outbound {
             }
         }
         let first = l.backlog.front().map_or(l.next, |(s, _, _)| *s);
-        let h = ResponseHeader { conn, seq: first, len: 0, flags: RESP_RELEASE, lease: l.gen };
-        let _ = self.ctl.send(Bytes::copy_from_slice(&h.to_bytes()));
+        let _ = self.ctl.send(frame(WorkerFrame::Release { conn, seq: first, lease: l.gen }, &[]));
         for (seq, rest, _) in l.backlog {
             self.via_ctl(conn, seq, &rest, false, false);
         }
@@ -485,21 +481,9 @@ impl Outbound {
         let chunks: Box<dyn Iterator<Item = &[u8]>> =
             if bytes.is_empty() { Box::new(std::iter::once(&[][..])) } else { Box::new(bytes.chunks(MAX_FRAME)) };
         for (i, chunk) in chunks.enumerate() {
-            let mut flags = 0;
-            if i + 1 == n {
-                flags |= RESP_LAST;
-                if close {
-                    flags |= RESP_CLOSE;
-                }
-                if ask {
-                    flags |= RESP_WANT_LEASE;
-                }
-            }
-            let h = ResponseHeader { conn, seq, len: chunk.len() as u32, flags, lease: 0 };
-            let mut frame = Vec::with_capacity(chunk.len() + proto::RESPONSE_HEADER_LEN);
-            frame.extend_from_slice(&h.to_bytes());
-            frame.extend_from_slice(chunk);
-            if self.ctl.send(Bytes::from(frame)).is_err() {
+            let last = i + 1 == n;
+            let f = WorkerFrame::Response { conn, seq, last, close: last && close, want_lease: last && ask };
+            if self.ctl.send(frame(f, chunk)).is_err() {
                 return false;
             }
         }
@@ -509,13 +493,11 @@ impl Outbound {
     /// Handles one message from the dispatcher's lease socket.
     fn on_lease(self: &Arc<Self>, m: LeaseMsg, fd: Option<OwnedFd>) {
         let mut map = self.conns.lock().unwrap();
+        let conn = m.conn();
         tracing::debug!(
-            conn = m.conn,
-            kind = m.kind,
-            gen = m.gen,
-            from = m.from,
+            msg = ?m,
             fd = fd.is_some(),
-            state = map.get(&m.conn).map(|e| match e {
+            state = map.get(&conn).map(|e| match e {
                 Entry::Asked { sent_after, .. } =>
                     if *sent_after {
                         "asked-sent-after"
@@ -526,69 +508,67 @@ impl Outbound {
             }),
             "lease message"
         );
-        match m.kind {
-            lease::GRANT => {
-                let usable = matches!(map.get(&m.conn), Some(Entry::Asked { sent_after: false, .. }));
+        match m {
+            LeaseMsg::Grant { conn, from, gen, entry } => {
+                let usable = matches!(map.get(&conn), Some(Entry::Asked { sent_after: false, .. }));
                 match fd {
                     Some(fd) if usable => {
                         // Moved into the lease's trace from here on.
-                        let (taken, in_flight) = self.loose.as_ref().map_or((0, 0), |l| l.take_out(m.conn));
+                        let (taken, in_flight) = self.loose.as_ref().map_or((0, 0), |l| l.take_out(conn));
                         let sock = Arc::new(Sock { waiter: OnceLock::new(), fd });
-                        let trace = match (&self.progress, m.slot) {
-                            (Some(map), slot) if slot != proto::NO_SLOT => {
+                        let trace = match (&self.progress, entry) {
+                            (Some(map), entry) if entry != NO_ENTRY => {
                                 // Fresh (a lease on another connection may
                                 // have used this entry until its FORGET,
                                 // handled before this grant), plus what is
                                 // taken and not answered on this one.
-                                map.reset(slot, m.conn, m.from);
-                                if let Some(e) = map.entry(slot) {
+                                map.reset(entry, conn, from);
+                                if let Some(e) = map.entry(entry) {
                                     e.in_flight.fetch_or(in_flight, std::sync::atomic::Ordering::Release);
                                     e.taken.fetch_max(taken, std::sync::atomic::Ordering::Release);
                                 }
-                                Some((map.clone(), slot))
+                                Some((map.clone(), entry))
                             }
                             _ => None,
                         };
                         let l = Lease {
-                            gen: m.gen,
+                            gen,
                             trace,
                             complete_bytes: 0,
                             sock,
-                            next: m.from,
+                            next: from,
                             backlog: VecDeque::new(),
                             queued: BTreeMap::new(),
                             flushing: false,
                             dead: false,
                         };
-                        map.insert(m.conn, Entry::Leased(l));
+                        map.insert(conn, Entry::Leased(l));
                     }
                     _ => {
                         // Stale or unusable: give it back untouched.
-                        if matches!(map.get(&m.conn), Some(Entry::Asked { .. })) {
-                            map.remove(&m.conn);
+                        if matches!(map.get(&conn), Some(Entry::Asked { .. })) {
+                            map.remove(&conn);
                         }
-                        let h = ResponseHeader { conn: m.conn, seq: m.from, len: 0, flags: RESP_RELEASE, lease: m.gen };
-                        let _ = self.ctl.send(Bytes::copy_from_slice(&h.to_bytes()));
+                        let _ = self.ctl.send(frame(WorkerFrame::Release { conn, seq: from, lease: gen }, &[]));
                     }
                 }
             }
-            lease::DENY => {
-                if matches!(map.get(&m.conn), Some(Entry::Asked { .. })) {
-                    map.remove(&m.conn);
+            LeaseMsg::Deny { conn, .. } => {
+                if matches!(map.get(&conn), Some(Entry::Asked { .. })) {
+                    map.remove(&conn);
                 }
             }
-            lease::REVOKE => {
-                if matches!(map.get(&m.conn), Some(Entry::Leased(l)) if l.gen == m.gen) {
-                    self.release(&mut map, m.conn);
+            LeaseMsg::Revoke { conn, gen } => {
+                if matches!(map.get(&conn), Some(Entry::Leased(l)) if l.gen == gen) {
+                    self.release(&mut map, conn);
                 }
             }
-            lease::FORGET => {
-                map.remove(&m.conn);
+            LeaseMsg::Forget { conn } => {
+                map.remove(&conn);
                 if let Some(l) = &self.loose {
-                    l.take_out(m.conn);
+                    l.take_out(conn);
                 }
             }
-            k => tracing::warn!(kind = k, "unknown lease message"),
         }
     }
 
@@ -649,11 +629,27 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// One lease message and the fd it carries. `None` at end of stream.
+/// One lease message and the fd it carries. `None` at end of stream. A
+/// message of a kind this worker does not know is logged and skipped.
 fn recv_lease(fd: RawFd) -> io::Result<Option<(LeaseMsg, Option<OwnedFd>)>> {
+    loop {
+        let Some((m, passed)) = recv_lease_raw(fd)? else { return Ok(None) };
+        match m {
+            Ok(m) => return Ok(Some((m, passed))),
+            Err(e @ DecodeError::UnknownKind { .. }) => tracing::warn!("lease socket: {e}"),
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+}
+
+/// A lease socket packet: its message, decoded, and the fd it carried.
+type Packet = (Result<LeaseMsg, DecodeError>, Option<OwnedFd>);
+
+/// One lease socket packet. `None` at end of stream.
+fn recv_lease_raw(fd: RawFd) -> io::Result<Option<Packet>> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     use std::os::fd::FromRawFd;
-    let mut buf = [0u8; proto::LEASE_MSG_LEN];
+    let mut buf = [0u8; LEASE_MSG_LEN];
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
     let mut iov = [io::IoSliceMut::new(&mut buf)];
     let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT)
@@ -680,9 +676,7 @@ fn recv_lease(fd: RawFd) -> io::Result<Option<(LeaseMsg, Option<OwnedFd>)>> {
     if truncated {
         tracing::warn!("a connection passed to this worker was lost (out of file descriptors?)");
     }
-    let m = LeaseMsg::from_bytes(&buf[..n])
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "short lease message"))?;
-    Ok(Some((m, passed)))
+    Ok(Some((LeaseMsg::decode(&buf[..n]), passed)))
 }
 
 /// Sends the waiting access-log records as one frame; false once the
@@ -692,11 +686,7 @@ fn send_log(ctl: &mpsc::UnboundedSender<Bytes>, buf: &Mutex<Vec<u8>>) -> bool {
     if data.is_empty() {
         return !ctl.is_closed();
     }
-    let h = ResponseHeader { conn: 0, seq: 0, len: data.len() as u32, flags: proto::RESP_LOG, lease: 0 };
-    let mut frame = Vec::with_capacity(data.len() + proto::RESPONSE_HEADER_LEN);
-    frame.extend_from_slice(&h.to_bytes());
-    frame.extend_from_slice(&data);
-    ctl.send(Bytes::from(frame)).is_ok()
+    ctl.send(frame(WorkerFrame::Log, &data)).is_ok()
 }
 
 /// Sends the counters that moved since the last frame.
@@ -705,12 +695,14 @@ fn send_stats(ctl: &mpsc::UnboundedSender<Bytes>, stats: &[std::sync::atomic::At
     if words.iter().all(|w| *w == 0) {
         return;
     }
-    let len = proto::STATS_WORDS * 8;
-    let h = ResponseHeader { conn: 0, seq: 0, len: len as u32, flags: proto::RESP_STATS, lease: 0 };
-    let mut frame = Vec::with_capacity(len + proto::RESPONSE_HEADER_LEN);
-    frame.extend_from_slice(&h.to_bytes());
-    for w in words {
-        frame.extend_from_slice(&w.to_le_bytes());
-    }
-    let _ = ctl.send(Bytes::from(frame));
+    let data: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let _ = ctl.send(frame(WorkerFrame::Stats, &data));
+}
+
+/// Frame `f` with `data` following, as it goes into the control socket.
+fn frame(f: WorkerFrame, data: &[u8]) -> Bytes {
+    let mut b = Vec::with_capacity(proto::FRAME_HEADER_LEN + data.len());
+    b.extend_from_slice(&f.encode(data.len() as u32).to_bytes());
+    b.extend_from_slice(data);
+    Bytes::from(b)
 }
