@@ -37,7 +37,7 @@
 //! path, a time-out) has something to write on the connection.
 //!
 //! The bytes: every header is `#[repr(C)]` in native byte order (both ends
-//! run on one host), written and read by [`plain`](crate::plain). A
+//! run on one host), written and read by [`plain`]. A
 //! worker frame's kind is a set of `RESP_*` bits in
 //! [`FrameHeader::flags`]; a lease message's kind is a number (`LEASE_*`).
 
