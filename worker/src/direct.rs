@@ -10,7 +10,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::{reassembly::Raw, Request, Response};
+use crate::{pull::reassembly::Raw, Request, Response};
 
 /// Largest head accepted (431 above).
 const MAX_HEAD: usize = 16 * 1024;
