@@ -26,12 +26,12 @@
 //! ```
 
 mod answer;
-pub mod direct;
 pub mod progress;
 pub mod proto;
 mod pull;
 pub mod request;
 pub mod response;
+pub mod standalone;
 
 /// Reassembly of requests from their records (where it always was).
 pub use pull::reassembly;
