@@ -22,43 +22,10 @@ use std::{
 
 use tokio::{process::Command, sync::watch};
 
-/// The environment a worker is started with (the worker library reads
-/// the same names).
-pub mod env {
-    /// The inherited ring buffer fd.
-    pub const RING_FD: &str = "DISPATCHER_RING_FD";
-    /// The inherited control socket fd.
-    pub const CTL_FD: &str = "DISPATCHER_CTL_FD";
-    /// The inherited lease socket fd (absent: the dispatcher writes every
-    /// response itself).
-    pub const LEASE_FD: &str = "DISPATCHER_LEASE_FD";
-    /// The inherited awake-flag fd of the ring (absent: every record wakes
-    /// the worker).
-    pub const AWAKE_FD: &str = "DISPATCHER_AWAKE_FD";
-    /// The inherited progress map fd (a memfd; absent: no trace).
-    pub const PROGRESS_FD: &str = "DISPATCHER_PROGRESS_FD";
-    /// The idle time-out in seconds (absent: none).
-    pub const IDLE_TIMEOUT_SECS: &str = "DISPATCHER_IDLE_TIMEOUT_SECS";
-    /// The request count after which the worker stops pulling and exits
-    /// (recycling; absent: never).
-    pub const RECYCLE_REQUESTS: &str = "DISPATCHER_RECYCLE_REQUESTS";
-    /// The pool's name.
-    pub const POOL: &str = "DISPATCHER_POOL";
-    /// Set (to 1) when the dispatcher keeps an access log: the worker
-    /// reports each request it answers (see `worker::proto::RESP_LOG`).
-    pub const ACCESS_LOG: &str = "DISPATCHER_ACCESS_LOG";
-}
+/// The launch contract (env names, fd numbers, handles) lives with the
+/// rest of the dispatcher–worker contract; these paths stay for callers.
+pub use dispatcher_ebpf::launch::{env, Handles, AWAKE_FD, CTL_FD, LEASE_FD, PROGRESS_FD, RING_FD};
 
-/// Fd number the worker finds its ring at.
-pub const RING_FD: i32 = 3;
-/// Fd number the worker finds its control socket at.
-pub const CTL_FD: i32 = 4;
-/// Fd number the worker finds its lease socket at (when it has one).
-pub const LEASE_FD: i32 = 5;
-/// Fd number the worker finds its ring's awake flag at (when it has one).
-pub const AWAKE_FD: i32 = 6;
-/// Fd number the worker finds its progress map at (when it has one).
-pub const PROGRESS_FD: i32 = 7;
 /// First restart delay; doubles per quick exit up to [`MAX_BACKOFF`].
 pub const MIN_BACKOFF: Duration = Duration::from_millis(200);
 /// Longest restart delay.
@@ -77,21 +44,6 @@ pub struct WorkerSpec {
     pub user: Option<String>,
     /// Run as this group (name) instead of the user's primary group.
     pub group: Option<String>,
-}
-
-/// What a worker inherits.
-pub struct Handles {
-    /// The pool's ring buffer (a BPF map fd), if the pool has one.
-    pub ring: Option<OwnedFd>,
-    /// The worker's end of its control socket.
-    pub ctl: OwnedFd,
-    /// The worker's end of its lease socket (connections it may write to
-    /// directly arrive there), if the dispatcher grants leases.
-    pub lease: Option<OwnedFd>,
-    /// The ring's awake flag (an mmapable BPF array), if the ring has one.
-    pub awake: Option<OwnedFd>,
-    /// The progress map of leased connections (a memfd), with leases.
-    pub progress: Option<OwnedFd>,
 }
 
 /// Errors starting a worker.

@@ -4,8 +4,11 @@
 //! Every type is `#[repr(C)]`, has no padding the kernel could leave
 //! uninitialised, and is `Copy`, so user space can read and write it as
 //! plain bytes. Sizes are fixed: changing one is an ABI change for the
-//! dispatcher, the worker library and the programs at once.
+//! dispatcher, the worker library and the programs at once. What the
+//! dispatcher and a worker say to each other over their sockets is in the
+//! `wire` module, which builds on these records.
 
+use crate::plain::{self, Plain};
 use crate::scan::Scanner;
 // Part of the ABI, defined in a leaf module because the scanner uses them too.
 pub use crate::limits::{MAX_CONTENT_LENGTH, PATH_KEY_MAX, WILDCARD_HOST};
@@ -35,6 +38,10 @@ pub const ROUTE_KEY_LEN: usize = 8 + PATH_KEY_MAX;
 pub const RECORD_HEAD: u8 = 1;
 /// Kind of a [`RecordHeader`]: the record carries body bytes.
 pub const RECORD_BODY: u8 = 2;
+/// Kind of a [`RecordHeader`], only on a worker's control socket
+/// (dispatcher → worker; no data): connection `conn` closed, forget its
+/// partial requests.
+pub const RECORD_ABORT: u8 = 3;
 /// Kind of a [`RecordHeader`]: no request data; written only to wake a
 /// worker that went to sleep while a record was being queued without a
 /// wake-up (see `RING_AWAKE_*`). Consumers skip it.
@@ -94,7 +101,7 @@ pub struct RecordHeader {
     pub len: u32,
     /// On a head record: the body length the request announced.
     pub content_length: u64,
-    /// [`RECORD_HEAD`] or [`RECORD_BODY`].
+    /// A `RECORD_*` kind (typed: `wire::RecordKind`).
     pub kind: u8,
     /// `REC_*` bits.
     pub flags: u8,
@@ -106,20 +113,18 @@ pub struct RecordHeader {
 pub const RECORD_HEADER_LEN: usize = core::mem::size_of::<RecordHeader>();
 const _: () = assert!(RECORD_HEADER_LEN == 32);
 
+// SAFETY: repr(C), Copy, no padding (size asserted above), any bit pattern.
+unsafe impl Plain for RecordHeader {}
+
 impl RecordHeader {
     /// The header as the bytes that precede a record's data.
     pub fn to_bytes(&self) -> [u8; RECORD_HEADER_LEN] {
-        // SAFETY: repr(C) without padding (size asserted above).
-        unsafe { core::mem::transmute_copy(self) }
+        plain::to_bytes(self)
     }
 
     /// Reads a header from the start of `b` (any alignment).
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
-        if b.len() < RECORD_HEADER_LEN {
-            return None;
-        }
-        // SAFETY: every bit pattern is a valid RecordHeader; the length was checked.
-        Some(unsafe { core::ptr::read_unaligned(b.as_ptr() as *const RecordHeader) })
+        plain::from_bytes(b)
     }
 }
 

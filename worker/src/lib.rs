@@ -1,11 +1,18 @@
 //! The worker side of dispatcher: pull requests from your pool's queue,
 //! answer them.
 //!
-//! A worker process inherits two handles from its parent (see
-//! [`proto`]): the pool's BPF ring buffer, where the kernel queues the
-//! requests it framed, and a control socket, where the dispatcher sends the
-//! requests it framed itself and where responses go. No BPF privilege is
-//! needed to consume a ring whose fd you were given.
+//! A worker process inherits two handles from its parent (the launch
+//! contract, `dispatcher_ebpf::launch`): the pool's BPF ring buffer, where
+//! the kernel queues the requests it framed, and a control socket, where
+//! the dispatcher sends the requests it framed itself and where responses
+//! go (the protocol: [`proto`]). No BPF privilege is needed to consume a
+//! ring whose fd you were given.
+//!
+//! This file is the public API ([`Worker`], [`Responder`], [`Request`],
+//! [`Response`], [`Error`]); `pull` is where requests are taken (ring,
+//! awake flag, control socket, reassembly) and `answer` where they are
+//! answered (the lease machine, writes into a leased client's socket, the
+//! relay through the dispatcher, reports).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), worker::Error> {
@@ -18,32 +25,24 @@
 //! # }
 //! ```
 
-mod awake;
-pub mod direct;
-mod outbound;
+mod answer;
 pub mod progress;
 pub mod proto;
-pub mod reassembly;
+mod pull;
 pub mod request;
 pub mod response;
+pub mod standalone;
 
-use std::{
-    collections::VecDeque,
-    os::fd::{FromRawFd, OwnedFd},
-};
+/// Reassembly of requests from their records (where it always was).
+pub use pull::reassembly;
 
-use aya::maps::{Map, MapData, RingBuf};
-use bytes::Bytes;
-use dispatcher_ebpf::abi::{RecordHeader, RECORD_HEADER_LEN};
-use tokio::{
-    io::{unix::AsyncFd, AsyncReadExt},
-    net::UnixStream,
-    sync::mpsc,
-};
+use std::os::fd::{FromRawFd, OwnedFd};
 
-use outbound::Outbound;
-use proto::{BATCH_BYTES, MAX_FRAME};
-use reassembly::{Done, Raw, Reassembly};
+use dispatcher_ebpf::launch::env;
+use tokio::net::UnixStream;
+
+use answer::Outbound;
+use pull::Puller;
 pub use request::Request;
 pub use response::Response;
 
@@ -74,30 +73,17 @@ pub enum Error {
     Recycle,
 }
 
-/// The handles a worker is started with (the process manager's type: what
-/// it passes is what the worker takes).
-pub use activation::Handles;
+/// The handles a worker is started with (the launch contract's type: what
+/// the process manager passes is what the worker takes).
+pub use dispatcher_ebpf::launch::Handles;
 
 /// A worker's connection to its pool.
 pub struct Worker {
     pool: String,
-    ring: Option<AsyncFd<RingBuf<MapData>>>,
-    /// The ring's awake flag, if the dispatcher passed one.
-    awake: Option<awake::Awake>,
-    /// `receive` found the ring empty and yielded once already.
-    yielded: bool,
-    /// `receive` gives [`Error::Idle`] after this long without a request.
-    idle: Option<std::time::Duration>,
-    /// Requests handed out so far, and the count that recycles the worker.
-    served: u64,
-    recycle_after: Option<u64>,
-    /// No new requests from the queue; finish the ones taken.
-    draining: bool,
+    /// Where its requests come from.
+    pull: Puller,
     /// The control socket's writer (flushed by [`Worker::finish`]).
     writer: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-    frames: mpsc::Receiver<(RecordHeader, Vec<u8>)>,
-    reassembly: Reassembly,
-    ready: VecDeque<Raw>,
     responder: Responder,
 }
 
@@ -138,33 +124,33 @@ impl Worker {
     pub fn from_env() -> Result<Worker, Error> {
         // Every leased connection is a descriptor here.
         raise_fd_limit();
-        let ctl = env_fd(proto::ENV_CTL_FD)?
-            .ok_or(Error::Env { var: proto::ENV_CTL_FD, why: "not set (is this started by the dispatcher?)".into() })?;
-        let ring = env_fd(proto::ENV_RING_FD)?;
-        let lease = env_fd(proto::ENV_LEASE_FD)?;
-        let awake = env_fd(proto::ENV_AWAKE_FD)?;
-        let progress = env_fd(proto::ENV_PROGRESS_FD)?;
-        let pool = std::env::var(proto::ENV_POOL).unwrap_or_else(|_| "default".into());
-        let idle = match std::env::var(proto::ENV_IDLE_TIMEOUT_SECS) {
+        let ctl = env_fd(env::CTL_FD)?
+            .ok_or(Error::Env { var: env::CTL_FD, why: "not set (is this started by the dispatcher?)".into() })?;
+        let ring = env_fd(env::RING_FD)?;
+        let lease = env_fd(env::LEASE_FD)?;
+        let awake = env_fd(env::AWAKE_FD)?;
+        let progress = env_fd(env::PROGRESS_FD)?;
+        let pool = std::env::var(env::POOL).unwrap_or_else(|_| "default".into());
+        let idle = match std::env::var(env::IDLE_TIMEOUT_SECS) {
             Err(_) => None,
             Ok(v) => Some(std::time::Duration::from_secs(v.parse().map_err(|_| Error::Env {
-                var: proto::ENV_IDLE_TIMEOUT_SECS,
+                var: env::IDLE_TIMEOUT_SECS,
                 why: format!("`{v}` is not a number of seconds"),
             })?)),
         };
-        let recycle_after = match std::env::var(proto::ENV_RECYCLE_REQUESTS) {
+        let recycle_after = match std::env::var(env::RECYCLE_REQUESTS) {
             Err(_) => None,
             Ok(v) => Some(v.parse::<u64>().map_err(|_| Error::Env {
-                var: proto::ENV_RECYCLE_REQUESTS,
+                var: env::RECYCLE_REQUESTS,
                 why: format!("`{v}` is not a request count"),
             })?),
         };
         let mut w = Worker::from_fds(Handles { ring, ctl, lease, awake, progress }, pool)?;
-        if std::env::var_os(proto::ENV_ACCESS_LOG).is_some_and(|v| v == "1") {
+        if std::env::var_os(env::ACCESS_LOG).is_some_and(|v| v == "1") {
             w.responder.out.enable_access_log();
         }
-        w.idle = idle.filter(|d| !d.is_zero());
-        w.recycle_after = recycle_after.filter(|n| *n > 0);
+        w.pull.idle = idle.filter(|d| !d.is_zero());
+        w.pull.recycle_after = recycle_after.filter(|n| *n > 0);
         Ok(w)
     }
 
@@ -175,14 +161,14 @@ impl Worker {
         let progress = match progress {
             Some(fd) => Some(
                 progress::ProgressMap::map(fd)
-                    .map_err(|e| Error::Env { var: proto::ENV_PROGRESS_FD, why: format!("cannot map it: {e}") })?,
+                    .map_err(|e| Error::Env { var: env::PROGRESS_FD, why: format!("cannot map it: {e}") })?,
             ),
             None => None,
         };
         let awake = match awake {
             Some(fd) => Some(
-                awake::Awake::map(fd)
-                    .map_err(|e| Error::Env { var: proto::ENV_AWAKE_FD, why: format!("cannot map the flag: {e}") })?,
+                pull::Awake::map(fd)
+                    .map_err(|e| Error::Env { var: env::AWAKE_FD, why: format!("cannot map the flag: {e}") })?,
             ),
             None => None,
         };
@@ -191,65 +177,16 @@ impl Worker {
             // the worker started.
             a.set_awake();
         }
-        let ring = match ring {
-            Some(fd) => {
-                use std::os::fd::AsRawFd;
-                let raw = fd.as_raw_fd();
-                let data = MapData::from_fd(fd).map_err(|source| Error::Ring { fd: raw, source })?;
-                let rb = RingBuf::try_from(Map::RingBuf(data)).map_err(|source| Error::Ring { fd: raw, source })?;
-                // SAFETY: the RingBuf owns the fd for as long as the AsyncFd lives.
-                Some(unsafe { AsyncFd::register(rb) }.map_err(|e| Error::Control(e.into()))?)
-            }
-            None => None,
-        };
+        let ring = ring.map(pull::Ring::open).transpose()?;
         let std = std::os::unix::net::UnixStream::from(ctl);
         std.set_nonblocking(true).map_err(Error::Control)?;
         let (rd, wr) = UnixStream::from_std(std).map_err(Error::Control)?.into_split();
-        let mut rd = tokio::io::BufReader::with_capacity(BATCH_BYTES, rd);
-        let (ftx, frames) = mpsc::channel(1024);
-        // A reader task makes the control socket a cancel-safe stream.
-        tokio::spawn(async move {
-            let mut h = [0u8; RECORD_HEADER_LEN];
-            loop {
-                if rd.read_exact(&mut h).await.is_err() {
-                    return;
-                }
-                let hdr = RecordHeader::from_bytes(&h).expect("header length");
-                if hdr.len as usize > MAX_FRAME {
-                    tracing::error!(len = hdr.len, "oversized record on the control socket");
-                    return;
-                }
-                let mut data = vec![0u8; hdr.len as usize];
-                if rd.read_exact(&mut data).await.is_err() || ftx.send((hdr, data)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
-        let out = std::sync::Arc::new(Outbound::new(tx, lease.is_some(), progress));
-        // A request counts as answered once its response is in the socket.
-        let loose = out.loose.clone();
-        let writer = tokio::spawn(proto::write_batched(wr, rx, move |b| {
-            if let Some(l) = &loose {
-                l.written(b)
-            }
-        }));
-        if let Some(fd) = lease {
-            out.spawn_lease_reader(fd).map_err(Error::Control)?;
-        }
+        let frames = pull::spawn_reader(rd);
+        let (out, writer) = Outbound::start(wr, lease, progress).map_err(Error::Control)?;
         Ok(Worker {
             pool,
-            ring,
-            awake,
-            yielded: false,
-            idle: None,
-            served: 0,
-            recycle_after: None,
-            draining: false,
+            pull: Puller::new(ring, awake, frames, out.clone()),
             writer: Some(writer),
-            frames,
-            reassembly: Reassembly::default(),
-            ready: VecDeque::new(),
             responder: Responder { out },
         })
     }
@@ -258,7 +195,7 @@ impl Worker {
     /// SIGTERM): `receive` hands out what was taken, then gives
     /// [`Error::Recycle`].
     pub fn stop_pulling(&mut self) {
-        self.draining = true;
+        self.pull.stop_pulling();
     }
 
     /// Ends the worker's part: gives back every connection it writes to
@@ -286,139 +223,16 @@ impl Worker {
     /// Malformed requests are answered (400) here and never returned.
     pub async fn receive(&mut self) -> Result<Request, Error> {
         loop {
-            while let Some(raw) = self.ready.pop_front() {
-                let (conn, seq) = (raw.conn, raw.seq);
-                match Request::parse(raw) {
-                    Ok(r) => {
-                        self.served += 1;
-                        if self.recycle_after.is_some_and(|n| self.served >= n) {
-                            self.draining = true;
-                        }
-                        return Ok(r);
-                    }
-                    Err(_) => self.responder.reject(conn, seq),
+            let raw = self.pull.next().await?;
+            let (conn, seq) = (raw.conn, raw.seq);
+            match Request::parse(raw) {
+                Ok(r) => {
+                    self.pull.handed_out();
+                    return Ok(r);
                 }
-            }
-            if self.draining && self.reassembly.pending() == 0 {
-                // Slow-path requests already sent to us are ours too.
-                if let Ok((hdr, data)) = self.frames.try_recv() {
-                    self.push(&hdr, &data);
-                    continue;
-                }
-                self.stopped();
-                return Err(Error::Recycle);
-            }
-            if self.drain_ring() {
-                continue;
-            }
-            if self.awake.is_some() && !std::mem::replace(&mut self.yielded, true) {
-                // Let the handlers of what was just received run (and
-                // answer) before going to sleep; requests that arrive
-                // meanwhile are queued without waking us.
-                tokio::task::yield_now().await;
-                continue;
-            }
-            self.yielded = false;
-            if let Some(a) = &self.awake {
-                // Records queued from here on wake us; one that was queued
-                // without a wake-up before this point is seen here.
-                a.set_asleep();
-                if self.drain_ring() {
-                    if let Some(a) = &self.awake {
-                        a.set_awake();
-                    }
-                    continue;
-                }
-            }
-            let has_ring = self.ring.is_some();
-            let ring = self.ring.as_mut();
-            let idle = self.idle;
-            tokio::select! {
-                _ = async { tokio::time::sleep(idle.unwrap_or_default()).await }, if idle.is_some() => {
-                    if self.ready.is_empty() && !self.drain_ring() {
-                        self.stopped();
-                        return Err(Error::Idle);
-                    }
-                }
-                g = async { ring.unwrap().readable_mut().await }, if has_ring => {
-                    let mut g = g.map_err(Error::Control)?;
-                    g.clear_ready();
-                }
-                f = self.frames.recv() => {
-                    let Some((hdr, data)) = f else { return Err(Error::Closed) };
-                    self.push(&hdr, &data);
-                }
-            }
-            if let Some(a) = &self.awake {
-                a.set_awake();
+                Err(_) => self.responder.out.reject(conn, seq),
             }
         }
-    }
-
-    /// Done with the ring for good (recycled, stopped or idle): later
-    /// calls never look at it again, and the slot says so, so the next
-    /// worker may start while this one answers what it took.
-    fn stopped(&mut self) {
-        self.draining = true;
-        if let Some(a) = &self.awake {
-            a.set_stopped();
-        }
-        self.responder.out.send_stopped();
-    }
-
-    fn push(&mut self, hdr: &RecordHeader, data: &[u8]) {
-        deliver(&mut self.reassembly, &mut self.ready, &self.responder, hdr, data);
-    }
-
-    /// Takes every record the ring holds; true if there were any. Records
-    /// are reassembled straight from ring memory (one copy).
-    fn drain_ring(&mut self) -> bool {
-        let Worker { ring, reassembly, ready, responder, draining, .. } = self;
-        let Some(ring) = ring.as_mut() else { return false };
-        let rb = ring.get_mut();
-        let mut any = false;
-        while let Some(item) = rb.next() {
-            any = true;
-            if let Some(hdr) = RecordHeader::from_bytes(&item) {
-                let end = (RECORD_HEADER_LEN + hdr.len as usize).min(item.len());
-                deliver(reassembly, ready, responder, &hdr, &item[RECORD_HEADER_LEN..end]);
-            }
-            drop(item);
-            if *draining && reassembly.pending() == 0 {
-                // Every request taken is whole: the rest is the next
-                // worker's.
-                break;
-            }
-        }
-        any
-    }
-}
-
-fn deliver(
-    reassembly: &mut Reassembly,
-    ready: &mut VecDeque<Raw>,
-    responder: &Responder,
-    hdr: &RecordHeader,
-    data: &[u8],
-) {
-    if hdr.kind == proto::RECORD_ABORT {
-        // The connection is gone: nothing of it is owed any more.
-        if let Some(l) = &responder.out.loose {
-            l.take_out(hdr.conn);
-        }
-    } else if hdr.kind == dispatcher_ebpf::abi::RECORD_HEAD
-        && hdr.flags & dispatcher_ebpf::abi::REC_SLOW == 0
-        && !reassembly.is_aborted(hdr.conn)
-    {
-        // Ours from its head on (the rest of its body follows on this
-        // ring, which the next worker would not know what to do with):
-        // traced, so a crash answers it 502.
-        responder.out.taken(hdr.conn, hdr.seq);
-    }
-    match reassembly.push(hdr, data) {
-        Some(Done::Request(raw)) => ready.push_back(raw),
-        Some(Done::Invalid { conn, seq }) => responder.reject(conn, seq),
-        None => {}
     }
 }
 
@@ -437,12 +251,5 @@ impl Responder {
         } else {
             Err(Error::Closed)
         }
-    }
-
-    /// Answers a request the worker could not parse: 400, then close.
-    fn reject(&self, conn: u64, seq: u32) {
-        tracing::debug!(conn, seq, "malformed request");
-        let r = Response::text(400, "malformed request\n").serialize(false, true);
-        let _ = self.out.respond(conn, seq, r, true, false);
     }
 }

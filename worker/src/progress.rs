@@ -2,7 +2,7 @@
 //! so that if it dies the dispatcher knows how far each one got.
 //!
 //! A shared memory file (memfd) the dispatcher makes per worker; a grant
-//! names an entry (`LeaseMsg::slot`). The worker stores, per leased
+//! names an entry (`LeaseMsg::Grant`'s `entry`). The worker stores, per leased
 //! connection, the next response it would write, the bytes of the complete
 //! responses it wrote, the length of the one it is writing, and one past
 //! the last request it took. After the worker's death the dispatcher
@@ -242,23 +242,21 @@ impl Loose {
     /// `frames` (whole response frames, as written into the control
     /// socket) are out: their requests are answered.
     pub fn written(&self, mut frames: &[u8]) {
-        use crate::proto::{ResponseHeader, RESPONSE_HEADER_LEN, RESP_LAST};
+        use dispatcher_ebpf::wire::{FrameHeader, WorkerFrame, FRAME_HEADER_LEN};
         let mut l = self.inner.lock().unwrap();
         if l.by_conn.is_empty() {
             return;
         }
-        while let Some(h) = frames.get(..RESPONSE_HEADER_LEN).and_then(ResponseHeader::from_bytes) {
-            frames = frames.get(RESPONSE_HEADER_LEN + h.len as usize..).unwrap_or(&[]);
-            if h.flags & RESP_LAST == 0 {
-                continue;
-            }
-            let Some(&i) = l.by_conn.get(&h.conn) else { continue };
+        while let Some(h) = frames.get(..FRAME_HEADER_LEN).and_then(FrameHeader::from_bytes) {
+            frames = frames.get(FRAME_HEADER_LEN + h.len as usize..).unwrap_or(&[]);
+            let Ok(WorkerFrame::Response { conn, seq, last: true, .. }) = WorkerFrame::decode(&h) else { continue };
+            let Some(&i) = l.by_conn.get(&conn) else { continue };
             let Some(e) = self.map.loose(i) else { continue };
-            let bit = 1u64 << (h.seq % 64);
+            let bit = 1u64 << (seq % 64);
             if e.in_flight.fetch_and(!bit, Ordering::Release) == bit {
                 // Nothing left: the entry is free again.
                 e.conn.store(0, Ordering::Release);
-                l.by_conn.remove(&h.conn);
+                l.by_conn.remove(&conn);
                 l.free.push(i);
             }
         }

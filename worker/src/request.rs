@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use crate::{reassembly::Raw, Error};
+use crate::{pull::reassembly::Raw, Error};
 
 /// Most headers a request may have (the dispatcher's limit too).
 pub const MAX_HEADERS: usize = 100;

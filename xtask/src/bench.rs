@@ -1,8 +1,9 @@
 //! `cargo xtask bench`: the same echo logic behind four dispatch paths,
 //! measured side by side in one run with wrk.
 //!
-//! - direct: the worker serving HTTP itself (no dispatch; the upper bound)
-//! - nginx: nginx reverse-proxying to direct with upstream keep-alive
+//! - standalone: the worker serving HTTP itself (no dispatch; the upper
+//!   bound)
+//! - nginx: nginx reverse-proxying to standalone with upstream keep-alive
 //! - fast: the dispatcher's kernel path, workers writing responses into
 //!   the client sockets themselves (leases)
 //! - relay: the kernel path with every response relayed by the dispatcher
@@ -32,7 +33,7 @@ use anyhow::{bail, Context, Result};
 
 /// Setups, in the order they are reported. `fast-100k` is the fast path
 /// with 100,000 more routes (other hosts) in its table.
-const SETUPS: [&str; 6] = ["direct", "nginx", "fast", "relay", "slow", "fast-100k"];
+const SETUPS: [&str; 6] = ["standalone", "nginx", "fast", "relay", "slow", "fast-100k"];
 /// Index of `fast-100k` in [`SETUPS`].
 const FAST_100K: usize = 5;
 /// Extra routes of the `fast-100k` setup.
@@ -344,12 +345,12 @@ http {{
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
-    upstream direct {{ server 127.0.0.1:{upstream}; keepalive 256; }}
+    upstream standalone {{ server 127.0.0.1:{upstream}; keepalive 256; }}
     server {{
         listen 127.0.0.1:{port} reuseport;
         keepalive_requests 1000000;
         location / {{
-            proxy_pass http://direct;
+            proxy_pass http://standalone;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $host;
@@ -384,9 +385,9 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
-            .context("starting the direct worker")?,
+            .context("starting the standalone worker")?,
     );
-    wait_port(ports[0], "direct worker")?;
+    wait_port(ports[0], "standalone worker")?;
     procs.0.push(start_nginx(&dir, ports[1], ports[0])?);
     wait_port(ports[1], "nginx")?;
     procs.0.push(start_dispatcher(bin, &dir, "fast", ports[2], true, true, 0)?);
@@ -566,8 +567,8 @@ fn write_results(
     let kernel = uname();
     let mut md = String::new();
     writeln!(md, "# dispatcher benchmark\n")?;
-    writeln!(md, "Machine: {cores} cores, Linux {kernel}. Keep-alive connections, the same echo worker behind every setup; {} interleaved rounds of {} s per case and setup; median (min–max). Setups: direct = the worker serving HTTP itself; nginx = nginx proxying to it (upstream keep-alive); fast = the dispatcher's kernel path with direct responses; relay = the kernel path with responses relayed by the dispatcher; slow = everything through the dispatcher's user space; fast-100k = fast with 100,000 more routes.\n", o.rounds, o.seconds)?;
-    writeln!(md, "| case | connections | setup | req/s | p50 µs | p99 µs | CPU s / 100k req | errors | fast/nginx | fast/direct |")?;
+    writeln!(md, "Machine: {cores} cores, Linux {kernel}. Keep-alive connections, the same echo worker behind every setup; {} interleaved rounds of {} s per case and setup; median (min–max). Setups: standalone = the worker serving HTTP itself; nginx = nginx proxying to it (upstream keep-alive); fast = the dispatcher's kernel path with direct responses; relay = the kernel path with responses relayed by the dispatcher; slow = everything through the dispatcher's user space; fast-100k = fast with 100,000 more routes.\n", o.rounds, o.seconds)?;
+    writeln!(md, "| case | connections | setup | req/s | p50 µs | p99 µs | CPU s / 100k req | errors | fast/nginx | fast/standalone |")?;
     writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
     let mut json = Vec::new();
     for (ci, case) in cases.iter().enumerate() {

@@ -44,7 +44,7 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Build, then measure the same echo logic served directly, behind
+    /// Build, then measure the same echo logic served standalone, behind
     /// nginx, and behind the dispatcher (fast and slow path) with wrk,
     /// interleaved; writes bench/results/{results.md,results.json,throughput.svg}.
     /// Needs root.

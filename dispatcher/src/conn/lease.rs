@@ -7,8 +7,8 @@
 use std::{sync::Arc, time::Instant};
 
 use dispatcher_ebpf::abi::MODE_SLOW;
+use dispatcher_ebpf::wire::{LeaseMsg, NO_ENTRY};
 use tokio::net::TcpStream;
-use worker::proto::{lease, LeaseMsg};
 
 use super::{
     socket::{dup_fd, socket_written},
@@ -149,7 +149,7 @@ impl Conn {
             if l.revoked.is_none() {
                 tracing::debug!(conn = self.cookie, gen = l.gen, "revoking the lease");
                 l.revoked = Some(Instant::now());
-                l.to.send(LeaseMsg { conn: self.cookie, kind: lease::REVOKE, gen: l.gen, ..Default::default() }, None);
+                l.to.send(LeaseMsg::Revoke { conn: self.cookie, gen: l.gen }, None);
             }
         }
     }
@@ -170,17 +170,11 @@ impl Conn {
             && !self.ctx.conn_state.get(self.cookie).is_some_and(|st| st.mode == MODE_SLOW);
         let fd = if grant { self.sock.fd().and_then(dup_fd) } else { None };
         let Some(fd) = fd else {
-            to.send(LeaseMsg { conn: self.cookie, kind: lease::DENY, from: self.next, ..Default::default() }, None);
+            to.send(LeaseMsg::Deny { conn: self.cookie, from: self.next }, None);
             return;
         };
         self.lease_gen = self.lease_gen.wrapping_add(1);
-        let msg = LeaseMsg {
-            conn: self.cookie,
-            kind: lease::GRANT,
-            from: self.next,
-            gen: self.lease_gen,
-            slot: worker::proto::NO_SLOT,
-        };
+        let msg = LeaseMsg::Grant { conn: self.cookie, from: self.next, gen: self.lease_gen, entry: NO_ENTRY };
         if to.send(msg, Some(fd)) {
             tracing::debug!(conn = self.cookie, gen = self.lease_gen, from = self.next, "lease granted");
             self.lease = Some(Held { gen: self.lease_gen, to, revoked: None });

@@ -34,9 +34,9 @@ use std::{
 };
 
 use dispatcher_ebpf::abi::MODE_SLOW;
+use dispatcher_ebpf::wire::LeaseMsg;
 use tokio::{net::TcpStream, sync::mpsc};
 use tracing::Instrument;
-use worker::proto::{lease as lease_kind, LeaseMsg};
 
 pub use parking::Parking;
 
@@ -314,7 +314,7 @@ impl Conn {
             l.to.settled(self.cookie);
         }
         for p in self.lease_peers.drain(..) {
-            p.send(LeaseMsg { conn: self.cookie, kind: lease_kind::FORGET, ..Default::default() }, None);
+            p.send(LeaseMsg::Forget { conn: self.cookie }, None);
         }
         let mut aborted: HashMap<u32, Arc<PoolLink>> = HashMap::new();
         for (_, (link, bytes)) in self.sent.drain() {

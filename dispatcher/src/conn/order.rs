@@ -5,8 +5,8 @@
 use std::{sync::Arc, time::Instant};
 
 use bytes::Bytes;
+use dispatcher_ebpf::wire::LeaseMsg;
 use tokio::io::AsyncWriteExt;
-use worker::proto::{lease, LeaseMsg};
 
 use super::{Conn, Flow, Sock};
 use crate::{deliver::Frame, http::local_response};
@@ -25,7 +25,7 @@ impl Conn {
         if f.seq < self.next {
             if let Some(a) = f.ask {
                 // Stale: still answer the ask, or the worker never asks again.
-                a.send(LeaseMsg { conn: self.cookie, kind: lease::DENY, from: self.next, ..Default::default() }, None);
+                a.send(LeaseMsg::Deny { conn: self.cookie, from: self.next }, None);
             }
             return Flow::Continue;
         }

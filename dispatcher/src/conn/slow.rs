@@ -7,7 +7,7 @@
 use std::sync::{atomic::Ordering, Arc};
 
 use dispatcher_ebpf::abi::{reason, RecordHeader, MODE_SLOW, RECORD_BODY, RECORD_HEAD, REC_CLOSE, REC_LAST, REC_SLOW};
-use worker::proto::MAX_FRAME;
+use dispatcher_ebpf::wire::MAX_FRAME;
 
 use super::{Conn, Flow};
 use crate::{

@@ -10,8 +10,8 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use dispatcher_ebpf::wire::{LeaseMsg, NO_ENTRY};
 use tokio::io::{unix::AsyncFd, Interest};
-use worker::proto::{lease, LeaseMsg};
 
 use super::Conns;
 
@@ -59,20 +59,20 @@ impl LeaseTx {
         if self.is_closed() {
             return false;
         }
-        if msg.kind == lease::GRANT {
+        if let LeaseMsg::Grant { conn, from, gen, entry } = &mut msg {
             let slot = match q.free.pop() {
                 Some(s) => s,
                 None if (q.next_slot as usize) < worker::progress::ENTRIES => {
                     q.next_slot += 1;
                     q.next_slot - 1
                 }
-                None => worker::proto::NO_SLOT,
+                None => NO_ENTRY,
             };
-            msg.slot = slot;
+            *entry = slot;
             // Fresh before the worker sees it: a worker that dies without
             // reading the grant leaves this, not an earlier lease's trace.
-            self.progress.reset(slot, msg.conn, msg.from);
-            q.granted.insert(msg.conn, (msg.gen, slot));
+            self.progress.reset(slot, *conn, *from);
+            q.granted.insert(*conn, (*gen, slot));
         }
         if q.msgs.is_empty() {
             match send_lease(self.sock.get_ref(), &msg, fd.as_ref()) {
@@ -83,9 +83,9 @@ impl LeaseTx {
                 Err(e) => {
                     // The message did not go: a grant is not out.
                     tracing::debug!("lease socket: {e}");
-                    if msg.kind == lease::GRANT {
-                        if let Some((_, slot)) = q.granted.remove(&msg.conn) {
-                            if slot != worker::proto::NO_SLOT {
+                    if let LeaseMsg::Grant { conn, .. } = msg {
+                        if let Some((_, slot)) = q.granted.remove(&conn) {
+                            if slot != NO_ENTRY {
                                 q.free.push(slot);
                             }
                         }
@@ -104,7 +104,7 @@ impl LeaseTx {
     pub fn settled(&self, conn: u64) {
         let mut q = self.queue.lock().unwrap();
         if let Some((_, slot)) = q.granted.remove(&conn) {
-            if slot != worker::proto::NO_SLOT {
+            if slot != NO_ENTRY {
                 q.free.push(slot);
             }
         }
@@ -195,7 +195,7 @@ pub fn lease_socket(progress: Arc<worker::progress::ProgressMap>) -> Result<(Arc
 
 fn send_lease(sock: &OwnedFd, msg: &LeaseMsg, fd: Option<&OwnedFd>) -> io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-    let bytes = msg.to_bytes();
+    let bytes = msg.encode();
     let iov = [io::IoSlice::new(&bytes)];
     let raw = fd.map(|f| [f.as_raw_fd()]);
     let cmsgs: Vec<ControlMessage> = raw.as_ref().map(|r| ControlMessage::ScmRights(r)).into_iter().collect();

@@ -9,10 +9,9 @@ use std::{os::fd::OwnedFd, sync::Arc};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
+use dispatcher_ebpf::wire::{FrameHeader, WorkerFrame, FRAME_HEADER_LEN, MAX_FRAME};
 use tokio::{io::AsyncReadExt, sync::mpsc};
-use worker::proto::{
-    ResponseHeader, BATCH_BYTES, MAX_FRAME, RESPONSE_HEADER_LEN, RESP_CLOSE, RESP_LAST, RESP_RELEASE, RESP_WANT_LEASE,
-};
+use worker::proto::BATCH_BYTES;
 
 use super::link::PoolLink;
 use crate::{
@@ -63,12 +62,12 @@ pub(super) fn connect(
     let name = link.name.clone();
     let link = link.clone();
     tokio::spawn(async move {
-        let mut hdr = [0u8; RESPONSE_HEADER_LEN];
+        let mut hdr = [0u8; FRAME_HEADER_LEN];
         loop {
             if rd.read_exact(&mut hdr).await.is_err() {
                 break;
             }
-            let h = ResponseHeader::from_bytes(&hdr).expect("header length");
+            let h = FrameHeader::from_bytes(&hdr).expect("header length");
             if h.len as usize > MAX_FRAME {
                 tracing::error!(pool = %name, len = h.len, "oversized response frame; dropping the worker's socket");
                 break;
@@ -77,35 +76,39 @@ pub(super) fn connect(
             if rd.read_exact(&mut data).await.is_err() {
                 break;
             }
-            if h.flags & worker::proto::RESP_STOPPED != 0 {
-                // Later slow-path records wait for (and ask for) the next
-                // worker instead of going to one that no longer reads.
-                let mut ctl = link.slots[slot].ctl.lock().unwrap();
-                if ctl.tx.as_ref().is_some_and(|t| t.same_channel(&tx)) {
-                    ctl.tx = None;
+            match WorkerFrame::decode(&h) {
+                Ok(WorkerFrame::Stopped) => {
+                    // Later slow-path records wait for (and ask for) the next
+                    // worker instead of going to one that no longer reads.
+                    let mut ctl = link.slots[slot].ctl.lock().unwrap();
+                    if ctl.tx.as_ref().is_some_and(|t| t.same_channel(&tx)) {
+                        ctl.tx = None;
+                    }
+                    drop(ctl);
+                    link.slots[slot].signals.demand.notify_one();
                 }
-                drop(ctl);
-                link.slots[slot].signals.demand.notify_one();
-                continue;
-            }
-            if h.flags & worker::proto::RESP_STATS != 0 {
-                let mut s = link.worker_stats.lock().unwrap();
-                for (w, b) in s.iter_mut().zip(data.chunks_exact(8)) {
-                    *w += u64::from_le_bytes(b.try_into().expect("8 bytes"));
+                Ok(WorkerFrame::Stats) => {
+                    let mut s = link.worker_stats.lock().unwrap();
+                    for (w, b) in s.iter_mut().zip(data.chunks_exact(8)) {
+                        *w += u64::from_le_bytes(b.try_into().expect("8 bytes"));
+                    }
                 }
-                continue;
-            }
-            if h.flags & worker::proto::RESP_LOG != 0 {
-                if let Some(log) = &access_log {
-                    log.worker_records(&data, |c| conns.peer(c));
+                Ok(WorkerFrame::Log) => {
+                    if let Some(log) = &access_log {
+                        log.worker_records(&data, |c| conns.peer(c));
+                    }
                 }
-                continue;
+                Ok(WorkerFrame::Release { conn, seq, lease }) => {
+                    let release = Some(lease);
+                    let f = Frame { seq, data: data.into(), last: false, close: false, ask: None, release };
+                    conns.deliver(conn, f);
+                }
+                Ok(WorkerFrame::Response { conn, seq, last, close, want_lease }) => {
+                    let ask = if want_lease { lease_tx.clone() } else { None };
+                    conns.deliver(conn, Frame { seq, data: Bytes::from(data), last, close, ask, release: None });
+                }
+                Err(e) => tracing::warn!(pool = %name, "skipping a frame from the worker: {e}"),
             }
-            let release = (h.flags & RESP_RELEASE != 0).then_some(h.lease);
-            let ask = if h.flags & RESP_WANT_LEASE != 0 { lease_tx.clone() } else { None };
-            let last = h.flags & RESP_LAST != 0;
-            let close = h.flags & RESP_CLOSE != 0;
-            conns.deliver(h.conn, Frame { seq: h.seq, data: Bytes::from(data), last, close, ask, release });
         }
         tracing::debug!(pool = %name, "control socket closed");
         {

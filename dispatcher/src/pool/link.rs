@@ -150,8 +150,7 @@ impl PoolLink {
             let mut ctl = s.ctl.lock().unwrap();
             match &ctl.tx {
                 Some(tx) if !tx.is_closed() => {
-                    let hdr = RecordHeader { conn, kind: worker::proto::RECORD_ABORT, ..Default::default() };
-                    let _ = tx.send(Bytes::copy_from_slice(&hdr.to_bytes()));
+                    let _ = tx.send(Bytes::copy_from_slice(&RecordHeader::abort(conn).to_bytes()));
                 }
                 _ => ctl.waiting.retain(|b| RecordHeader::from_bytes(b).is_none_or(|h| h.conn != conn)),
             }

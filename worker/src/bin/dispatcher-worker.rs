@@ -16,7 +16,7 @@ struct Cli {
     /// every response, to see which pool and process answered.
     #[arg(long)]
     pool_header: bool,
-    /// Serve HTTP directly on this address instead of pulling from a
+    /// Serve HTTP on this address standalone instead of pulling from a
     /// dispatcher pool (the benchmarks' no-dispatch baseline).
     #[arg(long, value_name = "ADDR")]
     listen: Option<std::net::SocketAddr>,
@@ -66,9 +66,9 @@ async fn handle(mode: Mode, req: Request) -> Response {
 
 async fn run(cli: Cli) -> Result<()> {
     if let Some(addr) = cli.listen {
-        tracing::info!(%addr, pid = std::process::id(), "serving directly");
+        tracing::info!(%addr, pid = std::process::id(), "serving standalone");
         let mode = cli.mode.clone();
-        worker::direct::serve(addr, move |req| handle(mode.clone(), req)).await?;
+        worker::standalone::serve(addr, move |req| handle(mode.clone(), req)).await?;
         return Ok(());
     }
     let mut w = Worker::from_env()?;

@@ -5,9 +5,8 @@
 use std::collections::HashMap;
 
 use bytes::{Bytes, BytesMut};
-use dispatcher_ebpf::abi::{RecordHeader, RECORD_BODY, RECORD_HEAD, REC_CLOSE, REC_LAST, REC_SLOW};
-
-use crate::proto::RECORD_ABORT;
+use dispatcher_ebpf::abi::{RecordHeader, REC_CLOSE, REC_LAST, REC_SLOW};
+use dispatcher_ebpf::wire::RecordKind;
 
 /// A request whose records all arrived.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,8 +62,8 @@ impl Reassembly {
     /// Feeds one record; returns the request it completed, if any.
     pub fn push(&mut self, hdr: &RecordHeader, data: &[u8]) -> Option<Done> {
         let key = (hdr.conn, hdr.seq);
-        match hdr.kind {
-            RECORD_ABORT => {
+        match hdr.record_kind() {
+            Ok(RecordKind::Abort) => {
                 self.partial.retain(|(c, _), _| *c != hdr.conn);
                 if self.aborted.insert(hdr.conn) {
                     self.aborted_order.push_back(hdr.conn);
@@ -76,7 +75,7 @@ impl Reassembly {
                 None
             }
             _ if self.aborted.contains(&hdr.conn) => None,
-            RECORD_HEAD => {
+            Ok(RecordKind::Head) => {
                 let from_kernel = hdr.flags & REC_SLOW == 0;
                 let head = Bytes::copy_from_slice(data);
                 if hdr.flags & REC_LAST != 0 && hdr.content_length == 0 {
@@ -99,7 +98,7 @@ impl Reassembly {
                 );
                 None
             }
-            RECORD_BODY => {
+            Ok(RecordKind::Body) => {
                 let Some(p) = self.partial.get_mut(&key) else {
                     return Some(Done::Invalid { conn: hdr.conn, seq: hdr.seq });
                 };
@@ -124,7 +123,8 @@ impl Reassembly {
                     from_kernel: p.from_kernel,
                 }))
             }
-            _ => None,
+            // Wake-ups carry nothing; a kind we do not know is skipped.
+            Ok(RecordKind::Wake) | Err(_) => None,
         }
     }
 
@@ -137,6 +137,7 @@ impl Reassembly {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dispatcher_ebpf::abi::{RECORD_ABORT, RECORD_BODY, RECORD_HEAD};
 
     fn hdr(conn: u64, seq: u32, kind: u8, flags: u8, len: usize, cl: u64) -> RecordHeader {
         RecordHeader { conn, seq, len: len as u32, content_length: cl, kind, flags, pool: 0, _pad: 0 }

@@ -1,6 +1,8 @@
-//! Serving HTTP/1.1 directly on a TCP port, without the dispatcher: the
-//! "no dispatch" baseline the benchmarks compare against, running the same
-//! handler code as a pooled worker.
+//! The standalone server: HTTP/1.1 on a TCP port of its own, without the
+//! dispatcher: the "no dispatch" baseline the benchmarks compare against,
+//! running the same handler code as a pooled worker. (Not to be confused
+//! with direct responses, which are a pooled worker writing into a client
+//! socket the dispatcher leased it.)
 
 use std::{future::Future, net::SocketAddr, sync::Arc};
 
@@ -10,7 +12,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::{reassembly::Raw, Request, Response};
+use crate::{pull::reassembly::Raw, Request, Response};
 
 /// Largest head accepted (431 above).
 const MAX_HEAD: usize = 16 * 1024;
