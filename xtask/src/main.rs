@@ -154,26 +154,18 @@ fn clean_env(cmd: &mut Command) {
 
 /// Builds the BPF object; returns its path.
 fn build_bpf(apt: &mut Apt) -> Result<PathBuf> {
-    let tc = toolchain::bpf_toolchain(apt)?;
-    let linker_dir = toolchain::bpf_linker(apt)?;
+    build_bpf_linted(apt, false)
+}
+
+/// The BPF programs' cargo, for subcommand `sub` (`build`, or `clippy`
+/// through `cargo` = the toolchain's cargo-clippy).
+fn bpf_cargo(tc: &toolchain::BpfToolchain, linker_dir: &Path, cargo: &str, sub: &str) -> Command {
     let root = workspace_root();
     let arch = std::env::consts::ARCH;
-    let t = Instant::now();
-    step("BPF programs", &format!("building with toolchain `{}`", tc.name));
     let mut cmd = Command::new("rustup");
     clean_env(&mut cmd);
     cmd.current_dir(&root)
-        .args([
-            "run",
-            &tc.name,
-            "cargo",
-            "build",
-            "--package",
-            "dispatcher-ebpf",
-            "--bin",
-            "dispatcher-ebpf",
-            "--release",
-        ])
+        .args(["run", &tc.name, cargo, sub, "--package", "dispatcher-ebpf", "--bin", "dispatcher-ebpf", "--release"])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--target-dir"])
         .arg(root.join("target/bpf"))
         .env(
@@ -184,6 +176,31 @@ fn build_bpf(apt: &mut Apt) -> Result<PathBuf> {
     if tc.bootstrap {
         cmd.env("RUSTC_BOOTSTRAP", "1");
     }
+    cmd
+}
+
+/// Builds the BPF programs; with `lint`, first runs clippy on them for
+/// their own target (`-D warnings`), with the BPF toolchain's clippy
+/// (Debian's `rust-web-clippy`, installed if missing).
+fn build_bpf_linted(apt: &mut Apt, lint: bool) -> Result<PathBuf> {
+    let tc = toolchain::bpf_toolchain(apt)?;
+    let linker_dir = toolchain::bpf_linker(apt)?;
+    let root = workspace_root();
+    if lint {
+        let clippy = toolchain::bpf_clippy(apt, &tc)?;
+        let t = Instant::now();
+        step("lint", "clippy on the BPF programs (bpfel-unknown-none)");
+        let mut cmd = bpf_cargo(&tc, &linker_dir, &clippy.to_string_lossy(), "clippy");
+        let status =
+            cmd.args(["--quiet", "--", "-D", "warnings"]).status().context("running clippy for the BPF target")?;
+        if !status.success() {
+            bail!("clippy found warnings in the BPF programs (above)");
+        }
+        step("lint", &format!("BPF programs clean in {}s", t.elapsed().as_secs()));
+    }
+    let t = Instant::now();
+    step("BPF programs", &format!("building with toolchain `{}`", tc.name));
+    let mut cmd = bpf_cargo(&tc, &linker_dir, "cargo", "build");
     let status = cmd.status().context("running cargo for the BPF target")?;
     if !status.success() {
         bail!("building the BPF programs failed (see above)");
@@ -280,15 +297,16 @@ fn main() -> Result<()> {
             step("bench", &format!("results in {}", out.display()));
         }
         Cmd::Test { no_lint, args } => {
-            if !no_lint || std::env::var_os("CI").is_some() {
-                lint()?;
+            let lint = !no_lint || std::env::var_os("CI").is_some();
+            if lint {
+                self::lint()?;
             }
             toolchain::ensure_packages(
                 &mut apt,
                 &[("curl", "curl"), ("wrk", "wrk"), ("bpftool", "bpftool"), ("iproute2", "ip")],
                 "test tools (curl, wrk, bpftool, iproute2)",
             )?;
-            let obj = build_bpf(&mut apt)?;
+            let obj = build_bpf_linted(&mut apt, lint)?;
             let bin = build_user(&obj, true)?;
             let t = Instant::now();
             step("tests", "running cargo test --release --workspace");

@@ -173,6 +173,27 @@ pub fn bpf_toolchain(apt: &mut Apt) -> Result<BpfToolchain> {
     Ok(BpfToolchain { name: DEBIAN_TOOLCHAIN.into(), bootstrap: true })
 }
 
+/// The clippy of BPF toolchain `tc`, as a cargo subcommand binary to run
+/// with `rustup run`: Debian's `rust-web-clippy` (installed if missing), or
+/// the nightly's own clippy component.
+pub fn bpf_clippy(apt: &mut Apt, tc: &BpfToolchain) -> Result<PathBuf> {
+    if tc.name == DEBIAN_TOOLCHAIN {
+        let clippy = PathBuf::from("/usr/bin/cargo-clippy");
+        if !clippy.exists() {
+            apt.install(&["rust-web-clippy"], "clippy for the BPF toolchain (Debian's rust-web-clippy)")?;
+        } else {
+            step("rust-web-clippy", "ok (already there)");
+        }
+        return Ok(clippy);
+    }
+    let sysroot = rustup_sysroot(&tc.name).context("finding the BPF toolchain's sysroot")?;
+    let clippy = sysroot.join("bin/cargo-clippy");
+    if !clippy.exists() {
+        bail!("toolchain `{}` has no clippy: rustup component add clippy --toolchain {}", tc.name, tc.name);
+    }
+    Ok(clippy)
+}
+
 fn cargo_bin_dir() -> PathBuf {
     std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)

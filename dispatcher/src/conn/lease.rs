@@ -167,7 +167,7 @@ impl Conn {
             && self.pending.is_empty()
             && !self.eof
             && !self.woken
-            && !self.ctx.conn_state.get(self.cookie).is_some_and(|st| st.mode == MODE_SLOW);
+            && self.ctx.conn_state.get(self.cookie).is_none_or(|st| st.mode != MODE_SLOW);
         let fd = if grant { self.sock.fd().and_then(dup_fd) } else { None };
         let Some(fd) = fd else {
             to.send(LeaseMsg::Deny { conn: self.cookie, from: self.next }, None);

@@ -110,13 +110,10 @@ impl Conn {
             input = prefix;
             input.extend_from_slice(&data[skip..]);
             data = &input[..];
-        } else {
-            let s = self.slow.as_mut().unwrap();
-            if s.skip > 0 {
-                let skip = s.skip.min(data.len());
-                s.skip -= skip;
-                data = &data[skip..];
-            }
+        } else if let Some(s) = self.slow.as_mut().filter(|s| s.skip > 0) {
+            let skip = s.skip.min(data.len());
+            s.skip -= skip;
+            data = &data[skip..];
         }
         // A body the kernel started.
         let s = self.slow.as_mut().unwrap();

@@ -201,7 +201,7 @@ impl SlowParser {
         let path_part: &str =
             if let Some(rest) = target.strip_prefix("http://").or_else(|| target.strip_prefix("https://")) {
                 let slash = rest.find('/').unwrap_or(rest.len());
-                host = Some(rest[..slash].as_bytes().to_vec());
+                host = Some(rest.as_bytes()[..slash].to_vec());
                 if slash == rest.len() {
                     "/"
                 } else {
