@@ -4,7 +4,10 @@
 //! release, and going on after the worker's death from its trace. Also
 //! where the socket leaves tokio's poller while leased (see `parking`).
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use dispatcher_ebpf::abi::MODE_SLOW;
 use dispatcher_ebpf::wire::{LeaseMsg, NO_ENTRY};
@@ -12,20 +15,96 @@ use tokio::net::TcpStream;
 
 use super::{
     socket::{dup_fd, socket_written},
-    Conn, Flow, Held, Sock,
+    Conn, Flow, Sock,
 };
 use crate::deliver::LeaseTx;
+
+/// Who writes on the connection: the states of its lease.
+///
+/// | state | event | next | what is sent |
+/// |---|---|---|---|
+/// | `Home` | a worker asks with a response, nothing else is due | `Out` | grant (with the socket) |
+/// | `Home` | a worker asks, something else is due | `Home` | deny |
+/// | `Out` | someone else has something to write, a time-out is due, the client closes | `Revoking` | revoke |
+/// | `Revoking` | the same again | `Revoking` | nothing (asked once) |
+/// | `Out`, `Revoking` | the holder's release of this generation | `Home` | nothing |
+/// | `Out`, `Revoking` | the holder died (lease lost) | `Home` | nothing; its trace says where to go on |
+/// | `Revoking` | no release within the response time-out | closed | nothing |
+///
+/// Generic over the holder so that the transitions are tested on the
+/// host without a worker.
+#[derive(Debug)]
+pub(super) enum Lease<T> {
+    /// The dispatcher writes; no lease is out.
+    Home,
+    /// Worker `to` holds lease `gen` and writes the responses.
+    Out { gen: u32, to: T },
+    /// Lease `gen` was asked back at `since`; `to` writes until its
+    /// release arrives.
+    Revoking { gen: u32, to: T, since: Instant },
+}
+
+impl<T> Lease<T> {
+    pub(super) fn is_home(&self) -> bool {
+        matches!(self, Lease::Home)
+    }
+
+    /// Lease `gen` is out (asked back or not).
+    pub(super) fn holds(&self, gen: u32) -> bool {
+        matches!(self, Lease::Out { gen: g, .. } | Lease::Revoking { gen: g, .. } if *g == gen)
+    }
+
+    /// Lease `gen` goes to `to`; only from `Home`.
+    pub(super) fn grant(&mut self, gen: u32, to: T) {
+        debug_assert!(self.is_home(), "a lease granted over another");
+        *self = Lease::Out { gen, to };
+    }
+
+    /// Asks the lease back: the holder and generation to tell, the first
+    /// time only.
+    pub(super) fn revoke(&mut self, now: Instant) -> Option<(&T, u32)> {
+        if let Lease::Out { .. } = self {
+            let Lease::Out { gen, to } = std::mem::replace(self, Lease::Home) else { unreachable!() };
+            *self = Lease::Revoking { gen, to, since: now };
+            if let Lease::Revoking { gen, to, .. } = self {
+                return Some((to, *gen));
+            }
+        }
+        None
+    }
+
+    /// Lease `gen` ended (released or lost): home again; its holder.
+    pub(super) fn end(&mut self, gen: u32) -> Option<T> {
+        if !self.holds(gen) {
+            return None;
+        }
+        self.take()
+    }
+
+    /// Ends whatever lease is out (the connection closes): its holder.
+    pub(super) fn take(&mut self) -> Option<T> {
+        match std::mem::replace(self, Lease::Home) {
+            Lease::Home => None,
+            Lease::Out { to, .. } | Lease::Revoking { to, .. } => Some(to),
+        }
+    }
+
+    /// Asked back at least `limit` before `now` and not given back.
+    pub(super) fn overdue(&self, limit: Duration, now: Instant) -> bool {
+        matches!(self, Lease::Revoking { since, .. } if now.duration_since(*since) >= limit)
+    }
+}
 
 impl Conn {
     /// The worker gave lease `gen` back, having written everything before
     /// `seq`.
     pub(super) async fn on_release(&mut self, gen: u32, seq: u32) -> Flow {
-        let Some(l) = self.lease.take_if(|l| l.gen == gen) else {
+        let Some(to) = self.lease.end(gen) else {
             tracing::debug!(conn = self.cookie, gen, seq, "stale release");
             return Flow::Continue;
         };
         tracing::debug!(conn = self.cookie, gen, seq, "lease released");
-        l.to.settled(self.cookie);
+        to.settled(self.cookie);
         self.unpark();
         // The worker's writes count as written from here on (a later
         // holder's death is judged against this).
@@ -49,10 +128,10 @@ impl Conn {
     /// connection goes on, and the requests the worker had taken and not
     /// answered get 502. Otherwise part of a response is out, and the
     /// connection has to close.
-    pub(super) async fn lease_lost(&mut self, slot: u32) -> Flow {
-        let Some(l) = self.lease.take() else { return Flow::Continue };
-        l.to.settled(self.cookie);
-        let t = l.to.trace(self.cookie, slot).unwrap_or(worker::progress::Trace {
+    pub(super) async fn lease_lost(&mut self, gen: u32, entry: u32) -> Flow {
+        let Some(to) = self.lease.end(gen) else { return Flow::Continue };
+        to.settled(self.cookie);
+        let t = to.trace(self.cookie, entry).unwrap_or(worker::progress::Trace {
             next: self.next,
             taken: self.next,
             complete_bytes: 0,
@@ -120,7 +199,7 @@ impl Conn {
                 Some(f) if f.iter().any(|f| f.last) => continue,
                 // Part of its response is already in the socket: nothing
                 // can follow it.
-                Some(f) if f.is_empty() || (seq == self.next && self.lease.is_none()) => {
+                Some(f) if f.is_empty() || (seq == self.next && self.lease.is_home()) => {
                     tracing::warn!(
                         conn = self.cookie,
                         seq,
@@ -145,12 +224,9 @@ impl Conn {
 
     /// Asks the lease holder, if any, to give the connection back.
     pub(super) fn revoke(&mut self) {
-        if let Some(l) = &mut self.lease {
-            if l.revoked.is_none() {
-                tracing::debug!(conn = self.cookie, gen = l.gen, "revoking the lease");
-                l.revoked = Some(Instant::now());
-                l.to.send(LeaseMsg::Revoke { conn: self.cookie, gen: l.gen }, None);
-            }
+        if let Some((to, gen)) = self.lease.revoke(Instant::now()) {
+            tracing::debug!(conn = self.cookie, gen, "revoking the lease");
+            to.send(LeaseMsg::Revoke { conn: self.cookie, gen }, None);
         }
     }
 
@@ -162,7 +238,7 @@ impl Conn {
         // (its wake-up may already be spent on revoking a lease that this
         // grant would replace) or the peer's close.
         let grant = self.ctx.limits.direct_responses
-            && self.lease.is_none()
+            && self.lease.is_home()
             && self.slow.is_none()
             && self.pending.is_empty()
             && !self.eof
@@ -177,7 +253,7 @@ impl Conn {
         let msg = LeaseMsg::Grant { conn: self.cookie, from: self.next, gen: self.lease_gen, entry: NO_ENTRY };
         if to.send(msg, Some(fd)) {
             tracing::debug!(conn = self.cookie, gen = self.lease_gen, from = self.next, "lease granted");
-            self.lease = Some(Held { gen: self.lease_gen, to, revoked: None });
+            self.lease.grant(self.lease_gen, to);
             self.park();
         }
     }
@@ -207,5 +283,57 @@ impl Conn {
             Ok(s) => self.sock = Sock::Polled(s),
             Err(e) => tracing::warn!(conn = self.cookie, "putting a connection back in the poller: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn granted_then_revoked_once_then_released() {
+        let t0 = Instant::now();
+        let mut l = Lease::Home;
+        assert!(l.revoke(t0).is_none(), "nothing to revoke at home");
+        l.grant(1, 'w');
+        assert!(l.holds(1) && !l.holds(2) && !l.is_home());
+        assert_eq!(l.revoke(t0), Some((&'w', 1)));
+        assert_eq!(l.revoke(t0), None, "asked once");
+        assert!(l.holds(1), "still out while revoking");
+        assert_eq!(l.end(2), None, "a stale release ends nothing");
+        assert!(l.holds(1));
+        assert_eq!(l.end(1), Some('w'));
+        assert!(l.is_home());
+    }
+
+    #[test]
+    fn a_lease_lost_while_out_comes_home() {
+        let mut l = Lease::Home;
+        l.grant(7, 'w');
+        assert_eq!(l.end(7), Some('w'));
+        assert!(l.is_home() && l.end(7).is_none());
+    }
+
+    #[test]
+    fn overdue_only_after_a_revoke_and_the_limit() {
+        let t0 = Instant::now();
+        let mut l = Lease::Home;
+        l.grant(1, ());
+        assert!(!l.overdue(LIMIT, t0 + LIMIT * 2), "never asked back");
+        l.revoke(t0);
+        assert!(!l.overdue(LIMIT, t0 + LIMIT / 2));
+        assert!(l.overdue(LIMIT, t0 + LIMIT));
+    }
+
+    #[test]
+    fn closing_takes_whatever_is_out() {
+        let mut l = Lease::Home;
+        assert_eq!(l.take(), None::<char>);
+        l.grant(3, 'w');
+        l.revoke(Instant::now());
+        assert_eq!(l.take(), Some('w'));
+        assert!(l.is_home());
     }
 }

@@ -131,7 +131,7 @@ pub async fn serve(ctx: Arc<Context>, stream: TcpStream, cookie: u64, rx: mpsc::
         last_progress: Instant::now(),
         next_check: Instant::now(),
         kernel_seen: (0, 0, 0),
-        lease: None,
+        lease: lease::Lease::Home,
         lease_gen: 0,
         lease_peers: Vec::new(),
         eof: false,
@@ -162,7 +162,7 @@ struct Conn {
     /// (seq, head_len, body_left) of the kernel's state at the last look.
     kernel_seen: (u32, u32, u64),
     /// A worker holds the connection: it writes responses from `next` on.
-    lease: Option<Held>,
+    lease: lease::Lease<Arc<LeaseTx>>,
     /// Generation of the last lease granted.
     lease_gen: u32,
     /// Every lease socket that asked about this connection (told to
@@ -199,14 +199,6 @@ impl Sock {
             Sock::Gone => None,
         }
     }
-}
-
-/// A lease out on the connection.
-struct Held {
-    gen: u32,
-    to: Arc<LeaseTx>,
-    /// Asked back at this time; waiting for the worker's release.
-    revoked: Option<Instant>,
 }
 
 enum Flow {
@@ -263,9 +255,9 @@ impl Conn {
                         Some(ToConn::Frame(f)) => {
                             if let Flow::Close = self.on_frame(f).await { return; }
                         }
-                        Some(ToConn::LeaseLost { gen, slot }) => {
-                            if self.lease.as_ref().is_some_and(|l| l.gen == gen) {
-                                if let Flow::Close = self.lease_lost(slot).await { return; }
+                        Some(ToConn::LeaseLost { gen, entry }) => {
+                            if self.lease.holds(gen) {
+                                if let Flow::Close = self.lease_lost(gen, entry).await { return; }
                                 if let Flow::Close = self.flush().await { return; }
                             }
                         }
@@ -273,12 +265,12 @@ impl Conn {
                             if let Flow::Close = self.requests_lost(taken, in_flight).await { return; }
                         }
                         Some(ToConn::Wake) => {
-                            tracing::debug!(conn = self.cookie, leased = self.lease.is_some(), "woken (hand-off or peer closed)");
+                            tracing::debug!(conn = self.cookie, leased = !self.lease.is_home(), "woken (hand-off or peer closed)");
                             self.woken = true;
                             // Bytes to read or the peer closed: the socket
                             // is ours to poll again once the lease is back.
                             self.revoke();
-                            if self.lease.is_none() {
+                            if self.lease.is_home() {
                                 self.unpark();
                             }
                         }
@@ -288,7 +280,7 @@ impl Conn {
                     if let Flow::Close = self.check_timers().await { return; }
                 }
             }
-            if self.eof && self.lease.is_none() && self.outstanding() == 0 {
+            if self.eof && self.lease.is_home() && self.outstanding() == 0 {
                 return;
             }
         }
@@ -310,8 +302,8 @@ impl Conn {
             // connection itself, not just our descriptor.
             let _ = nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(&fd), nix::sys::socket::Shutdown::Both);
         }
-        if let Some(l) = self.lease.take() {
-            l.to.settled(self.cookie);
+        if let Some(to) = self.lease.take() {
+            to.settled(self.cookie);
         }
         for p in self.lease_peers.drain(..) {
             p.send(LeaseMsg::Forget { conn: self.cookie }, None);

@@ -38,7 +38,7 @@ impl Conn {
 
     /// Writes every response that is next in order.
     pub(super) async fn flush(&mut self) -> Flow {
-        while self.lease.is_none() {
+        while self.lease.is_home() {
             let Some(frames) = self.pending.get_mut(&self.next) else { break };
             let frames = std::mem::take(frames);
             let mut done = None;

@@ -172,7 +172,7 @@ impl Conn {
                 if queue_full || link.inflight.load(Ordering::Relaxed) + size > link.queue_bytes.max(size) {
                     return self.answer(seq, 503, "the pool's queue is full", h.close, true, h.method == "HEAD").await;
                 }
-                if h.expect_continue && self.next == seq && self.pending.is_empty() && self.lease.is_none() {
+                if h.expect_continue && self.next == seq && self.pending.is_empty() && self.lease.is_home() {
                     const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
                     self.write(CONTINUE).await;
                 }

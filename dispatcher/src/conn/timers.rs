@@ -21,8 +21,8 @@ impl Conn {
         if idle < header.min(Duration::from_secs(cfg.response_timeout_secs)) {
             return Flow::Continue;
         }
-        if let Some(l) = &self.lease {
-            if l.revoked.is_some_and(|t| t.elapsed() >= Duration::from_secs(cfg.response_timeout_secs)) {
+        if !self.lease.is_home() {
+            if self.lease.overdue(Duration::from_secs(cfg.response_timeout_secs), Instant::now()) {
                 // A worker that neither answers nor gives the connection
                 // back: nothing can be written on it in order any more.
                 tracing::warn!(

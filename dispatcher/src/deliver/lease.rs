@@ -41,12 +41,12 @@ pub struct LeaseTx {
 #[derive(Debug, Default)]
 struct LeaseQueue {
     msgs: std::collections::VecDeque<(LeaseMsg, Option<OwnedFd>)>,
-    /// Connection → (generation, progress entry) of the lease it has out
+    /// Connection → (generation, trace entry) of the lease it has out
     /// with this worker.
     granted: std::collections::HashMap<u64, (u32, u32)>,
-    /// Progress entries given back, and the next never used.
+    /// Trace entries given back, and the next never used.
     free: Vec<u32>,
-    next_slot: u32,
+    next_entry: u32,
 }
 
 impl LeaseTx {
@@ -60,19 +60,19 @@ impl LeaseTx {
             return false;
         }
         if let LeaseMsg::Grant { conn, from, gen, entry } = &mut msg {
-            let slot = match q.free.pop() {
+            let e = match q.free.pop() {
                 Some(s) => s,
-                None if (q.next_slot as usize) < worker::progress::ENTRIES => {
-                    q.next_slot += 1;
-                    q.next_slot - 1
+                None if (q.next_entry as usize) < worker::progress::ENTRIES => {
+                    q.next_entry += 1;
+                    q.next_entry - 1
                 }
                 None => NO_ENTRY,
             };
-            *entry = slot;
+            *entry = e;
             // Fresh before the worker sees it: a worker that dies without
             // reading the grant leaves this, not an earlier lease's trace.
-            self.progress.reset(slot, *conn, *from);
-            q.granted.insert(*conn, (*gen, slot));
+            self.progress.reset(e, *conn, *from);
+            q.granted.insert(*conn, (*gen, e));
         }
         if q.msgs.is_empty() {
             match send_lease(self.sock.get_ref(), &msg, fd.as_ref()) {
@@ -84,9 +84,9 @@ impl LeaseTx {
                     // The message did not go: a grant is not out.
                     tracing::debug!("lease socket: {e}");
                     if let LeaseMsg::Grant { conn, .. } = msg {
-                        if let Some((_, slot)) = q.granted.remove(&conn) {
-                            if slot != NO_ENTRY {
-                                q.free.push(slot);
+                        if let Some((_, e)) = q.granted.remove(&conn) {
+                            if e != NO_ENTRY {
+                                q.free.push(e);
                             }
                         }
                         return false;
@@ -103,9 +103,9 @@ impl LeaseTx {
     /// Connection `conn` has no lease out with this worker any more.
     pub fn settled(&self, conn: u64) {
         let mut q = self.queue.lock().unwrap();
-        if let Some((_, slot)) = q.granted.remove(&conn) {
-            if slot != NO_ENTRY {
-                q.free.push(slot);
+        if let Some((_, e)) = q.granted.remove(&conn) {
+            if e != NO_ENTRY {
+                q.free.push(e);
             }
         }
     }
@@ -113,8 +113,8 @@ impl LeaseTx {
     /// What the (dead) worker traced for `conn`'s lease `gen`: (the next
     /// response it would have written, one past the last request it took,
     /// bytes of the complete responses it wrote).
-    pub fn trace(&self, conn: u64, slot: u32) -> Option<worker::progress::Trace> {
-        let e = self.progress.entry(slot)?;
+    pub fn trace(&self, conn: u64, entry: u32) -> Option<worker::progress::Trace> {
+        let e = self.progress.entry(entry)?;
         (e.conn.load(std::sync::atomic::Ordering::Acquire) == conn).then(|| e.read())
     }
 
@@ -127,8 +127,8 @@ impl LeaseTx {
             q.msgs.clear();
             q.granted.drain().collect()
         };
-        for (conn, (gen, slot)) in lost {
-            conns.lease_lost(conn, gen, slot);
+        for (conn, (gen, entry)) in lost {
+            conns.lease_lost(conn, gen, entry);
         }
         self.wake.notify_one();
     }

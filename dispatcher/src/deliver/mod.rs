@@ -27,9 +27,9 @@ pub enum ToConn {
     /// Look at the socket: the kernel handed the connection to user space,
     /// or the peer closed while the connection was parked.
     Wake,
-    /// The worker holding lease `gen` (progress entry `slot`) died without
+    /// The worker holding lease `gen` (trace entry `entry`) died without
     /// giving it back.
-    LeaseLost { gen: u32, slot: u32 },
+    LeaseLost { gen: u32, entry: u32 },
     /// A worker died having taken requests of this connection (it held no
     /// lease on it) and not answered them: one past the last it took, and
     /// bit `seq % 64` of each unanswered one.
@@ -118,9 +118,9 @@ impl Conns {
     }
 
     /// Tells connection `cookie` its lease `gen` is lost.
-    pub fn lease_lost(&self, cookie: u64, gen: u32, slot: u32) {
+    pub fn lease_lost(&self, cookie: u64, gen: u32, entry: u32) {
         if let Some(tx) = self.live.lock().unwrap().get(&cookie) {
-            let _ = tx.send(ToConn::LeaseLost { gen, slot });
+            let _ = tx.send(ToConn::LeaseLost { gen, entry });
         }
     }
 
