@@ -511,3 +511,6 @@ impl Machine {
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
     }
 }
+
+#[cfg(test)]
+mod tests;
