@@ -369,3 +369,6 @@ async fn terminate(child: &mut tokio::process::Child, pid: u32, grace: Duration)
         let _ = child.kill().await;
     }
 }
+
+#[cfg(test)]
+mod tests;
