@@ -21,7 +21,7 @@
 //! worker's environment, fd numbers and handles), the restart limits, the
 //! worker's spec and the errors.
 
-use std::{os::fd::OwnedFd, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 /// The launch contract (env names, fd numbers, handles) lives with the
 /// rest of the dispatcher–worker contract; these paths stay for callers.
