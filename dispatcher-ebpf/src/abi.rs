@@ -21,8 +21,9 @@ pub const HEAD_MAX: usize = 4096;
 /// Body bytes carried by one ring record.
 pub const BODY_CHUNK: usize = 4096;
 
-/// Ring slots: one ring per (pool, worker) pair. Pools are numbered from 0.
-pub const MAX_SLOTS: u32 = 64;
+/// Rings: one per worker slot of a pool (per (pool, worker) pair), indexed
+/// globally in `rings` and `ring_awake`. Pools are numbered from 0.
+pub const MAX_RINGS: u32 = 64;
 
 /// Pools the route table can name.
 pub const MAX_POOLS: u32 = 64;
@@ -70,8 +71,8 @@ pub struct Event {
     pub cookie: u64,
     /// `EVENT_*`.
     pub kind: u32,
-    /// The ring slot ([`EVENT_DEMAND`]).
-    pub slot: u32,
+    /// The ring ([`EVENT_DEMAND`]).
+    pub ring: u32,
 }
 
 /// The verdict handed connection `cookie` to user space.
@@ -206,8 +207,8 @@ pub struct ConnState {
     pub mode: u32,
     /// Sequence number of the request being framed (= requests framed so far).
     pub seq: u32,
-    /// Ring slot of the request whose body is being copied.
-    pub slot: u32,
+    /// Ring of the request whose body is being copied.
+    pub ring: u32,
     /// Pool of that request.
     pub pool: u32,
     /// Head bytes of the current request buffered in `rec.data`.
@@ -268,8 +269,8 @@ pub type RouteKeyData = [u8; ROUTE_KEY_LEN];
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolInfo {
-    /// First ring slot of the pool.
-    pub first_slot: u32,
+    /// The ring of the pool's slot 0 (slot k's is `first_ring + k`).
+    pub first_ring: u32,
     /// Number of slots (workers) of the pool; 0 means the pool is stopped.
     pub slots: u32,
     /// Queue limit in bytes of queued records per slot; above it the

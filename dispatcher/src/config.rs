@@ -12,7 +12,7 @@ use std::{
 };
 
 use dispatcher_ebpf::{
-    abi::{MAX_POOLS, MAX_ROUTE_ENTRIES, MAX_SLOTS},
+    abi::{MAX_POOLS, MAX_RINGS, MAX_ROUTE_ENTRIES},
     route::{route_keys, RouteError, MAX_ROUTE_PREFIX},
 };
 use serde::Deserialize;
@@ -399,7 +399,7 @@ impl Config {
         if raw.pool.is_empty() {
             return Err(cx.err(None, "no `[[pool]]` defined: at least one pool is needed"));
         }
-        if raw.pool.len() > MAX_POOLS as usize || raw.pool.len() > MAX_SLOTS as usize {
+        if raw.pool.len() > MAX_POOLS as usize || raw.pool.len() > MAX_RINGS as usize {
             return Err(cx.err(None, format!("{} pools defined; at most {} are supported", raw.pool.len(), MAX_POOLS)));
         }
         let mut names = HashSet::new();
@@ -512,10 +512,10 @@ impl Config {
                 ));
             }
             slots_used += max_processes;
-            if slots_used > MAX_SLOTS {
+            if slots_used > MAX_RINGS {
                 return Err(cx.err(
                     p.max_processes.as_ref().map(|v| v.span()),
-                    format!("pool `{name}`: the pools need {slots_used} worker slots; at most {MAX_SLOTS} fit"),
+                    format!("pool `{name}`: the pools need {slots_used} worker slots; at most {MAX_RINGS} fit"),
                 ));
             }
             let ping_response_limit_secs =

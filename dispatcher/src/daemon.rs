@@ -172,8 +172,7 @@ fn watch_events(ring: aya::maps::RingBuf<aya::maps::MapData>, conns: Arc<Conns>,
                 match e.kind {
                     EVENT_HANDOFF => conns.wake(e.cookie),
                     EVENT_DEMAND => {
-                        // `Event::slot` is the ring the head was committed on.
-                        let ring = e.slot as usize;
+                        let ring = e.ring as usize;
                         if let Some(p) = pools.for_ring(ring) {
                             p.slots[ring - p.first_ring].signals.demand.notify_one();
                         }

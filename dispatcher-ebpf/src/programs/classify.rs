@@ -111,7 +111,7 @@ fn handoff(st: &mut ConnState, cookie: u64, why: u32, pool: u32, skip: u32, pref
     queue::count_handoff(why, pool);
     // Lost only if the dispatcher stopped reading the ring; it then finds
     // the hand-off at its next idle check of the connection.
-    let _ = events.output(Event { cookie, kind: EVENT_HANDOFF, slot: 0 }, 0);
+    let _ = events.output(Event { cookie, kind: EVENT_HANDOFF, ring: 0 }, 0);
     SK_PASS
 }
 
@@ -210,8 +210,8 @@ fn head_step(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32, len
     };
     let close = if st.scan.wants_close() { REC_CLOSE } else { 0 };
     let flags = close | if cl == 0 { REC_LAST } else { 0 };
-    let slot = match queue::push_head(st, cookie, pool, end, cl, flags) {
-        Ok(slot) => slot,
+    let ring = match queue::push_head(st, cookie, pool, end, cl, flags) {
+        Ok(ring) => ring,
         Err(why) => return Next::Handoff { reason: why, pool, skip: off },
     };
     let consumed = end - old;
@@ -219,7 +219,7 @@ fn head_step(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32, len
     if cl > 0 {
         st.mode = MODE_BODY;
         st.body_left = cl;
-        st.slot = slot;
+        st.ring = ring;
         st.pool = pool;
         st.req_flags = close as u32;
     } else {

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use dispatcher_ebpf::abi::{
     reason, verdict, Config, ConnState, Event, GuardConfig, PoolCounters, PoolInfo, RateState, RouteKeyData,
-    RouteValue, SlowCounters, GUARD_MAX_CIDRS, GUARD_MAX_SOURCES, MAX_POOLS, MAX_ROUTE_ENTRIES, MAX_SLOTS,
+    RouteValue, SlowCounters, GUARD_MAX_CIDRS, GUARD_MAX_SOURCES, MAX_POOLS, MAX_RINGS, MAX_ROUTE_ENTRIES,
 };
 
 /// Connections accepted on the listening port, keyed by socket cookie.
@@ -39,12 +39,12 @@ pub static pools: Array<PoolInfo, { MAX_POOLS as usize }> = Array::new();
 /// Ring slot → the ring buffer its worker consumes. The inner rings are
 /// created by the dispatcher, one per slot; the size here is the template's.
 #[btf_map]
-pub static rings: ArrayOfMaps<RingBuf<u8, { 1 << 22 }>, { MAX_SLOTS as usize }> = ArrayOfMaps::new();
+pub static rings: ArrayOfMaps<RingBuf<u8, { 1 << 22 }>, { MAX_RINGS as usize }> = ArrayOfMaps::new();
 
 /// Ring slot → its worker's awake flag (one mmapable u32 per slot, the
 /// worker holding only its own; see `abi::RING_AWAKE_YES`).
 #[btf_map]
-pub static ring_awake: ArrayOfMaps<Array<u32, 1, { BPF_F_MMAPABLE as usize }>, { MAX_SLOTS as usize }> =
+pub static ring_awake: ArrayOfMaps<Array<u32, 1, { BPF_F_MMAPABLE as usize }>, { MAX_RINGS as usize }> =
     ArrayOfMaps::new();
 
 /// Global settings, index 0.

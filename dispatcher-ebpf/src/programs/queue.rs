@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use dispatcher_ebpf::abi::{
-    reason, BodyRecord, ConnState, Event, RecordHeader, BODY_CHUNK, EVENT_DEMAND, HEAD_MAX, MAX_POOLS, MAX_SLOTS,
+    reason, BodyRecord, ConnState, Event, RecordHeader, BODY_CHUNK, EVENT_DEMAND, HEAD_MAX, MAX_POOLS, MAX_RINGS,
     RECORD_BODY, RECORD_HEAD, RECORD_HEADER_LEN, RECORD_WAKE, REC_LAST, RING_AWAKE_NO, RING_AWAKE_NO_WORKER,
     RING_AWAKE_YES, UNROUTED,
 };
@@ -32,15 +32,15 @@ pub const MAX_GARDEN: u32 = 8;
 const RING_OVERHEAD: u64 = 8 + 8;
 
 #[inline(always)]
-fn ring_ptr(slot: u32) -> Option<*mut c_void> {
-    rings.get(slot).map(|r| r as *const _ as *mut c_void)
+fn ring_ptr(index: u32) -> Option<*mut c_void> {
+    rings.get(index).map(|r| r as *const _ as *mut c_void)
 }
 
-/// Slot `slot`'s awake flag (one lookup per request: the same pointer
+/// Ring `index`'s awake flag (one lookup per request: the same pointer
 /// serves the look before the commit and the one after it).
 #[inline(always)]
-fn awake_flag(slot: u32) -> Option<*mut u32> {
-    ring_awake.get_value_ptr_mut(slot, &0)
+fn awake_flag(index: u32) -> Option<*mut u32> {
+    ring_awake.get_value_ptr_mut(index, &0)
 }
 
 /// Reads the flag. A plain read is enough for the second look, after a
@@ -72,10 +72,10 @@ fn commit_flags(flag: Option<*mut u32>) -> (u64, bool) {
 /// after a commit without wake-up, if the worker went to sleep meanwhile,
 /// wake it (it may have looked at the ring before the commit).
 #[inline(always)]
-fn after_commit(ring: *mut c_void, slot: u32, flag: Option<*mut u32>, suppressed: bool) {
+fn after_commit(ring: *mut c_void, index: u32, flag: Option<*mut u32>, suppressed: bool) {
     let now = read_awake(flag);
     if now == RING_AWAKE_NO_WORKER {
-        let _ = events.output(Event { cookie: 0, kind: EVENT_DEMAND, slot }, 0);
+        let _ = events.output(Event { cookie: 0, kind: EVENT_DEMAND, ring: index }, 0);
     } else if suppressed && now == RING_AWAKE_NO {
         let mut wake = RecordHeader { kind: RECORD_WAKE, ..RecordHeader::default() };
         // SAFETY: ring buffer map; a stack record of constant size.
@@ -98,7 +98,7 @@ fn body_space(body: u64) -> u64 {
 }
 
 /// Queues the head in `st.rec` (its first `end` data bytes) for `pool`.
-/// Returns the slot it went to, or the hand-off reason.
+/// Returns the ring it went to, or the hand-off reason.
 #[inline(always)]
 pub fn push_head(
     st: &mut ConnState,
@@ -121,7 +121,7 @@ pub fn push_head(
     // empty) keep a connection on one worker and spread connections over
     // the web garden.
     let home = (cookie % slots as u64) as u32;
-    let mut best = info.first_slot;
+    let mut best = info.first_ring;
     let mut best_q = u64::MAX;
     // The chosen slot's real depth (best_q may include the scale-out
     // penalty, which steers the choice but is no queued data).
@@ -132,21 +132,21 @@ pub fn push_head(
             break;
         }
         let k = home + i;
-        let slot = info.first_slot + if k >= slots { k - slots } else { k };
-        if slot >= MAX_SLOTS {
+        let index = info.first_ring + if k >= slots { k - slots } else { k };
+        if index >= MAX_RINGS {
             break;
         }
-        if let Some(r) = ring_ptr(slot) {
+        if let Some(r) = ring_ptr(index) {
             // SAFETY: `r` is a ring buffer map.
             let depth = unsafe { bpf_ringbuf_query(r, BPF_RB_AVAIL_DATA as u64) };
             let mut q = depth;
-            if slots > 1 && read_awake(awake_flag(slot)) == RING_AWAKE_NO_WORKER {
+            if slots > 1 && read_awake(awake_flag(index)) == RING_AWAKE_NO_WORKER {
                 q += info.scale_out_bytes as u64;
             }
             if q < best_q {
                 best_q = q;
                 best_depth = depth;
-                best = slot;
+                best = index;
             }
         }
         i += 1;
@@ -196,7 +196,7 @@ const MAX_BODY_RECORDS: u32 = 32;
 /// queued, and whether the ring refused a record (full).
 #[inline(always)]
 pub fn push_body(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32, n: u32) -> (u32, bool) {
-    let Some(ring) = ring_ptr(st.slot) else { return (0, true) };
+    let Some(ring) = ring_ptr(st.ring) else { return (0, true) };
     let mut done: u32 = 0;
     let mut failed = false;
     let mut i = 0;

@@ -1,6 +1,6 @@
 //! The pools' queues in the kernel: one BPF ring buffer and one awake flag
 //! per worker slot, indexed by *ring* (the global index the verdict program
-//! selects in `rings` and `ring_awake`, `0..MAX_SLOTS`), and each pool's
+//! selects in `rings` and `ring_awake`, `0..MAX_RINGS`), and each pool's
 //! entry in `pools` (its first ring, its slot count, its queue limits).
 //!
 //! A pool's *slot* k (`0..max_processes`, its web garden) is ring
@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{Array, Map, MapData};
-use dispatcher_ebpf::abi::{PoolInfo, RecordHeader, MAX_POOLS, MAX_SLOTS, RECORD_HEAD, RING_AWAKE_NO_WORKER};
+use dispatcher_ebpf::abi::{PoolInfo, RecordHeader, MAX_POOLS, MAX_RINGS, RECORD_HEAD, RING_AWAKE_NO_WORKER};
 
 use super::sys::{delete_elem, update_fd_elem};
 use crate::config::Pool;
@@ -133,7 +133,7 @@ impl Rings {
             pools: Array::try_from(pools)?,
             rings_map: data(rings, "rings")?,
             awake_map: data(awake, "ring_awake")?,
-            rings: (0..MAX_SLOTS).map(|_| None).collect(),
+            rings: (0..MAX_RINGS).map(|_| None).collect(),
             pool_slots: vec![0; MAX_POOLS as usize],
         })
     }
@@ -189,7 +189,7 @@ impl Rings {
         }
         self.pool_slots[index as usize] = p.max_processes;
         let info = PoolInfo {
-            first_slot: first_ring as u32,
+            first_ring: first_ring as u32,
             slots: p.max_processes,
             queue_bytes: p.queue_bytes,
             scale_out_bytes: p.scale_out_queue_bytes,

@@ -86,9 +86,9 @@ impl Conn {
             // up the tail-call budget): the head and part of the body are
             // in the worker's ring; the rest goes over its control socket.
             s.body_left = st.body_left;
-            // The head went through the kernel to ring slot `st.slot`.
+            // The head went through the kernel to ring `st.ring`.
             if let Some(link) = self.ctx.pools.get(st.pool) {
-                let slot = (st.slot as usize).saturating_sub(link.first_ring);
+                let slot = (st.ring as usize).saturating_sub(link.first_ring);
                 s.body_to = BodyTo::Pool { link, slot, seq: st.seq, close: st.req_flags != 0 };
             }
             s.seq = st.seq + 1;

@@ -29,7 +29,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use dispatcher_ebpf::abi::{MAX_POOLS, MAX_SLOTS};
+use dispatcher_ebpf::abi::{MAX_POOLS, MAX_RINGS};
 
 use super::{launch::Launch, slot::supervise, Context, PoolLink};
 use crate::{
@@ -88,7 +88,7 @@ impl Registry {
         Registry {
             links: RwLock::new((0..MAX_POOLS).map(|_| None).collect()),
             rings: Mutex::new(Alloc {
-                used: vec![false; MAX_SLOTS as usize],
+                used: vec![false; MAX_RINGS as usize],
                 index_used: vec![false; MAX_POOLS as usize],
                 next_ring: 0,
                 next_index: 0,
@@ -320,7 +320,7 @@ impl Registry {
                         reg.release(index, slots);
                     }
                     bail!(
-                        "not enough free worker slots or pool indices for the new pools ({MAX_SLOTS} slots and {MAX_POOLS} pools at most, \
+                        "not enough free worker slots or pool indices for the new pools ({MAX_RINGS} slots and {MAX_POOLS} pools at most, \
                          counting pools still retiring); nothing was changed; try again when they have stopped"
                     );
                 }
