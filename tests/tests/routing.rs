@@ -114,3 +114,30 @@ fn unrouted_requests_get_404() {
     let r = c.get("x", "/only/here");
     assert_eq!((r.status, r.pool()), (200, "only"));
 }
+
+/// `/api` and `/api/` in two pools: `/api` stores the keys `/api\0` and
+/// `/api/`, the second shared with the other pool's route. The longer
+/// route prefix owns what both match, on the fast path and the slow path
+/// alike, however the pools are listed.
+#[test]
+fn a_prefix_with_and_without_its_slash_in_two_pools() {
+    if !privileged() {
+        return;
+    }
+    for pools in [
+        [PoolDef::echo("bare", &["*/api"]), PoolDef::echo("dir", &["*/api/"])],
+        [PoolDef::echo("dir", &["*/api/"]), PoolDef::echo("bare", &["*/api"])],
+    ] {
+        let d = Dispatcher::start(&pools, "");
+        let mut c = d.connect();
+        for (path, pool) in [("/api", "bare"), ("/api?x=1", "bare"), ("/api/", "dir"), ("/api/v1/x", "dir")] {
+            let r = c.get("x.test", path);
+            assert_eq!((r.status, r.pool()), (200, pool), "{path}");
+        }
+        assert_eq!(c.get("x.test", "/apix").status, 404);
+        // The slow path routes with the same table (a percent-encoded path
+        // is routed in user space on its decoded form).
+        let r = c.get("x.test", "/api/%761");
+        assert_eq!((r.status, r.pool()), (200, "dir"), "slow path");
+    }
+}

@@ -58,16 +58,31 @@ impl RouteTable {
     /// routes): new keys are written first, then stale ones deleted, so a
     /// lookup finds the old route or the new one, never none.
     pub fn set<'a>(&mut self, routes: impl IntoIterator<Item = (u32, &'a [Route])>) -> Result<()> {
-        let mut want = HashMap::new();
+        // Key → (length of the route prefix that wrote it, pool). `/app`
+        // is stored as `/app\0` and `/app/`, so it shares `/app/` with a
+        // route `/app/` of another pool: the longer route prefix owns it
+        // (longest prefix wins, as for any other pair), whatever the order
+        // the pools come in; equal ones (`A.test/x` and `a.test/x`) go to
+        // the lower pool index.
+        let mut owners: HashMap<(u32, RouteKeyData), (usize, u32)> = HashMap::new();
         for (pool, rs) in routes {
             for r in rs {
                 let h = r.host.as_deref().map(|h| host_hash(h.as_bytes())).unwrap_or(WILDCARD_HOST);
                 let (keys, n) = route_keys(h, r.prefix.as_bytes()).map_err(|e| anyhow!("route {r}: {e:?}"))?;
                 for k in &keys[..n] {
-                    want.insert((k.prefix_len, k.data), pool);
+                    let claim = (r.prefix.len(), pool);
+                    owners
+                        .entry((k.prefix_len, k.data))
+                        .and_modify(|o| {
+                            if claim.0 > o.0 || (claim.0 == o.0 && claim.1 < o.1) {
+                                *o = claim;
+                            }
+                        })
+                        .or_insert(claim);
                 }
             }
         }
+        let mut want: HashMap<(u32, RouteKeyData), u32> = owners.into_iter().map(|(k, (_, pool))| (k, pool)).collect();
         let old = std::mem::take(&mut self.keys);
         let mut err = None;
         let mut failed = Vec::new();
