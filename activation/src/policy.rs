@@ -42,3 +42,23 @@ pub struct Policy {
     pub recycle_interval: Option<Duration>,
     pub recycle_private_kib: Option<u64>,
 }
+
+#[cfg(test)]
+impl Policy {
+    /// A start mode and the start-up and shutdown limits, nothing else
+    /// (no idle time-out, rapid-fail, ping or recycling): what the tests
+    /// add to.
+    pub(crate) fn bare(start: StartMode, startup_limit: Duration, shutdown_limit: Duration) -> Policy {
+        Policy {
+            start,
+            idle_timeout: None,
+            rapid_fail: None,
+            ping: None,
+            startup_limit,
+            shutdown_limit,
+            recycle_requests: None,
+            recycle_interval: None,
+            recycle_private_kib: None,
+        }
+    }
+}

@@ -21,7 +21,6 @@
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    ptr::NonNull,
     sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
 
@@ -99,13 +98,10 @@ impl Entry {
 /// A worker's entries, mapped.
 #[derive(Debug)]
 pub struct ProgressMap {
-    ptr: NonNull<Entry>,
-    len: usize,
+    /// `ENTRIES` entries, then `LOOSE_ENTRIES` loose ones (shared memory
+    /// accessed only through atomics).
+    map: memmap2::MmapRaw,
 }
-
-// SAFETY: shared memory accessed only through atomics.
-unsafe impl Send for ProgressMap {}
-unsafe impl Sync for ProgressMap {}
 
 impl ProgressMap {
     /// Makes a new zeroed map (pages are allocated as they are touched);
@@ -133,32 +129,21 @@ impl ProgressMap {
     }
 
     fn map_fd(fd: &OwnedFd) -> io::Result<ProgressMap> {
-        let len = MAP_BYTES;
-        // SAFETY: a shared mapping of the whole file.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(ProgressMap { ptr: NonNull::new(p as *mut Entry).expect("mmap returned null"), len })
+        Ok(ProgressMap { map: memmap2::MmapOptions::new().len(MAP_BYTES).map_raw(fd.as_raw_fd())? })
+    }
+
+    fn entries(&self) -> *const Entry {
+        self.map.as_ptr() as *const Entry
     }
 
     pub fn entry(&self, i: u32) -> Option<&Entry> {
         // SAFETY: in bounds of the mapping, which lives as long as self.
-        ((i as usize) < ENTRIES).then(|| unsafe { &*self.ptr.as_ptr().add(i as usize) })
+        ((i as usize) < ENTRIES).then(|| unsafe { &*self.entries().add(i as usize) })
     }
 
     fn loose(&self, i: u32) -> Option<&Entry> {
         // SAFETY: in bounds of the mapping, which lives as long as self.
-        ((i as usize) < LOOSE_ENTRIES).then(|| unsafe { &*self.ptr.as_ptr().add(ENTRIES + i as usize) })
+        ((i as usize) < LOOSE_ENTRIES).then(|| unsafe { &*self.entries().add(ENTRIES + i as usize) })
     }
 
     /// After the worker's death: per connection it had no lease on, one
@@ -272,12 +257,5 @@ impl Loose {
         let r = (e.taken.load(Ordering::Relaxed), e.in_flight.swap(0, Ordering::Relaxed));
         e.conn.store(0, Ordering::Release);
         r
-    }
-}
-
-impl Drop for ProgressMap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping our own mapping.
-        unsafe { libc::munmap(self.ptr.as_ptr() as *mut _, self.len) };
     }
 }

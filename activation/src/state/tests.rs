@@ -8,17 +8,7 @@ const STARTUP_LIMIT: Duration = Duration::from_secs(10);
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(5);
 
 fn policy(start: StartMode) -> Policy {
-    Policy {
-        start,
-        idle_timeout: None,
-        rapid_fail: None,
-        ping: None,
-        startup_limit: STARTUP_LIMIT,
-        shutdown_limit: SHUTDOWN_LIMIT,
-        recycle_requests: None,
-        recycle_interval: None,
-        recycle_private_kib: None,
-    }
+    Policy::bare(start, STARTUP_LIMIT, SHUTDOWN_LIMIT)
 }
 
 fn always() -> Policy {

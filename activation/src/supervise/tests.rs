@@ -95,17 +95,7 @@ fn spec(script: &str) -> WorkerSpec {
 }
 
 fn policy(start: StartMode) -> Policy {
-    Policy {
-        start,
-        idle_timeout: None,
-        rapid_fail: None,
-        ping: None,
-        startup_limit: Duration::from_secs(600),
-        shutdown_limit: Duration::from_secs(10),
-        recycle_requests: None,
-        recycle_interval: None,
-        recycle_private_kib: None,
-    }
+    Policy::bare(start, Duration::from_secs(600), Duration::from_secs(10))
 }
 
 fn alive(pid: u32) -> bool {

@@ -117,33 +117,17 @@ pub fn render(ctx: &Context) -> String {
         let n = l.slots.iter().filter(|s| s.worker.lock().unwrap().is_some()).count();
         let _ = writeln!(out, "dispatcher_workers{{pool=\"{}\"}} {n}", l.name);
     }
-    help(
-        &mut out,
-        "dispatcher_worker_starts_total",
-        "counter",
-        "Worker processes started (restarts and recycles included).",
-    );
-    for l in &links {
-        let _ = writeln!(
-            out,
-            "dispatcher_worker_starts_total{{pool=\"{}\"}} {}",
-            l.name,
-            l.slots.iter().map(|s| s.starts.load(Relaxed)).sum::<u64>()
-        );
-    }
-    help(
-        &mut out,
-        "dispatcher_worker_crashes_total",
-        "counter",
-        "Worker processes that exited uncleanly or were killed.",
-    );
-    for l in &links {
-        let _ = writeln!(
-            out,
-            "dispatcher_worker_crashes_total{{pool=\"{}\"}} {}",
-            l.name,
-            l.slots.iter().map(|s| s.crashes.load(Relaxed)).sum::<u64>()
-        );
+    type Count = fn(&crate::pool::SlotLink) -> &std::sync::atomic::AtomicU64;
+    let per_slot: [(&str, &str, Count); 2] = [
+        ("dispatcher_worker_starts_total", "Worker processes started (restarts and recycles included).", |s| &s.starts),
+        ("dispatcher_worker_crashes_total", "Worker processes that exited uncleanly or were killed.", |s| &s.crashes),
+    ];
+    for (name, what, count) in per_slot {
+        help(&mut out, name, "counter", what);
+        for l in &links {
+            let n: u64 = l.slots.iter().map(|s| count(s).load(Relaxed)).sum();
+            let _ = writeln!(out, "{name}{{pool=\"{}\"}} {n}", l.name);
+        }
     }
     help(
         &mut out,

@@ -95,24 +95,14 @@ impl Guard {
             if allow { "allow" } else { "deny" },
             if matches!(net, IpNet::V4(_)) { "v4" } else { "v6" }
         );
-        let r = match (net, allow) {
-            (IpNet::V4(n), a) => {
-                let t = if a { &mut self.allow_v4 } else { &mut self.deny_v4 };
-                let k = Key::new(n.prefix_len() as u32, n.network().octets());
-                if add {
-                    t.insert(&k, 1, 0)
-                } else {
-                    t.remove(&k)
-                }
+        let r = match net {
+            IpNet::V4(n) => {
+                let t = if allow { &mut self.allow_v4 } else { &mut self.deny_v4 };
+                set_entry(t, Key::new(n.prefix_len() as u32, n.network().octets()), add)
             }
-            (IpNet::V6(n), a) => {
-                let t = if a { &mut self.allow_v6 } else { &mut self.deny_v6 };
-                let k = Key::new(n.prefix_len() as u32, n.network().octets());
-                if add {
-                    t.insert(&k, 1, 0)
-                } else {
-                    t.remove(&k)
-                }
+            IpNet::V6(n) => {
+                let t = if allow { &mut self.allow_v6 } else { &mut self.deny_v6 };
+                set_entry(t, Key::new(n.prefix_len() as u32, n.network().octets()), add)
             }
         };
         if let Err(e) = r {
@@ -174,6 +164,15 @@ impl Guard {
             "deny": self.deny.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
             "counters": counters(&self.stats),
         })
+    }
+}
+
+/// Adds (`add`) or removes `key` in a guard list's trie.
+fn set_entry<K: aya::Pod>(t: &mut LpmTrie<MapData, K, u8>, key: Key<K>, add: bool) -> Result<(), aya::maps::MapError> {
+    if add {
+        t.insert(&key, 1, 0)
+    } else {
+        t.remove(&key)
     }
 }
 

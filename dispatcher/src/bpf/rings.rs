@@ -51,63 +51,55 @@ struct RingMaps {
 /// (read-write) and the ring's consumer and producer positions (read-only
 /// mappings of the ring's first two pages).
 struct RingView {
-    flag: *mut AtomicU32,
-    pos: *const AtomicU64,
+    flag: memmap2::MmapRaw,
+    pos: memmap2::MmapRaw,
     page: usize,
 }
-
-// SAFETY: shared memory accessed only through atomics.
-unsafe impl Send for RingView {}
 
 impl RingView {
     fn map(flag: &MapData, ring: &MapData) -> Result<RingView> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let map = |fd: RawFd, len: usize, prot: i32| {
-            // SAFETY: a fresh shared mapping of a BPF map's pages.
-            let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, 0) };
-            if p == libc::MAP_FAILED {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(p)
-            }
-        };
-        let f = map(raw(flag), page, libc::PROT_READ | libc::PROT_WRITE).context("mapping an awake flag")?;
-        let r = map(raw(ring), 2 * page, libc::PROT_READ).context("mapping a ring's positions")?;
-        Ok(RingView { flag: f as *mut _, pos: r as *const _, page })
+        let f = memmap2::MmapOptions::new().len(page).map_raw(raw(flag)).context("mapping an awake flag")?;
+        let r = memmap2::MmapOptions::new()
+            .len(2 * page)
+            .map_raw_read_only(raw(ring))
+            .context("mapping a ring's positions")?;
+        Ok(RingView { flag: f, pos: r, page })
+    }
+
+    fn flag(&self) -> &AtomicU32 {
+        // SAFETY: value 0 of the flag's array, at the start of its page,
+        // mapped for the life of self and only accessed atomically.
+        unsafe { &*(self.flag.as_mut_ptr() as *const AtomicU32) }
+    }
+
+    /// The position at the start of page `k` of the ring (0: consumer,
+    /// 1: producer).
+    fn position(&self, k: usize) -> &AtomicU64 {
+        // SAFETY: within the two mapped pages, aligned, written by the
+        // kernel and the consumer with atomic stores only.
+        unsafe { &*(self.pos.as_ptr().add(k * self.page) as *const AtomicU64) }
     }
 
     /// Marks the ring workerless, then says whether requests wait on it.
     /// In this order, against the verdict's commit-then-read: either it
     /// sees the mark (and raises a demand) or this sees its record.
     fn vacate(&self) -> bool {
-        // SAFETY: mapped for the life of self.
-        unsafe { (*self.flag).swap(RING_AWAKE_NO_WORKER, SeqCst) };
+        self.flag().swap(RING_AWAKE_NO_WORKER, SeqCst);
         let (consumed, produced) = self.positions();
         produced != consumed
     }
 
     /// The ring's consumer and producer positions (bytes).
     fn positions(&self) -> (u64, u64) {
-        // SAFETY: mapped for the life of self.
-        unsafe { ((*self.pos).load(SeqCst), (*self.pos.byte_add(self.page)).load(SeqCst)) }
+        (self.position(0).load(SeqCst), self.position(1).load(SeqCst))
     }
 
     fn progress(&self) -> activation::Progress {
-        // SAFETY: mapped for the life of self.
-        let flag = unsafe { (*self.flag).load(SeqCst) };
+        let flag = self.flag().load(SeqCst);
         let (consumed, produced) = self.positions();
         activation::Progress { ready: flag != RING_AWAKE_NO_WORKER, consumed, queued: produced != consumed }
-    }
-}
-
-impl Drop for RingView {
-    fn drop(&mut self) {
-        // SAFETY: unmapping our own mappings.
-        unsafe {
-            libc::munmap(self.flag as *mut _, self.page);
-            libc::munmap(self.pos as *mut _, 2 * self.page);
-        }
     }
 }
 

@@ -15,7 +15,7 @@ mod slot;
 
 use std::sync::{Arc, Mutex};
 
-pub use link::PoolLink;
+pub use link::{PoolLink, SlotLink};
 pub use registry::Registry;
 
 use crate::{access_log::AccessLog, bpf::Rings, deliver::Conns};

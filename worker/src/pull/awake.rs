@@ -4,7 +4,6 @@
 
 use std::{
     os::fd::{AsRawFd, OwnedFd},
-    ptr::NonNull,
     sync::atomic::{AtomicU32, Ordering},
 };
 
@@ -12,40 +11,21 @@ use dispatcher_ebpf::abi::{RING_AWAKE_NO, RING_AWAKE_NO_WORKER, RING_AWAKE_YES};
 
 /// The slot's flag: value 0 of a one-entry mmapable BPF array.
 pub(crate) struct Awake {
-    page: NonNull<AtomicU32>,
-    len: usize,
+    page: memmap2::MmapRaw,
     _fd: OwnedFd,
 }
 
-// SAFETY: the mapping is shared memory accessed only through atomics.
-unsafe impl Send for Awake {}
-unsafe impl Sync for Awake {}
-
 impl Awake {
     pub(crate) fn map(fd: OwnedFd) -> std::io::Result<Awake> {
-        // SAFETY: sysconf has no preconditions.
-        let len = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        // SAFETY: a fresh shared mapping of the map's value area.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let page = NonNull::new(p as *mut AtomicU32).expect("mmap returned null");
-        Ok(Awake { page, len, _fd: fd })
+        // The map's value area: its first page.
+        let page = memmap2::MmapOptions::new().len(page_size()).map_raw(fd.as_raw_fd())?;
+        Ok(Awake { page, _fd: fd })
     }
 
     fn flag(&self) -> &AtomicU32 {
-        // SAFETY: the mapping lives as long as self; value 0 is at offset 0.
-        unsafe { self.page.as_ref() }
+        // SAFETY: the mapping lives as long as self; value 0 is at offset 0,
+        // aligned (a page), and only ever accessed atomically.
+        unsafe { &*(self.page.as_mut_ptr() as *const AtomicU32) }
     }
 
     /// Draining: no wake-ups needed.
@@ -69,9 +49,7 @@ impl Awake {
     }
 }
 
-impl Drop for Awake {
-    fn drop(&mut self) {
-        // SAFETY: unmapping our own mapping.
-        unsafe { libc::munmap(self.page.as_ptr() as *mut _, self.len) };
-    }
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
