@@ -26,7 +26,7 @@ pub fn status(ctx: &Context) -> Value {
 /// Each pool: state, workers (pid, uptime), queue depth per slot,
 /// requests, restarts, rapid-fail state.
 pub fn pools(ctx: &Context) -> Value {
-    let k = ctx.pools.ctx.rings.lock().unwrap();
+    let k = ctx.pools.rings();
     let mut out = Vec::new();
     for l in ctx.pools.all() {
         let def = l.def.lock().unwrap().clone();
@@ -80,7 +80,7 @@ pub fn routes(ctx: &Context) -> Value {
 
 /// Live queue depth per pool slot.
 pub fn queues(ctx: &Context) -> Value {
-    let k = ctx.pools.ctx.rings.lock().unwrap();
+    let k = ctx.pools.rings();
     let mut out = Vec::new();
     for l in ctx.pools.all() {
         for i in 0..l.slots.len() {

@@ -100,7 +100,7 @@ pub fn render(ctx: &Context) -> String {
         let _ = writeln!(out, "dispatcher_queue_full_total{{pool=\"{}\"}} {full}", l.name);
     }
     help(&mut out, "dispatcher_queue_bytes", "gauge", "Bytes queued on a worker slot's ring, not consumed yet.");
-    let k = ctx.pools.ctx.rings.lock().unwrap();
+    let k = ctx.pools.rings();
     for l in &links {
         for i in 0..l.slots.len() {
             let _ = writeln!(

@@ -1,4 +1,6 @@
-//! Which connection task a worker's response goes to.
+//! Where a worker's output meets the connection tasks: which task a
+//! response frame (or a lease release) goes to, and the dispatcher's end
+//! of each worker's lease socket (`lease`).
 //!
 //! A fast-path request can be framed by the kernel, served by a worker
 //! and answered before `accept()` has even returned the connection here,

@@ -48,7 +48,7 @@ pub struct Registry {
     reloading: tokio::sync::Mutex<()>,
     run_dir: PathBuf,
     /// What the pools' slots and channels use.
-    pub ctx: Arc<Context>,
+    ctx: Arc<Context>,
     /// The pool counters (zeroed for a reused index).
     counters: Arc<Counters>,
     /// The route table (written only here).
@@ -169,6 +169,11 @@ impl Registry {
         rows.into_iter().map(|(h, p, n, i)| (h.unwrap_or_else(|| "*".into()), p, n, i)).collect()
     }
 
+    /// The rings, awake flags and pool entries (for queue depths).
+    pub fn rings(&self) -> std::sync::MutexGuard<'_, crate::bpf::Rings> {
+        self.ctx.rings.lock().unwrap()
+    }
+
     /// The XDP guard (shown and changed live by the control socket).
     pub fn guard(&self) -> &Mutex<Guard> {
         &self.guard
@@ -263,12 +268,11 @@ impl Registry {
     /// Nothing changes when it fails (a bad command path, too few free slots,
     /// a changed global setting).
     pub async fn apply(self: &Arc<Self>, cfg: &Config) -> Result<Summary> {
-        let reg = self;
-        let _one = reg.reloading.lock().await;
-        unchanged_globals(&reg.started_with, cfg)?;
+        let _one = self.reloading.lock().await;
+        unchanged_globals(&self.started_with, cfg)?;
 
         let mut summary = Summary::default();
-        let live: HashMap<String, Arc<PoolLink>> = reg
+        let live: HashMap<String, Arc<PoolLink>> = self
             .all()
             .into_iter()
             .filter(|l| !l.retiring.load(Ordering::Relaxed))
@@ -309,15 +313,15 @@ impl Registry {
         // changes.
         let mut launches = Vec::new();
         for p in &start {
-            launches.push(Launch::prepare(p, &cfg.base_dir, &reg.run_dir)?);
+            launches.push(Launch::prepare(p, &cfg.base_dir, &self.run_dir)?);
         }
         let mut taken: Vec<(u32, std::ops::Range<usize>)> = Vec::new();
         for p in &start {
-            match reg.allocate(p.max_processes as usize) {
+            match self.allocate(p.max_processes as usize) {
                 Some((index, first)) => taken.push((index, first..first + p.max_processes as usize)),
                 None => {
                     for (index, slots) in taken {
-                        reg.release(index, slots);
+                        self.release(index, slots);
                     }
                     bail!(
                         "not enough free worker slots or pool indices for the new pools ({MAX_RINGS} slots and {MAX_POOLS} pools at most, \
@@ -330,13 +334,13 @@ impl Registry {
         // The kernel's side of the new pools; the pins of a replaced pool give
         // way to its replacement's.
         {
-            let mut k = reg.ctx.rings.lock().unwrap();
+            let mut k = self.ctx.rings.lock().unwrap();
             for l in &retire {
                 k.unpin(l.ring_range());
             }
             let mut failed = None;
             for (p, (index, rings)) in start.iter().zip(&taken) {
-                let added = reg.counters.reset(*index).and_then(|()| k.add_pool(*index, p, rings.start));
+                let added = self.counters.reset(*index).and_then(|()| k.add_pool(*index, p, rings.start));
                 if let Err(e) = added {
                     failed = Some(e.context(format!("setting up pool `{}`", p.name)));
                     break;
@@ -347,7 +351,7 @@ impl Registry {
                 // serve on.
                 for (index, rings) in taken {
                     let _ = k.remove_pool(index, rings.clone());
-                    reg.release(index, rings);
+                    self.release(index, rings);
                 }
                 for l in &retire {
                     k.pin(l.ring_range());
@@ -360,10 +364,10 @@ impl Registry {
         }
         for ((p, launch), (index, slots)) in start.iter().zip(launches).zip(taken) {
             let link = Arc::new(PoolLink::new(p, index, slots.start));
-            reg.links.write().unwrap()[index as usize] = Some(link.clone());
+            self.links.write().unwrap()[index as usize] = Some(link.clone());
             let tasks = (0..p.max_processes as usize)
                 .map(|local| {
-                    supervise(link.clone(), local, reg.ctx.clone(), p, launch.command.clone(), launch.args.clone())
+                    supervise(link.clone(), local, self.ctx.clone(), p, launch.command.clone(), launch.args.clone())
                 })
                 .collect();
             *link.tasks.lock().unwrap() = tasks;
@@ -373,28 +377,28 @@ impl Registry {
         }
 
         // Route to the new set, then let the retired pools finish.
-        let table: Vec<(u32, Vec<Route>)> = reg
+        let table: Vec<(u32, Vec<Route>)> = self
             .all()
             .into_iter()
             .filter(|l| !l.retiring.load(Ordering::Relaxed))
             .map(|l| (l.index, l.def.lock().unwrap().routes.clone()))
             .collect();
-        let mut routes = reg.routes.lock().unwrap();
+        let mut routes = self.routes.lock().unwrap();
         let routed = routes.set(table.iter().map(|(i, r)| (*i, &r[..])));
-        if let Err(e) = routes.list(&reg.route_rows()) {
+        if let Err(e) = routes.list(&self.route_rows()) {
             tracing::warn!("listing the routes in `route_names`: {e:#}");
         }
         drop(routes);
-        match reg.guard.lock().unwrap().replace(&cfg.guard, cfg.listen.port()) {
+        match self.guard.lock().unwrap().replace(&cfg.guard, cfg.listen.port()) {
             Ok(true) => summary.guard = true,
             Ok(false) => {}
             Err(e) => tracing::error!("applying `[guard]`: {e:#}"),
         }
         // The pools changed whatever the table says: the old ones retire.
         for l in retire {
-            tokio::spawn(reg.clone().retire(l));
+            tokio::spawn(self.clone().retire(l));
         }
-        reg.write_names();
+        self.write_names();
         routed.context(
             "the pools changed, but writing the route table failed (some routes keep their old pool; reload again)",
         )?;
