@@ -438,8 +438,8 @@ impl Client {
         r
     }
 
-    /// `GET path` (any host), which must be answered with 200 by an echo
-    /// worker that saw `path`.
+    /// `GET path` with `Host: x`, which must be answered with 200 by an
+    /// echo worker that saw `path`.
     #[track_caller]
     pub fn get_echoed(&mut self, path: &str) -> Response {
         let r = self.get("x", path);
