@@ -50,6 +50,57 @@ pub fn bin_dir() -> PathBuf {
     panic!("no dispatcher binary found; build with `cargo xtask build` or run `cargo xtask test`");
 }
 
+/// Asks `cond` every `step` until it holds (true) or `limit` has passed
+/// (false): what the daemon does shows after a while, not at once. It asks
+/// once more when the time is up, so a slow last step does not count as a
+/// failure.
+pub fn wait_until(limit: Duration, step: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if t0.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(step);
+    }
+}
+
+/// Sends signal `sig` to process `pid`, which must exist (a worker of the
+/// test's dispatcher, or the dispatcher itself).
+#[track_caller]
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) has no memory preconditions; the tests signal only
+    // processes they started.
+    let r = unsafe { libc::kill(pid as i32, sig) };
+    assert_eq!(r, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+}
+
+/// Runs `work(k, client)` for k in 0..n, each on its own thread with its
+/// own keep-alive connection to `d`, all at once; [`join_all`] collects
+/// what they return.
+pub fn on_connections<T, F>(d: &Dispatcher, n: usize, work: F) -> Vec<std::thread::JoinHandle<T>>
+where
+    T: Send + 'static,
+    F: Fn(usize, Client) -> T + Send + Sync + 'static,
+{
+    let work = std::sync::Arc::new(work);
+    (0..n)
+        .map(|k| {
+            let (c, work) = (d.connect(), work.clone());
+            std::thread::spawn(move || work(k, c))
+        })
+        .collect()
+}
+
+/// Waits for the threads of [`on_connections`]: what each returned, in
+/// order; a thread that panicked (a failed check) fails the test with
+/// `what`.
+pub fn join_all<T>(threads: Vec<std::thread::JoinHandle<T>>, what: &str) -> Vec<T> {
+    threads.into_iter().map(|t| t.join().expect(what)).collect()
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -90,6 +141,20 @@ impl Dispatcher {
     /// Starts a dispatcher with these pools and extra top-level TOML.
     pub fn start(pools: &[PoolDef], extra: &str) -> Dispatcher {
         Self::start_with(pools, extra, None, &[])
+    }
+
+    /// [`Dispatcher::start`] where the test can run ([`privileged`]);
+    /// `None` where it cannot, and the test is then skipped (most tests
+    /// begin so: `let Some(d) = ... else { return };`).
+    pub fn start_if_privileged(pools: &[PoolDef], extra: &str) -> Option<Dispatcher> {
+        privileged().then(|| Self::start(pools, extra))
+    }
+
+    /// One echo pool `p` that serves every request (`*/`), with more TOML
+    /// lines for its table, where the test can run (as
+    /// [`Dispatcher::start_if_privileged`]).
+    pub fn one_pool(pool_extra: &str) -> Option<Dispatcher> {
+        Self::start_if_privileged(&[PoolDef { extra: pool_extra, ..PoolDef::echo("p", &["*/"]) }], "")
     }
 
     /// Starts a dispatcher inside network namespace `netns` (joined with
@@ -242,14 +307,7 @@ impl Dispatcher {
 
     /// Waits up to `limit` for `cond` on the log; false on time-out.
     pub fn wait_log(&self, limit: Duration, cond: impl Fn(&str) -> bool) -> bool {
-        let t0 = Instant::now();
-        while t0.elapsed() < limit {
-            if cond(&self.log()) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
+        wait_until(limit, Duration::from_millis(50), || cond(&self.log()))
     }
 
     pub fn pin_dir(&self) -> PathBuf {
@@ -340,6 +398,12 @@ impl Response {
     pub fn pool(&self) -> &str {
         self.header(POOL_HEADER).unwrap_or("<none>")
     }
+
+    /// The process id of the worker that answered (from the demo workers'
+    /// header).
+    pub fn worker_pid(&self) -> u32 {
+        self.header("x-dispatcher-worker").expect("worker pid header").parse().unwrap()
+    }
 }
 
 /// A keep-alive HTTP/1.1 client on one connection.
@@ -364,6 +428,23 @@ impl Client {
     pub fn get(&mut self, host: &str, path: &str) -> Response {
         self.send(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: dispatcher-tests\r\n\r\n").as_bytes());
         self.read_response()
+    }
+
+    /// `GET path` with `Host: host`, which `pool` must answer with 200.
+    #[track_caller]
+    pub fn get_from(&mut self, host: &str, path: &str, pool: &str) -> Response {
+        let r = self.get(host, path);
+        assert_eq!((r.status, r.pool()), (200, pool), "GET {host}{path}: {r:?}");
+        r
+    }
+
+    /// `GET path` with `Host: x`, which must be answered with 200 by an
+    /// echo worker that saw `path`.
+    #[track_caller]
+    pub fn get_echoed(&mut self, path: &str) -> Response {
+        let r = self.get("x", path);
+        assert_eq!((r.status, r.header("x-echo-path")), (200, Some(path)), "GET {path}: {r:?}");
+        r
     }
 
     /// Reads one response (Content-Length framed).

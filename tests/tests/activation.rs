@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::{bin_dir, privileged, Dispatcher, PoolDef, TempDir, START_TIMEOUT};
+use tests::{
+    bin_dir, join_all, on_connections, privileged, signal, wait_until, Dispatcher, PoolDef, TempDir, START_TIMEOUT,
+};
 
 /// Idle time-out of the idle test's pool.
 const IDLE_SECS: u64 = 1;
@@ -21,33 +23,31 @@ const SETTLE: Duration = Duration::from_secs(15);
 /// Header bytes that send a request through the slow path.
 const LONG_HEADER: usize = 6000;
 
-fn worker_pid(r: &tests::Response) -> u32 {
-    r.header("x-dispatcher-worker").expect("worker pid header").parse().unwrap()
+/// Writes an executable shell script `name` into `dir`: its path, for a
+/// pool's `command`.
+fn script(dir: &TempDir, name: &str, text: &str) -> String {
+    let path = dir.path.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.display().to_string()
 }
 
 #[test]
 fn an_on_demand_pool_has_no_worker_until_its_first_request() {
-    if !privileged() {
-        return;
-    }
-    let d = Dispatcher::start(&[PoolDef::echo("p", &["*/"])], "");
+    let Some(d) = Dispatcher::one_pool("") else { return };
     assert!(d.wait_log(SETTLE, |l| l.contains("no worker; waiting for a request")), "{}", d.log());
     assert!(d.workers().is_empty(), "a worker runs before any request: {:?}", d.workers());
     // The request waits on the ring while the kernel's demand event starts
     // a worker.
     let t0 = Instant::now();
-    let r = d.connect().get("x", "/first");
-    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/first")));
+    let r = d.connect().get_echoed("/first");
     eprintln!("cold start: first request answered in {:?}", t0.elapsed());
-    assert_eq!(d.workers(), vec![worker_pid(&r)]);
+    assert_eq!(d.workers(), vec![r.worker_pid()]);
 }
 
 #[test]
 fn a_slow_path_request_also_starts_an_on_demand_worker() {
-    if !privileged() {
-        return;
-    }
-    let d = Dispatcher::start(&[PoolDef::echo("p", &["*/"])], "");
+    let Some(d) = Dispatcher::one_pool("") else { return };
     assert!(d.wait_log(SETTLE, |l| l.contains("no worker; waiting for a request")));
     let long = "v".repeat(LONG_HEADER);
     let mut c = d.connect();
@@ -58,27 +58,19 @@ fn a_slow_path_request_also_starts_an_on_demand_worker() {
 
 #[test]
 fn an_always_running_pool_starts_at_once() {
-    if !privileged() {
-        return;
-    }
-    let def = PoolDef { extra: "start_mode = \"always-running\"", ..PoolDef::echo("p", &["*/"]) };
-    let d = Dispatcher::start(&[def], "");
+    let Some(d) = Dispatcher::one_pool("start_mode = \"always-running\"") else { return };
     assert!(d.wait_log(START_TIMEOUT, |l| l.contains("worker started")), "{}", d.log());
     assert_eq!(d.workers().len(), 1);
 }
 
 #[test]
 fn an_idle_worker_exits_and_the_next_request_starts_another_on_the_same_connection() {
-    if !privileged() {
-        return;
-    }
-    let extra = format!("idle_timeout_secs = {IDLE_SECS}");
-    let d = Dispatcher::start(&[PoolDef { extra: &extra, ..PoolDef::echo("p", &["*/"]) }], "");
+    let Some(d) = Dispatcher::one_pool(&format!("idle_timeout_secs = {IDLE_SECS}")) else { return };
     let mut c = d.connect();
     // A few requests, so the worker holds the connection's lease.
-    let first = worker_pid(&c.get("x", "/a"));
+    let first = c.get("x", "/a").worker_pid();
     for i in 0..5 {
-        assert_eq!(worker_pid(&c.get("x", &format!("/b{i}"))), first);
+        assert_eq!(c.get("x", &format!("/b{i}")).worker_pid(), first);
     }
     // It exits on its own (the supervisor sees it stop pulling, or exit).
     assert!(
@@ -86,16 +78,12 @@ fn an_idle_worker_exits_and_the_next_request_starts_another_on_the_same_connecti
         "{}",
         d.log()
     );
-    let t0 = Instant::now();
-    while !d.workers().is_empty() && t0.elapsed() < IDLE_EXIT_LIMIT {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(IDLE_EXIT_LIMIT, Duration::from_millis(20), || d.workers().is_empty());
     assert!(d.workers().is_empty(), "{:?}", d.workers());
     assert!(!d.log().contains("did not finish within the shutdown time limit"), "{}", d.log());
     // It gave the connection back before exiting: the connection goes on.
-    let r = c.get("x", "/after-idle");
-    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/after-idle")));
-    assert_ne!(worker_pid(&r), first);
+    let r = c.get_echoed("/after-idle");
+    assert_ne!(r.worker_pid(), first);
 }
 
 #[test]
@@ -107,15 +95,13 @@ fn rapid_fail_stops_the_pool_and_the_cli_starts_it_again() {
     let marker = dir.path.join("fail");
     std::fs::write(&marker, "").unwrap();
     // Exits at once while the marker exists, else runs the real worker.
-    let script = dir.path.join("flaky-worker");
-    std::fs::write(&script, "#!/bin/sh\n[ -e \"$FAIL_MARKER\" ] && exit 3\nexec \"$REAL_WORKER\" \"$@\"\n").unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script_path =
+        script(&dir, "flaky-worker", "#!/bin/sh\n[ -e \"$FAIL_MARKER\" ] && exit 3\nexec \"$REAL_WORKER\" \"$@\"\n");
     let extra = format!(
         "start_mode = \"always-running\"\nrapid_fail_max_crashes = {MAX_CRASHES}\nrapid_fail_interval_secs = 60\nenv = {{ FAIL_MARKER = {:?}, REAL_WORKER = {:?} }}",
         marker.display().to_string(),
         bin_dir().join("dispatcher-worker").display().to_string()
     );
-    let script_path = script.display().to_string();
     let def = PoolDef { extra: &extra, command: Some(&script_path), ..PoolDef::echo("p", &["*/"]) };
     let d = Dispatcher::start(&[def], "");
     assert!(d.wait_log(SETTLE, |l| l.contains("pool stopped")), "{}", d.log());
@@ -134,23 +120,17 @@ fn rapid_fail_stops_the_pool_and_the_cli_starts_it_again() {
         .expect("running dispatcher pool start");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("starting"), "{}", String::from_utf8_lossy(&out.stdout));
-    let t0 = Instant::now();
-    loop {
-        let r = d.connect().get("x", "/after-start");
-        if r.status == 200 {
-            break;
-        }
-        assert!(t0.elapsed() < SETTLE, "still {} after the start: {}", r.status, d.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut status = 0;
+    let started = wait_until(SETTLE, Duration::from_millis(100), || {
+        status = d.connect().get("x", "/after-start").status;
+        status == 200
+    });
+    assert!(started, "still {status} after the start: {}", d.log());
 }
 
 #[test]
 fn pool_start_names_an_unknown_pool() {
-    if !privileged() {
-        return;
-    }
-    let d = Dispatcher::start(&[PoolDef::echo("p", &["*/"])], "");
+    let Some(d) = Dispatcher::one_pool("") else { return };
     let out = Command::new(bin_dir().join("dispatcher"))
         .args(["pool", "start", "nosuch", "--instance", &d.instance])
         .output()
@@ -165,19 +145,13 @@ fn pool_start_names_an_unknown_pool() {
 
 #[test]
 fn a_worker_that_stops_pulling_is_replaced_and_its_queue_served() {
-    if !privileged() {
-        return;
-    }
-    let def = PoolDef { extra: "ping_interval_secs = 1\nping_response_limit_secs = 2", ..PoolDef::echo("p", &["*/"]) };
-    let d = Dispatcher::start(&[def], "");
-    let hung = worker_pid(&d.connect().get("x", "/before"));
-    // SAFETY: stopping a worker process of this test's dispatcher (a hung
-    // worker: alive, not pulling).
-    assert_eq!(unsafe { libc::kill(hung as i32, libc::SIGSTOP) }, 0);
+    let Some(d) = Dispatcher::one_pool("ping_interval_secs = 1\nping_response_limit_secs = 2") else { return };
+    let hung = d.connect().get("x", "/before").worker_pid();
+    // A hung worker: alive, not pulling.
+    signal(hung, libc::SIGSTOP);
     // Queued on the ring while nobody pulls; the replacement answers it.
-    let r = d.connect().get("x", "/while-hung");
-    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/while-hung")));
-    assert_ne!(worker_pid(&r), hung);
+    let r = d.connect().get_echoed("/while-hung");
+    assert_ne!(r.worker_pid(), hung);
     assert!(d.log().contains("stopped pulling its queue"), "{}", d.log());
 }
 
@@ -187,10 +161,7 @@ fn a_worker_that_never_starts_pulling_is_killed_at_the_startup_limit() {
         return;
     }
     let dir = TempDir::new(&format!("startup{}", std::process::id()));
-    let script = dir.path.join("never-ready");
-    std::fs::write(&script, "#!/bin/sh\nexec sleep 600\n").unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let script_path = script.display().to_string();
+    let script_path = script(&dir, "never-ready", "#!/bin/sh\nexec sleep 600\n");
     let def = PoolDef {
         extra: "start_mode = \"always-running\"\nstartup_time_limit_secs = 1",
         command: Some(&script_path),
@@ -202,10 +173,8 @@ fn a_worker_that_never_starts_pulling_is_killed_at_the_startup_limit() {
 
 #[test]
 fn a_worker_cannot_open_another_pools_pinned_ring() {
-    if !privileged() {
-        return;
-    }
-    let d = Dispatcher::start(&[PoolDef::echo("a", &["*/a/"]), PoolDef::echo("b", &["*/b/"])], "");
+    let pools = [PoolDef::echo("a", &["*/a/"]), PoolDef::echo("b", &["*/b/"])];
+    let Some(d) = Dispatcher::start_if_privileged(&pools, "") else { return };
     let ring = d.pin_dir().join("ring_b");
     assert!(ring.exists(), "no pinned ring at {}", ring.display());
     // As the user pool `a`'s worker runs as.
@@ -231,30 +200,12 @@ const RECYCLE_EVERY: usize = 40;
 
 #[test]
 fn recycling_by_request_count_under_load_fails_no_request() {
-    if !privileged() {
-        return;
-    }
-    let extra = format!("recycle_requests = {RECYCLE_EVERY}");
-    let d = Dispatcher::start(&[PoolDef { extra: &extra, ..PoolDef::echo("p", &["*/"]) }], "");
-    let threads: Vec<_> = (0..RECYCLE_CLIENTS)
-        .map(|t| {
-            let mut c = d.connect();
-            std::thread::spawn(move || {
-                let mut pids = std::collections::BTreeSet::new();
-                for i in 0..RECYCLE_LOAD {
-                    let path = format!("/t{t}/{i}");
-                    let r = c.get("x", &path);
-                    assert_eq!((r.status, r.header("x-echo-path")), (200, Some(path.as_str())), "{r:?}");
-                    pids.insert(worker_pid(&r));
-                }
-                pids
-            })
-        })
-        .collect();
-    let mut pids = std::collections::BTreeSet::new();
-    for t in threads {
-        pids.extend(t.join().expect("a client saw a failed request"));
-    }
+    let Some(d) = Dispatcher::one_pool(&format!("recycle_requests = {RECYCLE_EVERY}")) else { return };
+    let threads = on_connections(&d, RECYCLE_CLIENTS, |t, mut c| {
+        (0..RECYCLE_LOAD).map(|i| c.get_echoed(&format!("/t{t}/{i}")).worker_pid()).collect::<Vec<_>>()
+    });
+    let pids: std::collections::BTreeSet<u32> =
+        join_all(threads, "a client saw a failed request").into_iter().flatten().collect();
     let total = RECYCLE_CLIENTS * RECYCLE_LOAD;
     // Each worker serves at most RECYCLE_EVERY requests (plus what it had
     // already taken when it reached the count).
@@ -267,11 +218,7 @@ const OVERLAP_SLOW_MS: u64 = 3000;
 
 #[test]
 fn a_recycled_worker_finishing_a_slow_request_overlaps_its_successor() {
-    if !privileged() {
-        return;
-    }
-    let def = PoolDef { extra: "recycle_requests = 2\nstart_mode = \"always-running\"", ..PoolDef::echo("p", &["*/"]) };
-    let d = Dispatcher::start(&[def], "");
+    let Some(d) = Dispatcher::one_pool("recycle_requests = 2\nstart_mode = \"always-running\"") else { return };
     // Request 1: taken by the first worker, answered late.
     let mut slow = d.connect();
     slow.send(format!("GET /delay/{OVERLAP_SLOW_MS}/slow HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
@@ -280,38 +227,35 @@ fn a_recycled_worker_finishing_a_slow_request_overlaps_its_successor() {
     assert_eq!(old.len(), 1, "{old:?}");
     // Request 2: its count is reached; it stops pulling.
     let r = d.connect().get("x", "/second");
-    assert_eq!((r.status, worker_pid(&r)), (200, old[0]));
+    assert_eq!((r.status, r.worker_pid()), (200, old[0]));
     // Request 3: answered by the next worker while the old one still
     // works on request 1.
     let t0 = Instant::now();
     let r = d.connect().get("x", "/third");
     assert_eq!(r.status, 200);
-    assert_ne!(worker_pid(&r), old[0], "the recycled worker answered after its count");
+    assert_ne!(r.worker_pid(), old[0], "the recycled worker answered after its count");
     assert!(
         t0.elapsed() < Duration::from_millis(OVERLAP_SLOW_MS / 2),
         "the next worker waited for the old one to exit"
     );
     assert!(d.workers().contains(&old[0]), "the old worker is gone before its slow request was answered");
     let r = slow.read_response();
-    assert_eq!((r.status, worker_pid(&r)), (200, old[0]));
+    assert_eq!((r.status, r.worker_pid()), (200, old[0]));
     assert!(d.wait_log(SETTLE, |l| l.contains("worker exited (finished)")), "{}", d.log());
 }
 
 #[test]
 fn recycling_by_interval_replaces_the_worker_without_failures() {
-    if !privileged() {
-        return;
-    }
-    let d = Dispatcher::start(&[PoolDef { extra: "recycle_interval_secs = 1", ..PoolDef::echo("p", &["*/"]) }], "");
+    let Some(d) = Dispatcher::one_pool("recycle_interval_secs = 1") else { return };
     let mut c = d.connect();
-    let first = worker_pid(&c.get("x", "/first"));
+    let first = c.get("x", "/first").worker_pid();
     let t0 = Instant::now();
     let mut last = first;
     while last == first {
         assert!(t0.elapsed() < SETTLE, "the worker was not recycled: {}", d.log());
         let r = c.get("x", "/again");
         assert_eq!(r.status, 200);
-        last = worker_pid(&r);
+        last = r.worker_pid();
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(d.log().contains("recycling interval passed"), "{}", d.log());
@@ -338,49 +282,35 @@ fn kill_9_under_load(extra: &str) {
         atomic::{AtomicU32, AtomicUsize, Ordering},
         Arc,
     };
-    if !privileged() {
-        return;
-    }
-    let d = Dispatcher::start(&[PoolDef::echo("p", &["*/"])], extra);
+    let Some(d) = Dispatcher::start_if_privileged(&[PoolDef::echo("p", &["*/"])], extra) else { return };
     let answered = Arc::new(AtomicUsize::new(0));
     let seen_pid = Arc::new(AtomicU32::new(0));
-    let threads: Vec<_> = (0..KILL_CLIENTS)
-        .map(|t| {
-            let mut c = d.connect();
-            let (answered, seen_pid) = (answered.clone(), seen_pid.clone());
-            std::thread::spawn(move || {
-                let (mut bad_gateway, mut pids) = (0, std::collections::BTreeSet::new());
-                for i in 0..KILL_LOAD {
-                    let path = format!("/t{t}/{i}");
-                    c.send(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
-                    let r = c.try_read_response().unwrap_or_else(|| panic!("connection {t} closed at request {i}"));
-                    match r.status {
-                        200 => {
-                            assert_eq!(r.header("x-echo-path"), Some(path.as_str()));
-                            let pid = worker_pid(&r);
-                            seen_pid.store(pid, Ordering::Relaxed);
-                            pids.insert(pid);
-                        }
-                        502 => bad_gateway += 1,
-                        s => panic!("request {path}: status {s}"),
-                    }
-                    answered.fetch_add(1, Ordering::Relaxed);
+    let (answered_by, seen_by) = (answered.clone(), seen_pid.clone());
+    let threads = on_connections(&d, KILL_CLIENTS, move |t, mut c| {
+        let (mut bad_gateway, mut pids) = (0, std::collections::BTreeSet::new());
+        for i in 0..KILL_LOAD {
+            let path = format!("/t{t}/{i}");
+            c.send(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+            let r = c.try_read_response().unwrap_or_else(|| panic!("connection {t} closed at request {i}"));
+            match r.status {
+                200 => {
+                    assert_eq!(r.header("x-echo-path"), Some(path.as_str()));
+                    let pid = r.worker_pid();
+                    seen_by.store(pid, Ordering::Relaxed);
+                    pids.insert(pid);
                 }
-                (bad_gateway, pids)
-            })
-        })
-        .collect();
-    let t0 = Instant::now();
-    while answered.load(Ordering::Relaxed) < KILL_AFTER {
-        assert!(t0.elapsed() < SETTLE, "the load did not get going");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let victim = seen_pid.load(Ordering::Relaxed);
-    // SAFETY: killing the worker process of this test's dispatcher.
-    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+                502 => bad_gateway += 1,
+                s => panic!("request {path}: status {s}"),
+            }
+            answered_by.fetch_add(1, Ordering::Relaxed);
+        }
+        (bad_gateway, pids)
+    });
+    let going = wait_until(SETTLE, Duration::from_millis(1), || answered.load(Ordering::Relaxed) >= KILL_AFTER);
+    assert!(going, "the load did not get going");
+    signal(seen_pid.load(Ordering::Relaxed), libc::SIGKILL);
     let (mut bad_gateway, mut pids) = (0, std::collections::BTreeSet::new());
-    for t in threads {
-        let (b, p) = t.join().expect("a client saw a closed connection or a wrong answer");
+    for (b, p) in join_all(threads, "a client saw a closed connection or a wrong answer") {
         bad_gateway += b;
         pids.extend(p);
     }
@@ -393,12 +323,9 @@ fn kill_9_under_load(extra: &str) {
 
 #[test]
 fn min_processes_of_a_web_garden_run_from_the_start() {
-    if !privileged() {
-        return;
-    }
     // A name with `-`, which kernel object names cannot carry.
     let def = PoolDef { extra: "max_processes = 2\nmin_processes = 2", ..PoolDef::echo("web-garden", &["*/"]) };
-    let d = Dispatcher::start(&[def], "");
+    let Some(d) = Dispatcher::start_if_privileged(&[def], "") else { return };
     assert!(d.wait_log(START_TIMEOUT, |l| l.matches("worker started").count() == 2), "{}", d.log());
     assert_eq!(d.workers().len(), 2, "{:?}", d.workers());
     assert!(d.pin_dir().join("ring_web-garden@1").exists());
@@ -410,20 +337,13 @@ const GARDEN_CONNECTIONS: usize = 8;
 
 #[test]
 fn a_web_garden_spreads_connections_over_its_workers() {
-    if !privileged() {
-        return;
-    }
     // Spread at once: a slot without a worker is not held back.
-    let def = PoolDef { extra: "max_processes = 2\nscale_out_queue_bytes = 0", ..PoolDef::echo("p", &["*/"]) };
-    let d = Dispatcher::start(&[def], "");
+    let Some(d) = Dispatcher::one_pool("max_processes = 2\nscale_out_queue_bytes = 0") else { return };
     let mut clients: Vec<_> = (0..GARDEN_CONNECTIONS).map(|_| d.connect()).collect();
     let mut pids = std::collections::BTreeSet::new();
     for (i, c) in clients.iter_mut().enumerate() {
         for j in 0..3 {
-            let path = format!("/c{i}/{j}");
-            let r = c.get("x", &path);
-            assert_eq!((r.status, r.header("x-echo-path")), (200, Some(path.as_str())));
-            pids.insert(worker_pid(&r));
+            pids.insert(c.get_echoed(&format!("/c{i}/{j}")).worker_pid());
         }
     }
     assert_eq!(pids.len(), 2, "the garden's two workers did not both serve: {pids:?}\n{}", d.log());
@@ -432,34 +352,25 @@ fn a_web_garden_spreads_connections_over_its_workers() {
 
 #[test]
 fn a_panicking_supervisor_leaves_its_worker_serving_and_comes_back() {
-    if !privileged() {
-        return;
-    }
-    let def = PoolDef { extra: "start_mode = \"always-running\"", ..PoolDef::echo("p", &["*/"]) };
-    let d = Dispatcher::start(&[def], "");
+    let Some(d) = Dispatcher::one_pool("start_mode = \"always-running\"") else { return };
     let mut c = d.connect();
-    let first = worker_pid(&c.get("x", "/before"));
+    let first = c.get("x", "/before").worker_pid();
     let answer = d.control("fault supervisor-panic p");
     assert!(answer.starts_with("ok"), "{answer}");
     assert!(d.wait_log(SETTLE, |l| l.contains("the supervisor panicked")), "{}", d.log());
     // The worker served on, through the panic and its aftermath.
     for i in 0..20 {
         let r = c.get("x", &format!("/during/{i}"));
-        assert_eq!((r.status, worker_pid(&r)), (200, first));
+        assert_eq!((r.status, r.worker_pid()), (200, first));
     }
     assert!(d.wait_log(SETTLE, |l| l.contains("taking over the running worker")), "{}", d.log());
     // The new supervisor watches it: a crash is replaced as before.
-    // SAFETY: killing the worker process of this test's dispatcher.
-    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGKILL) }, 0);
-    let t0 = Instant::now();
-    loop {
+    signal(first, libc::SIGKILL);
+    let replaced = wait_until(SETTLE, Duration::from_millis(50), || {
         let r = d.connect().get("x", "/after");
-        if r.status == 200 && worker_pid(&r) != first {
-            break;
-        }
-        assert!(t0.elapsed() < SETTLE, "no replacement after the supervisor came back: {}", d.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        r.status == 200 && r.worker_pid() != first
+    });
+    assert!(replaced, "no replacement after the supervisor came back: {}", d.log());
     assert_eq!(d.workers().len(), 1, "{:?}", d.workers());
 }
 
@@ -470,25 +381,21 @@ const SCALE_OUT_REQUESTS: usize = 24;
 
 #[test]
 fn a_web_garden_starts_its_next_worker_only_when_the_queue_grows() {
-    if !privileged() {
-        return;
-    }
     let extra = format!("max_processes = 2\nscale_out_queue_bytes = {SCALE_OUT_BYTES}");
-    let d = Dispatcher::start(&[PoolDef { extra: &extra, ..PoolDef::echo("p", &["*/"]) }], "");
+    let Some(d) = Dispatcher::one_pool(&extra) else { return };
     // Keeping up: one worker serves every connection.
     let mut pids = std::collections::BTreeSet::new();
     for i in 0..GARDEN_CONNECTIONS {
         let r = d.connect().get("x", &format!("/c{i}"));
         assert_eq!(r.status, 200);
-        pids.insert(worker_pid(&r));
+        pids.insert(r.worker_pid());
     }
     assert_eq!(pids.len(), 1, "a second worker started while the first kept up: {pids:?}");
     let first = *pids.iter().next().unwrap();
     assert_eq!(d.workers(), vec![first]);
     // Not keeping up: its queue grows past the threshold, and the next
     // requests start and reach a second worker.
-    // SAFETY: stopping (then continuing) a worker of this test's dispatcher.
-    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGSTOP) }, 0);
+    signal(first, libc::SIGSTOP);
     let mut waiting: Vec<_> = (0..SCALE_OUT_REQUESTS)
         .map(|i| {
             let mut c = d.connect();
@@ -496,18 +403,15 @@ fn a_web_garden_starts_its_next_worker_only_when_the_queue_grows() {
             c
         })
         .collect();
-    let t0 = Instant::now();
-    while d.workers().len() < 2 && t0.elapsed() < SETTLE {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(SETTLE, Duration::from_millis(20), || d.workers().len() >= 2);
     let second = d.workers().into_iter().find(|p| *p != first);
-    assert_eq!(unsafe { libc::kill(first as i32, libc::SIGCONT) }, 0);
+    signal(first, libc::SIGCONT);
     let second = second.unwrap_or_else(|| panic!("no second worker while the first was stopped: {}", d.log()));
     let mut by = std::collections::BTreeMap::<u32, usize>::new();
     for c in &mut waiting {
         let r = c.read_response();
         assert_eq!(r.status, 200);
-        *by.entry(worker_pid(&r)).or_default() += 1;
+        *by.entry(r.worker_pid()).or_default() += 1;
     }
     assert!(by.get(&second).is_some_and(|n| *n > 0), "the second worker served none: {by:?}");
     assert!(by.get(&first).is_some_and(|n| *n > 0), "the first worker's queue was not kept for it: {by:?}");

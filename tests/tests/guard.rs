@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use tests::{privileged, Dispatcher, Netns, PoolDef};
+use tests::{privileged, signal, wait_until, Dispatcher, Netns, PoolDef};
 
 /// A connection attempt the guard drops fails within this.
 const DROPPED: Duration = Duration::from_millis(700);
@@ -26,6 +26,11 @@ fn start(ns: &Netns, extra: &str) -> (Dispatcher, u16) {
     (d, port)
 }
 
+/// A namespace pair, where the test can run (`None` skips it).
+fn netns() -> Option<Netns> {
+    privileged().then(Netns::new)
+}
+
 fn counter(d: &Dispatcher, name: &str) -> u64 {
     let (ok, out) = d.cli(&["guard", "show"]);
     assert!(ok, "{out}");
@@ -35,10 +40,7 @@ fn counter(d: &Dispatcher, name: &str) -> u64 {
 
 #[test]
 fn a_denied_source_gets_no_connection_and_an_allowed_one_is_served() {
-    if !privileged() {
-        return;
-    }
-    let ns = Netns::new();
+    let Some(ns) = netns() else { return };
     let [good, bad] = ns.clients;
     let (d, port) = start(&ns, &format!("[guard]\ndeny = [\"{bad}/32\"]"));
     // veth has native XDP: driver mode, said in the log.
@@ -57,30 +59,29 @@ fn a_denied_source_gets_no_connection_and_an_allowed_one_is_served() {
 
 #[test]
 fn lists_changed_from_the_cli_apply_without_a_restart() {
-    if !privileged() {
-        return;
-    }
-    let ns = Netns::new();
+    let Some(ns) = netns() else { return };
     let [a, b] = ns.clients;
     let (d, port) = start(&ns, "");
     assert_eq!(ns.curl(a, port, "/", SERVED), 200);
 
-    let (ok, out) = d.cli(&["guard", "deny", "add", &a.to_string()]);
-    assert!(ok, "{out}");
+    // `dispatcher guard LIST OP ADDR`, which must succeed.
+    let guard = |list: &str, op: &str, addr: &str| {
+        let (ok, out) = d.cli(&["guard", list, op, addr]);
+        assert!(ok, "{out}");
+    };
+    guard("deny", "add", &a.to_string());
     assert_eq!(ns.curl(a, port, "/", DROPPED), 0, "deny add did not take effect");
     assert_eq!(ns.curl(b, port, "/", SERVED), 200);
-    let (ok, out) = d.cli(&["guard", "deny", "del", &a.to_string()]);
-    assert!(ok, "{out}");
+    guard("deny", "del", &a.to_string());
     assert_eq!(ns.curl(a, port, "/", SERVED), 200, "deny del did not take effect");
 
     // An allow list lets only its sources in.
-    let (ok, out) = d.cli(&["guard", "allow", "add", &format!("{b}/32")]);
-    assert!(ok, "{out}");
+    guard("allow", "add", &format!("{b}/32"));
     assert_eq!(ns.curl(a, port, "/", DROPPED), 0, "a source off the allow list was served");
     assert_eq!(ns.curl(b, port, "/", SERVED), 200);
     assert!(counter(&d, "not_allowed") > 0);
     // Deny wins over allow.
-    assert!(d.cli(&["guard", "deny", "add", &format!("{b}/32")]).0);
+    guard("deny", "add", &format!("{b}/32"));
     assert_eq!(ns.curl(b, port, "/", DROPPED), 0, "allow beat deny");
 
     let (ok, out) = d.cli(&["guard", "deny", "add", "10.0.0.300"]);
@@ -95,10 +96,7 @@ const FLOOD: usize = 30;
 
 #[test]
 fn a_source_over_its_connection_rate_is_dropped_while_another_is_served() {
-    if !privileged() {
-        return;
-    }
-    let ns = Netns::new();
+    let Some(ns) = netns() else { return };
     let [fast, normal] = ns.clients;
     let (d, port) = start(&ns, &format!("[guard]\nsyn_rate_per_sec = {RATE}\nsyn_burst = {BURST}"));
     // The flood: FLOOD connections at once from one source (curl -Z).
@@ -130,10 +128,7 @@ fn a_source_over_its_connection_rate_is_dropped_while_another_is_served() {
 
 #[test]
 fn no_xdp_program_is_left_on_the_interface_after_exit_or_a_crash() {
-    if !privileged() {
-        return;
-    }
-    let ns = Netns::new();
+    let Some(ns) = netns() else { return };
     let (mut d, _) = start(&ns, "");
     assert!(ns.link_show().contains("xdp"), "no XDP program attached: {}", ns.link_show());
     assert!(d.stop(), "the dispatcher did not exit cleanly");
@@ -141,12 +136,8 @@ fn no_xdp_program_is_left_on_the_interface_after_exit_or_a_crash() {
 
     let (d, _) = start(&ns, "");
     assert!(ns.link_show().contains("xdp"));
-    // SAFETY: killing this test's dispatcher.
-    assert_eq!(unsafe { libc::kill(d.pid() as i32, libc::SIGKILL) }, 0);
-    let t0 = Instant::now();
-    while ns.link_show().contains("xdp") && t0.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    signal(d.pid(), libc::SIGKILL);
+    wait_until(Duration::from_secs(5), Duration::from_millis(50), || !ns.link_show().contains("xdp"));
     assert!(!ns.link_show().contains("xdp"), "XDP program left after a crash: {}", ns.link_show());
     drop(d);
     // And a restart attaches again.
@@ -270,10 +261,7 @@ fn ipv6(src: std::net::Ipv6Addr, ext: &[(u8, Vec<u8>)], l4: &[u8]) -> Vec<u8> {
 
 #[test]
 fn the_guard_parses_vlan_tags_ip_options_and_ipv6_extension_headers_or_passes() {
-    if !privileged() {
-        return;
-    }
-    let ns = Netns::new();
+    let Some(ns) = netns() else { return };
     let (d, port) = start(&ns, "[guard]\ndeny = [\"198.51.100.7\", \"2001:db8::7\"]");
     let pin = d.pin_dir().join("guard");
     let bad4 = [198, 51, 100, 7];
@@ -338,10 +326,7 @@ fn connect_from_client(ns: &Netns, port: u16, timeout: Duration) -> Option<std::
 
 #[test]
 fn a_source_with_its_most_open_connections_gets_no_more() {
-    if !privileged() {
-        return;
-    }
-    let ns = Netns::new();
+    let Some(ns) = netns() else { return };
     let [a, b] = ns.clients;
     let (d, port) = start(&ns, "[guard]\nmax_connections_per_source = 2");
     let first = connect_from_client(&ns, port, SERVED).expect("first connection");

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::{privileged, Client, Dispatcher, PoolDef};
+use tests::{signal, wait_until, Client, Dispatcher, PoolDef};
 
 /// How long a lease change (grant, give-back, close) may take to show.
 const SETTLE: Duration = Duration::from_secs(5);
@@ -53,26 +53,15 @@ fn holds(pid: u32, inode: u64) -> bool {
 }
 
 /// Waits up to [`SETTLE`] for `cond`.
-fn eventually(mut cond: impl FnMut() -> bool) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < SETTLE {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
-fn worker_pid(r: &tests::Response) -> u32 {
-    r.header("x-dispatcher-worker").expect("worker pid header").parse().unwrap()
+fn eventually(cond: impl FnMut() -> bool) -> bool {
+    wait_until(SETTLE, Duration::from_millis(20), cond)
 }
 
 /// A GET answered by `pool` for `path`.
 fn get_ok(c: &mut Client, path: &str, pool: &str) -> u32 {
     let r = c.get("x", path);
     assert_eq!((r.status, r.pool(), r.header("x-echo-path")), (200, pool, Some(path)), "{r:?}");
-    worker_pid(&r)
+    r.worker_pid()
 }
 
 /// Requests on `c` to pool `a` until its worker holds the socket (the
@@ -85,29 +74,30 @@ fn leased(d: &Dispatcher, c: &mut Client) -> (u32, u64) {
         pid = get_ok(c, &format!("/a/lease{i}"), "a");
         // Known once the dispatcher accepted the connection (it has).
         inode = server_inode(d.port, c.stream.local_addr().unwrap().port()).expect("connection in /proc/net/tcp");
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_millis(200) {
-            if holds(pid, inode) {
-                return (pid, inode);
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if wait_until(Duration::from_millis(200), Duration::from_millis(10), || holds(pid, inode)) {
+            return (pid, inode);
         }
     }
     panic!("worker {pid} never got socket {inode} in {LEASE_TRIES} requests:\n{}", d.log());
 }
 
-fn two_pools(extra: &str) -> Dispatcher {
-    Dispatcher::start(&[PoolDef::echo("a", &["*/a/"]), PoolDef::echo("b", &["*/b/"])], extra)
+/// Pools `a` and `b`, where the test can run (`None` skips it).
+fn two_pools(extra: &str) -> Option<Dispatcher> {
+    Dispatcher::start_if_privileged(&[PoolDef::echo("a", &["*/a/"]), PoolDef::echo("b", &["*/b/"])], extra)
+}
+
+/// [`two_pools`] and a connection leased to pool `a`'s worker: the
+/// dispatcher, the connection, the worker's pid and the socket's inode.
+fn leased_connection(extra: &str) -> Option<(Dispatcher, Client, u32, u64)> {
+    let d = two_pools(extra)?;
+    let mut c = d.connect();
+    let (pid, inode) = leased(&d, &mut c);
+    Some((d, c, pid, inode))
 }
 
 #[test]
 fn a_keep_alive_connection_is_leased_to_its_worker_and_given_up_at_close() {
-    if !privileged() {
-        return;
-    }
-    let d = two_pools("");
-    let mut c = d.connect();
-    let (pid, inode) = leased(&d, &mut c);
+    let Some((_d, mut c, pid, inode)) = leased_connection("") else { return };
     // Written by the worker itself now.
     for i in 1..5 {
         assert_eq!(get_ok(&mut c, &format!("/a/{i}"), "a"), pid);
@@ -119,10 +109,7 @@ fn a_keep_alive_connection_is_leased_to_its_worker_and_given_up_at_close() {
 
 #[test]
 fn with_direct_responses_off_the_worker_never_holds_the_socket() {
-    if !privileged() {
-        return;
-    }
-    let d = two_pools("[fast_path]\ndirect_responses = false\n");
+    let Some(d) = two_pools("[fast_path]\ndirect_responses = false\n") else { return };
     let mut c = d.connect();
     let pid = get_ok(&mut c, "/a/0", "a");
     for i in 1..5 {
@@ -135,10 +122,7 @@ fn with_direct_responses_off_the_worker_never_holds_the_socket() {
 
 #[test]
 fn a_leased_connection_switching_pools_keeps_request_order() {
-    if !privileged() {
-        return;
-    }
-    let d = two_pools("");
+    let Some(d) = two_pools("") else { return };
     let mut c = d.connect();
     let mut n = 0;
     for _ in 0..ROUNDS {
@@ -163,12 +147,7 @@ fn a_leased_connection_switching_pools_keeps_request_order() {
 
 #[test]
 fn a_slow_path_request_on_a_leased_connection_is_answered_in_order() {
-    if !privileged() {
-        return;
-    }
-    let d = two_pools("");
-    let mut c = d.connect();
-    leased(&d, &mut c);
+    let Some((d, mut c, ..)) = leased_connection("") else { return };
     // Fast, slow (head too long for the kernel), fast: one write.
     let long = "v".repeat(LONG_HEADER);
     let batch = format!(
@@ -186,12 +165,7 @@ fn a_slow_path_request_on_a_leased_connection_is_answered_in_order() {
 
 #[test]
 fn a_half_closed_leased_connection_gets_its_answer_then_closes() {
-    if !privileged() {
-        return;
-    }
-    let d = two_pools("");
-    let mut c = d.connect();
-    let (pid, inode) = leased(&d, &mut c);
+    let Some((_d, mut c, pid, inode)) = leased_connection("") else { return };
     c.stream.write_all(b"GET /a/last HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     c.stream.shutdown(Shutdown::Write).unwrap();
     let r = c.read_response();
@@ -202,102 +176,76 @@ fn a_half_closed_leased_connection_gets_its_answer_then_closes() {
 
 #[test]
 fn an_idle_leased_connection_is_closed_at_the_keep_alive_timeout() {
-    if !privileged() {
-        return;
-    }
-    let d = two_pools("[limits]\nheader_timeout_secs = 1\nresponse_timeout_secs = 1\nkeepalive_timeout_secs = 2\n");
-    let mut c = d.connect();
-    let (pid, inode) = leased(&d, &mut c);
+    let limits = "[limits]\nheader_timeout_secs = 1\nresponse_timeout_secs = 1\nkeepalive_timeout_secs = 2\n";
+    let Some((_d, mut c, pid, inode)) = leased_connection(limits) else { return };
     let t0 = Instant::now();
     assert!(c.is_closed(), "an idle leased connection stayed open");
     assert!(t0.elapsed() < tests::IO_TIMEOUT);
     assert!(eventually(|| !holds(pid, inode)));
 }
 
-/// Kills process `pid` (a worker the dispatcher started for the test).
-fn kill(pid: u32) {
-    // SAFETY: signalling a worker process of this test's dispatcher.
-    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+/// Kills the worker that holds `c`'s lease (`pid`) and checks that the
+/// connection goes on, answered by its replacement.
+fn kill_holder_then_go_on(c: &mut Client, pid: u32) {
+    signal(pid, libc::SIGKILL);
+    let r = c.get_echoed("/a/after");
+    assert_ne!(r.worker_pid(), pid);
 }
 
 #[test]
 fn a_lease_holder_that_dies_before_writing_leaves_a_usable_connection() {
-    if !privileged() {
-        return;
-    }
-    let d = two_pools("");
-    let mut c = d.connect();
-    let (pid, _) = leased(&d, &mut c);
-    kill(pid);
+    let Some((_d, mut c, pid, _)) = leased_connection("") else { return };
     // Nothing was written under the lease, so the dispatcher takes the
     // connection back where the lease began; the restarted worker answers.
-    let r = c.get("x", "/a/after");
-    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/a/after")));
-    assert_ne!(worker_pid(&r), pid);
+    kill_holder_then_go_on(&mut c, pid);
 }
 
 #[test]
 fn a_lease_holder_that_dies_after_writing_leaves_the_connection_usable() {
-    if !privileged() {
-        return;
-    }
-    let d = two_pools("");
-    let mut c = d.connect();
-    let (pid, _) = leased(&d, &mut c);
+    let Some((_d, mut c, pid, _)) = leased_connection("") else { return };
     assert_eq!(get_ok(&mut c, "/a/direct", "a"), pid);
-    kill(pid);
     // Its trace shows the stream between two responses: the connection
     // goes on, answered by the replacement.
-    let r = c.get("x", "/a/after");
-    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/a/after")));
-    assert_ne!(worker_pid(&r), pid);
+    kill_holder_then_go_on(&mut c, pid);
+}
+
+/// Sends `c` a slow request for pool `a`; `worker` says which process took
+/// it (once one has). Kills that worker while it works: the request must get
+/// a 502 at once, the connection must go on, and the log must say `why`.
+/// `what` names the case in the messages.
+fn kill_while_taken(d: &Dispatcher, c: &mut Client, worker: impl FnOnce() -> u32, why: &str, what: &str) {
+    c.send(format!("GET /a/delay/{SLOW_MS}/x HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    let pid = worker();
+    std::thread::sleep(Duration::from_millis(TAKE_MS));
+    signal(pid, libc::SIGKILL);
+    let t0 = Instant::now();
+    let r = c.read_response();
+    assert_eq!(r.status, 502, "{what}: {r:?}");
+    assert!(t0.elapsed() < Duration::from_millis(SLOW_MS), "{what}: the 502 waited for the slow handler's time");
+    let r = c.get("x", "/a/next");
+    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/a/next")), "{what}");
+    assert!(d.log().contains(why), "{what}: {}", d.log());
 }
 
 #[test]
 fn a_request_the_dead_worker_had_taken_gets_502_and_the_connection_goes_on() {
-    if !privileged() {
-        return;
-    }
-    let d = two_pools("");
-    let mut c = d.connect();
-    let (pid, _) = leased(&d, &mut c);
+    let Some((d, mut c, pid, _)) = leased_connection("") else { return };
     // Taken by the worker, which then dies before answering.
-    c.send(format!("GET /a/delay/{SLOW_MS}/x HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
-    std::thread::sleep(Duration::from_millis(TAKE_MS));
-    kill(pid);
-    let t0 = Instant::now();
-    let r = c.read_response();
-    assert_eq!(r.status, 502, "{r:?}");
-    assert!(t0.elapsed() < Duration::from_millis(SLOW_MS), "the 502 waited for the slow handler's time");
-    let r = c.get("x", "/a/next");
-    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/a/next")));
-    assert!(d.log().contains("going on from its last response"), "{}", d.log());
+    kill_while_taken(&d, &mut c, || pid, "going on from its last response", "a leased connection");
 }
 
 #[test]
 fn a_request_taken_on_a_connection_without_a_lease_gets_502_when_its_worker_dies() {
-    if !privileged() {
-        return;
-    }
     for extra in ["[fast_path]\ndirect_responses = false\n", ""] {
-        let d = two_pools(extra);
+        let Some(d) = two_pools(extra) else { return };
         // With leases on, a connection's first request is answered
         // through the dispatcher: the worker holds no lease while it works.
         let mut c = d.connect();
         if !extra.is_empty() {
             get_ok(&mut c, "/a/0", "a");
         }
-        c.send(format!("GET /a/delay/{SLOW_MS}/x HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
-        let pid = eventually_worker(&d);
-        std::thread::sleep(Duration::from_millis(TAKE_MS));
-        kill(pid);
-        let t0 = Instant::now();
-        let r = c.read_response();
-        assert_eq!(r.status, 502, "{extra:?}: {r:?}");
-        assert!(t0.elapsed() < Duration::from_millis(SLOW_MS), "the 502 waited for the slow handler's time");
-        let r = c.get("x", "/a/next");
-        assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/a/next")), "{extra:?}");
-        assert!(d.log().contains("the worker died while handling this request"), "{}", d.log());
+        let why = "the worker died while handling this request";
+        kill_while_taken(&d, &mut c, || eventually_worker(&d), why, &format!("{extra:?}"));
     }
 }
 

@@ -4,12 +4,15 @@
 
 use std::time::{Duration, Instant};
 
-use tests::{privileged, Dispatcher, PoolDef};
+use tests::{wait_until, Dispatcher, PoolDef};
 
 const SETTLE: Duration = Duration::from_secs(15);
+/// How often a test asks again while it waits for a change.
+const STEP: Duration = Duration::from_millis(20);
 
-fn worker_pid(r: &tests::Response) -> u32 {
-    r.header("x-dispatcher-worker").expect("worker pid header").parse().unwrap()
+/// Whether `GET path` gets a 200 within [`SETTLE`] (asking every `step`).
+fn serves(d: &Dispatcher, path: &str, step: Duration) -> bool {
+    wait_until(SETTLE, step, || d.connect().get("x", path).status == 200)
 }
 
 fn json(d: &Dispatcher, cmd: &str) -> serde_json::Value {
@@ -18,8 +21,10 @@ fn json(d: &Dispatcher, cmd: &str) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("dispatcher {cmd} --json: {e}: {out}"))
 }
 
-fn two_pools() -> Dispatcher {
-    Dispatcher::start(
+/// Pools `api` (always running) and `web`, where the test can run (`None`
+/// skips it).
+fn two_pools() -> Option<Dispatcher> {
+    Dispatcher::start_if_privileged(
         &[
             PoolDef { extra: "start_mode = \"always-running\"", ..PoolDef::echo("api", &["api.example/v1/", "*/api"]) },
             PoolDef::echo("web", &["*/"]),
@@ -30,13 +35,8 @@ fn two_pools() -> Dispatcher {
 
 #[test]
 fn status_pools_routes_and_queues_describe_the_running_instance() {
-    if !privileged() {
-        return;
-    }
-    let d = two_pools();
-    let r = d.connect().get("api.example", "/v1/x");
-    assert_eq!((r.status, r.pool()), (200, "api"));
-    let api_pid = worker_pid(&r);
+    let Some(d) = two_pools() else { return };
+    let api_pid = d.connect().get_from("api.example", "/v1/x", "api").worker_pid();
 
     let status = json(&d, "status");
     assert_eq!(status["pid"].as_u64(), Some(d.pid() as u64));
@@ -76,56 +76,42 @@ fn status_pools_routes_and_queues_describe_the_running_instance() {
 
 #[test]
 fn stop_start_and_recycle_act_on_a_pool() {
-    if !privileged() {
-        return;
-    }
-    let d = two_pools();
-    let first = worker_pid(&d.connect().get("x", "/api/1"));
+    let Some(d) = two_pools() else { return };
+    let first = d.connect().get("x", "/api/1").worker_pid();
 
     let (ok, out) = d.cli(&["recycle", "api"]);
     assert!(ok, "{out}");
-    let t0 = Instant::now();
-    loop {
+    let replaced = wait_until(SETTLE, STEP, || {
         let r = d.connect().get("x", "/api/2");
         assert_eq!(r.status, 200, "a request failed during the recycle");
-        if worker_pid(&r) != first {
-            break;
-        }
-        assert!(t0.elapsed() < SETTLE, "recycle did not replace the worker: {}", d.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        r.worker_pid() != first
+    });
+    assert!(replaced, "recycle did not replace the worker: {}", d.log());
 
     let (ok, out) = d.cli(&["stop", "api"]);
     assert!(ok, "{out}");
-    let t0 = Instant::now();
-    loop {
+    let stopped = wait_until(SETTLE, STEP, || {
         let r = d.connect().get("x", "/api/3");
-        if r.status == 503 {
+        let stopped = r.status == 503;
+        if stopped {
             assert!(r.header("retry-after").is_some());
-            break;
         }
-        assert!(t0.elapsed() < SETTLE, "stop did not stop the pool: {}", d.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        stopped
+    });
+    assert!(stopped, "stop did not stop the pool: {}", d.log());
     assert_eq!(json(&d, "pools")[0]["state"], "stopped");
     // The other pool serves on.
     assert_eq!(d.connect().get("x", "/other").pool(), "web");
 
     let (ok, out) = d.cli(&["start", "api"]);
     assert!(ok, "{out}");
-    let t0 = Instant::now();
-    while d.connect().get("x", "/api/4").status != 200 {
-        assert!(t0.elapsed() < SETTLE, "start did not start the pool: {}", d.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(serves(&d, "/api/4", STEP), "start did not start the pool: {}", d.log());
 }
 
 #[test]
 fn the_access_log_has_a_line_per_request_with_its_status_and_bytes() {
-    if !privileged() {
-        return;
-    }
-    let d = Dispatcher::start(&[PoolDef::echo("app", &["*/app/"])], "[log]\naccess = \"access.log\"");
+    let pools = [PoolDef::echo("app", &["*/app/"])];
+    let Some(d) = Dispatcher::start_if_privileged(&pools, "[log]\naccess = \"access.log\"") else { return };
     let log = d.config.parent().unwrap().join("access.log");
     let mut c = d.connect();
     let mut expect = Vec::new();
@@ -203,11 +189,9 @@ fn scrape(port: u16) -> std::collections::BTreeMap<String, f64> {
 
 #[test]
 fn the_metrics_endpoint_is_prometheus_text_and_its_counters_move() {
-    if !privileged() {
-        return;
-    }
     let port = tests::free_port();
-    let d = Dispatcher::start(&[PoolDef::echo("p", &["*/app/"])], &format!("[admin]\nmetrics = \"127.0.0.1:{port}\""));
+    let admin = format!("[admin]\nmetrics = \"127.0.0.1:{port}\"");
+    let Some(d) = Dispatcher::start_if_privileged(&[PoolDef::echo("p", &["*/app/"])], &admin) else { return };
     let kernel = "dispatcher_requests_total{pool=\"p\",path=\"kernel\"}";
     let ok = "dispatcher_responses_total{pool=\"p\",class=\"2xx\"}";
     let count = "dispatcher_handling_seconds_count{pool=\"p\"}";
@@ -238,10 +222,7 @@ fn the_metrics_endpoint_is_prometheus_text_and_its_counters_move() {
 
 #[test]
 fn a_start_right_after_a_stop_is_not_lost() {
-    if !privileged() {
-        return;
-    }
-    let d = two_pools();
+    let Some(d) = two_pools() else { return };
     assert_eq!(d.connect().get("x", "/api/1").status, 200);
     // The worker takes a while to stop (it is busy): the start comes in
     // meanwhile.
@@ -251,26 +232,15 @@ fn a_start_right_after_a_stop_is_not_lost() {
     assert!(d.cli(&["stop", "api"]).0);
     assert!(d.cli(&["start", "api"]).0);
     assert_eq!(slow.read_response().status, 200);
-    let t0 = Instant::now();
-    while d.connect().get("x", "/api/2").status != 200 {
-        assert!(t0.elapsed() < SETTLE, "the pool stayed stopped after stop + start: {}", d.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(serves(&d, "/api/2", Duration::from_millis(50)), "the pool stayed stopped after stop + start: {}", d.log());
 }
 
 #[test]
 fn a_client_gone_mid_upload_does_not_hold_up_a_recycle() {
-    if !privileged() {
+    let Some(d) = Dispatcher::one_pool("start_mode = \"always-running\"\nshutdown_time_limit_secs = 60") else {
         return;
-    }
-    let d = Dispatcher::start(
-        &[PoolDef {
-            extra: "start_mode = \"always-running\"\nshutdown_time_limit_secs = 60",
-            ..PoolDef::echo("p", &["*/"])
-        }],
-        "",
-    );
-    let first = worker_pid(&d.connect().get("x", "/one"));
+    };
+    let first = d.connect().get("x", "/one").worker_pid();
     // A body the kernel copies to the worker, cut short by the client.
     let mut c = d.connect();
     c.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 30000\r\n\r\n");
@@ -279,16 +249,12 @@ fn a_client_gone_mid_upload_does_not_hold_up_a_recycle() {
     drop(c);
     std::thread::sleep(Duration::from_millis(200));
     assert!(d.cli(&["recycle", "p"]).0);
-    let t0 = Instant::now();
-    loop {
+    let replaced = wait_until(SETTLE, Duration::from_millis(50), || {
         let r = d.connect().get("x", "/two");
         assert_eq!(r.status, 200);
-        if worker_pid(&r) != first {
-            break;
-        }
-        assert!(t0.elapsed() < SETTLE, "the worker never stopped pulling: {}", d.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        r.worker_pid() != first
+    });
+    assert!(replaced, "the worker never stopped pulling: {}", d.log());
     // It finished on its own, not at the shutdown limit.
     assert!(
         d.wait_log(SETTLE, |l| l.contains("worker exited (finished)") || l.contains("worker exited cleanly")),
@@ -298,17 +264,19 @@ fn a_client_gone_mid_upload_does_not_hold_up_a_recycle() {
     assert!(!d.log().contains("did not finish within the shutdown time limit"), "{}", d.log());
 }
 
-#[test]
-fn bpftool_prints_the_routes_readably() {
-    if !privileged() {
-        return;
-    }
-    let d = two_pools();
-    let out = std::process::Command::new("bpftool")
+/// `bpftool -j map dump` of `d`'s pinned `route_names` map.
+fn dump_route_names(d: &Dispatcher) -> std::process::Output {
+    std::process::Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
         .arg(d.pin_dir().join("route_names"))
         .output()
-        .expect("running bpftool");
+        .expect("running bpftool")
+}
+
+#[test]
+fn bpftool_prints_the_routes_readably() {
+    let Some(d) = two_pools() else { return };
+    let out = dump_route_names(&d);
     assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
     let mut rows: Vec<(u64, String, String, String)> = v
@@ -328,23 +296,16 @@ fn bpftool_prints_the_routes_readably() {
     // A reload rewrites it.
     d.rewrite(&[PoolDef::echo("web", &["*/", "*/new/"])], "");
     assert!(d.reload().0);
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(d.pin_dir().join("route_names"))
-        .output()
-        .unwrap();
+    let out = dump_route_names(&d);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("\"/new/\"") && !text.contains("api.example"), "{text}");
 }
 
 #[test]
 fn the_access_log_rotates_at_its_size_limit() {
-    if !privileged() {
-        return;
-    }
     // About 90 bytes a line: one rotation in 8 lines (one old file is kept).
-    let d =
-        Dispatcher::start(&[PoolDef::echo("app", &["*/"])], "[log]\naccess = \"access.log\"\naccess_max_bytes = 600");
+    let log = "[log]\naccess = \"access.log\"\naccess_max_bytes = 600";
+    let Some(d) = Dispatcher::start_if_privileged(&[PoolDef::echo("app", &["*/"])], log) else { return };
     let dir = d.config.parent().unwrap().to_path_buf();
     let mut c = d.connect();
     for i in 0..8 {

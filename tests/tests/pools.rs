@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use tests::{privileged, Dispatcher, PoolDef};
+use tests::{signal, Dispatcher, PoolDef};
 
 /// Queue limit of the small pool, in bytes of queued records.
 const SMALL_QUEUE: usize = 4096;
@@ -12,14 +12,9 @@ const RESTART_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[test]
 fn a_request_larger_than_the_queue_gets_503_with_retry_after() {
-    if !privileged() {
-        return;
-    }
     let extra = format!("queue_bytes = {SMALL_QUEUE}");
-    let d = Dispatcher::start(
-        &[PoolDef { name: "small", routes: &["*/"], args: &["--pool-header", "echo"], extra: &extra, command: None }],
-        "",
-    );
+    let def = PoolDef { extra: &extra, ..PoolDef::echo("small", &["*/"]) };
+    let Some(d) = Dispatcher::start_if_privileged(&[def], "") else { return };
     let mut c = d.connect();
     let body = vec![b'x'; 2 * SMALL_QUEUE];
     c.send(format!("POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
@@ -29,28 +24,21 @@ fn a_request_larger_than_the_queue_gets_503_with_retry_after() {
     assert_eq!(r.header("retry-after"), Some("1"));
     // Not a silent drop, and the connection still serves what fits.
     assert_eq!(d.pool_stat("small", "queue_full"), 1, "{}", d.stats());
-    let r = c.get("x", "/small-enough");
-    assert_eq!((r.status, r.pool()), (200, "small"));
+    c.get_from("x", "/small-enough", "small");
 }
 
 #[test]
 fn a_dead_worker_is_restarted_and_its_queue_survives() {
-    if !privileged() {
-        return;
-    }
-    let d = Dispatcher::start(&[PoolDef::echo("p", &["*/"])], "");
+    let Some(d) = Dispatcher::one_pool("") else { return };
     let mut c = d.connect();
-    let r = c.get("x", "/before");
-    let pid: i32 = r.header("x-dispatcher-worker").unwrap().parse().unwrap();
-    // SAFETY: killing the worker process the dispatcher started for us.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let pid = c.get("x", "/before").worker_pid();
+    signal(pid, libc::SIGKILL);
     // Queued while no worker runs: the kernel keeps it on the ring, and
     // the next worker answers it.
     let t0 = Instant::now();
     let r = c.get("x", "/while-restarting");
     assert_eq!(r.status, 200);
-    let new_pid: i32 = r.header("x-dispatcher-worker").unwrap().parse().unwrap();
-    assert_ne!(new_pid, pid);
+    assert_ne!(r.worker_pid(), pid);
     assert!(t0.elapsed() < RESTART_TIMEOUT);
     assert!(d.log().contains("worker exited"), "{}", d.log());
 }

@@ -2,16 +2,16 @@
 //! by host (an explicit host beats `*`), over keep-alive connections, and
 //! on the kernel's fast path.
 
-use std::thread;
-
-use tests::{privileged, Dispatcher, PoolDef};
+use tests::{join_all, on_connections, Dispatcher, PoolDef};
 
 /// Connections and requests of the keep-alive load check.
 const CONNECTIONS: usize = 10;
 const REQUESTS_PER_CONNECTION: usize = 100;
 
-fn four_pools() -> Dispatcher {
-    Dispatcher::start(
+/// Pools by path and by host, and a `*/` one, where the test can run
+/// (`None` skips it).
+fn four_pools() -> Option<Dispatcher> {
+    Dispatcher::start_if_privileged(
         &[
             PoolDef::echo("app", &["*/app"]),
             PoolDef::echo("files", &["*/files/"]),
@@ -41,10 +41,7 @@ const CASES: &[(&str, &str, &str)] = &[
 
 #[test]
 fn routes_by_prefix_and_host_on_the_fast_path() {
-    if !privileged() {
-        return;
-    }
-    let d = four_pools();
+    let Some(d) = four_pools() else { return };
     let mut c = d.connect();
     for (host, path, pool) in CASES {
         let r = c.get(host, path);
@@ -55,22 +52,14 @@ fn routes_by_prefix_and_host_on_the_fast_path() {
 
     // 1,000 requests over 10 keep-alive connections, all answered by the
     // right pool.
-    let port = d.port;
-    let handles: Vec<_> = (0..CONNECTIONS)
-        .map(|k| {
-            thread::spawn(move || {
-                let mut c = tests::Client::connect(port);
-                for i in 0..REQUESTS_PER_CONNECTION {
-                    let (host, path, pool) = CASES[(k * 7 + i) % CASES.len()];
-                    let r = c.get(host, path);
-                    assert_eq!((r.status, r.pool()), (200, pool), "conn {k} request {i}: {host}{path}");
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("a client thread failed");
-    }
+    let handles = on_connections(&d, CONNECTIONS, |k, mut c| {
+        for i in 0..REQUESTS_PER_CONNECTION {
+            let (host, path, pool) = CASES[(k * 7 + i) % CASES.len()];
+            let r = c.get(host, path);
+            assert_eq!((r.status, r.pool()), (200, pool), "conn {k} request {i}: {host}{path}");
+        }
+    });
+    join_all(handles, "a client thread failed");
 
     // None of these plain GETs reached the user-space parser.
     let stats = d.stats();
@@ -85,18 +74,14 @@ fn routes_by_prefix_and_host_on_the_fast_path() {
 
 #[test]
 fn a_long_head_takes_the_slow_path_and_routes_the_same() {
-    if !privileged() {
-        return;
-    }
-    let d = four_pools();
+    let Some(d) = four_pools() else { return };
     let mut c = d.connect();
     let pad = "p".repeat(6000);
     c.send(format!("GET /app/x HTTP/1.1\r\nHost: x.test\r\nX-Pad: {pad}\r\n\r\n").as_bytes());
     let r = c.read_response();
     assert_eq!((r.status, r.pool()), (200, "app"));
     // The connection stays usable (now on the slow path).
-    let r = c.get("one.test", "/y");
-    assert_eq!((r.status, r.pool()), (200, "one"));
+    c.get_from("one.test", "/y", "one");
     assert_eq!(d.pool_stat("app", "slow_parsed"), 1);
     assert_eq!(d.pool_stat("one", "slow_parsed"), 1);
     assert!(d.stats()["handoffs"]["head_too_large"].as_u64().unwrap() >= 1);
@@ -104,15 +89,11 @@ fn a_long_head_takes_the_slow_path_and_routes_the_same() {
 
 #[test]
 fn unrouted_requests_get_404() {
-    if !privileged() {
-        return;
-    }
-    let d = Dispatcher::start(&[PoolDef::echo("only", &["*/only/"])], "");
+    let Some(d) = Dispatcher::start_if_privileged(&[PoolDef::echo("only", &["*/only/"])], "") else { return };
     let mut c = d.connect();
     let r = c.get("x", "/elsewhere");
     assert_eq!(r.status, 404);
-    let r = c.get("x", "/only/here");
-    assert_eq!((r.status, r.pool()), (200, "only"));
+    c.get_from("x", "/only/here", "only");
 }
 
 /// `/api` and `/api/` in two pools: `/api` stores the keys `/api\0` and
@@ -121,18 +102,14 @@ fn unrouted_requests_get_404() {
 /// alike, however the pools are listed.
 #[test]
 fn a_prefix_with_and_without_its_slash_in_two_pools() {
-    if !privileged() {
-        return;
-    }
     for pools in [
         [PoolDef::echo("bare", &["*/api"]), PoolDef::echo("dir", &["*/api/"])],
         [PoolDef::echo("dir", &["*/api/"]), PoolDef::echo("bare", &["*/api"])],
     ] {
-        let d = Dispatcher::start(&pools, "");
+        let Some(d) = Dispatcher::start_if_privileged(&pools, "") else { return };
         let mut c = d.connect();
         for (path, pool) in [("/api", "bare"), ("/api?x=1", "bare"), ("/api/", "dir"), ("/api/v1/x", "dir")] {
-            let r = c.get("x.test", path);
-            assert_eq!((r.status, r.pool()), (200, pool), "{path}");
+            c.get_from("x.test", path, pool);
         }
         assert_eq!(c.get("x.test", "/apix").status, 404);
         // The slow path routes with the same table (a percent-encoded path

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::{privileged, Dispatcher, PoolDef};
+use tests::{join_all, on_connections, Dispatcher};
 
 /// Client threads, each on its own keep-alive connection.
 const CLIENTS: usize = 4;
@@ -24,38 +24,23 @@ const SETTLE: Duration = Duration::from_secs(5);
 
 #[test]
 fn requests_racing_the_worker_falling_asleep_are_all_answered() {
-    if !privileged() {
-        return;
-    }
-    let d = Dispatcher::start(&[PoolDef::echo("p", &["*/"])], "");
-    let threads: Vec<_> = (0..CLIENTS)
-        .map(|t| {
-            let mut c = d.connect();
-            std::thread::spawn(move || {
-                for i in 0..REQUESTS {
-                    let path = format!("/t{t}/{i}");
-                    // Panics on a read time-out: a request nobody woke up for.
-                    let r = c.get("x", &path);
-                    assert_eq!((r.status, r.header("x-echo-path")), (200, Some(path.as_str())));
-                    if i % PAUSE_EVERY == 0 {
-                        std::thread::sleep(PAUSE);
-                    }
-                }
-            })
-        })
-        .collect();
-    for t in threads {
-        t.join().expect("a client thread failed");
-    }
+    let Some(d) = Dispatcher::one_pool("") else { return };
+    let threads = on_connections(&d, CLIENTS, |t, mut c| {
+        for i in 0..REQUESTS {
+            // Panics on a read time-out: a request nobody woke up for.
+            c.get_echoed(&format!("/t{t}/{i}"));
+            if i % PAUSE_EVERY == 0 {
+                std::thread::sleep(PAUSE);
+            }
+        }
+    });
+    join_all(threads, "a client thread failed");
     assert_eq!(d.pool_stat("p", "fast_requests"), (CLIENTS * REQUESTS) as u64, "{}", d.stats());
 }
 
 #[test]
 fn an_idle_worker_clears_its_awake_flag() {
-    if !privileged() {
-        return;
-    }
-    let d = Dispatcher::start(&[PoolDef::echo("p", &["*/"])], "");
+    let Some(d) = Dispatcher::one_pool("") else { return };
     let mut c = d.connect();
     for i in 0..50 {
         assert_eq!(c.get("x", &format!("/{i}")).status, 200);
