@@ -2,7 +2,7 @@
 //! (`host - - [time] "request" status bytes "referer" "user-agent"`).
 //!
 //! Workers report the requests they answer in batches over their control
-//! socket (`worker::proto::RESP_LOG`; a leased connection's responses
+//! socket (`WorkerFrame::Log` in `dispatcher_ebpf::wire`; a leased connection's responses
 //! never pass through the dispatcher); the dispatcher adds the client's
 //! address and logs its own answers (404, 503, 502, 408…). Lines go to a
 //! writer task through a channel, off the connections' path, and are
@@ -39,7 +39,7 @@ impl AccessLog {
         Ok(AccessLog { tx })
     }
 
-    /// Logs records a worker sent (see `worker::proto::RESP_LOG`), with the
+    /// Logs records a worker sent (`WorkerFrame::Log`), with the
     /// client address of each connection from `peer`.
     pub fn worker_records(&self, data: &[u8], peer: impl Fn(u64) -> Option<SocketAddr>) {
         let mut out = Vec::with_capacity(data.len() + data.len() / 4);

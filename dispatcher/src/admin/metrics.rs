@@ -4,7 +4,7 @@
 //! Per pool: requests by path (kernel / slow path), queue-full
 //! rejections, queue depth per slot, workers running, started and crashed,
 //! responses by status class and the workers' handling-time histogram
-//! (both reported by the workers, see `worker::proto::RESP_STATS`). Also:
+//! (both reported by the workers in `WorkerFrame::Stats`, see `dispatcher_ebpf::wire`). Also:
 //! the dispatcher's own answers by status class, hand-offs to the slow
 //! path by reason, the XDP guard's packets by verdict, open connections.
 
@@ -143,9 +143,9 @@ pub fn render(ctx: &Context) -> String {
     }
     help(&mut out, "dispatcher_handling_seconds", "histogram", "Time from a worker taking a request to its answer.");
     for (l, s) in links.iter().zip(&stats) {
-        let buckets = &s[5..5 + worker::proto::LATENCY_BUCKETS_US.len() + 1];
+        let buckets = &s[5..5 + dispatcher_ebpf::wire::LATENCY_BUCKETS_US.len() + 1];
         let mut cum = 0;
-        for (i, le) in worker::proto::LATENCY_BUCKETS_US.iter().enumerate() {
+        for (i, le) in dispatcher_ebpf::wire::LATENCY_BUCKETS_US.iter().enumerate() {
             cum += buckets[i];
             let _ = writeln!(
                 out,
@@ -154,13 +154,13 @@ pub fn render(ctx: &Context) -> String {
                 *le as f64 / 1e6
             );
         }
-        cum += buckets[worker::proto::LATENCY_BUCKETS_US.len()];
+        cum += buckets[dispatcher_ebpf::wire::LATENCY_BUCKETS_US.len()];
         let _ = writeln!(out, "dispatcher_handling_seconds_bucket{{pool=\"{}\",le=\"+Inf\"}} {cum}", l.name);
         let _ = writeln!(
             out,
             "dispatcher_handling_seconds_sum{{pool=\"{}\"}} {}",
             l.name,
-            s[worker::proto::STATS_WORDS - 1] as f64 / 1e6
+            s[dispatcher_ebpf::wire::STATS_WORDS - 1] as f64 / 1e6
         );
         let _ = writeln!(out, "dispatcher_handling_seconds_count{{pool=\"{}\"}} {cum}", l.name);
     }

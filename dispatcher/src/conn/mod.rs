@@ -9,7 +9,7 @@
 //!
 //! Once it has written a worker's first response on the connection, this
 //! task may also leave the responses to that worker: it passes the worker
-//! the socket (a *lease*, protocol in `worker::proto`) and writes nothing
+//! the socket (a *lease*, protocol in `dispatcher_ebpf::wire`) and writes nothing
 //! more until the lease is back. It takes the lease back (revokes it) as
 //! soon as somebody else has something to write (another pool's response,
 //! its own error answer, the slow path), the connection idles long enough

@@ -1,7 +1,7 @@
 //! The dispatcher's end of a worker's lease socket: grants (with the
 //! client's socket, by SCM_RIGHTS), denials, revocations and forgets, and
 //! which leases are out, so that a worker's death reaches every
-//! connection it held. The protocol is in `worker::proto`.
+//! connection it held. The protocol is in `dispatcher_ebpf::wire`.
 
 use std::{
     io,

@@ -42,8 +42,8 @@ pub struct PoolLink {
     pub(super) stopped: Mutex<std::collections::BTreeMap<usize, String>>,
     /// Next slot to try for a slow-path request.
     turn: std::sync::atomic::AtomicUsize,
-    /// Its workers' counters, summed (see `worker::proto::RESP_STATS`).
-    pub worker_stats: Mutex<[u64; worker::proto::STATS_WORDS]>,
+    /// Its workers' counters, summed (`WorkerFrame::Stats`, see `dispatcher_ebpf::wire`).
+    pub worker_stats: Mutex<[u64; dispatcher_ebpf::wire::STATS_WORDS]>,
 }
 
 /// One worker slot of a pool.
@@ -108,7 +108,7 @@ impl PoolLink {
             slots,
             stopped: Mutex::new(Default::default()),
             turn: Default::default(),
-            worker_stats: Mutex::new([0; worker::proto::STATS_WORDS]),
+            worker_stats: Mutex::new([0; dispatcher_ebpf::wire::STATS_WORDS]),
         }
     }
 
