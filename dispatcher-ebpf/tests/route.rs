@@ -181,9 +181,10 @@ fn route_host() -> impl Strategy<Value = Option<&'static str>> {
 }
 
 /// Routes the config would accept, one per (host, prefix). `P` and `P/`
-/// under one host are kept apart: both store the key `P/`, so which of
-/// the two serves `P/x` is the order they were written in, not a rule the
-/// naive matcher can state.
+/// under one host are kept apart: both store the key `P/`, and which of
+/// them owns it is the dispatcher's route table's rule (the longer route;
+/// `dispatcher/src/bpf/routes.rs` and its tests), not something the keys
+/// alone decide.
 fn routes() -> impl Strategy<Value = Vec<Route>> {
     prop::collection::vec((route_host(), prefix()), 0..12).prop_map(|rs| {
         let mut out: Vec<Route> = Vec::new();

@@ -43,8 +43,8 @@ struct RingMaps {
     awake: MapData,
     view: RingView,
     pins: [PathBuf; 2],
-    /// Its pins are there (a replacement may own the paths now).
-    pinned: bool,
+    /// Which of its pins are there (a replacement may own the paths now).
+    pinned: [bool; 2],
 }
 
 /// What the dispatcher sees of a ring without consuming it: the awake flag
@@ -154,8 +154,6 @@ impl Rings {
             );
             let ring = MapData::create(obj, &object_name("ring", &p.name, &suffix), None)
                 .with_context(|| format!("creating the ring of {what}"))?;
-            let ring_pin = self.pin_dir.join(format!("ring_{}{suffix}", p.name));
-            ring.pin(&ring_pin).with_context(|| format!("pinning the ring of {what}"))?;
             // The worker maps this one page and flips the flag itself.
             let obj = aya_obj::Map::new_from_params(
                 aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
@@ -166,13 +164,16 @@ impl Rings {
             );
             let flag = MapData::create(obj, &object_name("awake", &p.name, &suffix), None)
                 .with_context(|| format!("creating the awake flag of {what}"))?;
-            let flag_pin = self.pin_dir.join(format!("awake_{}{suffix}", p.name));
-            let view = RingView::map(&flag, &ring);
-            let pinned = flag.pin(&flag_pin).with_context(|| format!("pinning the awake flag of {what}"));
-            let maps = RingMaps { ring, awake: flag, view: view?, pins: [ring_pin, flag_pin], pinned: true };
-            // From here on the ring is ours, so a failure below unpins it.
-            self.rings[i] = Some(maps);
-            pinned?;
+            let view = RingView::map(&flag, &ring)?;
+            let pins =
+                [format!("ring_{}{suffix}", p.name), format!("awake_{}{suffix}", p.name)].map(|n| self.pin_dir.join(n));
+            // From here on the ring is ours: a failure below is undone by
+            // `remove_pool`, which removes the pins made (and only those).
+            let maps = self.rings[i].insert(RingMaps { ring, awake: flag, view, pins, pinned: [false; 2] });
+            maps.ring.pin(&maps.pins[0]).with_context(|| format!("pinning the ring of {what}"))?;
+            maps.pinned[0] = true;
+            maps.awake.pin(&maps.pins[1]).with_context(|| format!("pinning the awake flag of {what}"))?;
+            maps.pinned[1] = true;
             let maps = self.rings[i].as_ref().unwrap();
             update_fd_elem(raw(&self.awake_map), i as u32, raw(&maps.awake))
                 .with_context(|| format!("setting ring {i} in `ring_awake`"))?;
@@ -194,8 +195,8 @@ impl Rings {
     /// take the names); the maps live on until [`Rings::remove_pool`].
     pub fn unpin(&mut self, rings: std::ops::Range<usize>) {
         for m in self.rings[rings].iter_mut().flatten() {
-            if std::mem::take(&mut m.pinned) {
-                for p in &m.pins {
+            for (p, pinned) in m.pins.iter().zip(&mut m.pinned) {
+                if std::mem::take(pinned) {
                     let _ = fs::remove_file(p);
                 }
             }
@@ -205,8 +206,11 @@ impl Rings {
     /// Pins rings `rings` again (a reload that unpinned them failed).
     pub fn pin(&mut self, rings: std::ops::Range<usize>) {
         for m in self.rings[rings].iter_mut().flatten() {
-            if !m.pinned {
-                m.pinned = m.ring.pin(&m.pins[0]).is_ok() & m.awake.pin(&m.pins[1]).is_ok();
+            if !m.pinned[0] {
+                m.pinned[0] = m.ring.pin(&m.pins[0]).is_ok();
+            }
+            if !m.pinned[1] {
+                m.pinned[1] = m.awake.pin(&m.pins[1]).is_ok();
             }
         }
     }

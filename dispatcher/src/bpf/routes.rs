@@ -58,31 +58,7 @@ impl RouteTable {
     /// routes): new keys are written first, then stale ones deleted, so a
     /// lookup finds the old route or the new one, never none.
     pub fn set<'a>(&mut self, routes: impl IntoIterator<Item = (u32, &'a [Route])>) -> Result<()> {
-        // Key → (length of the route prefix that wrote it, pool). `/app`
-        // is stored as `/app\0` and `/app/`, so it shares `/app/` with a
-        // route `/app/` of another pool: the longer route prefix owns it
-        // (longest prefix wins, as for any other pair), whatever the order
-        // the pools come in; equal ones (`A.test/x` and `a.test/x`) go to
-        // the lower pool index.
-        let mut owners: HashMap<(u32, RouteKeyData), (usize, u32)> = HashMap::new();
-        for (pool, rs) in routes {
-            for r in rs {
-                let h = r.host.as_deref().map(|h| host_hash(h.as_bytes())).unwrap_or(WILDCARD_HOST);
-                let (keys, n) = route_keys(h, r.prefix.as_bytes()).map_err(|e| anyhow!("route {r}: {e:?}"))?;
-                for k in &keys[..n] {
-                    let claim = (r.prefix.len(), pool);
-                    owners
-                        .entry((k.prefix_len, k.data))
-                        .and_modify(|o| {
-                            if claim.0 > o.0 || (claim.0 == o.0 && claim.1 < o.1) {
-                                *o = claim;
-                            }
-                        })
-                        .or_insert(claim);
-                }
-            }
-        }
-        let mut want: HashMap<(u32, RouteKeyData), u32> = owners.into_iter().map(|(k, (_, pool))| (k, pool)).collect();
+        let mut want = wanted_keys(routes)?;
         let old = std::mem::take(&mut self.keys);
         let mut err = None;
         let mut failed = Vec::new();
@@ -121,6 +97,36 @@ impl RouteTable {
     }
 }
 
+/// The table's keys for `routes` (pool index and its routes), each with the
+/// pool that owns it.
+fn wanted_keys<'a>(routes: impl IntoIterator<Item = (u32, &'a [Route])>) -> Result<HashMap<(u32, RouteKeyData), u32>> {
+    // Key → (length of the route prefix that wrote it, pool). `/app`
+    // is stored as `/app\0` and `/app/`, so it shares `/app/` with a
+    // route `/app/` of another pool: the longer route prefix owns it
+    // (longest prefix wins, as for any other pair), whatever the order
+    // the pools come in; equal ones (`A.test/x` and `a.test/x`) go to
+    // the lower pool index.
+    let mut owners: HashMap<(u32, RouteKeyData), (usize, u32)> = HashMap::new();
+    for (pool, rs) in routes {
+        for r in rs {
+            let h = r.host.as_deref().map(|h| host_hash(h.as_bytes())).unwrap_or(WILDCARD_HOST);
+            let (keys, n) = route_keys(h, r.prefix.as_bytes()).map_err(|e| anyhow!("route {r}: {e:?}"))?;
+            for k in &keys[..n] {
+                let claim = (r.prefix.len(), pool);
+                owners
+                    .entry((k.prefix_len, k.data))
+                    .and_modify(|o| {
+                        if claim.0 > o.0 || (claim.0 == o.0 && claim.1 < o.1) {
+                            *o = claim;
+                        }
+                    })
+                    .or_insert(claim);
+            }
+        }
+    }
+    Ok(owners.into_iter().map(|(k, (_, pool))| (k, pool)).collect())
+}
+
 impl RouteLookup {
     /// Routes a request the slow path parsed, with the kernel's own table.
     pub fn route(&self, host: Option<&[u8]>, path: &[u8]) -> Routed {
@@ -132,6 +138,46 @@ impl RouteLookup {
         match route::lookup(&mut request_key(h, path), h, look) {
             Some(v) => Routed::Pool(v.pool),
             None => Routed::NoRoute,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(s: &str) -> Route {
+        let (host, prefix) = s.split_at(s.find('/').unwrap());
+        Route { host: (host != "*").then(|| host.to_string()), prefix: prefix.to_string() }
+    }
+
+    /// `/api` stores `/api\0` and `/api/`; `/api/` stores `/api/`. Whatever
+    /// order the pools come in, the longer route owns the shared key.
+    #[test]
+    fn the_longer_route_owns_a_shared_key_in_any_order() {
+        let bare = [route("*/api")];
+        let dir = [route("*/api/")];
+        let shared = {
+            let (keys, n) = route_keys(WILDCARD_HOST, b"/api/").unwrap();
+            assert_eq!(n, 1);
+            (keys[0].prefix_len, keys[0].data)
+        };
+        for table in [vec![(1, &bare[..]), (2, &dir[..])], vec![(2, &dir[..]), (1, &bare[..])]] {
+            let want = wanted_keys(table).unwrap();
+            assert_eq!(want.len(), 2, "`/api\\0` and `/api/`");
+            assert_eq!(want[&shared], 2, "`/api/` belongs to the `*/api/` route");
+            assert_eq!(want.values().filter(|p| **p == 1).count(), 1, "`*/api` keeps `/api\\0`");
+        }
+    }
+
+    /// Equal claims (hosts that differ only in case hash alike) go to the
+    /// lower pool index, not to the order they came in.
+    #[test]
+    fn equal_claims_go_to_the_lower_pool_index() {
+        let upper = [route("A.test/x")];
+        let lower = [route("a.test/x")];
+        for table in [vec![(4, &upper[..]), (3, &lower[..])], vec![(3, &lower[..]), (4, &upper[..])]] {
+            assert!(wanted_keys(table).unwrap().values().all(|p| *p == 3));
         }
     }
 }
