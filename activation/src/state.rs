@@ -472,8 +472,11 @@ impl Machine {
         self.state = State::Restarting { at: now };
         if how != Gone::HandedOff && requests.halts != self.halts {
             // An operator stop seen as the worker ends takes over (a
-            // shutdown before it): the slot is told the pool stopped, not
-            // of this exit, and the exit is not counted.
+            // shutdown before it): the slot hears of the exit (or
+            // `dispatcher pools` would list the dead pid until the next
+            // start), then that the pool stopped; the exit does not count
+            // towards rapid-fail protection.
+            out.push(Action::Exited { crashed });
             self.look(requests, now, out);
             return;
         }
