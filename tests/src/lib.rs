@@ -336,8 +336,10 @@ impl Drop for Dispatcher {
         if self.child.try_wait().ok().flatten().is_none() {
             self.stop();
         }
-        // Whatever happened, leave no pins behind.
+        // Whatever happened (a test may kill it with SIGKILL, which skips
+        // its own clean-up), leave no pins and no run directory behind.
         let _ = std::fs::remove_dir_all(self.pin_dir());
+        let _ = std::fs::remove_dir_all(PathBuf::from("/run/dispatcher").join(&self.instance));
         if std::thread::panicking() {
             eprintln!("--- dispatcher log ---\n{}", self.log());
         }
