@@ -2,7 +2,8 @@
 //! worker library offers it: the contract itself (records, frames, lease
 //! messages; the protocol is described there) is `dispatcher_ebpf::wire`,
 //! re-exported here, plus what both ends of the control socket share in
-//! code: the batched writer and the access-log field escaping.
+//! code: the frame reader, the batched writer and the access-log field
+//! escaping.
 
 pub use dispatcher_ebpf::abi::{
     RecordHeader, RECORD_ABORT, RECORD_BODY, RECORD_HEAD, RECORD_HEADER_LEN, REC_CLOSE, REC_LAST, REC_SLOW,
@@ -23,6 +24,58 @@ pub fn log_field(out: &mut Vec<u8>, b: &[u8]) {
             out.extend_from_slice(format!("\\x{c:02x}").as_bytes());
         }
     }
+}
+
+/// A control-socket header: fixed-size, saying how many bytes follow
+/// ([`RecordHeader`] from the dispatcher, [`FrameHeader`] from the worker).
+pub trait FrameHead: Sized {
+    const LEN: usize;
+    fn parse(b: &[u8]) -> Option<Self>;
+    /// Bytes that follow the header.
+    fn body_len(&self) -> u32;
+}
+
+impl FrameHead for RecordHeader {
+    const LEN: usize = RECORD_HEADER_LEN;
+    fn parse(b: &[u8]) -> Option<Self> {
+        RecordHeader::from_bytes(b)
+    }
+    fn body_len(&self) -> u32 {
+        self.len
+    }
+}
+
+impl FrameHead for FrameHeader {
+    const LEN: usize = FRAME_HEADER_LEN;
+    fn parse(b: &[u8]) -> Option<Self> {
+        FrameHeader::from_bytes(b)
+    }
+    fn body_len(&self) -> u32 {
+        self.len
+    }
+}
+
+// `read_frame` reads a header into a 64-byte buffer.
+const _: () = assert!(RECORD_HEADER_LEN <= 64 && FRAME_HEADER_LEN <= 64);
+
+/// Reads one frame: its header, then the bytes it announces. An error
+/// ends the stream: the socket closed (or failed), or the header
+/// announced more than [`MAX_FRAME`] (`InvalidData`, which a reader logs:
+/// the peer is broken and the socket is dropped).
+pub async fn read_frame<H: FrameHead>(rd: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<(H, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 64];
+    let head = &mut head[..H::LEN];
+    rd.read_exact(head).await?;
+    let h = H::parse(head).expect("a header of its own length");
+    let len = h.body_len() as usize;
+    if len > MAX_FRAME {
+        let why = format!("a frame of {len} bytes (at most {MAX_FRAME})");
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
+    }
+    let mut data = vec![0u8; len];
+    rd.read_exact(&mut data).await?;
+    Ok((h, data))
 }
 
 /// Bytes a control-socket end buffers per read, and batches per write.
@@ -64,4 +117,27 @@ pub async fn write_batched<W: tokio::io::AsyncWrite + Unpin>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn frames_are_read_whole_and_oversized_ones_end_the_stream() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let h = RecordHeader { conn: 7, seq: 2, len: 5, kind: RECORD_HEAD, ..Default::default() };
+        a.write_all(&h.to_bytes()).await.unwrap();
+        a.write_all(b"hello").await.unwrap();
+        let big = RecordHeader { len: MAX_FRAME as u32 + 1, ..h };
+        a.write_all(&big.to_bytes()).await.unwrap();
+        let (got, data) = read_frame::<RecordHeader>(&mut b).await.unwrap();
+        assert_eq!((got.conn, got.seq, &data[..]), (7, 2, &b"hello"[..]));
+        let e = read_frame::<RecordHeader>(&mut b).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+        drop(a);
+        let e = read_frame::<FrameHeader>(&mut b).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
 }

@@ -9,9 +9,9 @@ use std::{os::fd::OwnedFd, sync::Arc};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use dispatcher_ebpf::wire::{FrameHeader, WorkerFrame, FRAME_HEADER_LEN, MAX_FRAME};
-use tokio::{io::AsyncReadExt, sync::mpsc};
-use worker::proto::BATCH_BYTES;
+use dispatcher_ebpf::wire::{FrameHeader, WorkerFrame};
+use tokio::sync::mpsc;
+use worker::proto::{read_frame, BATCH_BYTES};
 
 use super::link::PoolLink;
 use crate::{
@@ -62,20 +62,16 @@ pub(super) fn connect(
     let name = link.name.clone();
     let link = link.clone();
     tokio::spawn(async move {
-        let mut hdr = [0u8; FRAME_HEADER_LEN];
         loop {
-            if rd.read_exact(&mut hdr).await.is_err() {
-                break;
-            }
-            let h = FrameHeader::from_bytes(&hdr).expect("header length");
-            if h.len as usize > MAX_FRAME {
-                tracing::error!(pool = %name, len = h.len, "oversized response frame; dropping the worker's socket");
-                break;
-            }
-            let mut data = vec![0u8; h.len as usize];
-            if rd.read_exact(&mut data).await.is_err() {
-                break;
-            }
+            let (h, data) = match read_frame::<FrameHeader>(&mut rd).await {
+                Ok(f) => f,
+                Err(e) => {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        tracing::error!(pool = %name, "{e}; dropping the worker's socket");
+                    }
+                    break;
+                }
+            };
             match WorkerFrame::decode(&h) {
                 Ok(WorkerFrame::Stopped) => {
                     // Later slow-path records wait for (and ask for) the next

@@ -2,11 +2,10 @@
 //! path framed (and its aborts), read by a task so that the worker's
 //! `receive` can wait on them cancel-safely.
 
-use dispatcher_ebpf::abi::{RecordHeader, RECORD_HEADER_LEN};
-use dispatcher_ebpf::wire::MAX_FRAME;
-use tokio::{io::AsyncReadExt, net::unix::OwnedReadHalf, sync::mpsc};
+use dispatcher_ebpf::abi::RecordHeader;
+use tokio::{net::unix::OwnedReadHalf, sync::mpsc};
 
-use crate::proto::BATCH_BYTES;
+use crate::proto::{read_frame, BATCH_BYTES};
 
 /// A record from the control socket: its header and data.
 pub(crate) type Record = (RecordHeader, Vec<u8>);
@@ -19,18 +18,17 @@ pub(crate) fn spawn_reader(rd: OwnedReadHalf) -> mpsc::Receiver<Record> {
     let (ftx, frames) = mpsc::channel(1024);
     // A reader task makes the control socket a cancel-safe stream.
     tokio::spawn(async move {
-        let mut h = [0u8; RECORD_HEADER_LEN];
         loop {
-            if rd.read_exact(&mut h).await.is_err() {
-                return;
-            }
-            let hdr = RecordHeader::from_bytes(&h).expect("header length");
-            if hdr.len as usize > MAX_FRAME {
-                tracing::error!(len = hdr.len, "oversized record on the control socket");
-                return;
-            }
-            let mut data = vec![0u8; hdr.len as usize];
-            if rd.read_exact(&mut data).await.is_err() || ftx.send((hdr, data)).await.is_err() {
+            let record = match read_frame::<RecordHeader>(&mut rd).await {
+                Ok(r) => r,
+                Err(e) => {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        tracing::error!("control socket: {e}");
+                    }
+                    return;
+                }
+            };
+            if ftx.send(record).await.is_err() {
                 return;
             }
         }
