@@ -26,6 +26,7 @@
 //! ```
 
 mod answer;
+pub mod date;
 pub mod progress;
 pub mod proto;
 mod pull;

@@ -42,6 +42,9 @@ impl Response {
     pub fn serialize(&self, head_only: bool, close: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(128 + self.body.len());
         out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status)).as_bytes());
+        if !self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("date")) {
+            crate::date::push_date_header(&mut out);
+        }
         for (n, v) in &self.headers {
             if n.eq_ignore_ascii_case("content-length") || n.eq_ignore_ascii_case("connection") {
                 continue;
@@ -93,8 +96,21 @@ mod tests {
     fn serialises_with_length_and_close() {
         let r = Response::text(404, "nope").header("X-A", "1").header("Content-Length", "99");
         let s = String::from_utf8(r.serialize(false, true)).unwrap();
-        assert_eq!(s, "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain; charset=utf-8\r\nX-A: 1\r\nContent-Length: 4\r\nConnection: close\r\n\r\nnope");
+        // The Date line comes first after the status line (its value is
+        // checked in `date`).
+        let (head, rest) = s.split_once("\r\nDate: ").expect("a Date header");
+        assert_eq!(head, "HTTP/1.1 404 Not Found");
+        let rest = &rest[crate::date::HTTP_DATE_LEN..];
+        assert_eq!(rest, "\r\nContent-Type: text/plain; charset=utf-8\r\nX-A: 1\r\nContent-Length: 4\r\nConnection: close\r\n\r\nnope");
         let s = String::from_utf8(r.serialize(true, false)).unwrap();
         assert!(s.ends_with("Content-Length: 4\r\n\r\n"), "{s}");
+    }
+
+    #[test]
+    fn a_handlers_own_date_is_kept() {
+        let r = Response::text(200, "x").header("Date", "Sun, 06 Nov 1994 08:49:37 GMT");
+        let s = String::from_utf8(r.serialize(false, false)).unwrap();
+        assert_eq!(s.matches("Date: ").count(), 1, "{s}");
+        assert!(s.contains("\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\n"), "{s}");
     }
 }

@@ -55,13 +55,15 @@ pub async fn listen(addr: SocketAddr, ctx: Arc<Context>) -> Result<()> {
                     }
                 };
                 let body = if status == 200 { render(&ctx) } else { "only GET /metrics is served here\n".into() };
+                let date = worker::date::http_date();
                 let head = format!(
-                    "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    "HTTP/1.1 {status} {}\r\nDate: {}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                     match status {
                         200 => "OK",
                         404 => "Not Found",
                         _ => "Bad Request",
                     },
+                    std::str::from_utf8(&date).unwrap_or_default(),
                     body.len()
                 );
                 let _ = s.write_all(head.as_bytes()).await;

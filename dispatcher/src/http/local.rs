@@ -18,8 +18,10 @@ pub fn local_response(status: u16, why: &str, close: bool, retry_after: bool) ->
         _ => "Error",
     };
     let body = format!("{status} {reason}: {why}\n");
+    let date = worker::date::http_date();
+    let date = std::str::from_utf8(&date).unwrap_or_default();
     let mut r = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+        "HTTP/1.1 {status} {reason}\r\nDate: {date}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
         body.len()
     );
     if retry_after {
