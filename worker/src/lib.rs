@@ -27,6 +27,7 @@
 
 mod answer;
 pub mod date;
+pub mod files;
 pub mod progress;
 pub mod proto;
 mod pull;

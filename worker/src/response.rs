@@ -54,12 +54,17 @@ impl Response {
             out.extend_from_slice(v.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        out.extend_from_slice(format!("Content-Length: {}\r\n", self.body.len()).as_bytes());
+        // RFC 9112 §6.3: these never have a body, and a Content-Length on
+        // a 304 would claim the representation's length (RFC 9110 §8.6).
+        let bodiless = self.status < 200 || self.status == 204 || self.status == 304;
+        if !bodiless {
+            out.extend_from_slice(format!("Content-Length: {}\r\n", self.body.len()).as_bytes());
+        }
         if close {
             out.extend_from_slice(b"Connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        if !head_only {
+        if !head_only && !bodiless {
             out.extend_from_slice(&self.body);
         }
         out

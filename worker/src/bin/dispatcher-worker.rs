@@ -1,11 +1,11 @@
 //! The ready worker: pulls requests from its pool's queue and answers them
 //! by echoing them back or by serving files from a directory.
 
-use std::path::{Component, Path, PathBuf};
+use std::{path::PathBuf, sync::Arc};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use worker::{Request, Response, Worker};
+use worker::{files::StaticFiles, Request, Response, Worker};
 
 /// A dispatcher worker. Started by the dispatcher with its pool's queue
 /// handles (DISPATCHER_RING_FD, DISPATCHER_CTL_FD); not useful on its own.
@@ -33,10 +33,15 @@ enum Mode {
     /// answered after MS milliseconds (at most 60 s; a slow application).
     Echo,
     /// Serve the files under DIR (GET and HEAD; a directory serves its
-    /// index.html).
+    /// index.html): ETag and Last-Modified with 304, one Range with 206
+    /// or 416, precompressed .br/.gz siblings, small files from memory
+    /// (see `worker::files`).
     Static {
         /// Directory to serve.
         dir: PathBuf,
+        /// A Cache-Control value for every file (e.g. "public, max-age=3600").
+        #[arg(long, value_name = "VALUE")]
+        cache_control: Option<String>,
     },
 }
 
@@ -51,31 +56,51 @@ fn main() -> Result<()> {
     rt.block_on(run(cli))
 }
 
-async fn handle(mode: Mode, req: Request) -> Response {
-    match mode {
-        Mode::Echo => {
+/// What answers the requests, made once from the mode.
+#[derive(Clone)]
+enum Handler {
+    Echo,
+    Static(Arc<StaticFiles>),
+}
+
+impl Handler {
+    fn new(mode: &Mode) -> Result<Handler> {
+        Ok(match mode {
+            Mode::Echo => Handler::Echo,
+            Mode::Static { dir, cache_control } => Handler::Static(Arc::new(
+                StaticFiles::new(dir, cache_control.clone())
+                    .with_context(|| format!("static root {}", dir.display()))?,
+            )),
+        })
+    }
+}
+
+async fn handle(h: Handler, req: Request) -> Response {
+    match h {
+        Handler::Echo => {
             // A slow application, for tests and benchmarks.
             if let Some(ms) = segment_after(req.path(), "/delay/") {
                 tokio::time::sleep(std::time::Duration::from_millis(ms.min(MAX_DELAY_MS))).await;
             }
             echo(&req)
         }
-        Mode::Static { dir } => serve_file(&dir, &req).await,
+        Handler::Static(files) => files.serve(&req),
     }
 }
 
 async fn run(cli: Cli) -> Result<()> {
     if let Some(addr) = cli.listen {
         tracing::info!(%addr, pid = std::process::id(), "serving standalone");
-        let mode = cli.mode.clone();
-        worker::standalone::serve(addr, move |req| handle(mode.clone(), req)).await?;
+        let h = Handler::new(&cli.mode)?;
+        worker::standalone::serve(addr, move |req| handle(h.clone(), req)).await?;
         return Ok(());
     }
+    let handler = Handler::new(&cli.mode)?;
     let mut w = Worker::from_env()?;
     let pid = std::process::id();
     let mode_name = match &cli.mode {
         Mode::Echo => "echo".to_string(),
-        Mode::Static { dir } => format!("static {}", dir.display()),
+        Mode::Static { dir, .. } => format!("static {}", dir.display()),
     };
     tracing::info!(pool = w.pool(), mode = %mode_name, pid, "worker ready");
     let pool = w.pool().to_string();
@@ -112,14 +137,14 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Err(e) => return Err(e.into()),
         };
-        let mode = cli.mode.clone();
+        let handler = handler.clone();
         let responder = responder.clone();
         let pool = pool.clone();
         let tag = cli.pool_header;
         let busy = busy.clone();
         busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
-            let mut resp = handle(mode, req.clone()).await;
+            let mut resp = handle(handler, req.clone()).await;
             if tag {
                 resp = resp.header("X-Dispatcher-Pool", pool).header("X-Dispatcher-Worker", pid.to_string());
             }
@@ -158,85 +183,4 @@ fn echo(req: &Request) -> Response {
         .header("X-Echo-Host", req.host().unwrap_or("").to_string())
         .header("X-Echo-Body-Length", req.body.len().to_string())
         .body(body)
-}
-
-/// Maps a request path to a file under `root`: percent-decoded; `..`,
-/// NUL and backslashes refused.
-fn map_path(root: &Path, path: &str) -> Option<PathBuf> {
-    let bytes = path.as_bytes();
-    let mut dec = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let h = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            dec.push(u8::from_str_radix(h, 16).ok()?);
-            i += 3;
-        } else {
-            dec.push(bytes[i]);
-            i += 1;
-        }
-    }
-    let s = String::from_utf8(dec).ok()?;
-    if s.contains('\0') || s.contains('\\') {
-        return None;
-    }
-    let mut out = root.to_path_buf();
-    for c in Path::new(&s).components() {
-        match c {
-            Component::RootDir | Component::CurDir => {}
-            Component::Normal(n) => out.push(n),
-            Component::ParentDir | Component::Prefix(_) => return None,
-        }
-    }
-    Some(out)
-}
-
-fn content_type(p: &Path) -> &'static str {
-    match p.extension().and_then(|e| e.to_str()).unwrap_or("") {
-        "html" | "htm" => "text/html; charset=utf-8",
-        "css" => "text/css",
-        "js" => "text/javascript",
-        "json" => "application/json",
-        "txt" => "text/plain; charset=utf-8",
-        "png" => "image/png",
-        "jpg" | "jpeg" => "image/jpeg",
-        "svg" => "image/svg+xml",
-        "ico" => "image/x-icon",
-        _ => "application/octet-stream",
-    }
-}
-
-async fn serve_file(root: &Path, req: &Request) -> Response {
-    if req.method != "GET" && req.method != "HEAD" {
-        return Response::text(405, "only GET and HEAD\n").header("Allow", "GET, HEAD");
-    }
-    let Some(mut p) = map_path(root, req.path()) else {
-        return Response::text(400, "bad path\n");
-    };
-    if tokio::fs::metadata(&p).await.map(|m| m.is_dir()).unwrap_or(false) {
-        p.push("index.html");
-    }
-    match tokio::fs::read(&p).await {
-        Ok(data) => Response::new(200).header("Content-Type", content_type(&p)).body(data),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Response::text(404, "not found\n"),
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Response::text(403, "forbidden\n"),
-        Err(_) => Response::text(500, "could not read the file\n"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paths_stay_under_the_root() {
-        let r = Path::new("/srv");
-        assert_eq!(map_path(r, "/a/b.html"), Some(PathBuf::from("/srv/a/b.html")));
-        assert_eq!(map_path(r, "/a%20b"), Some(PathBuf::from("/srv/a b")));
-        assert_eq!(map_path(r, "/"), Some(PathBuf::from("/srv")));
-        assert_eq!(map_path(r, "/../etc/passwd"), None);
-        assert_eq!(map_path(r, "/a/%2e%2e/%2e%2e/etc"), None);
-        assert_eq!(map_path(r, "/a%00"), None);
-        assert_eq!(map_path(r, "/%zz"), None);
-    }
 }
