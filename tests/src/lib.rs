@@ -375,6 +375,25 @@ impl TempDir {
         std::fs::create_dir_all(&path).unwrap();
         TempDir { path }
     }
+
+    /// A directory for a static pool holding `files` (path under it,
+    /// contents), readable by the worker.
+    pub fn site(name: &str, files: &[(&str, &str)]) -> TempDir {
+        let d = TempDir::new(name);
+        for (p, text) in files {
+            let p = d.path.join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        d.make_readable();
+        d
+    }
+
+    /// The worker runs as `nobody`: lets it read everything in here.
+    pub fn make_readable(&self) {
+        let ok = std::process::Command::new("chmod").args(["-R", "a+rX"]).arg(&self.path).status().unwrap();
+        assert!(ok.success(), "chmod -R a+rX {}", self.path.display());
+    }
 }
 
 impl Drop for TempDir {

@@ -20,11 +20,8 @@ fn curl_gets_echo_and_static_pools() {
     if !privileged() {
         return;
     }
-    let site = TempDir::new(&format!("site{}", std::process::id()));
-    std::fs::write(site.path.join("index.html"), "<h1>hello from static</h1>\n").unwrap();
+    let site = TempDir::site(&format!("site{}", std::process::id()), &[("index.html", "<h1>hello from static</h1>\n")]);
     let dir = site.path.display().to_string();
-    // The worker runs as `nobody`: let it read the directory.
-    Command::new("chmod").args(["-R", "a+rX", &dir]).status().unwrap();
     let d = Dispatcher::start(
         &[
             PoolDef::echo("echo", &["*/echo"]),

@@ -3,7 +3,7 @@
 //! not) and the dispatcher's own answers (404 without a route, 400 for a
 //! malformed request).
 
-use std::{process::Command, time::SystemTime};
+use std::time::SystemTime;
 
 use tests::{privileged, Dispatcher, PoolDef, Response, TempDir};
 
@@ -25,13 +25,9 @@ fn every_pool_and_the_dispatcher_send_a_date() {
     if !privileged() {
         return;
     }
-    let site = TempDir::new(&format!("datesite{}", std::process::id()));
     // The static mode serves the request's whole path under its root.
-    std::fs::create_dir_all(site.path.join("files")).unwrap();
-    std::fs::write(site.path.join("files/index.html"), "<h1>dated</h1>\n").unwrap();
+    let site = TempDir::site(&format!("datesite{}", std::process::id()), &[("files/index.html", "<h1>dated</h1>\n")]);
     let dir = site.path.display().to_string();
-    // The worker runs as `nobody`: let it read the directory.
-    Command::new("chmod").args(["-R", "a+rX", &dir]).status().unwrap();
     let d = Dispatcher::start(
         &[
             PoolDef::echo("echo", &["*/echo"]),

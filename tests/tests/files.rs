@@ -31,14 +31,13 @@ fn site(root: &Path) {
     std::fs::write(root.join("plain.txt"), "0123456789abcdefghij").unwrap();
     std::fs::write(root.join("big.bin"), (0..BIG).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>()).unwrap();
     symlink("/etc/hostname", root.join("escape.txt")).unwrap();
-    // The worker runs as `nobody`: let it read the directory.
-    Command::new("chmod").args(["-R", "a+rX"]).arg(root).status().unwrap();
 }
 
 #[test]
 fn a_static_pool_serves_validators_ranges_encodings_and_fresh_files() {
     let site_dir = TempDir::new(&format!("files{}", std::process::id()));
     site(&site_dir.path);
+    site_dir.make_readable();
     let dir = site_dir.path.display().to_string();
     let args = ["--pool-header", "static", &dir, "--cache-control", CACHE_CONTROL];
     let Some(d) = Dispatcher::start_if_privileged(
