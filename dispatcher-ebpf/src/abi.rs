@@ -47,6 +47,11 @@ pub const RECORD_ABORT: u8 = 3;
 /// worker that went to sleep while a record was being queued without a
 /// wake-up (see `RING_AWAKE_*`). Consumers skip it.
 pub const RECORD_WAKE: u8 = 4;
+/// Kind of a [`RecordHeader`], only on a worker's control socket
+/// (dispatcher → worker; no data): `content_length` bytes of a streamed
+/// response to request `seq` on `conn` were written to the client (the
+/// worker's send window for it opens by that much).
+pub const RECORD_WRITTEN: u8 = 5;
 
 /// Value of a slot's `ring_awake` flag while its worker is draining the
 /// ring: records are queued without a wake-up (no irq_work interrupt per

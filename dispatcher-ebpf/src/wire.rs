@@ -43,7 +43,7 @@
 
 use core::fmt;
 
-use crate::abi::{RecordHeader, RECORD_ABORT, RECORD_BODY, RECORD_HEAD, RECORD_WAKE};
+use crate::abi::{RecordHeader, RECORD_ABORT, RECORD_BODY, RECORD_HEAD, RECORD_WAKE, RECORD_WRITTEN};
 use crate::plain::{self, Plain};
 
 /// Largest frame either side accepts on the control socket.
@@ -84,6 +84,9 @@ pub enum RecordKind {
     /// Ring only: nothing but a wake-up (see `abi::RING_AWAKE_YES`);
     /// consumers skip it.
     Wake = RECORD_WAKE,
+    /// Control socket only: bytes of a streamed response were written to
+    /// the client (`content_length` of them; no data).
+    Written = RECORD_WRITTEN,
 }
 
 impl RecordKind {
@@ -99,6 +102,7 @@ impl RecordKind {
             RECORD_BODY => Ok(RecordKind::Body),
             RECORD_ABORT => Ok(RecordKind::Abort),
             RECORD_WAKE => Ok(RecordKind::Wake),
+            RECORD_WRITTEN => Ok(RecordKind::Written),
             k => Err(DecodeError::UnknownKind { what: "record", kind: k as u32 }),
         }
     }
@@ -113,6 +117,12 @@ impl RecordHeader {
     /// The abort record for connection `conn` (dispatcher → worker).
     pub fn abort(conn: u64) -> RecordHeader {
         RecordHeader { conn, kind: RecordKind::Abort.code(), ..Default::default() }
+    }
+
+    /// The record telling a worker that `bytes` of its streamed response
+    /// to `seq` on `conn` are in the client's socket (dispatcher → worker).
+    pub fn written(conn: u64, seq: u32, bytes: u64) -> RecordHeader {
+        RecordHeader { conn, seq, content_length: bytes, kind: RecordKind::Written.code(), ..Default::default() }
     }
 }
 
@@ -131,10 +141,16 @@ pub const RESP_LOG: u32 = 16;
 pub const RESP_STATS: u32 = 32;
 /// Kind bit: the worker stopped pulling (see [`WorkerFrame::Stopped`]).
 pub const RESP_STOPPED: u32 = 64;
+/// Kind bit: request body bytes read (see [`WorkerFrame::BodyRead`]).
+pub const RESP_BODY_READ: u32 = 128;
+/// Response frame bit: the response is streamed and the worker sends its
+/// next parts only as earlier ones are written to the client: answer each
+/// frame, once written, with a `RecordKind::Written` record.
+pub const RESP_STREAM: u32 = 256;
 
 /// The bits a response frame may carry; a frame with any other bit is a
 /// report, and a report carries exactly one bit.
-const RESPONSE_BITS: u32 = RESP_LAST | RESP_CLOSE | RESP_WANT_LEASE;
+const RESPONSE_BITS: u32 = RESP_LAST | RESP_CLOSE | RESP_WANT_LEASE | RESP_STREAM;
 
 /// Upper bounds (µs) of the handling-time buckets of [`WorkerFrame::Stats`].
 pub const LATENCY_BUCKETS_US: [u64; 14] = [
@@ -195,6 +211,10 @@ pub enum WorkerFrame {
         /// (On the last frame) the worker asks for a lease on the
         /// connection once this response is written.
         want_lease: bool,
+        /// Answer the frame with a `Written` record once it is in the
+        /// client's socket (the worker's flow control for streamed
+        /// responses).
+        stream: bool,
     },
     /// A lease given back (no data): the worker wrote every response
     /// before `seq` and none from `seq` on; `lease` is the generation given
@@ -209,6 +229,13 @@ pub enum WorkerFrame {
     /// handling time (take to answer) per bucket of [`LATENCY_BUCKETS_US`]
     /// plus one over the last, then the sum in µs.
     Stats,
+    /// The worker's application read `len` more body bytes of request
+    /// `seq` on `conn` that the dispatcher forwarded over the control
+    /// socket (in the frame's `lease` field; no data): the dispatcher reads
+    /// the client's socket only while what it forwarded and was not read
+    /// yet is under its window, so a large upload waits in TCP, not in
+    /// memory.
+    BodyRead { conn: u64, seq: u32, len: u32 },
     /// Access-log records of requests the worker answered, one per line,
     /// tab-separated: connection cookie, time answered (Unix ms), status,
     /// body bytes, handling time (µs), request line, Referer, User-Agent;
@@ -221,10 +248,15 @@ impl WorkerFrame {
     /// The header of this frame with `len` data bytes following.
     pub fn encode(&self, len: u32) -> FrameHeader {
         let (conn, seq, flags, lease) = match *self {
-            WorkerFrame::Response { conn, seq, last, close, want_lease } => {
+            WorkerFrame::Response { conn, seq, last, close, want_lease, stream } => {
                 let bit = |on: bool, b: u32| if on { b } else { 0 };
-                (conn, seq, bit(last, RESP_LAST) | bit(close, RESP_CLOSE) | bit(want_lease, RESP_WANT_LEASE), 0)
+                let flags = bit(last, RESP_LAST)
+                    | bit(close, RESP_CLOSE)
+                    | bit(want_lease, RESP_WANT_LEASE)
+                    | bit(stream, RESP_STREAM);
+                (conn, seq, flags, 0)
             }
+            WorkerFrame::BodyRead { conn, seq, len: n } => (conn, seq, RESP_BODY_READ, n),
             WorkerFrame::Release { conn, seq, lease } => (conn, seq, RESP_RELEASE, lease),
             WorkerFrame::Stopped => (0, 0, RESP_STOPPED, 0),
             WorkerFrame::Stats => (0, 0, RESP_STATS, 0),
@@ -243,11 +275,13 @@ impl WorkerFrame {
                 last: h.flags & RESP_LAST != 0,
                 close: h.flags & RESP_CLOSE != 0,
                 want_lease: h.flags & RESP_WANT_LEASE != 0,
+                stream: h.flags & RESP_STREAM != 0,
             });
         }
         match h.flags {
             RESP_RELEASE => Ok(WorkerFrame::Release { conn: h.conn, seq: h.seq, lease: h.lease }),
             RESP_STOPPED => Ok(WorkerFrame::Stopped),
+            RESP_BODY_READ => Ok(WorkerFrame::BodyRead { conn: h.conn, seq: h.seq, len: h.lease }),
             RESP_STATS => Ok(WorkerFrame::Stats),
             RESP_LOG => Ok(WorkerFrame::Log),
             _ => unknown,
@@ -359,12 +393,18 @@ mod tests {
         b
     }
 
+    fn resp(conn: u64, seq: u32, last: bool, close: bool, want_lease: bool, stream: bool) -> WorkerFrame {
+        WorkerFrame::Response { conn, seq, last, close, want_lease, stream }
+    }
+
     #[test]
     fn worker_frames_round_trip_with_the_same_bytes_as_before() {
         let cases = [
-            (WorkerFrame::Response { conn: 7, seq: 3, last: true, close: false, want_lease: true }, 10, 7, 3, 1 | 4, 0),
-            (WorkerFrame::Response { conn: 7, seq: 3, last: false, close: false, want_lease: false }, 9, 7, 3, 0, 0),
-            (WorkerFrame::Response { conn: 1, seq: 0, last: true, close: true, want_lease: false }, 0, 1, 0, 1 | 2, 0),
+            (resp(7, 3, true, false, true, false), 10, 7, 3, 1 | 4, 0),
+            (resp(7, 3, false, false, false, false), 9, 7, 3, 0, 0),
+            (resp(1, 0, true, true, false, false), 0, 1, 0, 1 | 2, 0),
+            (resp(1, 0, false, false, false, true), 5, 1, 0, 256, 0),
+            (WorkerFrame::BodyRead { conn: 3, seq: 1, len: 65536 }, 0, 3, 1, 128, 65536),
             (WorkerFrame::Release { conn: 9, seq: 12, lease: 4 }, 0, 9, 12, 8, 4),
             (WorkerFrame::Stopped, 0, 0, 0, 64, 0),
             (WorkerFrame::Stats, 8 * STATS_WORDS as u32, 0, 0, 32, 0),
@@ -381,7 +421,7 @@ mod tests {
 
     #[test]
     fn worker_frames_of_unknown_kinds_are_rejected() {
-        for flags in [128, 1 << 31, RESP_STATS | RESP_LOG, RESP_RELEASE | RESP_LAST, RESP_STOPPED | RESP_WANT_LEASE] {
+        for flags in [512, 1 << 31, RESP_STATS | RESP_LOG, RESP_RELEASE | RESP_LAST, RESP_STOPPED | RESP_WANT_LEASE] {
             let h = FrameHeader { flags, ..Default::default() };
             assert_eq!(WorkerFrame::decode(&h), Err(DecodeError::UnknownKind { what: "worker frame", kind: flags }));
         }
@@ -424,15 +464,20 @@ mod tests {
 
     #[test]
     fn record_kinds_round_trip_and_unknown_ones_are_rejected() {
-        for k in [RecordKind::Head, RecordKind::Body, RecordKind::Abort, RecordKind::Wake] {
+        for k in [RecordKind::Head, RecordKind::Body, RecordKind::Abort, RecordKind::Wake, RecordKind::Written] {
             assert_eq!(RecordKind::decode(k.code()), Ok(k));
         }
-        assert_eq!((RECORD_HEAD, RECORD_BODY, RECORD_ABORT, RECORD_WAKE), (1, 2, 3, 4));
-        for k in [0u8, 5, 255] {
+        assert_eq!((RECORD_HEAD, RECORD_BODY, RECORD_ABORT, RECORD_WAKE, RECORD_WRITTEN), (1, 2, 3, 4, 5));
+        for k in [0u8, 6, 255] {
             assert_eq!(RecordKind::decode(k), Err(DecodeError::UnknownKind { what: "record", kind: k as u32 }));
         }
         let a = RecordHeader::abort(42);
         let back = RecordHeader::from_bytes(&a.to_bytes()).unwrap();
         assert_eq!((back.conn, back.record_kind(), back.len, back.flags), (42, Ok(RecordKind::Abort), 0, 0));
+        let w = RecordHeader::from_bytes(&RecordHeader::written(7, 3, 65536).to_bytes()).unwrap();
+        assert_eq!(
+            (w.conn, w.seq, w.record_kind(), w.content_length, w.len),
+            (7, 3, Ok(RecordKind::Written), 65536, 0)
+        );
     }
 }

@@ -26,17 +26,17 @@
 //! ```
 
 mod answer;
+mod body;
 pub mod date;
+mod encode;
 pub mod files;
 pub mod progress;
 pub mod proto;
 mod pull;
 pub mod request;
 pub mod response;
+mod service;
 pub mod standalone;
-
-/// Reassembly of requests from their records (where it always was).
-pub use pull::reassembly;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 
@@ -44,9 +44,11 @@ use dispatcher_ebpf::launch::env;
 use tokio::net::UnixStream;
 
 use answer::Outbound;
+pub use body::{Body, BodyError};
 use pull::Puller;
 pub use request::Request;
 pub use response::Response;
+pub use service::{serve, serve_worker, BoxError, RequestId};
 
 /// What can go wrong for a worker.
 #[derive(Debug, thiserror::Error)]
@@ -83,16 +85,16 @@ pub use dispatcher_ebpf::launch::Handles;
 pub struct Worker {
     pool: String,
     /// Where its requests come from.
-    pull: Puller,
+    pub(crate) pull: Puller,
     /// The control socket's writer (flushed by [`Worker::finish`]).
     writer: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-    responder: Responder,
+    pub(crate) responder: Responder,
 }
 
 /// Sends responses; cloneable, so requests can be handled concurrently.
 #[derive(Clone)]
 pub struct Responder {
-    out: std::sync::Arc<Outbound>,
+    pub(crate) out: std::sync::Arc<Outbound>,
 }
 
 fn env_fd(var: &'static str) -> Result<Option<OwnedFd>, Error> {
@@ -183,8 +185,8 @@ impl Worker {
         let std = std::os::unix::net::UnixStream::from(ctl);
         std.set_nonblocking(true).map_err(Error::Control)?;
         let (rd, wr) = UnixStream::from_std(std).map_err(Error::Control)?.into_split();
-        let frames = pull::spawn_reader(rd);
         let (out, writer) = Outbound::start(wr, lease, progress).map_err(Error::Control)?;
+        let frames = pull::spawn_reader(rd, out.clone());
         Ok(Worker {
             pool,
             pull: Puller::new(ring, awake, frames, out.clone()),
@@ -225,7 +227,7 @@ impl Worker {
     /// Malformed requests are answered (400) here and never returned.
     pub async fn receive(&mut self) -> Result<Request, Error> {
         loop {
-            let raw = self.pull.next().await?;
+            let raw = self.pull.next().await?.raw;
             let (conn, seq) = (raw.conn, raw.seq);
             match Request::parse(raw) {
                 Ok(r) => {
@@ -248,7 +250,7 @@ impl Responder {
         let bytes = resp.serialize(req.method == "HEAD", close);
         self.out.count(resp.status, req.received.elapsed());
         self.out.log(req, resp.status, body);
-        if self.out.respond(req.conn, req.seq, bytes, close, req.from_kernel) {
+        if self.out.respond(req.conn, req.seq, bytes.into(), close, req.from_kernel) {
             Ok(())
         } else {
             Err(Error::Closed)

@@ -134,6 +134,7 @@ pub async fn serve(ctx: Arc<Context>, stream: TcpStream, cookie: u64, rx: mpsc::
         lease: lease::Lease::Home,
         lease_gen: 0,
         lease_peers: Vec::new(),
+        stream_peers: Vec::new(),
         eof: false,
         woken: false,
         written: 0,
@@ -168,6 +169,9 @@ struct Conn {
     /// Every lease socket that asked about this connection (told to
     /// forget it when it closes).
     lease_peers: Vec<Arc<LeaseTx>>,
+    /// Every worker that streamed a response here (told when the
+    /// connection closes, so it stops waiting for its parts to be written).
+    stream_peers: Vec<crate::deliver::Credit>,
     /// The client closed its side.
     eof: bool,
     /// Woken for the socket and not read it since: no lease until then.
@@ -219,7 +223,7 @@ impl Conn {
                         Sock::Polled(s) => s.readable().await,
                         _ => std::future::pending().await,
                     }
-                }, if !self.eof && !self.slow.as_ref().is_some_and(|s| s.parser.is_done()) => {
+                }, if !self.eof && self.slow.as_ref().is_none_or(|s| !s.parser.is_done() && s.may_read()) => {
                     if r.is_err() { return; }
                     // The kernel wakes this task for segments the verdict
                     // dropped too: look with a small stack buffer until
@@ -264,6 +268,11 @@ impl Conn {
                         Some(ToConn::Lost { taken, in_flight }) => {
                             if let Flow::Close = self.requests_lost(taken, in_flight).await { return; }
                         }
+                        Some(ToConn::BodyRead { seq, len }) => {
+                            if let Some(s) = &mut self.slow {
+                                s.body_read(seq, len);
+                            }
+                        }
                         Some(ToConn::Wake) => {
                             tracing::debug!(conn = self.cookie, leased = !self.lease.is_home(), "woken (hand-off or peer closed)");
                             self.woken = true;
@@ -307,6 +316,9 @@ impl Conn {
         }
         for p in self.lease_peers.drain(..) {
             p.send(LeaseMsg::Forget { conn: self.cookie }, None);
+        }
+        for p in self.stream_peers.drain(..) {
+            p.abort(self.cookie);
         }
         let mut aborted: HashMap<u32, Arc<PoolLink>> = HashMap::new();
         for (_, (link, bytes)) in self.sent.drain() {

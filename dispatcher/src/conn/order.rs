@@ -22,6 +22,11 @@ impl Conn {
                 self.lease_peers.push(a.clone());
             }
         }
+        if let Some(c) = &f.credit {
+            if !self.stream_peers.iter().any(|p| p.same(c)) {
+                self.stream_peers.push(c.clone());
+            }
+        }
         if f.seq < self.next {
             if let Some(a) = f.ask {
                 // Stale: still answer the ask, or the worker never asks again.
@@ -47,6 +52,9 @@ impl Conn {
                     return Flow::Close;
                 }
                 self.last_progress = Instant::now();
+                if let Some(c) = &f.credit {
+                    c.written(self.cookie, f.seq, f.data.len() as u64);
+                }
                 if f.last {
                     done = Some((f.close, f.ask));
                     break;

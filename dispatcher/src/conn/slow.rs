@@ -40,6 +40,36 @@ pub(super) struct Slow {
     /// filled up mid-body).
     pub(super) body_left: u64,
     pub(super) body_to: BodyTo,
+    /// Body bytes forwarded to the worker that its application has not
+    /// read yet; the socket is not read while this is at
+    /// [`UPLOAD_WINDOW`].
+    pub(super) unread: u64,
+}
+
+/// Body bytes forwarded to a worker and not yet read by its application
+/// past which the dispatcher stops reading the client (TCP pushes back):
+/// a 1 GiB upload to a slow application holds at most this much here and
+/// in the worker.
+pub(super) const UPLOAD_WINDOW: u64 = 1 << 20;
+
+impl Slow {
+    /// Whether the socket may be read (the upload window is open).
+    pub(super) fn may_read(&self) -> bool {
+        self.unread < UPLOAD_WINDOW
+    }
+
+    /// The worker read `len` more bytes of request `seq`'s body.
+    pub(super) fn body_read(&mut self, seq: u32, len: u32) {
+        if matches!(self.body_to, BodyTo::Pool { seq: s, .. } if s == seq) {
+            self.unread = self.unread.saturating_sub(len as u64);
+        }
+    }
+
+    /// The body being forwarded ended (or goes nowhere from now on).
+    fn body_done(&mut self) {
+        self.body_to = BodyTo::Discard;
+        self.unread = 0;
+    }
 }
 
 impl Conn {
@@ -55,6 +85,7 @@ impl Conn {
                 first_queue_full: false,
                 body_left: 0,
                 body_to: BodyTo::Discard,
+                unread: 0,
             });
             return Some(Vec::new());
         };
@@ -80,6 +111,7 @@ impl Conn {
             first_queue_full: why == reason::QUEUE_FULL,
             body_left: 0,
             body_to: BodyTo::Discard,
+            unread: 0,
         };
         if st.body_left > 0 {
             // Handed over mid-body (the ring filled up, or the segment used
@@ -123,12 +155,13 @@ impl Conn {
             let last = s.body_left == 0;
             if let BodyTo::Pool { link, slot, seq, close } = &s.body_to {
                 forward_body(self.cookie, link, *slot, *seq, &data[..n], last, *close);
+                s.unread += n as u64;
             }
             data = &data[n..];
             if !last {
                 return Flow::Continue;
             }
-            self.slow.as_mut().unwrap().body_to = BodyTo::Discard;
+            s.body_done();
         }
         let events = self.slow.as_mut().unwrap().parser.feed(data);
         for ev in events {
@@ -148,7 +181,7 @@ impl Conn {
                 let s = self.slow.as_mut().unwrap();
                 let seq = s.seq;
                 s.seq += 1;
-                s.body_to = BodyTo::Discard;
+                s.body_done();
                 let queue_full = std::mem::take(&mut s.first_queue_full);
                 let routed = self.ctx.routes.route(h.host.as_deref(), &h.route_path);
                 let pool = match routed {
@@ -204,8 +237,13 @@ impl Conn {
                 Flow::Continue
             }
             Event::Body { data, last } => {
-                if let BodyTo::Pool { link, slot, seq, close } = &self.slow.as_ref().unwrap().body_to {
+                let s = self.slow.as_mut().unwrap();
+                if let BodyTo::Pool { link, slot, seq, close } = &s.body_to {
                     forward_body(self.cookie, link, *slot, *seq, &data, last, *close);
+                    s.unread += data.len() as u64;
+                }
+                if last {
+                    s.body_done();
                 }
                 Flow::Continue
             }

@@ -36,6 +36,9 @@ pub enum ToConn {
     /// lease on it) and not answered them: one past the last it took, and
     /// bit `seq % 64` of each unanswered one.
     Lost { taken: u32, in_flight: u64 },
+    /// The worker's application read `len` more bytes of the body of
+    /// request `seq` that the slow path forwarded (its upload window).
+    BodyRead { seq: u32, len: u32 },
 }
 
 /// How long a response for a not-yet-registered connection is kept.
@@ -134,6 +137,14 @@ impl Conns {
         }
     }
 
+    /// Tells connection `cookie` a worker read `len` more body bytes of
+    /// its request `seq`.
+    pub fn body_read(&self, cookie: u64, seq: u32, len: u32) {
+        if let Some(tx) = self.live.lock().unwrap().get(&cookie) {
+            let _ = tx.send(ToConn::BodyRead { seq, len });
+        }
+    }
+
     /// Drops early frames older than [`EARLY_TTL`] (their connection
     /// closed before it was accepted).
     pub fn expire(&self) {
@@ -157,11 +168,39 @@ pub struct Frame {
     /// every response before `seq` (and possibly a prefix of `seq`, whose
     /// rest follows as ordinary frames).
     pub release: Option<u32>,
+    /// A streamed response's part: once it is written, a
+    /// `RecordKind::Written` record goes to the worker's control socket
+    /// here (the worker sends more only as parts are written).
+    pub credit: Option<Credit>,
+}
+
+/// Where a streamed response's write acknowledgements go: the control
+/// socket of the worker that streams it.
+#[derive(Clone, Debug)]
+pub struct Credit(pub mpsc::UnboundedSender<Bytes>);
+
+impl Credit {
+    /// `bytes` of response `seq` on `conn` are in the client's socket.
+    pub fn written(&self, conn: u64, seq: u32, bytes: u64) {
+        let r = dispatcher_ebpf::abi::RecordHeader::written(conn, seq, bytes);
+        let _ = self.0.send(Bytes::copy_from_slice(&r.to_bytes()));
+    }
+
+    /// The connection is gone: the worker stops streaming to it.
+    pub fn abort(&self, conn: u64) {
+        let r = dispatcher_ebpf::abi::RecordHeader::abort(conn);
+        let _ = self.0.send(Bytes::copy_from_slice(&r.to_bytes()));
+    }
+
+    /// Whether both go to the same worker.
+    pub fn same(&self, other: &Credit) -> bool {
+        self.0.same_channel(&other.0)
+    }
 }
 
 impl Frame {
     /// A whole response the dispatcher writes.
     pub fn whole(seq: u32, data: Bytes, close: bool) -> Frame {
-        Frame { seq, data, last: true, close, ask: None, release: None }
+        Frame { seq, data, last: true, close, ask: None, release: None, credit: None }
     }
 }

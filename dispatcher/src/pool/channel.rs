@@ -16,7 +16,7 @@ use worker::proto::{read_frame, BATCH_BYTES};
 use super::link::PoolLink;
 use crate::{
     access_log::AccessLog,
-    deliver::{lease_socket, Conns, Frame},
+    deliver::{lease_socket, Conns, Credit, Frame},
 };
 
 /// Makes a control socket for a new worker of `link`: our end is served
@@ -96,13 +96,17 @@ pub(super) fn connect(
                 }
                 Ok(WorkerFrame::Release { conn, seq, lease }) => {
                     let release = Some(lease);
-                    let f = Frame { seq, data: data.into(), last: false, close: false, ask: None, release };
+                    let f =
+                        Frame { seq, data: data.into(), last: false, close: false, ask: None, release, credit: None };
                     conns.deliver(conn, f);
                 }
-                Ok(WorkerFrame::Response { conn, seq, last, close, want_lease }) => {
+                Ok(WorkerFrame::Response { conn, seq, last, close, want_lease, stream }) => {
                     let ask = if want_lease { lease_tx.clone() } else { None };
-                    conns.deliver(conn, Frame { seq, data: Bytes::from(data), last, close, ask, release: None });
+                    let credit = stream.then(|| Credit(tx.clone()));
+                    conns
+                        .deliver(conn, Frame { seq, data: Bytes::from(data), last, close, ask, release: None, credit });
                 }
+                Ok(WorkerFrame::BodyRead { conn, seq, len }) => conns.body_read(conn, seq, len),
                 Err(e) => tracing::warn!(pool = %name, "skipping a frame from the worker: {e}"),
             }
         }

@@ -18,6 +18,7 @@ mod lease_socket;
 mod relay;
 mod reports;
 mod socket;
+mod stream;
 
 use std::{
     collections::HashMap,
@@ -30,7 +31,7 @@ use bytes::Bytes;
 use tokio::{net::unix::OwnedWriteHalf, sync::mpsc, task::JoinHandle};
 
 use crate::progress::{Loose, ProgressMap};
-use crate::proto;
+use crate::proto::{self, WorkerFrame};
 use crate::Response;
 use lease::LeaseState;
 
@@ -57,6 +58,8 @@ pub(crate) struct Outbound {
     /// Counters not sent yet (see `WorkerFrame::Stats`).
     stats: Arc<[std::sync::atomic::AtomicU64; proto::STATS_WORDS]>,
     stats_task: OnceLock<()>,
+    /// Streamed responses in flight (see `stream`).
+    streams: stream::Streams,
 }
 
 impl Outbound {
@@ -96,6 +99,7 @@ impl Outbound {
             access_log: OnceLock::new(),
             stats: Arc::new(std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0))),
             stats_task: OnceLock::new(),
+            streams: Default::default(),
             lease_order: Mutex::new(()),
         }
     }
@@ -122,14 +126,7 @@ impl Outbound {
     /// Sends response `seq` on `conn`. `from_kernel`: the request came
     /// from the ring (the slow path's responses always go through the
     /// dispatcher, which revoked the lease when it took the connection).
-    pub(crate) fn respond(
-        self: &Arc<Self>,
-        conn: u64,
-        seq: u32,
-        bytes: Vec<u8>,
-        close: bool,
-        from_kernel: bool,
-    ) -> bool {
+    pub(crate) fn respond(self: &Arc<Self>, conn: u64, seq: u32, bytes: Bytes, close: bool, from_kernel: bool) -> bool {
         let mut map = self.conns.lock().unwrap();
         if from_kernel && matches!(map.get(&conn), Some(LeaseState::Asked { .. })) {
             // The dispatcher sends a grant before the client can have sent
@@ -141,7 +138,7 @@ impl Outbound {
         match map.get_mut(&conn) {
             Some(LeaseState::Leased(l)) => {
                 if from_kernel && seq >= l.next {
-                    l.queued.insert(seq, (Bytes::from(bytes), close));
+                    l.queued.insert(seq, (bytes, close));
                     self.advance(&mut map, conn);
                     return true;
                 }
@@ -170,7 +167,13 @@ impl Outbound {
     pub(crate) fn reject(self: &Arc<Self>, conn: u64, seq: u32) {
         tracing::debug!(conn, seq, "malformed request");
         let r = Response::text(400, "malformed request\n").serialize(false, true);
-        let _ = self.respond(conn, seq, r, true, false);
+        let _ = self.respond(conn, seq, r.into(), true, false);
+    }
+
+    /// The application read `len` more bytes of request `seq`'s body that
+    /// the dispatcher forwarded (its upload window opens by that much).
+    pub(crate) fn body_read(&self, conn: u64, seq: u32, len: u32) {
+        let _ = self.ctl.send(relay::frame(WorkerFrame::BodyRead { conn, seq, len }, &[]));
     }
 
     /// Connection `conn` is gone (the dispatcher aborted it): nothing of

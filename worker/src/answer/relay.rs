@@ -16,7 +16,8 @@ impl Outbound {
             if bytes.is_empty() { Box::new(std::iter::once(&[][..])) } else { Box::new(bytes.chunks(MAX_FRAME)) };
         for (i, chunk) in chunks.enumerate() {
             let last = i + 1 == n;
-            let f = WorkerFrame::Response { conn, seq, last, close: last && close, want_lease: last && ask };
+            let f =
+                WorkerFrame::Response { conn, seq, last, close: last && close, want_lease: last && ask, stream: false };
             if self.ctl.send(frame(f, chunk)).is_err() {
                 return false;
             }

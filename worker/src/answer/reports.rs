@@ -4,6 +4,8 @@
 
 use std::sync::{atomic::AtomicU64, Arc, Mutex};
 
+use std::time::Instant;
+
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
@@ -62,16 +64,54 @@ impl Outbound {
     /// Adds request `req`'s access-log record (answered `status` with a
     /// body of `bytes`).
     pub(crate) fn log(&self, req: &crate::Request, status: u16, bytes: usize) {
+        if self.access_log.get().is_none() {
+            return;
+        }
+        let fields = [req.header("referer"), req.header("user-agent")];
+        self.log_fields(req.conn, req.received, req.request_line(), fields, status, bytes);
+    }
+
+    /// The access-log record of a request known by its raw head (the
+    /// `http` types' path: the head is looked at again only when the log
+    /// is on).
+    pub(crate) fn log_raw(&self, conn: u64, received: Instant, head: &[u8], status: u16, bytes: usize) {
+        if self.access_log.get().is_none() {
+            return;
+        }
+        let mut lines = head.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+        let request_line = lines.next().unwrap_or_default();
+        let mut fields = [None, None];
+        for l in lines {
+            let Some(colon) = l.iter().position(|&b| b == b':') else { continue };
+            let (name, value) = (&l[..colon], l[colon + 1..].trim_ascii());
+            for (i, want) in ["referer", "user-agent"].iter().enumerate() {
+                if fields[i].is_none() && name.eq_ignore_ascii_case(want.as_bytes()) {
+                    fields[i] = Some(value);
+                }
+            }
+        }
+        self.log_fields(conn, received, request_line, fields, status, bytes);
+    }
+
+    fn log_fields(
+        &self,
+        conn: u64,
+        received: Instant,
+        request_line: &[u8],
+        fields: [Option<&[u8]>; 2],
+        status: u16,
+        bytes: usize,
+    ) {
         let Some(buf) = self.access_log.get() else { return };
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
         let mut b = buf.lock().unwrap();
         b.extend_from_slice(
-            format!("{}\t{now}\t{status}\t{bytes}\t{}\t", req.conn, req.received.elapsed().as_micros()).as_bytes(),
+            format!("{conn}\t{now}\t{status}\t{bytes}\t{}\t", received.elapsed().as_micros()).as_bytes(),
         );
-        proto::log_field(&mut b, req.request_line());
-        for h in ["referer", "user-agent"] {
+        proto::log_field(&mut b, request_line);
+        for f in fields {
             b.push(b'\t');
-            match req.header(h) {
+            match f {
                 Some(v) => proto::log_field(&mut b, v),
                 None => b.push(b'-'),
             }

@@ -10,7 +10,7 @@
 
 mod awake;
 mod control;
-pub mod reassembly;
+pub(crate) mod reassembly;
 mod ring;
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
@@ -20,11 +20,19 @@ use dispatcher_ebpf::wire::RecordKind;
 use tokio::sync::mpsc;
 
 use crate::answer::Outbound;
+use crate::body::Piece;
 use crate::Error;
 pub(crate) use awake::Awake;
 pub(crate) use control::spawn_reader;
 use reassembly::{Done, Raw, Reassembly};
 pub(crate) use ring::Ring;
+
+/// A request taken from the queue: whole, or (streaming mode) its head
+/// with the receiver of its body and the body's announced length.
+pub(crate) struct Pulled {
+    pub(crate) raw: Raw,
+    pub(crate) body: Option<(mpsc::UnboundedReceiver<Piece>, u64)>,
+}
 
 /// A worker's request queue: its ring and its control socket's records.
 pub(crate) struct Puller {
@@ -42,7 +50,7 @@ pub(crate) struct Puller {
     draining: bool,
     frames: mpsc::Receiver<control::Record>,
     reassembly: Reassembly,
-    ready: VecDeque<Raw>,
+    ready: VecDeque<Pulled>,
     /// Where taken requests are traced and malformed ones answered.
     out: Arc<Outbound>,
 }
@@ -71,6 +79,12 @@ impl Puller {
         }
     }
 
+    /// Hands requests out at their head from now on, bodies streamed (call
+    /// before the first `next`).
+    pub(crate) fn stream_bodies(&mut self) {
+        self.reassembly = Reassembly::streaming();
+    }
+
     /// Stops taking requests from the queue: `next` hands out what was
     /// taken, then gives [`Error::Recycle`].
     pub(crate) fn stop_pulling(&mut self) {
@@ -87,7 +101,7 @@ impl Puller {
     }
 
     /// The next complete request, from the ring or the control socket.
-    pub(crate) async fn next(&mut self) -> Result<Raw, Error> {
+    pub(crate) async fn next(&mut self) -> Result<Pulled, Error> {
         loop {
             if let Some(raw) = self.ready.pop_front() {
                 return Ok(raw);
@@ -178,7 +192,7 @@ impl Puller {
 
 fn deliver(
     reassembly: &mut Reassembly,
-    ready: &mut VecDeque<Raw>,
+    ready: &mut VecDeque<Pulled>,
     out: &Arc<Outbound>,
     hdr: &RecordHeader,
     data: &[u8],
@@ -192,9 +206,16 @@ fn deliver(
         // ring, which the next worker would not know what to do with):
         // traced, so a crash answers it 502.
         out.taken(hdr.conn, hdr.seq);
+    } else if kind == Ok(RecordKind::Body) && hdr.flags & REC_SLOW != 0 && !reassembly.streams() && !data.is_empty() {
+        // Collected bodies count as read when they arrive (streamed ones
+        // when the handler takes them, see `crate::body`): the
+        // dispatcher's upload window must keep opening.
+        out.body_read(hdr.conn, hdr.seq, data.len() as u32);
     }
     match reassembly.push(hdr, data) {
-        Some(Done::Request(raw)) => ready.push_back(raw),
+        Some(Done::Request(raw)) => ready.push_back(Pulled { raw, body: None }),
+        Some(Done::Streaming(raw, rx, len)) => ready.push_back(Pulled { raw, body: Some((rx, len)) }),
+        Some(Done::Unread { conn, seq, len }) => out.body_read(conn, seq, len.min(u32::MAX as u64) as u32),
         Some(Done::Invalid { conn, seq }) => out.reject(conn, seq),
         None => {}
     }

@@ -1,12 +1,17 @@
 //! Reassembles requests from records (head, then body chunks), which may
 //! interleave across connections and arrive from the ring or the control
-//! socket.
+//! socket. Bodies are either collected (a request is handed out whole) or,
+//! with [`Reassembly::streaming`], handed out with their head and fed to a
+//! [`crate::Body`] chunk by chunk.
 
 use std::collections::HashMap;
 
 use bytes::{Bytes, BytesMut};
 use dispatcher_ebpf::abi::{RecordHeader, REC_CLOSE, REC_LAST, REC_SLOW};
 use dispatcher_ebpf::wire::RecordKind;
+use tokio::sync::mpsc;
+
+use crate::body::{Piece, PieceTx};
 
 /// A request whose records all arrived.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,9 +27,19 @@ pub struct Raw {
 }
 
 /// What a record completed.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Done {
     Request(Raw),
+    /// (Streaming mode) a head whose body follows through the receiver;
+    /// `Raw::body` is empty and the `u64` is the announced length.
+    Streaming(Raw, mpsc::UnboundedReceiver<Piece>, u64),
+    /// (Streaming mode) body bytes the dispatcher forwarded for a body
+    /// nobody reads any more: acknowledge them (they are dropped).
+    Unread {
+        conn: u64,
+        seq: u32,
+        len: u64,
+    },
     /// The records were inconsistent (a body longer than announced, a body
     /// without a head): answer 400 and close.
     Invalid {
@@ -38,6 +53,11 @@ struct Partial {
     body: BytesMut,
     expected: u64,
     from_kernel: bool,
+    /// Streaming mode: where the body goes (None once its reader is gone).
+    tx: Option<PieceTx>,
+    /// Streaming mode: body bytes received so far.
+    got: u64,
+    streamed: bool,
 }
 
 /// The reassembler; one per worker.
@@ -48,12 +68,25 @@ pub struct Reassembly {
     /// theirs still on the ring behind the abort are dropped.
     aborted: std::collections::HashSet<u64>,
     aborted_order: std::collections::VecDeque<u64>,
+    /// Hand requests out at their head, bodies streamed.
+    stream: bool,
 }
 
 /// Aborted connections remembered.
 const ABORTED_KEPT: usize = 4096;
 
 impl Reassembly {
+    /// A reassembler that hands each request out with its head and streams
+    /// its body (see [`Done::Streaming`]).
+    pub fn streaming() -> Reassembly {
+        Reassembly { stream: true, ..Default::default() }
+    }
+
+    /// Whether bodies are streamed.
+    pub fn streams(&self) -> bool {
+        self.stream
+    }
+
     /// Connection `conn` was aborted (its records are dropped).
     pub fn is_aborted(&self, conn: u64) -> bool {
         self.aborted.contains(&conn)
@@ -89,19 +122,50 @@ impl Reassembly {
                         from_kernel,
                     }));
                 }
+                let raw = |head| Raw {
+                    conn: hdr.conn,
+                    seq: hdr.seq,
+                    head,
+                    body: Bytes::new(),
+                    close: hdr.flags & REC_CLOSE != 0,
+                    from_kernel,
+                };
+                if self.stream {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let p = Partial {
+                        head: Bytes::new(),
+                        body: BytesMut::new(),
+                        expected: hdr.content_length,
+                        from_kernel,
+                        tx: Some(tx),
+                        got: 0,
+                        streamed: true,
+                    };
+                    self.partial.insert(key, p);
+                    return Some(Done::Streaming(raw(head), rx, hdr.content_length));
+                }
                 // Reserve at most what one ring's worth could carry up front;
                 // the rest grows as records come.
                 let cap = hdr.content_length.min(1 << 20) as usize;
-                self.partial.insert(
-                    key,
-                    Partial { head, body: BytesMut::with_capacity(cap), expected: hdr.content_length, from_kernel },
-                );
+                let p = Partial {
+                    head,
+                    body: BytesMut::with_capacity(cap),
+                    expected: hdr.content_length,
+                    from_kernel,
+                    tx: None,
+                    got: 0,
+                    streamed: false,
+                };
+                self.partial.insert(key, p);
                 None
             }
             Ok(RecordKind::Body) => {
                 let Some(p) = self.partial.get_mut(&key) else {
                     return Some(Done::Invalid { conn: hdr.conn, seq: hdr.seq });
                 };
+                if p.streamed {
+                    return self.stream_body(hdr, data);
+                }
                 if p.body.len() as u64 + data.len() as u64 > p.expected {
                     self.partial.remove(&key);
                     return Some(Done::Invalid { conn: hdr.conn, seq: hdr.seq });
@@ -124,8 +188,42 @@ impl Reassembly {
                 }))
             }
             // Wake-ups carry nothing; a kind we do not know is skipped.
-            Ok(RecordKind::Wake) | Err(_) => None,
+            Ok(RecordKind::Wake) | Ok(RecordKind::Written) | Err(_) => None,
         }
+    }
+
+    /// A body record of a streamed request.
+    fn stream_body(&mut self, hdr: &RecordHeader, data: &[u8]) -> Option<Done> {
+        let key = (hdr.conn, hdr.seq);
+        let p = self.partial.get_mut(&key).expect("looked up by the caller");
+        let (conn, seq) = key;
+        let slow = hdr.flags & REC_SLOW != 0;
+        p.got += data.len() as u64;
+        let last = hdr.flags & REC_LAST != 0;
+        if p.got > p.expected || (last && p.got != p.expected) {
+            let p = self.partial.remove(&key).expect("present");
+            if let Some(tx) = p.tx {
+                let _ = tx.send(Piece::Fail("the body does not match its Content-Length"));
+            }
+            return Some(Done::Invalid { conn, seq });
+        }
+        let mut unread = 0;
+        if !data.is_empty() {
+            let sent = p.tx.as_ref().is_some_and(|tx| tx.send(Piece::Data(Bytes::copy_from_slice(data), slow)).is_ok());
+            if !sent {
+                p.tx = None;
+                if slow {
+                    unread = data.len() as u64;
+                }
+            }
+        }
+        if last {
+            let p = self.partial.remove(&key).expect("present");
+            if let Some(tx) = p.tx {
+                let _ = tx.send(Piece::End);
+            }
+        }
+        (unread > 0).then_some(Done::Unread { conn, seq, len: unread })
     }
 
     /// Requests waiting for more records.
@@ -138,6 +236,7 @@ impl Reassembly {
 mod tests {
     use super::*;
     use dispatcher_ebpf::abi::{RECORD_ABORT, RECORD_BODY, RECORD_HEAD};
+    use tokio::sync::mpsc;
 
     fn hdr(conn: u64, seq: u32, kind: u8, flags: u8, len: usize, cl: u64) -> RecordHeader {
         RecordHeader { conn, seq, len: len as u32, content_length: cl, kind, flags, pool: 0, _pad: 0 }
@@ -146,9 +245,9 @@ mod tests {
     #[test]
     fn interleaved_connections_and_split_bodies() {
         let mut r = Reassembly::default();
-        assert_eq!(r.push(&hdr(1, 0, RECORD_HEAD, 0, 3, 6), b"H1\n"), None);
-        assert_eq!(r.push(&hdr(2, 0, RECORD_HEAD, 0, 3, 2), b"H2\n"), None);
-        assert_eq!(r.push(&hdr(1, 0, RECORD_BODY, 0, 3, 6), b"abc"), None);
+        assert!(r.push(&hdr(1, 0, RECORD_HEAD, 0, 3, 6), b"H1\n").is_none());
+        assert!(r.push(&hdr(2, 0, RECORD_HEAD, 0, 3, 2), b"H2\n").is_none());
+        assert!(r.push(&hdr(1, 0, RECORD_BODY, 0, 3, 6), b"abc").is_none());
         let d2 = r.push(&hdr(2, 0, RECORD_BODY, REC_LAST | REC_CLOSE, 2, 2), b"xy").unwrap();
         let Done::Request(q2) = d2 else { panic!() };
         assert_eq!((&q2.body[..], q2.close, q2.from_kernel), (&b"xy"[..], true, true));
@@ -161,10 +260,50 @@ mod tests {
     fn bodies_longer_than_announced_and_orphans_are_invalid() {
         let mut r = Reassembly::default();
         r.push(&hdr(1, 0, RECORD_HEAD, REC_SLOW, 1, 2), b"H");
-        assert_eq!(r.push(&hdr(1, 0, RECORD_BODY, 0, 3, 0), b"abc"), Some(Done::Invalid { conn: 1, seq: 0 }));
-        assert_eq!(r.push(&hdr(9, 4, RECORD_BODY, REC_LAST, 1, 0), b"a"), Some(Done::Invalid { conn: 9, seq: 4 }));
+        assert!(matches!(r.push(&hdr(1, 0, RECORD_BODY, 0, 3, 0), b"abc"), Some(Done::Invalid { conn: 1, seq: 0 })));
+        assert!(matches!(
+            r.push(&hdr(9, 4, RECORD_BODY, REC_LAST, 1, 0), b"a"),
+            Some(Done::Invalid { conn: 9, seq: 4 })
+        ));
         r.push(&hdr(1, 1, RECORD_HEAD, 0, 1, 2), b"H");
         r.push(&hdr(1, 1, RECORD_ABORT, 0, 0, 0), b"");
         assert_eq!(r.pending(), 0);
+    }
+
+    #[test]
+    fn streamed_bodies_are_handed_out_at_the_head_and_checked() {
+        let mut r = Reassembly::streaming();
+        let Some(Done::Streaming(raw, mut rx, 5)) = r.push(&hdr(1, 0, RECORD_HEAD, 0, 2, 5), b"H1") else { panic!() };
+        assert_eq!((&raw.head[..], raw.body.len()), (&b"H1"[..], 0));
+        assert!(r.push(&hdr(1, 0, RECORD_BODY, REC_SLOW, 2, 0), b"ab").is_none());
+        assert!(r.push(&hdr(1, 0, RECORD_BODY, REC_LAST, 3, 0), b"cde").is_none());
+        assert!(matches!(rx.try_recv(), Ok(Piece::Data(b, true)) if &b[..] == b"ab"));
+        assert!(matches!(rx.try_recv(), Ok(Piece::Data(b, false)) if &b[..] == b"cde"));
+        assert!(matches!(rx.try_recv(), Ok(Piece::End)));
+        assert_eq!(r.pending(), 0);
+        // Too long: the body fails, the request is invalid.
+        let Some(Done::Streaming(_, mut rx, 1)) = r.push(&hdr(2, 0, RECORD_HEAD, 0, 1, 1), b"H") else { panic!() };
+        assert!(matches!(
+            r.push(&hdr(2, 0, RECORD_BODY, REC_SLOW, 2, 0), b"ab"),
+            Some(Done::Invalid { conn: 2, seq: 0 })
+        ));
+        assert!(matches!(rx.try_recv(), Ok(Piece::Fail(_))));
+        // Its reader is gone: forwarded bytes come back as unread (to be
+        // acknowledged), kernel bytes are just dropped.
+        let Some(Done::Streaming(_, rx, 6)) = r.push(&hdr(3, 0, RECORD_HEAD, 0, 1, 6), b"H") else { panic!() };
+        drop(rx);
+        assert!(r.push(&hdr(3, 0, RECORD_BODY, 0, 2, 0), b"ab").is_none());
+        assert!(matches!(
+            r.push(&hdr(3, 0, RECORD_BODY, REC_SLOW, 2, 0), b"cd"),
+            Some(Done::Unread { conn: 3, seq: 0, len: 2 })
+        ));
+        assert!(matches!(
+            r.push(&hdr(3, 0, RECORD_BODY, REC_SLOW | REC_LAST, 2, 0), b"ef"),
+            Some(Done::Unread { len: 2, .. })
+        ));
+        // An abort ends a body short: its reader sees the channel close.
+        let Some(Done::Streaming(_, mut rx, 4)) = r.push(&hdr(4, 0, RECORD_HEAD, 0, 1, 4), b"H") else { panic!() };
+        r.push(&hdr(4, 0, RECORD_ABORT, 0, 0, 0), b"");
+        assert!(matches!(rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)));
     }
 }

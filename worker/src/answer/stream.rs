@@ -1,0 +1,135 @@
+//! Streamed responses: a response whose body is not all there when its
+//! head is ready goes through the dispatcher in parts, each sent only while
+//! what was sent and not yet written to the client is under
+//! [`STREAM_WINDOW`]. The dispatcher answers every part it wrote with a
+//! `RecordKind::Written` record (read by the control socket's reader, not
+//! the puller, so a draining worker's streams keep moving), and aborts the
+//! connection's streams when the client goes away.
+//!
+//! Streams do not use the lease: a response of unknown length written
+//! straight into the socket could be cut by a revocation mid-body, and
+//! streams are rare next to whole responses. A leased connection gives its
+//! lease back before its stream's first part.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use tokio::sync::Notify;
+
+use super::lease::LeaseState;
+use super::relay::frame;
+use super::Outbound;
+use crate::proto::{WorkerFrame, MAX_FRAME};
+
+/// Bytes of a streamed response sent to the dispatcher and not yet written
+/// to the client, past which the handler's body is not polled (so a slow
+/// client holds at most this much of it in memory, here and there).
+pub(crate) const STREAM_WINDOW: u64 = 256 << 10;
+
+/// One streamed response's flow-control state.
+#[derive(Default)]
+pub(super) struct Window {
+    state: Mutex<WindowState>,
+    notify: Notify,
+}
+
+#[derive(Default)]
+struct WindowState {
+    /// Sent and not yet written to the client.
+    outstanding: u64,
+    /// The connection is gone.
+    aborted: bool,
+}
+
+/// The streams in flight, by (connection, request).
+pub(super) type Streams = Mutex<HashMap<(u64, u32), Arc<Window>>>;
+
+/// Sends one streamed response's parts, in order.
+pub(crate) struct StreamTx {
+    out: Arc<Outbound>,
+    conn: u64,
+    seq: u32,
+    win: Arc<Window>,
+}
+
+impl Outbound {
+    /// Starts streaming response `seq` on `conn` (after giving back a lease
+    /// held on the connection: the dispatcher writes the stream).
+    pub(crate) fn stream(self: &Arc<Self>, conn: u64, seq: u32) -> StreamTx {
+        let mut map = self.conns.lock().unwrap();
+        match map.get_mut(&conn) {
+            Some(LeaseState::Leased(l)) if seq >= l.next => self.release(&mut map, conn),
+            Some(LeaseState::Asked { at, sent_after }) if seq > *at => *sent_after = true,
+            _ => {}
+        }
+        drop(map);
+        let win = Arc::new(Window::default());
+        self.streams.lock().unwrap().insert((conn, seq), win.clone());
+        StreamTx { out: self.clone(), conn, seq, win }
+    }
+
+    /// The dispatcher wrote `bytes` of streamed response `seq` on `conn`.
+    pub(crate) fn stream_written(&self, conn: u64, seq: u32, bytes: u64) {
+        let Some(w) = self.streams.lock().unwrap().get(&(conn, seq)).cloned() else { return };
+        let mut st = w.state.lock().unwrap();
+        st.outstanding = st.outstanding.saturating_sub(bytes);
+        drop(st);
+        w.notify.notify_one();
+    }
+
+    /// Connection `conn` is gone: its streams stop.
+    pub(crate) fn stream_aborted(&self, conn: u64) {
+        let streams = self.streams.lock().unwrap();
+        for ((c, _), w) in streams.iter() {
+            if *c == conn {
+                w.state.lock().unwrap().aborted = true;
+                w.notify.notify_one();
+            }
+        }
+    }
+}
+
+impl StreamTx {
+    /// Sends the next part (`last` ends the response; `close` then closes
+    /// the connection), once the window has room. False when the client
+    /// or the dispatcher is gone: stop producing the body.
+    pub(crate) async fn send(&mut self, bytes: &[u8], last: bool, close: bool) -> bool {
+        loop {
+            {
+                let mut st = self.win.state.lock().unwrap();
+                if st.aborted {
+                    return false;
+                }
+                if st.outstanding < STREAM_WINDOW || last {
+                    st.outstanding += bytes.len() as u64;
+                    break;
+                }
+            }
+            self.win.notify.notified().await;
+        }
+        let n = bytes.len().div_ceil(MAX_FRAME).max(1);
+        for (i, chunk) in bytes.chunks(MAX_FRAME).chain((bytes.is_empty()).then_some(&[][..])).enumerate() {
+            let end = last && i + 1 == n;
+            let f = WorkerFrame::Response {
+                conn: self.conn,
+                seq: self.seq,
+                last: end,
+                close: end && close,
+                want_lease: false,
+                stream: true,
+            };
+            if self.out.ctl.send(frame(f, chunk)).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl Drop for StreamTx {
+    fn drop(&mut self) {
+        self.out.streams.lock().unwrap().remove(&(self.conn, self.seq));
+    }
+}
