@@ -11,14 +11,21 @@
 //! [`RecordHeader`] + `len` bytes, exactly like ring records but with
 //! [`REC_SLOW`](crate::abi::REC_SLOW) set (and `len` not limited to a ring
 //! record's size). A record of kind [`RecordKind::Abort`] (no data) tells
-//! the worker the connection is gone: drop its partial requests.
+//! the worker the connection is gone: drop its partial requests and stop
+//! its streamed responses. A record of kind [`RecordKind::Written`] says
+//! how many bytes of a streamed response's part reached the client.
 //!
 //! Worker → dispatcher: [`FrameHeader`] + `len` bytes, what the frame is
 //! given by [`WorkerFrame`]. Responses are raw HTTP/1.1 (status line,
 //! headers, body); a response may be sent in several frames, the one with
 //! `last` ends it, and the dispatcher writes responses to the client in
-//! `seq` order per connection. The other frames are reports: a lease
-//! release, the worker's stop, its counters and its access-log records.
+//! `seq` order per connection. A *streamed* response's frames carry
+//! [`RESP_STREAM`]: each is answered with a `Written` record once written,
+//! and the worker keeps only a window of them unwritten (flow control for
+//! responses of unknown length). The other frames are reports: a lease
+//! release, request body bytes the application read (the dispatcher's
+//! upload window, [`WorkerFrame::BodyRead`]), the worker's stop, its
+//! counters and its access-log records.
 //! Neither side accepts a frame longer than [`MAX_FRAME`].
 //!
 //! **Leases** (the direct response path). A worker may write a

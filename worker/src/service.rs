@@ -25,6 +25,7 @@
 //! ```
 
 use std::{
+    future::Future,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
@@ -138,7 +139,7 @@ where
         w.pull.handed_out();
         let mut svc = service.clone();
         let out = out.clone();
-        handlers.spawn(async move {
+        let mut handle = Box::pin(async move {
             let ready: Result<(), BoxError> = std::future::poll_fn(|cx| svc.poll_ready(cx)).await.map_err(Into::into);
             let resp = match ready {
                 Ok(()) => svc.call(req).await.map_err(Into::into),
@@ -158,6 +159,15 @@ where
                 }
             }
         });
+        // Most handlers answer without waiting for anything: run the
+        // request here once, and make it a task (an allocation and a trip
+        // through the scheduler) only if it has to wait. Its first poll
+        // registered this loop's waker, which at worst wakes the loop once
+        // for nothing.
+        let done = std::future::poll_fn(|cx| Poll::Ready(handle.as_mut().poll(cx).is_ready())).await;
+        if !done {
+            handlers.spawn(handle);
+        }
     }
 }
 
