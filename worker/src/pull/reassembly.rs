@@ -111,17 +111,6 @@ impl Reassembly {
             Ok(RecordKind::Head) => {
                 let from_kernel = hdr.flags & REC_SLOW == 0;
                 let head = Bytes::copy_from_slice(data);
-                if hdr.flags & REC_LAST != 0 && hdr.content_length == 0 {
-                    self.partial.remove(&key);
-                    return Some(Done::Request(Raw {
-                        conn: hdr.conn,
-                        seq: hdr.seq,
-                        head,
-                        body: Bytes::new(),
-                        close: hdr.flags & REC_CLOSE != 0,
-                        from_kernel,
-                    }));
-                }
                 let raw = |head| Raw {
                     conn: hdr.conn,
                     seq: hdr.seq,
@@ -130,6 +119,10 @@ impl Reassembly {
                     close: hdr.flags & REC_CLOSE != 0,
                     from_kernel,
                 };
+                if hdr.flags & REC_LAST != 0 && hdr.content_length == 0 {
+                    self.partial.remove(&key);
+                    return Some(Done::Request(raw(head)));
+                }
                 if self.stream {
                     let (tx, rx) = mpsc::unbounded_channel();
                     let p = Partial {
