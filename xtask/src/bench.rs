@@ -1,5 +1,7 @@
-//! `cargo xtask bench`: the same echo logic behind four dispatch paths,
-//! measured side by side in one run with wrk.
+//! `cargo xtask bench`: the dispatcher measured side by side with the
+//! usual ways of serving the same thing, in one run with wrk.
+//!
+//! The echo section: the same echo logic behind several dispatch paths.
 //!
 //! - standalone: the worker serving HTTP itself (no dispatch; the upper
 //!   bound)
@@ -15,10 +17,16 @@
 //! `--small-only`) 64 KiB responses, a 1 MiB POST echoed back, and the
 //! small GET through `h2load --h1` as a second load generator.
 //!
+//! The app sections ([`App`]): an application as its usual server serves
+//! it (the *peers*) against the same application as a dispatcher pool
+//! (`fast`): `static` is nginx serving a directory itself against the
+//! worker's `static` mode over the same directory.
+//!
 //! Runs are interleaved (every setup once per round) so machine noise hits
 //! all setups alike; each figure is the median of the rounds with min and
 //! max, and ratios are computed within a round. Results go to
-//! `bench/results/` as markdown, JSON and an SVG chart.
+//! `bench/results/` as markdown, JSON and an SVG chart (of the echo
+//! section).
 
 use std::{
     fmt::Write as _,
@@ -46,6 +54,24 @@ pub struct Options {
     pub rounds: u32,
     /// Only the small-response cases.
     pub small_only: bool,
+    /// Sections to run: `echo` and/or app names ([`App::name`]).
+    pub sections: Vec<String>,
+}
+
+impl Options {
+    fn echo(&self) -> bool {
+        self.sections.iter().any(|s| s == "echo")
+    }
+
+    fn apps(&self) -> Result<Vec<App>> {
+        for s in &self.sections {
+            if s != "echo" && !App::ALL.iter().any(|a| a.name() == s) {
+                let known: Vec<&str> = std::iter::once("echo").chain(App::ALL.iter().map(|a| a.name())).collect();
+                bail!("no bench section `{s}` (there are: {})", known.join(", "));
+            }
+        }
+        Ok(App::ALL.into_iter().filter(|a| self.sections.iter().any(|s| s == a.name())).collect())
+    }
 }
 
 /// Connections of the large-response, POST and h2load cases.
@@ -84,6 +110,9 @@ struct Case {
 }
 
 fn cases(o: &Options) -> Vec<Case> {
+    if !o.echo() {
+        return Vec::new();
+    }
     let mut v: Vec<Case> = o
         .connections
         .iter()
@@ -99,6 +128,158 @@ fn cases(o: &Options) -> Vec<Case> {
         v.push(Case { label: "h2load --h1, small response".into(), conns: EXTRA_CONNECTIONS, load: Load::H2load });
     }
     v
+}
+
+/// An application measured as its usual server serves it (the peer
+/// setups) and as a dispatcher pool (the last setup, `fast`): its own
+/// table, with the ratio of `fast` to each peer per round. A new app is a
+/// variant here and an arm in each method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum App {
+    /// nginx serving a directory itself (`root`, sendfile) vs the worker's
+    /// `static` mode over the same directory.
+    Static,
+}
+
+/// Largest connection count the app sections run at (of `--connections`).
+const APP_MAX_CONNECTIONS: u32 = 256;
+/// The static section's large file.
+const STATIC_LARGE: usize = 1 << 20;
+
+impl App {
+    const ALL: [App; 1] = [App::Static];
+
+    fn name(self) -> &'static str {
+        match self {
+            App::Static => "static",
+        }
+    }
+
+    /// Its setups, in report order; the last one is the dispatcher's.
+    fn setups(self) -> &'static [&'static str] {
+        match self {
+            App::Static => &["nginx-1w", "nginx-auto", "fast"],
+        }
+    }
+
+    /// One sentence on what its setups are, for the report.
+    fn describe(self) -> &'static str {
+        match self {
+            App::Static => "nginx serving the directory itself (`root`, `sendfile on`, `tcp_nopush on`, keep-alive, `access_log off`, no `open_file_cache`: its default) with 1 worker process (`nginx-1w`, as the pool has 1 worker) and with `worker_processes auto` (`nginx-auto`, one per core); fast = a dispatcher pool running `dispatcher-worker static DIR` over the same directory (its in-memory cache of files up to 1 MiB, one `fstatat` per request).",
+        }
+    }
+
+    /// Its cases: (label, path, large); the large ones are left out by
+    /// `--small-only`.
+    fn paths(self) -> &'static [(&'static str, &'static str, bool)] {
+        match self {
+            App::Static => &[("demo page (index.html, 544 B)", "/", false), ("1 MiB file", "/1m.bin", true)],
+        }
+    }
+
+    /// Starts its setups' servers (in `dir`, with what they serve); their
+    /// ports in [`App::setups`] order.
+    fn start(self, bin: &Path, root: &Path, dir: &Path, procs: &mut Procs) -> Result<Vec<u16>> {
+        match self {
+            App::Static => {
+                let site = static_site(root, dir)?;
+                let ports: Vec<u16> = self.setups().iter().map(|_| free_port()).collect();
+                procs.0.push(start_nginx_static(dir, "1w", "1", ports[0], &site)?);
+                wait_port(ports[0], "nginx (static, 1 worker)")?;
+                procs.0.push(start_nginx_static(dir, "auto", "auto", ports[1], &site)?);
+                wait_port(ports[1], "nginx (static, auto)")?;
+                let cfg = format!(
+                    "listen = \"127.0.0.1:{}\"\ninstance = \"bench-static\"\n[[pool]]\nname = \"static\"\nroutes = [\"*/\"]\ncommand = \"dispatcher-worker\"\nargs = [\"static\", \"{}\"]\n",
+                    ports[2],
+                    site.display()
+                );
+                procs.0.push(spawn_dispatcher(bin, dir, "static", &cfg, "warn")?);
+                wait_port(ports[2], "dispatcher (static)")?;
+                Ok(ports)
+            }
+        }
+    }
+}
+
+/// One measured case of an app: a path at a connection count.
+#[derive(Clone, Debug)]
+struct AppCase {
+    app: App,
+    label: &'static str,
+    conns: u32,
+    path: &'static str,
+}
+
+fn app_cases(o: &Options, apps: &[App]) -> Vec<AppCase> {
+    let mut v = Vec::new();
+    for &app in apps {
+        for &(label, path, large) in app.paths() {
+            if large && o.small_only {
+                continue;
+            }
+            for &conns in o.connections.iter().filter(|&&c| c <= APP_MAX_CONNECTIONS) {
+                v.push(AppCase { app, label, conns, path });
+            }
+        }
+    }
+    v
+}
+
+/// The static section's directory: the demo site's files and a 1 MiB file,
+/// dated an hour back (the worker keeps in memory only files older than a
+/// couple of seconds), readable by the workers' user.
+fn static_site(root: &Path, dir: &Path) -> Result<PathBuf> {
+    let site = dir.join("site");
+    fs::create_dir_all(&site)?;
+    for f in ["index.html", "style.css"] {
+        fs::copy(root.join("demo/static").join(f), site.join(f)).with_context(|| format!("copying demo/static/{f}"))?;
+    }
+    fs::write(site.join("1m.bin"), (0..STATIC_LARGE).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>())?;
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    for f in ["index.html", "style.css", "1m.bin"] {
+        fs::File::options().write(true).open(site.join(f))?.set_modified(old)?;
+    }
+    Ok(site)
+}
+
+fn start_nginx_static(dir: &Path, name: &str, workers: &str, port: u16, site: &Path) -> Result<Child> {
+    let d = dir.join(format!("nginx-static-{name}"));
+    fs::create_dir_all(&d)?;
+    let conf = format!(
+        r#"worker_processes {workers};
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    types {{ text/html html; text/css css; application/octet-stream bin; }}
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        root {site};
+    }}
+}}
+"#,
+        d = d.display(),
+        site = site.display()
+    );
+    let path = d.join("nginx.conf");
+    fs::write(&path, conf)?;
+    Command::new("nginx")
+        .args(["-e", &d.join("error.log").display().to_string(), "-c"])
+        .arg(&path)
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nginx (static)")
 }
 
 struct Procs(Vec<Child>);
@@ -374,36 +555,32 @@ http {{
 
 /// Runs the benchmark and writes the results.
 pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
+    let apps = o.apps()?;
+    let cases = cases(o);
+    let app_cases = app_cases(o, &apps);
+    if cases.is_empty() && app_cases.is_empty() {
+        bail!("nothing to measure (the app sections run at --connections counts up to {APP_MAX_CONNECTIONS})");
+    }
     let dir = std::env::temp_dir().join(format!("dispatcher-bench-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir)?;
-    let ports: Vec<u16> = SETUPS.iter().map(|_| free_port()).collect();
     let mut procs = Procs(Vec::new());
-    procs.0.push(
-        Command::new(bin.join("dispatcher-worker"))
-            .args(["--listen", &format!("127.0.0.1:{}", ports[0]), "echo"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting the standalone worker")?,
-    );
-    wait_port(ports[0], "standalone worker")?;
-    procs.0.push(start_nginx(&dir, ports[1], ports[0])?);
-    wait_port(ports[1], "nginx")?;
-    procs.0.push(start_dispatcher(bin, &dir, "fast", ports[2], true, true, 0)?);
-    wait_port(ports[2], "dispatcher (fast)")?;
-    procs.0.push(start_dispatcher(bin, &dir, "relay", ports[3], true, false, 0)?);
-    wait_port(ports[3], "dispatcher (relay)")?;
-    procs.0.push(start_dispatcher(bin, &dir, "slow", ports[4], false, false, 0)?);
-    wait_port(ports[4], "dispatcher (slow)")?;
-    procs.0.push(start_dispatcher(bin, &dir, "fast100k", ports[FAST_100K], true, true, EXTRA_ROUTES)?);
-    wait_port(ports[FAST_100K], "dispatcher (fast, 100k routes)")?;
+    let ports = if cases.is_empty() { Vec::new() } else { start_echo_setups(bin, &dir, &mut procs)? };
+    // Each app's ports, and where its processes (one per setup) start in `procs`.
+    let mut app_ports = Vec::new();
+    let mut app_procs = Vec::new();
+    for app in &apps {
+        app_procs.push(procs.0.len());
+        app_ports.push(app.start(bin, root, &dir, &mut procs)?);
+    }
     std::thread::sleep(Duration::from_secs(1));
 
-    let cases = cases(o);
     // samples[case][setup][round]
     let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); SETUPS.len()]; cases.len()];
-    let total = cases.len() as u32 * o.rounds * SETUPS.len() as u32;
+    let mut app_samples: Vec<Vec<Vec<Sample>>> =
+        app_cases.iter().map(|c| vec![Vec::new(); c.app.setups().len()]).collect();
+    let per_round = cases.len() * SETUPS.len() + app_cases.iter().map(|c| c.app.setups().len()).sum::<usize>();
+    let total = per_round as u32 * o.rounds;
     let mut k = 0;
     for round in 0..o.rounds {
         for (ci, case) in cases.iter().enumerate() {
@@ -420,13 +597,68 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
                 samples[ci][si].push(s);
             }
         }
+        for (ci, case) in app_cases.iter().enumerate() {
+            let ai = apps.iter().position(|a| *a == case.app).expect("an app of the run");
+            for (si, setup) in case.app.setups().iter().enumerate() {
+                k += 1;
+                println!(
+                    "[xtask] bench {k}/{total}: round {} {} {setup}: {} c={} {}s",
+                    round + 1,
+                    case.app.name(),
+                    case.label,
+                    case.conns,
+                    o.seconds
+                );
+                let s = wrk(app_ports[ai][si], case.conns, o.seconds, case.path, None)?;
+                app_samples[ci][si].push(s);
+            }
+        }
     }
     let rss: Vec<u64> = procs.0.iter().map(|c| peak_rss_kib(c.id())).collect();
     drop(procs);
-    let cold = if o.small_only { None } else { Some(cold_start(bin, &dir)?) };
-    let recycle = if o.small_only { None } else { Some(recycle_under_load(bin, &dir, o.seconds)?) };
+    let echo_rss = &rss[..ports.len()];
+    let app_rss: Vec<&[u64]> = apps.iter().zip(&app_procs).map(|(a, &i)| &rss[i..i + a.setups().len()]).collect();
+    let long = o.echo() && !o.small_only;
+    let cold = if long { Some(cold_start(bin, &dir)?) } else { None };
+    let recycle = if long { Some(recycle_under_load(bin, &dir, o.seconds)?) } else { None };
     let _ = fs::remove_dir_all(&dir);
-    write_results(root, o, &cases, &samples, &rss, cold.as_ref(), recycle.as_ref())
+    let apps = AppResults { apps: &apps, cases: &app_cases, samples: &app_samples, rss: &app_rss };
+    write_results(root, o, &cases, &samples, echo_rss, &apps, cold.as_ref(), recycle.as_ref())
+}
+
+/// Starts the echo section's setups ([`SETUPS`]); their ports.
+fn start_echo_setups(bin: &Path, dir: &Path, procs: &mut Procs) -> Result<Vec<u16>> {
+    let ports: Vec<u16> = SETUPS.iter().map(|_| free_port()).collect();
+    procs.0.push(
+        Command::new(bin.join("dispatcher-worker"))
+            .args(["--listen", &format!("127.0.0.1:{}", ports[0]), "echo"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the standalone worker")?,
+    );
+    wait_port(ports[0], "standalone worker")?;
+    procs.0.push(start_nginx(dir, ports[1], ports[0])?);
+    wait_port(ports[1], "nginx")?;
+    procs.0.push(start_dispatcher(bin, dir, "fast", ports[2], true, true, 0)?);
+    wait_port(ports[2], "dispatcher (fast)")?;
+    procs.0.push(start_dispatcher(bin, dir, "relay", ports[3], true, false, 0)?);
+    wait_port(ports[3], "dispatcher (relay)")?;
+    procs.0.push(start_dispatcher(bin, dir, "slow", ports[4], false, false, 0)?);
+    wait_port(ports[4], "dispatcher (slow)")?;
+    procs.0.push(start_dispatcher(bin, dir, "fast100k", ports[FAST_100K], true, true, EXTRA_ROUTES)?);
+    wait_port(ports[FAST_100K], "dispatcher (fast, 100k routes)")?;
+    Ok(ports)
+}
+
+/// What the app sections measured.
+struct AppResults<'a> {
+    apps: &'a [App],
+    cases: &'a [AppCase],
+    /// [case][setup][round]
+    samples: &'a [Vec<Vec<Sample>>],
+    /// Peak RSS per app, per setup.
+    rss: &'a [&'a [u64]],
 }
 
 /// Requests per worker in the recycling-under-load run.
@@ -552,25 +784,18 @@ fn uname() -> String {
         .unwrap_or_default()
 }
 
-fn write_results(
-    root: &Path,
-    o: &Options,
+/// The echo section's table, route-table scaling and memory.
+fn write_echo(
+    md: &mut String,
+    json: &mut Vec<String>,
     cases: &[Case],
     samples: &[Vec<Vec<Sample>>],
     rss: &[u64],
-    cold: Option<&Cold>,
-    recycle: Option<&Recycle>,
-) -> Result<PathBuf> {
-    let out = root.join("bench/results");
-    fs::create_dir_all(&out)?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let kernel = uname();
-    let mut md = String::new();
-    writeln!(md, "# dispatcher benchmark\n")?;
-    writeln!(md, "Machine: {cores} cores, Linux {kernel}. Keep-alive connections, the same echo worker behind every setup; {} interleaved rounds of {} s per case and setup; median (min–max). Setups: standalone = the worker serving HTTP itself; nginx = nginx proxying to it (upstream keep-alive); fast = the dispatcher's kernel path with direct responses; relay = the kernel path with responses relayed by the dispatcher; slow = everything through the dispatcher's user space; fast-100k = fast with 100,000 more routes.\n", o.rounds, o.seconds)?;
+) -> Result<()> {
+    writeln!(md, "## Echo\n")?;
+    writeln!(md, "The same echo worker behind every setup. Setups: standalone = the worker serving HTTP itself; nginx = nginx proxying to it (upstream keep-alive); fast = the dispatcher's kernel path with direct responses; relay = the kernel path with responses relayed by the dispatcher; slow = everything through the dispatcher's user space; fast-100k = fast with 100,000 more routes.\n")?;
     writeln!(md, "| case | connections | setup | req/s | p50 µs | p99 µs | CPU s / 100k req | errors | fast/nginx | fast/standalone |")?;
     writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
-    let mut json = Vec::new();
     for (ci, case) in cases.iter().enumerate() {
         let c = case.conns;
         let label = &case.label;
@@ -620,6 +845,95 @@ fn write_results(
         )?;
     }
     writeln!(md, "\nPeak RSS (VmHWM, process and its children, KiB): {}. The dispatcher setups' figures include the workers' mappings of their 32 MiB rings (mapped twice by the kernel's ring layout).", SETUPS.iter().zip(rss).map(|(s, r)| format!("{s} {r}")).collect::<Vec<_>>().join(", "))?;
+    Ok(())
+}
+
+/// An app section's table: every setup per case, and on the dispatcher's
+/// row its ratio to each peer.
+fn write_app(md: &mut String, json: &mut Vec<String>, app: App, r: &AppResults, ai: usize) -> Result<()> {
+    let setups = app.setups();
+    let (peers, fast) = (&setups[..setups.len() - 1], setups.len() - 1);
+    writeln!(md, "\n## App: {}\n\n{}\n", app.name(), app.describe())?;
+    let ratio_heads: String = peers.iter().map(|p| format!(" {}/{p} |", setups[fast])).collect();
+    writeln!(md, "| case | connections | setup | req/s | p50 µs | p99 µs | CPU s / 100k req | errors |{ratio_heads}")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|{}", "---|".repeat(peers.len()))?;
+    for (ci, case) in r.cases.iter().enumerate().filter(|(_, c)| c.app == app) {
+        let samples = &r.samples[ci];
+        // The dispatcher over each peer, round by round.
+        let ratios: Vec<(f64, f64, f64)> = (0..peers.len())
+            .map(|pi| median(samples[fast].iter().zip(&samples[pi]).map(|(x, y)| x.rps / y.rps).collect()))
+            .collect();
+        for (si, setup) in setups.iter().enumerate() {
+            let s = &samples[si];
+            let rps = median(s.iter().map(|x| x.rps).collect());
+            let p50 = median(s.iter().map(|x| x.p50_us).collect()).0;
+            let p99 = median(s.iter().map(|x| x.p99_us).collect()).0;
+            let cpu = median(s.iter().map(|x| x.cpu_per_100k).collect()).0;
+            let errors: u64 = s.iter().map(|x| x.errors).sum();
+            let cells: String = if si == fast {
+                ratios.iter().map(|(m, lo, hi)| format!(" {m:.2} ({lo:.2}–{hi:.2}) |")).collect()
+            } else {
+                " |".repeat(peers.len())
+            };
+            writeln!(
+                md,
+                "| {} | {} | {setup} | {:.0} ({:.0}–{:.0}) | {p50:.0} | {p99:.0} | {cpu:.2} | {errors} |{cells}",
+                case.label, case.conns, rps.0, rps.1, rps.2
+            )?;
+            let ratio_json: Vec<String> = if si == fast {
+                peers
+                    .iter()
+                    .zip(&ratios)
+                    .map(|(p, (m, lo, hi))| {
+                        format!("{{\"over\":\"{p}\",\"median\":{m:.3},\"min\":{lo:.3},\"max\":{hi:.3}}}")
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            json.push(format!(
+                "{{\"app\":\"{}\",\"case\":\"{}\",\"path\":\"{}\",\"connections\":{},\"setup\":\"{setup}\",\"rps\":{:.1},\"rps_min\":{:.1},\"rps_max\":{:.1},\"p50_us\":{p50:.1},\"p99_us\":{p99:.1},\"cpu_s_per_100k\":{cpu:.3},\"errors\":{errors},\"ratios\":[{}]}}",
+                app.name(),
+                case.label,
+                case.path,
+                case.conns,
+                rps.0,
+                rps.1,
+                rps.2,
+                ratio_json.join(",")
+            ));
+        }
+    }
+    writeln!(
+        md,
+        "\nPeak RSS (VmHWM, process and its children, KiB): {}.",
+        setups.iter().zip(r.rss[ai]).map(|(s, r)| format!("{s} {r}")).collect::<Vec<_>>().join(", ")
+    )?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_results(
+    root: &Path,
+    o: &Options,
+    cases: &[Case],
+    samples: &[Vec<Vec<Sample>>],
+    rss: &[u64],
+    apps: &AppResults,
+    cold: Option<&Cold>,
+    recycle: Option<&Recycle>,
+) -> Result<PathBuf> {
+    let out = root.join("bench/results");
+    fs::create_dir_all(&out)?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = uname();
+    let mut md = String::new();
+    let mut json = Vec::new();
+    writeln!(md, "# dispatcher benchmark\n")?;
+    writeln!(md, "Machine: {cores} cores, Linux {kernel}. Keep-alive connections; {} interleaved rounds of {} s per case and setup; median (min–max); ratios are taken within each round, then their median (min–max).\n", o.rounds, o.seconds)?;
+    if !cases.is_empty() {
+        write_echo(&mut md, &mut json, cases, samples, rss)?;
+    }
     if let Some(c) = cold {
         let (cm, clo, chi) = median(c.cold_us.clone());
         let (wm, wlo, whi) = median(c.warm_us.clone());
@@ -642,6 +956,11 @@ fn write_results(
             r.recycles, s.errors, s.rps, s.p50_us, s.p99_us
         ));
     }
+    // The app sections after the echo section's figures (cold start and
+    // recycling are the echo pool's).
+    for (ai, app) in apps.apps.iter().enumerate() {
+        write_app(&mut md, &mut json, *app, apps, ai)?;
+    }
     fs::write(out.join("results.md"), &md)?;
     fs::write(
         out.join("results.json"),
@@ -652,7 +971,9 @@ fn write_results(
             json.join(",")
         ),
     )?;
-    fs::write(out.join("throughput.svg"), chart(cases, samples, cores, &kernel))?;
+    if !cases.is_empty() {
+        fs::write(out.join("throughput.svg"), chart(cases, samples, cores, &kernel))?;
+    }
     print!("{md}");
     Ok(out)
 }

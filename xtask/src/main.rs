@@ -45,8 +45,9 @@ enum Cmd {
         args: Vec<OsString>,
     },
     /// Build, then measure the same echo logic served standalone, behind
-    /// nginx, and behind the dispatcher (fast and slow path) with wrk,
-    /// interleaved; writes bench/results/{results.md,results.json,throughput.svg}.
+    /// nginx, and behind the dispatcher (fast and slow path), and nginx
+    /// serving a directory against a `static` pool, with wrk, interleaved;
+    /// writes bench/results/{results.md,results.json,throughput.svg}.
     /// Needs root.
     Bench {
         /// Keep-alive connection counts to measure.
@@ -58,9 +59,17 @@ enum Cmd {
         /// Interleaved rounds (the figures are medians over them).
         #[arg(long, default_value_t = 3)]
         rounds: u32,
-        /// Only small responses (skip the 64 KiB, 1 MiB POST and h2load cases).
+        /// Only small responses (skip the 64 KiB, 1 MiB POST and h2load
+        /// cases, the static section's 1 MiB file, the cold-start and
+        /// recycling runs).
         #[arg(long)]
         small_only: bool,
+        /// Sections to run: `echo` (the echo app behind every dispatch
+        /// path) and app sections (`static`: nginx serving a directory vs
+        /// a `static` pool). The app sections run at the --connections
+        /// counts up to 256.
+        #[arg(long, value_delimiter = ',', default_value = "echo,static")]
+        only: Vec<String>,
         /// Measure the `dispatcher` and `dispatcher-worker` binaries in DIR
         /// (e.g. copies of an earlier commit's target/release) instead of
         /// building this tree: before/after comparisons in one session.
@@ -270,7 +279,7 @@ fn main() -> Result<()> {
             let err = Command::new(&exe).arg("serve").args(&args).exec();
             bail!("starting {}: {err}", exe.display());
         }
-        Cmd::Bench { connections, seconds, rounds, small_only, bin_dir } => {
+        Cmd::Bench { connections, seconds, rounds, small_only, only, bin_dir } => {
             require_root("`cargo xtask bench`")?;
             toolchain::ensure_packages(
                 &mut apt,
@@ -292,8 +301,11 @@ fn main() -> Result<()> {
                     build_user(&obj, true)?
                 }
             };
-            let out =
-                bench::run(&bin, &workspace_root(), &bench::Options { connections, seconds, rounds, small_only })?;
+            let out = bench::run(
+                &bin,
+                &workspace_root(),
+                &bench::Options { connections, seconds, rounds, small_only, sections: only },
+            )?;
             step("bench", &format!("results in {}", out.display()));
         }
         Cmd::Test { no_lint, args } => {
