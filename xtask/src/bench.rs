@@ -139,6 +139,10 @@ enum App {
     /// nginx serving a directory itself (`root`, sendfile) vs the worker's
     /// `static` mode over the same directory.
     Static,
+    /// The axum example app (examples/apps/axum) on its own port with
+    /// `axum::serve` (hyper) vs the same app in a pool through
+    /// `worker::serve`.
+    Axum,
 }
 
 /// Largest connection count the app sections run at (of `--connections`).
@@ -147,11 +151,12 @@ const APP_MAX_CONNECTIONS: u32 = 256;
 const STATIC_LARGE: usize = 1 << 20;
 
 impl App {
-    const ALL: [App; 1] = [App::Static];
+    const ALL: [App; 2] = [App::Static, App::Axum];
 
     fn name(self) -> &'static str {
         match self {
             App::Static => "static",
+            App::Axum => "axum",
         }
     }
 
@@ -159,6 +164,7 @@ impl App {
     fn setups(self) -> &'static [&'static str] {
         match self {
             App::Static => &["nginx-1w", "nginx-auto", "fast"],
+            App::Axum => &["direct", "fast"],
         }
     }
 
@@ -166,6 +172,7 @@ impl App {
     fn describe(self) -> &'static str {
         match self {
             App::Static => "nginx serving the directory itself (`root`, `sendfile on`, `tcp_nopush on`, keep-alive, `access_log off`, no `open_file_cache`: its default) with 1 worker process (`nginx-1w`, as the pool has 1 worker) and with `worker_processes auto` (`nginx-auto`, one per core); fast = a dispatcher pool running `dispatcher-worker static DIR` over the same directory (its in-memory cache of files up to 1 MiB, one `fstatat` per request).",
+            App::Axum => "the axum example app (examples/apps/axum, one current-thread tokio runtime): direct = served by `axum::serve` (hyper) on its own port; fast = the same binary in a dispatcher pool, through `worker::serve` (kernel path, direct responses).",
         }
     }
 
@@ -174,6 +181,7 @@ impl App {
     fn paths(self) -> &'static [(&'static str, &'static str, bool)] {
         match self {
             App::Static => &[("demo page (index.html, 544 B)", "/", false), ("1 MiB file", "/1m.bin", true)],
+            App::Axum => &[("text, GET /", "/", false), ("JSON, GET /api/items", "/api/items", false)],
         }
     }
 
@@ -195,6 +203,25 @@ impl App {
                 );
                 procs.0.push(spawn_dispatcher(bin, dir, "static", &cfg, "warn")?);
                 wait_port(ports[2], "dispatcher (static)")?;
+                Ok(ports)
+            }
+            App::Axum => {
+                let ports: Vec<u16> = self.setups().iter().map(|_| free_port()).collect();
+                procs.0.push(
+                    Command::new(bin.join("axum-example"))
+                        .args(["--listen", &format!("127.0.0.1:{}", ports[0])])
+                        .env("RUST_LOG", "warn")
+                        .stdout(Stdio::null())
+                        .spawn()
+                        .context("starting axum-example --listen")?,
+                );
+                wait_port(ports[0], "axum (direct)")?;
+                let cfg = format!(
+                    "listen = \"127.0.0.1:{}\"\ninstance = \"bench-axum\"\n[[pool]]\nname = \"axum\"\nroutes = [\"*/\"]\ncommand = \"axum-example\"\n",
+                    ports[1]
+                );
+                procs.0.push(spawn_dispatcher(bin, dir, "axum", &cfg, "warn")?);
+                wait_port(ports[1], "dispatcher (axum)")?;
                 Ok(ports)
             }
         }

@@ -66,9 +66,10 @@ enum Cmd {
         small_only: bool,
         /// Sections to run: `echo` (the echo app behind every dispatch
         /// path) and app sections (`static`: nginx serving a directory vs
-        /// a `static` pool). The app sections run at the --connections
-        /// counts up to 256.
-        #[arg(long, value_delimiter = ',', default_value = "echo,static")]
+        /// a `static` pool; `axum`: the axum example on hyper vs in a
+        /// pool). The app sections run at the --connections counts up to
+        /// 256.
+        #[arg(long, value_delimiter = ',', default_value = "echo,static,axum")]
         only: Vec<String>,
         /// Measure the `dispatcher` and `dispatcher-worker` binaries in DIR
         /// (e.g. copies of an earlier commit's target/release) instead of
