@@ -247,10 +247,10 @@ impl Responder {
     pub async fn respond(&self, req: &Request, resp: Response) -> Result<(), Error> {
         let close = req.close || resp.close;
         let body = if req.method == "HEAD" { 0 } else { resp.body.len() };
-        let bytes = resp.serialize(req.method == "HEAD", close);
+        let bytes = resp.to_wire(req.method == "HEAD", close);
         self.out.count(resp.status, req.received.elapsed());
         self.out.log(req, resp.status, body);
-        if self.out.respond(req.conn, req.seq, bytes.into(), close, req.from_kernel) {
+        if self.out.respond(req.conn, req.seq, bytes, close, req.from_kernel) {
             Ok(())
         } else {
             Err(Error::Closed)

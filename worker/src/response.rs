@@ -37,10 +37,32 @@ impl Response {
         self
     }
 
+    /// The head's bytes and the body to send after it (not copied).
+    pub(crate) fn to_wire(&self, head_only: bool, close: bool) -> crate::answer::Wire {
+        let head = self.serialize_head(close);
+        let body = if head_only || self.bodiless() { Bytes::new() } else { self.body.clone() };
+        crate::answer::Wire::new(head.into(), body)
+    }
+
     /// The bytes on the wire. `head_only` for HEAD requests (the length is
     /// still the body's); `close` adds `Connection: close`.
     pub fn serialize(&self, head_only: bool, close: bool) -> Vec<u8> {
-        let mut out = Vec::with_capacity(128 + self.body.len());
+        let mut out = self.serialize_head(close);
+        if !head_only && !self.bodiless() {
+            out.extend_from_slice(&self.body);
+        }
+        out
+    }
+
+    /// RFC 9112 §6.3: these never have a body, and a Content-Length on a
+    /// 304 would claim the representation's length (RFC 9110 §8.6).
+    fn bodiless(&self) -> bool {
+        self.status < 200 || self.status == 204 || self.status == 304
+    }
+
+    /// The status line and header fields, with the blank line.
+    fn serialize_head(&self, close: bool) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128 + 32 * self.headers.len());
         out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status)).as_bytes());
         if !self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("date")) {
             crate::date::push_date_header(&mut out);
@@ -54,19 +76,13 @@ impl Response {
             out.extend_from_slice(v.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        // RFC 9112 §6.3: these never have a body, and a Content-Length on
-        // a 304 would claim the representation's length (RFC 9110 §8.6).
-        let bodiless = self.status < 200 || self.status == 204 || self.status == 304;
-        if !bodiless {
+        if !self.bodiless() {
             out.extend_from_slice(format!("Content-Length: {}\r\n", self.body.len()).as_bytes());
         }
         if close {
             out.extend_from_slice(b"Connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        if !head_only && !bodiless {
-            out.extend_from_slice(&self.body);
-        }
         out
     }
 }

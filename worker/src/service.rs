@@ -39,7 +39,11 @@ use tower_service::Service;
 
 use crate::encode::{self, Framing};
 use crate::request::MAX_HEADERS;
-use crate::{answer::Outbound, pull::reassembly::Raw, Body, Error, Worker};
+use crate::{
+    answer::{Outbound, Wire},
+    pull::reassembly::Raw,
+    Body, Error, Worker,
+};
 
 /// The error type a service may return (answered 500).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -241,7 +245,7 @@ where
         let mut b = BytesMut::new();
         encode::head(&mut b, status, &parts.headers, framing, close);
         out.log_raw(meta.conn, meta.received, &meta.raw_head, status.as_u16(), 0);
-        out.respond(meta.conn, meta.seq, b.freeze(), close, meta.from_kernel);
+        out.respond(meta.conn, meta.seq, b.freeze().into(), close, meta.from_kernel);
         return;
     }
     // What is ready at once: most answers are all here now.
@@ -288,15 +292,16 @@ where
         encode::head(&mut b, StatusCode::INTERNAL_SERVER_ERROR, &h, Framing::Length(msg.len() as u64), true);
         b.extend_from_slice(msg);
         out.log_raw(meta.conn, meta.received, &meta.raw_head, 500, msg.len());
-        out.respond(meta.conn, meta.seq, b.freeze(), true, meta.from_kernel);
+        out.respond(meta.conn, meta.seq, b.freeze().into(), true, meta.from_kernel);
         return;
     }
     if ended && (trailers.is_none() || meta.http10) {
-        let mut b = BytesMut::with_capacity(256 + collected.len());
+        let mut b = BytesMut::with_capacity(256);
         encode::head(&mut b, status, &parts.headers, Framing::Length(collected.len() as u64), close);
-        b.extend_from_slice(&collected);
         out.log_raw(meta.conn, meta.received, &meta.raw_head, status.as_u16(), collected.len());
-        out.respond(meta.conn, meta.seq, b.freeze(), close, meta.from_kernel);
+        // The body is not copied behind the head: one vectored send.
+        let wire = Wire::new(b.freeze(), collected.freeze());
+        out.respond(meta.conn, meta.seq, wire, close, meta.from_kernel);
         return;
     }
     // Streamed.

@@ -10,10 +10,9 @@ use std::{
     sync::Arc,
 };
 
-use bytes::Bytes;
-
 use super::relay::frame;
 use super::socket::Sock;
+use super::wire::Wire;
 use super::Outbound;
 use crate::progress::ProgressMap;
 use crate::proto::{LeaseMsg, WorkerFrame, NO_ENTRY};
@@ -45,9 +44,9 @@ pub(super) struct Lease {
     /// Responses accepted in order but not yet (fully) in the socket
     /// because its send buffer is full: (seq, bytes still to write, whole
     /// length).
-    pub(super) backlog: VecDeque<(u32, Bytes, usize)>,
+    pub(super) backlog: VecDeque<(u32, Wire, usize)>,
     /// Responses that finished before an earlier one: seq → (bytes, close).
-    pub(super) queued: BTreeMap<u32, (Bytes, bool)>,
+    pub(super) queued: BTreeMap<u32, (Wire, bool)>,
     /// A task waits for the socket to become writable.
     pub(super) flushing: bool,
     /// The client is gone: what is left is dropped.

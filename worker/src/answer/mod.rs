@@ -19,6 +19,9 @@ mod relay;
 mod reports;
 mod socket;
 mod stream;
+mod wire;
+
+pub(crate) use wire::Wire;
 
 use std::{
     collections::HashMap,
@@ -126,7 +129,7 @@ impl Outbound {
     /// Sends response `seq` on `conn`. `from_kernel`: the request came
     /// from the ring (the slow path's responses always go through the
     /// dispatcher, which revoked the lease when it took the connection).
-    pub(crate) fn respond(self: &Arc<Self>, conn: u64, seq: u32, bytes: Bytes, close: bool, from_kernel: bool) -> bool {
+    pub(crate) fn respond(self: &Arc<Self>, conn: u64, seq: u32, bytes: Wire, close: bool, from_kernel: bool) -> bool {
         let mut map = self.conns.lock().unwrap();
         if from_kernel && matches!(map.get(&conn), Some(LeaseState::Asked { .. })) {
             // The dispatcher sends a grant before the client can have sent

@@ -4,21 +4,31 @@
 
 use bytes::Bytes;
 
+use super::wire::Wire;
 use super::Outbound;
 use crate::proto::{WorkerFrame, FRAME_HEADER_LEN, MAX_FRAME};
 
 impl Outbound {
     /// Sends a response through the dispatcher, in frames of at most
     /// [`MAX_FRAME`] bytes. False when the control socket is gone.
-    pub(super) fn via_ctl(&self, conn: u64, seq: u32, bytes: &[u8], close: bool, ask: bool) -> bool {
-        let n = bytes.len().div_ceil(MAX_FRAME).max(1);
-        let chunks: Box<dyn Iterator<Item = &[u8]>> =
-            if bytes.is_empty() { Box::new(std::iter::once(&[][..])) } else { Box::new(bytes.chunks(MAX_FRAME)) };
-        for (i, chunk) in chunks.enumerate() {
-            let last = i + 1 == n;
-            let f =
-                WorkerFrame::Response { conn, seq, last, close: last && close, want_lease: last && ask, stream: false };
-            if self.ctl.send(frame(f, chunk)).is_err() {
+    pub(super) fn via_ctl(&self, conn: u64, seq: u32, bytes: &Wire, close: bool, ask: bool) -> bool {
+        let f = |last: bool| WorkerFrame::Response {
+            conn,
+            seq,
+            last,
+            close: last && close,
+            want_lease: last && ask,
+            stream: false,
+        };
+        if bytes.len() <= MAX_FRAME {
+            // The usual case: one frame, head and body copied once.
+            let [head, body] = bytes.parts();
+            return self.ctl.send(frame_of(f(true), &[head, body])).is_ok();
+        }
+        let whole = bytes.parts().concat();
+        let n = whole.len().div_ceil(MAX_FRAME);
+        for (i, chunk) in whole.chunks(MAX_FRAME).enumerate() {
+            if self.ctl.send(frame(f(i + 1 == n), chunk)).is_err() {
                 return false;
             }
         }
@@ -33,8 +43,16 @@ impl Outbound {
 
 /// Frame `f` with `data` following, as it goes into the control socket.
 pub(super) fn frame(f: WorkerFrame, data: &[u8]) -> Bytes {
-    let mut b = Vec::with_capacity(FRAME_HEADER_LEN + data.len());
-    b.extend_from_slice(&f.encode(data.len() as u32).to_bytes());
-    b.extend_from_slice(data);
+    frame_of(f, &[data])
+}
+
+/// Frame `f` with the concatenation of `parts` following.
+fn frame_of(f: WorkerFrame, parts: &[&[u8]]) -> Bytes {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut b = Vec::with_capacity(FRAME_HEADER_LEN + len);
+    b.extend_from_slice(&f.encode(len as u32).to_bytes());
+    for p in parts {
+        b.extend_from_slice(p);
+    }
     Bytes::from(b)
 }

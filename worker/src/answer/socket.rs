@@ -10,10 +10,10 @@ use std::{
     sync::{Arc, OnceLock},
 };
 
-use bytes::Bytes;
 use tokio::io::{unix::AsyncFd, Interest};
 
 use super::lease::Lease;
+use super::wire::Wire;
 use super::Outbound;
 
 /// The client's socket, as passed by the dispatcher.
@@ -40,20 +40,28 @@ impl Sock {
         Ok(self.waiter.get().expect("just set"))
     }
 
-    /// Writes as much of `b` as the socket takes now.
-    fn send(&self, b: &[u8]) -> io::Result<usize> {
+    /// Writes as much of `w` as the socket takes now (head and body in
+    /// one vectored send).
+    fn send(&self, w: &Wire) -> io::Result<usize> {
+        let total = w.len();
         let mut done = 0;
-        while done < b.len() {
-            // SAFETY: valid buffer; MSG_NOSIGNAL so a closed peer is EPIPE,
+        while done < total {
+            let mut rest = w.clone();
+            rest.advance(done);
+            let parts = rest.parts();
+            let mut iov: Vec<libc::iovec> = parts
+                .iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() })
+                .collect();
+            // SAFETY: a zeroed msghdr is valid; it points at `iov`, whose
+            // buffers outlive the call.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = iov.len() as _;
+            // SAFETY: valid msghdr; MSG_NOSIGNAL so a closed peer is EPIPE,
             // not a signal.
-            let n = unsafe {
-                libc::send(
-                    self.fd.as_raw_fd(),
-                    b[done..].as_ptr().cast(),
-                    b.len() - done,
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
+            let n = unsafe { libc::sendmsg(self.fd.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 match e.kind() {
@@ -91,7 +99,7 @@ impl Lease {
 
     /// Takes response `seq` (the next in order). True when a flusher has
     /// to be started.
-    pub(super) fn push(&mut self, seq: u32, bytes: Bytes) -> bool {
+    pub(super) fn push(&mut self, seq: u32, bytes: Wire) -> bool {
         if self.dead {
             return false;
         }
@@ -103,7 +111,11 @@ impl Lease {
                     self.written(seq, len);
                     return false;
                 }
-                Ok(n) => self.backlog.push_back((seq, bytes.slice(n..), len)),
+                Ok(n) => {
+                    let mut rest = bytes;
+                    rest.advance(n);
+                    self.backlog.push_back((seq, rest, len));
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.backlog.push_back((seq, bytes, len)),
                 Err(_) => {
                     self.dead = true;
@@ -133,7 +145,7 @@ impl Lease {
                     self.written(s, l);
                 }
                 Ok(n) => {
-                    *b = b.slice(n..);
+                    b.advance(n);
                     return false;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
