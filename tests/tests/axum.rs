@@ -202,8 +202,18 @@ fn a_large_upload_streams_to_the_handler_with_bounded_memory() {
     let dpeak = peak_kib(d.pid());
     assert!(dpeak < 256 << 10, "the dispatcher's peak memory is {dpeak} KiB after a {} MiB upload", UPLOAD >> 20);
 
-    // A chunked upload reaches the handler too.
+    // curl uploading a file (PUT with its Content-Length), as the README
+    // shows.
+    let file = tests::TempDir::new(&format!("axum-upload{}", std::process::id()));
+    let path = file.path.join("zeros");
+    std::fs::File::create(&path).unwrap().set_len(32 << 20).unwrap();
     let url = format!("http://127.0.0.1:{}/upload", d.port);
+    let out = curl(&["-T", &path.display().to_string(), &url]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["bytes"].as_u64(), Some(32 << 20), "{v}");
+    assert_eq!(v["fnv1a64"].as_str(), Some(checksum(&vec![0u8; 32 << 20]).to_string().as_str()), "{v}");
+
+    // A chunked upload reaches the handler too.
     let out = curl(&["-H", "Transfer-Encoding: chunked", "--data-binary", "hello, chunks", &url]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(

@@ -15,6 +15,12 @@ pub const MAX_HEAD: usize = 16 * 1024;
 pub const MAX_HEADERS: usize = dispatcher_ebpf::scan::MAX_HEADERS as usize;
 /// Longest request target; longer gets 414.
 pub const MAX_TARGET: usize = 8 * 1024;
+/// Largest chunked body, whatever `limits.max_body` says: a chunked body
+/// is collected here before it is forwarded (with a Content-Length), so
+/// this is what one connection can make the dispatcher hold. Bodies with a
+/// Content-Length stream to the worker instead and are bounded only by
+/// `limits.max_body`.
+pub const MAX_CHUNKED_BODY: u64 = 64 << 20;
 
 /// One thing the framer found in the byte stream.
 #[derive(Debug, PartialEq, Eq)]
@@ -268,7 +274,7 @@ impl SlowParser {
                     _ => return self.fail(out, 400, "invalid chunk size"),
                 };
                 self.buf.advance(eol + 2);
-                if c.body.len() as u64 + size > self.max_body {
+                if c.body.len() as u64 + size > self.max_body.min(MAX_CHUNKED_BODY) {
                     return self.fail(out, 413, "request body too large");
                 }
                 c.phase = if size == 0 { ChunkPhase::Trailers } else { ChunkPhase::Data(size) };
@@ -487,6 +493,19 @@ mod tests {
         assert!(text.ends_with("Content-Length: 11\r\n\r\n"), "{text}");
         assert!(matches!(&ev[1], Event::Body { data, last: true } if &data[..] == b"hello world"));
         assert!(p.is_idle());
+    }
+
+    #[test]
+    fn chunked_bodies_are_capped_even_under_a_larger_max_body() {
+        let mut p = SlowParser::new(4 << 30);
+        let ev = p.feed(b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(ev.is_empty());
+        let ev = p.feed(format!("{:x}\r\n", MAX_CHUNKED_BODY + 1).as_bytes());
+        assert!(matches!(ev[..], [Event::Error { status: 413, .. }]), "{ev:?}");
+        // A Content-Length body that large is fine: it streams.
+        let mut p = SlowParser::new(4 << 30);
+        let ev = p.feed(b"PUT /u HTTP/1.1\r\nHost: a\r\nContent-Length: 1073741824\r\n\r\n");
+        assert_eq!(heads(&ev)[0].content_length, 1 << 30);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! - `GET /stream?lines=N&delay_ms=D`: a response of unknown length,
 //!   produced line by line (chunked to HTTP/1.1 clients);
 //! - `GET /trailers`: a chunked response that ends with a trailer field;
-//! - `POST /upload`: reads the body as it arrives and answers its length
+//! - `POST` or `PUT /upload`: reads the body as it arrives and answers its length
 //!   and FNV-1a checksum (a 1 GiB upload never sits in memory);
 //! - `GET /`: what this is.
 //!
@@ -58,7 +58,7 @@ fn app() -> Router {
         .route("/form", post(form))
         .route("/stream", get(stream))
         .route("/trailers", get(trailers))
-        .route("/upload", post(upload))
+        .route("/upload", post(upload).put(upload))
         .with_state(App::default())
 }
 
