@@ -10,6 +10,16 @@ use tests::{checksum, Client, Dispatcher, PoolDef, Response, TempDir};
 
 /// Bigger than the worker's in-memory cache takes (1 MiB).
 const BIG: usize = 3 << 20;
+/// A file far larger than a worker may hold.
+const HUGE: u64 = 96 << 20;
+
+fn peak_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0)
+}
 const CACHE_CONTROL: &str = "public, max-age=60";
 
 fn get(c: &mut Client, path: &str, headers: &[(&str, &str)]) -> Response {
@@ -31,6 +41,7 @@ fn site(root: &Path) {
     std::fs::write(root.join("plain.txt"), "0123456789abcdefghij").unwrap();
     std::fs::write(root.join("big.bin"), (0..BIG).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>()).unwrap();
     symlink("/etc/hostname", root.join("escape.txt")).unwrap();
+    std::fs::File::create(root.join("huge.bin")).unwrap().set_len(HUGE).unwrap();
 }
 
 #[test]
@@ -111,6 +122,17 @@ fn a_static_pool_serves_validators_ranges_encodings_and_fresh_files() {
     assert_eq!((r.status, r.body.len(), checksum(&r.body)), (200, BIG, checksum(&want)));
     let r = get(&mut c, "/big.bin", &[("Range", "bytes=1048576-1048591")]);
     assert_eq!((r.status, &r.body[..]), (206, &want[1 << 20..(1 << 20) + 16]));
+    // A large file is read as it is sent: the worker does not hold it.
+    let worker = d.workers()[0];
+    let before = peak_kib(worker);
+    let r = get(&mut c, "/huge.bin", &[]);
+    assert_eq!((r.status, r.body.len()), (200, HUGE as usize));
+    assert!(r.body.iter().all(|&b| b == 0));
+    let peak = peak_kib(worker);
+    assert!(
+        peak < before + (24 << 10),
+        "the worker's peak memory grew from {before} to {peak} KiB for a {HUGE}-byte file"
+    );
 
     // HEAD: the headers of a GET, no body.
     let head = curl(&["-I", &format!("http://127.0.0.1:{}/plain.txt", d.port)]);

@@ -45,7 +45,7 @@ use std::{
 
 use bytes::Bytes;
 
-use crate::{Request, Response};
+use crate::{FileBody, Request, Response};
 
 /// Files up to this size are kept in memory.
 pub const DEFAULT_CACHE_MAX_FILE: u64 = 1 << 20;
@@ -260,21 +260,25 @@ impl StaticFiles {
             head.status = 304;
             return Ok(head);
         }
-        let body = match &rep.body {
-            Some(b) => b.clone(),
-            None => self.read_again(rep)?,
-        };
-        Ok(match range(req, body.len() as u64, &rep.etag, modified) {
-            Ranged::Whole => head.body(body),
-            Ranged::Part(a, b) => {
-                head.status = 206;
-                head.header("Content-Range", format!("bytes {a}-{b}/{}", body.len()))
-                    .body(body.slice(a as usize..b as usize + 1))
-            }
+        let len = rep.stamp.len;
+        let ranged = range(req, len, &rep.etag, modified);
+        let (a, n) = match ranged {
+            Ranged::Whole => (0, len),
+            Ranged::Part(a, b) => (a, b - a + 1),
             Ranged::Unsatisfiable => {
-                let len = body.len();
-                Response::text(416, "range not satisfiable\n").header("Content-Range", format!("bytes */{len}"))
+                return Ok(
+                    Response::text(416, "range not satisfiable\n").header("Content-Range", format!("bytes */{len}"))
+                );
             }
+        };
+        if let Ranged::Part(a, b) = ranged {
+            head.status = 206;
+            head = head.header("Content-Range", format!("bytes {a}-{b}/{len}"));
+        }
+        Ok(match &rep.body {
+            Some(body) => head.body(body.slice(a as usize..(a + n) as usize)),
+            // Too large (or too fresh) to keep: read as it is sent.
+            None => head.file(FileBody::new(self.open_again(rep)?, a, n)),
         })
     }
 
@@ -366,14 +370,14 @@ impl StaticFiles {
         }
     }
 
-    /// The bytes of a file too large (or too fresh) to keep, as long as it
-    /// is still the version `rep` describes.
-    fn read_again(&self, rep: &Rep) -> Result<Bytes, Fail> {
+    /// A file too large (or too fresh) to keep, opened again, as long as
+    /// it is still the version `rep` describes.
+    fn open_again(&self, rep: &Rep) -> Result<File, Fail> {
         let fd = open_beneath(&self.root, &rep.rel)?;
         if Stamp::of(&fstat(&fd)?) != rep.stamp {
             return Err(Fail::Changed);
         }
-        read_all(fd, rep.stamp.len)
+        Ok(File::from(fd))
     }
 
     fn insert(&self, key: &Path, entry: Arc<Entry>) {
@@ -776,8 +780,15 @@ mod tests {
         }
     }
 
-    fn body(r: &Response) -> &[u8] {
-        &r.body[..]
+    fn body(r: &Response) -> Vec<u8> {
+        match &r.file {
+            Some(f) => {
+                let mut b = vec![0; f.len as usize];
+                assert_eq!(f.read(0, &mut b).unwrap(), b.len());
+                b
+            }
+            None => r.body.to_vec(),
+        }
     }
 
     #[test]
@@ -786,7 +797,7 @@ mod tests {
         let p = site.old_file("a.txt", b"first");
         let files = StaticFiles::new(&site.0, None).unwrap();
         let r = files.serve(&get("/a.txt", &[]));
-        assert_eq!((r.status, body(&r)), (200, &b"first"[..]));
+        assert_eq!((r.status, &body(&r)[..]), (200, &b"first"[..]));
         assert!(site.kept(&files, "a.txt"), "an old small file is kept in memory");
         assert_eq!(body(&files.serve(&get("/a.txt", &[]))), b"first", "from memory");
 
@@ -834,7 +845,7 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
         let files = StaticFiles::new(&site.0, None).unwrap();
         let r = files.serve(&get("/", &[]));
-        assert_eq!((r.status, body(&r)), (200, &b"<p>root</p>"[..]));
+        assert_eq!((r.status, &body(&r)[..]), (200, &b"<p>root</p>"[..]));
         assert_eq!(r.headers.iter().find(|(n, _)| n == "Content-Type").unwrap().1, "text/html; charset=utf-8");
         assert_eq!(body(&files.serve(&get("/sub/", &[]))), b"<p>sub</p>");
         assert_eq!(body(&files.serve(&get("/./sub//index.html", &[]))), b"<p>sub</p>");
@@ -890,7 +901,7 @@ mod tests {
         files.sibling_recheck = Duration::from_millis(200);
         let gzip = [("Accept-Encoding", "gzip")];
         let r = files.serve(&get("/p.html", &gzip));
-        assert_eq!((body(&r), r.headers.iter().any(|(n, _)| n == "Vary")), (&b"<p>page</p>"[..], false));
+        assert_eq!((&body(&r)[..], r.headers.iter().any(|(n, _)| n == "Vary")), (&b"<p>page</p>"[..], false));
 
         // A new sibling: found once the recheck time has passed.
         std::fs::write(site.0.join("p.html.gz"), b"gz-1").unwrap();
@@ -921,10 +932,12 @@ mod tests {
         let big: Vec<u8> = (0..DEFAULT_CACHE_MAX_FILE as usize + 1).map(|i| (i % 251) as u8).collect();
         let p = site.old_file("big.bin", &big);
         let files = StaticFiles::new(&site.0, None).unwrap();
-        assert_eq!(body(&files.serve(&get("/big.bin", &[]))), &big[..]);
+        let r = files.serve(&get("/big.bin", &[]));
+        assert!(r.file.is_some(), "read as it is sent, not into memory");
+        assert_eq!(body(&r), &big[..]);
         assert!(!site.kept(&files, "big.bin"));
         let r = files.serve(&get("/big.bin", &[("Range", "bytes=1048576-")]));
-        assert_eq!((r.status, body(&r)), (206, &big[1 << 20..]));
+        assert_eq!((r.status, &body(&r)[..]), (206, &big[1 << 20..]));
         let mut changed = big.clone();
         changed[7] ^= 1;
         std::fs::write(&p, &changed).unwrap();

@@ -47,7 +47,7 @@ use answer::Outbound;
 pub use body::{Body, BodyError};
 use pull::Puller;
 pub use request::Request;
-pub use response::Response;
+pub use response::{FileBody, Response};
 pub use service::{serve, serve_worker, BoxError, RequestId};
 
 /// What can go wrong for a worker.
@@ -246,10 +246,19 @@ impl Responder {
     /// dispatcher otherwise.
     pub async fn respond(&self, req: &Request, resp: Response) -> Result<(), Error> {
         let close = req.close || resp.close;
-        let body = if req.method == "HEAD" { 0 } else { resp.body.len() };
-        let bytes = resp.to_wire(req.method == "HEAD", close);
+        let head_only = req.method == "HEAD";
+        let body = if head_only { 0 } else { resp.body_len() as usize };
         self.out.count(resp.status, req.received.elapsed());
         self.out.log(req, resp.status, body);
+        if let Some(f) = resp.file.as_ref().filter(|_| !head_only && !resp.bodiless()) {
+            // Read as it goes, through the dispatcher with flow control.
+            let head = resp.serialize_head(close);
+            return match self.out.send_file(req.conn, req.seq, head, f, close).await {
+                true => Ok(()),
+                false => Err(Error::Closed),
+            };
+        }
+        let bytes = resp.to_wire(head_only, close);
         if self.out.respond(req.conn, req.seq, bytes, close, req.from_kernel) {
             Ok(())
         } else {

@@ -1,5 +1,7 @@
 //! A response, and its HTTP/1.1 serialisation.
 
+use std::{fs::File, os::unix::fs::FileExt, sync::Arc};
+
 use bytes::Bytes;
 
 /// An HTTP response a handler returns.
@@ -8,13 +10,57 @@ pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+    /// A body read from a file as it is sent, instead of `body` (for files
+    /// too large to hold in memory).
+    pub file: Option<FileBody>,
     /// Close the connection after this response.
     pub close: bool,
 }
 
+/// `len` bytes of a file from `offset` on, read as they go out: a response
+/// from a large file holds one part in memory (64 KiB), not the file.
+#[derive(Debug, Clone)]
+pub struct FileBody {
+    pub(crate) file: Arc<File>,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+}
+
+impl FileBody {
+    pub fn new(file: File, offset: u64, len: u64) -> FileBody {
+        FileBody { file: Arc::new(file), offset, len }
+    }
+
+    /// Reads into `buf` from `at` (relative to the body's start); fewer
+    /// bytes than asked only at the file's end (it shrank).
+    pub(crate) fn read(&self, at: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], self.offset + at + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+}
+
 impl Response {
     pub fn new(status: u16) -> Self {
-        Response { status, headers: Vec::new(), body: Bytes::new(), close: false }
+        Response { status, headers: Vec::new(), body: Bytes::new(), file: None, close: false }
+    }
+
+    /// The body is read from `f` as it is sent.
+    pub fn file(mut self, f: FileBody) -> Self {
+        self.file = Some(f);
+        self
+    }
+
+    /// The body's length.
+    pub(crate) fn body_len(&self) -> u64 {
+        self.file.as_ref().map_or(self.body.len() as u64, |f| f.len)
     }
 
     /// A `text/plain` response.
@@ -49,19 +95,27 @@ impl Response {
     pub fn serialize(&self, head_only: bool, close: bool) -> Vec<u8> {
         let mut out = self.serialize_head(close);
         if !head_only && !self.bodiless() {
-            out.extend_from_slice(&self.body);
+            match &self.file {
+                Some(f) => {
+                    let at = out.len();
+                    out.resize(at + f.len as usize, 0);
+                    let n = f.read(0, &mut out[at..]).unwrap_or(0);
+                    out.truncate(at + n);
+                }
+                None => out.extend_from_slice(&self.body),
+            }
         }
         out
     }
 
     /// RFC 9112 §6.3: these never have a body, and a Content-Length on a
     /// 304 would claim the representation's length (RFC 9110 §8.6).
-    fn bodiless(&self) -> bool {
+    pub(crate) fn bodiless(&self) -> bool {
         self.status < 200 || self.status == 204 || self.status == 304
     }
 
     /// The status line and header fields, with the blank line.
-    fn serialize_head(&self, close: bool) -> Vec<u8> {
+    pub(crate) fn serialize_head(&self, close: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(128 + 32 * self.headers.len());
         out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status)).as_bytes());
         if !self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("date")) {
@@ -77,7 +131,7 @@ impl Response {
             out.extend_from_slice(b"\r\n");
         }
         if !self.bodiless() {
-            out.extend_from_slice(format!("Content-Length: {}\r\n", self.body.len()).as_bytes());
+            out.extend_from_slice(format!("Content-Length: {}\r\n", self.body_len()).as_bytes());
         }
         if close {
             out.extend_from_slice(b"Connection: close\r\n");

@@ -988,9 +988,15 @@ fn write_results(
     for (ai, app) in apps.apps.iter().enumerate() {
         write_app(&mut md, &mut json, *app, apps, ai)?;
     }
-    fs::write(out.join("results.md"), &md)?;
+    // A run of some sections only (`--only`) writes beside the full run's
+    // results instead of over them.
+    let stem = match cases.is_empty() || apps.apps.len() < App::ALL.len() {
+        false => "results".to_string(),
+        true => format!("results-{}", o.sections.join("-")),
+    };
+    fs::write(out.join(format!("{stem}.md")), &md)?;
     fs::write(
-        out.join("results.json"),
+        out.join(format!("{stem}.json")),
         format!(
             "{{\"cores\":{cores},\"kernel\":\"{kernel}\",\"rounds\":{},\"seconds\":{},\"results\":[{}]}}\n",
             o.rounds,

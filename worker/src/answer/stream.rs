@@ -91,6 +91,51 @@ impl Outbound {
     }
 }
 
+/// Bytes of a file read per part of its response.
+const FILE_PART: u64 = 64 << 10;
+
+impl Outbound {
+    /// Sends response `seq` on `conn`: `head`, then `f` read part by part
+    /// as the window allows. A file that shrank or failed to read ends the
+    /// connection short (the client sees the body cut). False when the
+    /// client or the dispatcher is gone.
+    pub(crate) async fn send_file(
+        self: &Arc<Self>,
+        conn: u64,
+        seq: u32,
+        head: Vec<u8>,
+        f: &crate::response::FileBody,
+        close: bool,
+    ) -> bool {
+        let mut tx = self.stream(conn, seq);
+        let mut part = head;
+        let mut at = 0;
+        loop {
+            let want = (f.len - at).min(FILE_PART) as usize;
+            let start = part.len();
+            part.resize(start + want, 0);
+            let n = f.read(at, &mut part[start..]).unwrap_or_else(|e| {
+                tracing::warn!(conn, seq, "reading the file being sent: {e}");
+                0
+            });
+            part.truncate(start + n);
+            at += n as u64;
+            let short = n < want;
+            let last = at >= f.len || short;
+            if short {
+                tracing::warn!(conn, seq, "the file being sent ended early; closing");
+            }
+            if !tx.send(&part, last, close || short).await {
+                return false;
+            }
+            if last {
+                return true;
+            }
+            part.clear();
+        }
+    }
+}
+
 impl StreamTx {
     /// Sends the next part (`last` ends the response; `close` then closes
     /// the connection), once the window has room. False when the client
