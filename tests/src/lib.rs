@@ -518,6 +518,15 @@ impl Client {
     }
 }
 
+/// Peak resident memory (VmHWM) of process `pid`, in KiB (0 if gone).
+pub fn peak_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0)
+}
+
 /// FNV-1a 64 of some bytes (the tests' checksum).
 pub fn checksum(b: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;

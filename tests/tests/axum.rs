@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use tests::{checksum, Client, Dispatcher, PoolDef};
+use tests::{checksum, peak_kib, Client, Dispatcher, PoolDef};
 
 /// Bytes of the large upload: far more than the worker may hold.
 const UPLOAD: u64 = 256 << 20;
@@ -60,14 +60,6 @@ fn dechunk(mut b: &[u8]) -> (Vec<u8>, Vec<String>) {
         assert_eq!(&b[size..size + 2], b"\r\n");
         b = &b[size + 2..];
     }
-}
-
-fn peak_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap_or(0)
 }
 
 #[test]

@@ -6,20 +6,13 @@
 
 use std::{os::unix::fs::symlink, path::Path, process::Command};
 
-use tests::{checksum, Client, Dispatcher, PoolDef, Response, TempDir};
+use tests::{checksum, peak_kib, Client, Dispatcher, PoolDef, Response, TempDir};
 
 /// Bigger than the worker's in-memory cache takes (1 MiB).
 const BIG: usize = 3 << 20;
 /// A file far larger than a worker may hold.
 const HUGE: u64 = 96 << 20;
 
-fn peak_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap_or(0)
-}
 const CACHE_CONTROL: &str = "public, max-age=60";
 
 fn get(c: &mut Client, path: &str, headers: &[(&str, &str)]) -> Response {
