@@ -258,7 +258,7 @@ impl Responder {
                 false => Err(Error::Closed),
             };
         }
-        let bytes = resp.to_wire(head_only, close);
+        let bytes = answer::Wire::of_response(&resp, head_only, close);
         if self.out.respond(req.conn, req.seq, bytes, close, req.from_kernel) {
             Ok(())
         } else {

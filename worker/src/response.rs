@@ -83,13 +83,6 @@ impl Response {
         self
     }
 
-    /// The head's bytes and the body to send after it (not copied).
-    pub(crate) fn to_wire(&self, head_only: bool, close: bool) -> crate::answer::Wire {
-        let head = self.serialize_head(close);
-        let body = if head_only || self.bodiless() { Bytes::new() } else { self.body.clone() };
-        crate::answer::Wire::new(head.into(), body)
-    }
-
     /// The bytes on the wire. `head_only` for HEAD requests (the length is
     /// still the body's); `close` adds `Connection: close`.
     pub fn serialize(&self, head_only: bool, close: bool) -> Vec<u8> {

@@ -35,6 +35,17 @@ impl Wire {
     }
 }
 
+impl Wire {
+    /// `r`'s head and its body to send after it (not copied; none for
+    /// `head_only`, a HEAD request). A file body is sent by
+    /// `Outbound::send_file`, not here.
+    pub(crate) fn of_response(r: &crate::Response, head_only: bool, close: bool) -> Wire {
+        let head = r.serialize_head(close);
+        let body = if head_only || r.bodiless() { Bytes::new() } else { r.body.clone() };
+        Wire::new(head.into(), body)
+    }
+}
+
 impl From<Bytes> for Wire {
     fn from(b: Bytes) -> Wire {
         Wire { head: b, body: Bytes::new() }
