@@ -108,6 +108,23 @@ fn a_keep_alive_connection_is_leased_to_its_worker_and_given_up_at_close() {
 }
 
 #[test]
+fn a_large_first_response_is_relayed_in_parts_and_still_earns_the_lease() {
+    let Some(d) = two_pools("") else { return };
+    // 3 MB through the dispatcher (paced parts, the last asking for the
+    // lease), pipelined with a small one behind it.
+    let mut c = d.connect();
+    c.send(b"GET /a/bytes/3000000 HTTP/1.1\r\nHost: x\r\n\r\nGET /a/small HTTP/1.1\r\nHost: x\r\n\r\n");
+    let big = c.read_response();
+    assert_eq!((big.status, big.body.len()), (200, 3_000_000), "{:?}", big.headers);
+    assert!(big.body.iter().all(|&b| b == b'x'));
+    assert_eq!(c.read_response().header("x-echo-path"), Some("/a/small"));
+    let (pid, inode) = leased(&d, &mut c);
+    let big = c.get("x", "/a/bytes/3000000");
+    assert_eq!((big.status, big.body.len(), big.worker_pid()), (200, 3_000_000, pid));
+    assert!(holds(pid, inode));
+}
+
+#[test]
 fn with_direct_responses_off_the_worker_never_holds_the_socket() {
     let Some(d) = two_pools("[fast_path]\ndirect_responses = false\n") else { return };
     let mut c = d.connect();

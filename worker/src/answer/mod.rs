@@ -148,20 +148,20 @@ impl Outbound {
                 if seq >= l.next {
                     self.release(&mut map, conn);
                 }
-                self.via_ctl(conn, seq, &bytes, close, false)
+                self.relay(conn, seq, bytes, close, false)
             }
             Some(LeaseState::Asked { at, sent_after, .. }) => {
                 if seq > *at {
                     *sent_after = true;
                 }
-                self.via_ctl(conn, seq, &bytes, close, false)
+                self.relay(conn, seq, bytes, close, false)
             }
             None => {
                 let ask = self.leases && from_kernel && !close;
                 if ask {
                     map.insert(conn, LeaseState::Asked { at: seq, sent_after: false });
                 }
-                self.via_ctl(conn, seq, &bytes, close, ask)
+                self.relay(conn, seq, bytes, close, ask)
             }
         }
     }

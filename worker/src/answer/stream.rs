@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 
 use super::lease::LeaseState;
 use super::relay::frame;
+use super::wire::Wire;
 use super::Outbound;
 use crate::proto::{WorkerFrame, MAX_FRAME};
 
@@ -65,6 +66,12 @@ impl Outbound {
             _ => {}
         }
         drop(map);
+        self.open_window(conn, seq)
+    }
+
+    /// The flow-control window of response `seq` on `conn` (the lease
+    /// state is the caller's business; `conns` may be held).
+    fn open_window(self: &Arc<Self>, conn: u64, seq: u32) -> StreamTx {
         let win = Arc::new(Window::default());
         self.streams.lock().unwrap().insert((conn, seq), win.clone());
         StreamTx { out: self.clone(), conn, seq, win }
@@ -136,11 +143,52 @@ impl Outbound {
     }
 }
 
+/// A whole response larger than this that goes through the dispatcher is
+/// sent in window-paced parts rather than as one frame: 256 new
+/// connections each fetching a 1 MiB file put 256 MiB of first responses
+/// (the ones that ask for the lease) into control-socket frames at once.
+const RELAY_WHOLE_MAX: usize = 256 << 10;
+
+impl Outbound {
+    /// Sends a whole response through the dispatcher: as one frame when it
+    /// is small, otherwise in parts paced by the stream window (a task;
+    /// `ask`, on the last part, asks for the lease as a whole response
+    /// would).
+    pub(super) fn relay(self: &Arc<Self>, conn: u64, seq: u32, bytes: Wire, close: bool, ask: bool) -> bool {
+        if bytes.len() <= RELAY_WHOLE_MAX {
+            return self.via_ctl(conn, seq, &bytes, close, ask);
+        }
+        // Called with `conns` held: the lease state is settled already.
+        let mut tx = self.open_window(conn, seq);
+        tokio::spawn(async move {
+            let mut rest = bytes;
+            while rest.len() > 0 {
+                let [head, body] = rest.parts();
+                let n = (head.len() + body.len()).min(FILE_PART as usize);
+                let mut part = Vec::with_capacity(n);
+                part.extend_from_slice(&head[..head.len().min(n)]);
+                part.extend_from_slice(&body[..n - part.len()]);
+                rest.advance(n);
+                let last = rest.len() == 0;
+                if !tx.send_asking(&part, last, close, last && ask).await {
+                    return;
+                }
+            }
+        });
+        true
+    }
+}
+
 impl StreamTx {
     /// Sends the next part (`last` ends the response; `close` then closes
     /// the connection), once the window has room. False when the client
     /// or the dispatcher is gone: stop producing the body.
     pub(crate) async fn send(&mut self, bytes: &[u8], last: bool, close: bool) -> bool {
+        self.send_asking(bytes, last, close, false).await
+    }
+
+    /// [`StreamTx::send`], asking for the lease with the last part.
+    async fn send_asking(&mut self, bytes: &[u8], last: bool, close: bool, want_lease: bool) -> bool {
         loop {
             {
                 let mut st = self.win.state.lock().unwrap();
@@ -162,7 +210,7 @@ impl StreamTx {
                 seq: self.seq,
                 last: end,
                 close: end && close,
-                want_lease: false,
+                want_lease: end && want_lease,
                 stream: true,
             };
             if self.out.ctl.send(frame(f, chunk)).is_err() {
