@@ -35,6 +35,12 @@ pub const MAX_ROUTE_ENTRIES: u32 = 1 << 18;
 /// Bytes of route-key data: a 64-bit host hash, then the path bytes.
 pub const ROUTE_KEY_LEN: usize = 8 + PATH_KEY_MAX;
 
+/// [`RecordHeader::content_length`] of a head whose body the client sent
+/// chunked (control socket only: the kernel hands chunked bodies to the
+/// slow path): the body records follow de-chunked, and the one with
+/// `REC_LAST` ends it.
+pub const LENGTH_UNKNOWN: u64 = u64::MAX;
+
 /// Kind of a [`RecordHeader`]: the record carries the request head.
 pub const RECORD_HEAD: u8 = 1;
 /// Kind of a [`RecordHeader`]: the record carries body bytes.
@@ -105,7 +111,8 @@ pub struct RecordHeader {
     pub seq: u32,
     /// Data bytes that follow the header.
     pub len: u32,
-    /// On a head record: the body length the request announced.
+    /// On a head record: the body length the request announced, or
+    /// [`LENGTH_UNKNOWN`] for a body the client sent chunked.
     pub content_length: u64,
     /// A `RECORD_*` kind (typed: `wire::RecordKind`).
     pub kind: u8,

@@ -16,6 +16,8 @@ use tests::{checksum, peak_kib, Client, Dispatcher, PoolDef};
 
 /// Bytes of the large upload: far more than the worker may hold.
 const UPLOAD: u64 = 256 << 20;
+/// Bytes of the chunked upload.
+const CHUNKED_UPLOAD: u64 = 96 << 20;
 /// How much the worker's peak resident memory may grow while it takes the
 /// upload or streams to a slow reader (both move tens of MiB; the windows
 /// are 1 MiB and 256 KiB).
@@ -205,7 +207,37 @@ fn a_large_upload_streams_to_the_handler_with_bounded_memory() {
     assert_eq!(v["bytes"].as_u64(), Some(32 << 20), "{v}");
     assert_eq!(v["fnv1a64"].as_str(), Some(checksum(&vec![0u8; 32 << 20]).to_string().as_str()), "{v}");
 
-    // A chunked upload reaches the handler too.
+    // A chunked upload streams too (`curl -T -` sends one): neither the
+    // dispatcher nor the worker holds it.
+    let dispatcher_before = peak_kib(d.pid());
+    let mut s = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let block = vec![7u8; 1 << 20];
+        for _ in 0..CHUNKED_UPLOAD >> 20 {
+            w.write_all(format!("{:x}\r\n", block.len()).as_bytes()).unwrap();
+            w.write_all(&block).unwrap();
+            w.write_all(b"\r\n").unwrap();
+        }
+        w.write_all(b"0\r\n\r\n").unwrap();
+    });
+    let (head, body) = read_until_close(&mut s);
+    writer.join().unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["bytes"].as_u64(), Some(CHUNKED_UPLOAD), "{v}");
+    assert_eq!(v["fnv1a64"].as_str(), Some(checksum(&vec![7u8; CHUNKED_UPLOAD as usize]).to_string().as_str()));
+    let (wpeak, dpeak) = (peak_kib(workers[0]), peak_kib(d.pid()));
+    assert!(wpeak < before + WORKER_PEAK_KIB, "worker peak {before} → {wpeak} KiB over a chunked upload");
+    assert!(
+        dpeak < dispatcher_before + (24 << 10),
+        "dispatcher peak {dispatcher_before} → {dpeak} KiB over a chunked upload"
+    );
+
+    // A small chunked upload, with curl.
     let out = curl(&["-H", "Transfer-Encoding: chunked", "--data-binary", "hello, chunks", &url]);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
@@ -241,4 +273,28 @@ fn a_slow_reader_of_a_stream_holds_the_worker_to_its_window() {
     got += rest.len();
     assert!(rest.ends_with(b"line 2999999\n\r\n0\r\n\r\n"), "the whole stream arrives once the client reads");
     assert!(got > 30_000_000, "{got} bytes");
+}
+
+#[test]
+fn a_chunked_upload_past_max_body_gets_413_mid_stream() {
+    let Some(d) = Dispatcher::start_if_privileged(
+        &[PoolDef { name: "app", routes: &["*/"], args: &[], extra: "", command: Some("axum-example") }],
+        "[limits]\nmax_body = 100000\n",
+    ) else {
+        return;
+    };
+    let mut s = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // The head and the first 60,000 bytes go to the app before the body
+    // is known to be too large.
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+    let chunk = format!("{:x}\r\n{}\r\n", 60_000, "y".repeat(60_000));
+    s.write_all(chunk.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = s.write_all(chunk.as_bytes());
+    let (head, _) = read_until_close(&mut s);
+    assert!(head.starts_with("HTTP/1.1 413 "), "{head}");
+    // The app and the dispatcher go on.
+    let mut c = d.connect();
+    assert_eq!(c.get("x", "/api/items").status, 200);
 }

@@ -59,7 +59,8 @@ enum Kind {
 
 struct Stream {
     rx: mpsc::UnboundedReceiver<Piece>,
-    /// Bytes still to come, as the head announced.
+    /// Bytes still to come, as the head announced (`LENGTH_UNKNOWN`:
+    /// chunked).
     left: u64,
     done: bool,
     ack: Ack,
@@ -127,7 +128,9 @@ impl http_body::Body for Body {
                 match s.rx.poll_recv(cx) {
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(Some(Piece::Data(b, slow))) => {
-                        s.left = s.left.saturating_sub(b.len() as u64);
+                        if s.left != dispatcher_ebpf::abi::LENGTH_UNKNOWN {
+                            s.left = s.left.saturating_sub(b.len() as u64);
+                        }
                         if slow {
                             s.ack.read(b.len() as u64);
                         }
@@ -160,7 +163,10 @@ impl http_body::Body for Body {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Stream(s) => SizeHint::with_exact(if s.done { 0 } else { s.left }),
+            Kind::Stream(s) if s.done => SizeHint::with_exact(0),
+            // Sent chunked: no length known until the end.
+            Kind::Stream(s) if s.left == dispatcher_ebpf::abi::LENGTH_UNKNOWN => SizeHint::default(),
+            Kind::Stream(s) => SizeHint::with_exact(s.left),
         }
     }
 }

@@ -6,7 +6,9 @@
 
 use std::sync::{atomic::Ordering, Arc};
 
-use dispatcher_ebpf::abi::{reason, RecordHeader, MODE_SLOW, RECORD_BODY, RECORD_HEAD, REC_CLOSE, REC_LAST, REC_SLOW};
+use dispatcher_ebpf::abi::{
+    reason, RecordHeader, LENGTH_UNKNOWN, MODE_SLOW, RECORD_BODY, RECORD_HEAD, REC_CLOSE, REC_LAST, REC_SLOW,
+};
 use dispatcher_ebpf::wire::MAX_FRAME;
 
 use super::{Conn, Flow};
@@ -197,7 +199,10 @@ impl Conn {
                         .answer(seq, 503, "the pool is being reconfigured", h.close, true, h.method == "HEAD")
                         .await;
                 };
-                let size = h.bytes.len() as u64 + h.content_length;
+                // A chunked body's length is not known: its head is what
+                // the queue accounts for (the upload window bounds the rest).
+                let announced = if h.content_length == LENGTH_UNKNOWN { 0 } else { h.content_length };
+                let size = h.bytes.len() as u64 + announced;
                 if let Some(why) = link.stopped() {
                     let why = format!("pool `{}` is stopped: {why}", link.name);
                     return self.answer(seq, 503, &why, h.close, true, h.method == "HEAD").await;
@@ -248,10 +253,21 @@ impl Conn {
                 Flow::Continue
             }
             Event::Error { status, why } => {
-                let seq = {
-                    let s = self.slow.as_mut().unwrap();
-                    s.seq += 1;
-                    s.seq - 1
+                let s = self.slow.as_mut().unwrap();
+                let seq = match std::mem::replace(&mut s.body_to, BodyTo::Discard) {
+                    // Mid-body (a chunked body grew past `max_body`, or its
+                    // framing broke): the worker has this request's head;
+                    // it drops the request, and the answer is ours. Whichever
+                    // of the two answers comes first is written; the
+                    // connection closes after it.
+                    BodyTo::Pool { link, seq, .. } => {
+                        link.abort(self.cookie);
+                        seq
+                    }
+                    BodyTo::Discard => {
+                        s.seq += 1;
+                        s.seq - 1
+                    }
                 };
                 tracing::debug!(conn = self.cookie, status, why, "rejecting request");
                 self.answer(seq, status, why, true, false, false).await

@@ -3,11 +3,12 @@
 //!
 //! It applies the same rules as the kernel scanner where both can decide,
 //! and also handles what the kernel leaves to it: long heads, chunked
-//! bodies (de-chunked, forwarded with a Content-Length), large bodies
-//! (streamed), encoded or unnormalised paths (routed on their normalised
+//! bodies (de-chunked and streamed, the head announcing
+//! `LENGTH_UNKNOWN`), large bodies (streamed), encoded or unnormalised paths (routed on their normalised
 //! form), and malformed input (a precise 4xx, then the connection closes).
 
 use bytes::{Buf, Bytes, BytesMut};
+use dispatcher_ebpf::abi::LENGTH_UNKNOWN;
 
 /// Longest head the slow path accepts; longer gets 431.
 pub const MAX_HEAD: usize = 16 * 1024;
@@ -15,18 +16,12 @@ pub const MAX_HEAD: usize = 16 * 1024;
 pub const MAX_HEADERS: usize = dispatcher_ebpf::scan::MAX_HEADERS as usize;
 /// Longest request target; longer gets 414.
 pub const MAX_TARGET: usize = 8 * 1024;
-/// Largest chunked body, whatever `limits.max_body` says: a chunked body
-/// is collected here before it is forwarded (with a Content-Length), so
-/// this is what one connection can make the dispatcher hold. Bodies with a
-/// Content-Length stream to the worker instead and are bounded only by
-/// `limits.max_body`.
-pub const MAX_CHUNKED_BODY: u64 = 64 << 20;
 
 /// One thing the framer found in the byte stream.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
-    /// A request head. Body bytes (if `content_length > 0`) follow as
-    /// `Body` events.
+    /// A request head. Body bytes (if `content_length > 0`, or it is
+    /// `LENGTH_UNKNOWN`: chunked) follow as `Body` events.
     Head(Head),
     /// Body bytes of the last head; `last` ends the request.
     Body { data: Bytes, last: bool },
@@ -59,8 +54,8 @@ enum State {
 }
 
 struct Chunked {
-    head: Head,
-    body: BytesMut,
+    /// Body bytes so far (against `max_body`).
+    total: u64,
     phase: ChunkPhase,
 }
 
@@ -237,8 +232,12 @@ impl SlowParser {
                 if cl.is_some() {
                     return self.fail(out, 400, "both Transfer-Encoding and Content-Length");
                 }
+                // Streamed as it is de-chunked: the worker's body ends with
+                // the last record, not at a length.
                 head.bytes = rewrite_dechunked(&head.bytes);
-                self.state = State::Chunked(Box::new(Chunked { head, body: BytesMut::new(), phase: ChunkPhase::Size }));
+                head.content_length = LENGTH_UNKNOWN;
+                out.push(Event::Head(head));
+                self.state = State::Chunked(Box::new(Chunked { total: 0, phase: ChunkPhase::Size }));
                 true
             }
             None => {
@@ -274,7 +273,7 @@ impl SlowParser {
                     _ => return self.fail(out, 400, "invalid chunk size"),
                 };
                 self.buf.advance(eol + 2);
-                if c.body.len() as u64 + size > self.max_body.min(MAX_CHUNKED_BODY) {
+                if c.total + size > self.max_body {
                     return self.fail(out, 413, "request body too large");
                 }
                 c.phase = if size == 0 { ChunkPhase::Trailers } else { ChunkPhase::Data(size) };
@@ -285,8 +284,8 @@ impl SlowParser {
                     return false;
                 }
                 let n = left.min(self.buf.len() as u64) as usize;
-                c.body.extend_from_slice(&self.buf[..n]);
-                self.buf.advance(n);
+                c.total += n as u64;
+                out.push(Event::Body { data: self.buf.split_to(n).freeze(), last: false });
                 c.phase = if left == n as u64 { ChunkPhase::DataEnd } else { ChunkPhase::Data(left - n as u64) };
                 true
             }
@@ -314,14 +313,8 @@ impl SlowParser {
                     // worker gets).
                     return true;
                 }
-                let State::Chunked(c) = std::mem::replace(&mut self.state, State::Head) else { unreachable!() };
-                let Chunked { mut head, body, .. } = *c;
-                head.content_length = body.len() as u64;
-                head.bytes = add_content_length(&head.bytes, body.len() as u64);
-                out.push(Event::Head(head));
-                if !body.is_empty() {
-                    out.push(Event::Body { data: body.freeze(), last: true });
-                }
+                self.state = State::Head;
+                out.push(Event::Body { data: Bytes::new(), last: true });
                 true
             }
         }
@@ -356,15 +349,6 @@ fn rewrite_dechunked(head: &[u8]) -> Bytes {
             out.extend_from_slice(line);
         }
     }
-    Bytes::from(out)
-}
-
-/// Inserts `Content-Length: n` before the blank line ending `head`.
-fn add_content_length(head: &[u8], n: u64) -> Bytes {
-    let end = head.len().saturating_sub(2);
-    let mut out = Vec::with_capacity(head.len() + 32);
-    out.extend_from_slice(&head[..end]);
-    out.extend_from_slice(format!("Content-Length: {n}\r\n\r\n").as_bytes());
     Bytes::from(out)
 }
 
@@ -483,26 +467,35 @@ mod tests {
     }
 
     #[test]
-    fn chunked_body_is_dechunked_with_a_content_length() {
+    fn chunked_bodies_stream_de_chunked_with_an_unknown_length() {
         let mut p = SlowParser::new(1 << 20);
-        let ev = p.feed(b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nT: 1\r\n\r\n");
+        let ev = p.feed(b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhel");
         let h = heads(&ev)[0];
-        assert_eq!(h.content_length, 11);
-        let text = std::str::from_utf8(&h.bytes).unwrap();
-        assert!(!text.to_ascii_lowercase().contains("transfer-encoding"), "{text}");
-        assert!(text.ends_with("Content-Length: 11\r\n\r\n"), "{text}");
-        assert!(matches!(&ev[1], Event::Body { data, last: true } if &data[..] == b"hello world"));
+        assert_eq!(h.content_length, LENGTH_UNKNOWN);
+        let text = std::str::from_utf8(&h.bytes).unwrap().to_ascii_lowercase();
+        assert!(!text.contains("transfer-encoding") && !text.contains("content-length"), "{text}");
+        assert!(matches!(&ev[1], Event::Body { data, last: false } if &data[..] == b"hel"));
+        let ev = p.feed(b"lo\r\n6\r\n world\r\n0\r\nT: 1\r\n\r\n");
+        let body: Vec<u8> = ev
+            .iter()
+            .flat_map(|e| match e {
+                Event::Body { data, .. } => data.to_vec(),
+                _ => panic!("{e:?}"),
+            })
+            .collect();
+        assert_eq!(body, b"lo world");
+        assert!(matches!(ev.last(), Some(Event::Body { data, last: true }) if data.is_empty()));
         assert!(p.is_idle());
     }
 
     #[test]
-    fn chunked_bodies_are_capped_even_under_a_larger_max_body() {
-        let mut p = SlowParser::new(4 << 30);
-        let ev = p.feed(b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n");
-        assert!(ev.is_empty());
-        let ev = p.feed(format!("{:x}\r\n", MAX_CHUNKED_BODY + 1).as_bytes());
+    fn a_chunked_body_over_max_body_is_refused_when_it_gets_there() {
+        let mut p = SlowParser::new(10);
+        let ev = p.feed(b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n12345678\r\n");
+        assert_eq!(ev.len(), 2, "{ev:?}");
+        let ev = p.feed(b"8\r\n");
         assert!(matches!(ev[..], [Event::Error { status: 413, .. }]), "{ev:?}");
-        // A Content-Length body that large is fine: it streams.
+        // A Content-Length body as large as max_body allows streams.
         let mut p = SlowParser::new(4 << 30);
         let ev = p.feed(b"PUT /u HTTP/1.1\r\nHost: a\r\nContent-Length: 1073741824\r\n\r\n");
         assert_eq!(heads(&ev)[0].content_length, 1 << 30);

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use bytes::{Bytes, BytesMut};
-use dispatcher_ebpf::abi::{RecordHeader, REC_CLOSE, REC_LAST, REC_SLOW};
+use dispatcher_ebpf::abi::{RecordHeader, LENGTH_UNKNOWN, REC_CLOSE, REC_LAST, REC_SLOW};
 use dispatcher_ebpf::wire::RecordKind;
 use tokio::sync::mpsc;
 
@@ -168,7 +168,7 @@ impl Reassembly {
                     return None;
                 }
                 let p = self.partial.remove(&key).unwrap();
-                if p.body.len() as u64 != p.expected {
+                if p.expected != LENGTH_UNKNOWN && p.body.len() as u64 != p.expected {
                     return Some(Done::Invalid { conn: hdr.conn, seq: hdr.seq });
                 }
                 Some(Done::Request(Raw {
@@ -193,7 +193,8 @@ impl Reassembly {
         let slow = hdr.flags & REC_SLOW != 0;
         p.got += data.len() as u64;
         let last = hdr.flags & REC_LAST != 0;
-        if p.got > p.expected || (last && p.got != p.expected) {
+        let unknown = p.expected == LENGTH_UNKNOWN;
+        if !unknown && (p.got > p.expected || (last && p.got != p.expected)) {
             let p = self.partial.remove(&key).expect("present");
             if let Some(tx) = p.tx {
                 let _ = tx.send(Piece::Fail("the body does not match its Content-Length"));
@@ -298,5 +299,26 @@ mod tests {
         let Some(Done::Streaming(_, mut rx, 4)) = r.push(&hdr(4, 0, RECORD_HEAD, 0, 1, 4), b"H") else { panic!() };
         r.push(&hdr(4, 0, RECORD_ABORT, 0, 0, 0), b"");
         assert!(matches!(rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)));
+    }
+
+    #[test]
+    fn bodies_of_unknown_length_end_with_their_last_record() {
+        use dispatcher_ebpf::abi::LENGTH_UNKNOWN;
+        let mut r = Reassembly::default();
+        assert!(r.push(&hdr(1, 0, RECORD_HEAD, REC_SLOW, 1, LENGTH_UNKNOWN), b"H").is_none());
+        assert!(r.push(&hdr(1, 0, RECORD_BODY, REC_SLOW, 3, 0), b"abc").is_none());
+        let Some(Done::Request(q)) = r.push(&hdr(1, 0, RECORD_BODY, REC_SLOW | REC_LAST, 0, 0), b"") else { panic!() };
+        assert_eq!(&q.body[..], b"abc");
+        let mut r = Reassembly::streaming();
+        let Some(Done::Streaming(_, mut rx, LENGTH_UNKNOWN)) =
+            r.push(&hdr(2, 0, RECORD_HEAD, REC_SLOW, 1, LENGTH_UNKNOWN), b"H")
+        else {
+            panic!()
+        };
+        assert!(r.push(&hdr(2, 0, RECORD_BODY, REC_SLOW, 2, 0), b"de").is_none());
+        assert!(r.push(&hdr(2, 0, RECORD_BODY, REC_SLOW | REC_LAST, 0, 0), b"").is_none());
+        assert!(matches!(rx.try_recv(), Ok(Piece::Data(b, true)) if &b[..] == b"de"));
+        assert!(matches!(rx.try_recv(), Ok(Piece::End)));
+        assert_eq!(r.pending(), 0);
     }
 }
