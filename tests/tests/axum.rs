@@ -17,7 +17,7 @@ use tests::{checksum, peak_kib, Client, Dispatcher, PoolDef};
 /// Bytes of the large upload: far more than the worker may hold.
 const UPLOAD: u64 = 256 << 20;
 /// Bytes of the chunked upload.
-const CHUNKED_UPLOAD: u64 = 96 << 20;
+const CHUNKED_UPLOAD: u64 = 48 << 20;
 /// How much the worker's peak resident memory may grow while it takes the
 /// upload or streams to a slow reader (both move tens of MiB; the windows
 /// are 1 MiB and 256 KiB).

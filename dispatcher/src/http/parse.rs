@@ -489,6 +489,41 @@ mod tests {
     }
 
     #[test]
+    fn a_chunked_body_split_anywhere_streams_the_same_bytes() {
+        let mut wire = b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let mut want = Vec::new();
+        for (i, n) in [1usize, 15, 16, 255, 4096].iter().enumerate() {
+            let data: Vec<u8> = (0..*n).map(|k| (k + i) as u8).collect();
+            wire.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+            wire.extend_from_slice(&data);
+            wire.extend_from_slice(b"\r\n");
+            want.extend_from_slice(&data);
+        }
+        wire.extend_from_slice(b"0\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n");
+        for step in [1usize, 2, 3, 7, 64, 1000] {
+            let mut p = SlowParser::new(1 << 20);
+            let mut got = Vec::new();
+            let mut ended = false;
+            let mut heads = 0;
+            for piece in wire.chunks(step) {
+                for e in p.feed(piece) {
+                    match e {
+                        Event::Head(_) => heads += 1,
+                        Event::Body { data, last } => {
+                            assert!(!ended);
+                            got.extend_from_slice(&data);
+                            ended = last;
+                        }
+                        Event::Error { status, why } => panic!("step {step}: {status} {why}"),
+                    }
+                }
+            }
+            assert_eq!((got.len(), ended, heads), (want.len(), true, 2), "step {step}");
+            assert_eq!(got, want, "step {step}");
+        }
+    }
+
+    #[test]
     fn a_chunked_body_over_max_body_is_refused_when_it_gets_there() {
         let mut p = SlowParser::new(10);
         let ev = p.feed(b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n12345678\r\n");
