@@ -112,7 +112,10 @@ pub struct RecordHeader {
     /// Data bytes that follow the header.
     pub len: u32,
     /// On a head record: the body length the request announced, or
-    /// [`LENGTH_UNKNOWN`] for a body the client sent chunked.
+    /// [`LENGTH_UNKNOWN`] for a body the client sent chunked. On a body
+    /// record: the body bytes still to come before this record's (its
+    /// offset from the end), so the worker can tell a record out of order
+    /// from the next one; [`LENGTH_UNKNOWN`] for a chunked body.
     pub content_length: u64,
     /// A `RECORD_*` kind (typed: `wire::RecordKind`).
     pub kind: u8,
@@ -241,6 +244,11 @@ pub struct ConnState {
     /// (kept across the verdict program's tail calls; per connection, not
     /// per CPU, because a verdict may be interrupted by another socket's).
     pub seg_off: u32,
+    /// TCP sequence number one past the last byte the program has seen
+    /// (valid once `tcp_known` is nonzero): a retransmitted segment that
+    /// overlaps it has its old bytes trimmed (see `retrans`).
+    pub tcp_next: u32,
+    pub tcp_known: u32,
     pub _pad: u32,
     /// Body bytes of request `seq` still to copy.
     pub body_left: u64,
@@ -332,6 +340,25 @@ pub struct SlowCounters {
     pub parsed_requests: u64,
     /// Requests answered with an error by the dispatcher itself.
     pub errors: u64,
+}
+
+/// Counters of the segments TCP delivered with bytes it had delivered
+/// before (a retransmission that overlaps what arrived; see
+/// `programs/retrans.rs`), indices in the per-CPU `retrans_stats` array.
+pub mod retrans {
+    /// Segments whose old leading bytes were trimmed.
+    pub const TRIMMED: u32 = 0;
+    /// Old bytes trimmed from them.
+    pub const TRIMMED_BYTES: u32 = 1;
+    /// Segments of old bytes only, dropped.
+    pub const DROPPED: u32 = 2;
+    /// Segments whose old bytes could not be trimmed (the trim failed for
+    /// memory); their old bytes were skipped, or on the slow path passed.
+    pub const UNTRIMMED: u32 = 3;
+    /// Segments whose TCP sequence numbers could not be read (the check
+    /// is off for them).
+    pub const NO_SEQ: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Index in `POOL_COUNTERS` / `SLOW_STATS` for requests that matched no

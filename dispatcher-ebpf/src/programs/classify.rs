@@ -33,7 +33,7 @@ use dispatcher_ebpf::{
 
 use crate::{
     maps::{config, conn_state, events, routes, steps},
-    queue,
+    queue, retrans,
 };
 
 /// Result of one step.
@@ -67,10 +67,14 @@ fn run(ctx: &SkBuffContext, first: bool) -> u32 {
     // SAFETY: hash value of this connection; segments of one connection
     // are processed one at a time (the socket is locked).
     let st = unsafe { &mut *st };
-    let len = ctx.len();
     if first {
-        st.seg_off = 0;
+        st.seg_off = match retrans::trim_old(ctx, st) {
+            retrans::Fresh::From(skip) => skip,
+            // All seen before (and passed on or consumed then).
+            retrans::Fresh::Nothing => return SK_DROP,
+        };
     }
+    let len = ctx.len();
     let off = st.seg_off;
     if off >= len {
         return SK_DROP;

@@ -99,6 +99,16 @@ pub fn track_conn(ctx: SockOpsContext) -> u32 {
     if conn_state.insert(cookie, zero, BPF_NOEXIST as u64).is_err() {
         return 1;
     }
+    // Where the client's byte stream starts, so even its first data
+    // segment is checked for old bytes (see `retrans`).
+    if let Some(st) = conn_state.get_ptr_mut(cookie) {
+        let rcv_nxt = field!(ctx, rcv_nxt);
+        // SAFETY: the value just inserted; this callback owns the socket.
+        unsafe {
+            (*st).tcp_next = rcv_nxt;
+            (*st).tcp_known = 1;
+        }
+    }
     // SAFETY: `ops` is a valid bpf_sock_ops for this callback.
     if conns.update(&mut cookie, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64).is_err() {
         let _ = conn_state.remove(cookie);

@@ -5,6 +5,8 @@
 //! - `classify::classify` (sk_skb stream verdict on `conns`): frames HTTP
 //!   requests, routes them, queues them on their pool's ring.
 //! - `queue`: ring selection, record writes, counters.
+//! - `retrans`: trims the old bytes of a retransmitted segment that
+//!   overlaps what TCP already delivered.
 //! - `guard::guard` (XDP, on the interface when one is configured): drops
 //!   packets to the service port from denied sources or over a source's
 //!   new-connection rate, before the TCP stack.
@@ -23,6 +25,8 @@ mod guard;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod queue;
+#[cfg(target_arch = "bpf")]
+mod retrans;
 
 /// Returns `n` (which must be in `1..=max`, `max` a power of two) in a
 /// form whose range `1..=max` the verifier can see. The black box keeps

@@ -8,7 +8,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use dispatcher_ebpf::abi::{
-    reason, verdict, Config, ConnState, Event, GuardConfig, PoolCounters, PoolInfo, RateState, RouteKeyData,
+    reason, retrans, verdict, Config, ConnState, Event, GuardConfig, PoolCounters, PoolInfo, RateState, RouteKeyData,
     RouteValue, SlowCounters, GUARD_MAX_CIDRS, GUARD_MAX_SOURCES, MAX_POOLS, MAX_RINGS, MAX_ROUTE_ENTRIES,
 };
 
@@ -58,6 +58,11 @@ pub static pool_stats: PerCpuArray<PoolCounters, { MAX_POOLS as usize + 1 }> = P
 /// Hand-offs to the slow path, by `reason`.
 #[btf_map]
 pub static handoffs: PerCpuArray<u64, { reason::COUNT as usize }> = PerCpuArray::new();
+
+/// Retransmitted segments with bytes already received, by
+/// `abi::retrans` (see `retrans.rs`).
+#[btf_map]
+pub static retrans_stats: PerCpuArray<u64, { retrans::COUNT as usize }> = PerCpuArray::new();
 
 /// Per-pool slow-path counters, written by the dispatcher.
 #[btf_map]

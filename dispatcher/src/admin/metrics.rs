@@ -185,6 +185,15 @@ pub fn render(ctx: &Context) -> String {
         for (r, n) in &stats.handoffs {
             let _ = writeln!(out, "dispatcher_handoffs_total{{reason=\"{r}\"}} {n}");
         }
+        help(
+            &mut out,
+            "dispatcher_retransmitted_overlaps_total",
+            "counter",
+            "Retransmitted segments that overlapped bytes already received, by what the kernel did with the old bytes.",
+        );
+        for (w, n) in &stats.retransmits {
+            let _ = writeln!(out, "dispatcher_retransmitted_overlaps_total{{what=\"{w}\"}} {n}");
+        }
         help(&mut out, "dispatcher_guard_packets_total", "counter", "Packets the XDP guard judged, by verdict.");
         for (v, n) in &stats.guard {
             let _ = writeln!(out, "dispatcher_guard_packets_total{{verdict=\"{v}\"}} {n}");

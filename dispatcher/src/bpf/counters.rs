@@ -66,6 +66,9 @@ impl Counters {
 pub struct Stats {
     pub pools: Vec<PoolStats>,
     pub handoffs: BTreeMap<String, u64>,
+    /// Retransmitted segments that overlapped bytes TCP had delivered, by
+    /// what the verdict did with their old bytes (`abi::retrans`).
+    pub retransmits: BTreeMap<String, u64>,
     /// The XDP guard's packets by verdict.
     pub guard: BTreeMap<String, u64>,
 }
@@ -113,6 +116,20 @@ pub fn read_stats(instance: &str, npools: Option<u32>) -> Result<Stats> {
     }
     if let Ok(g) = open("guard_stats") {
         stats.guard = guard::counters(&PerCpuArray::<MapData, u64>::try_from(Map::PerCpuArray(g))?);
+    }
+    if let Ok(m) = open("retrans_stats") {
+        let m: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(m))?;
+        use dispatcher_ebpf::abi::retrans;
+        let names = [
+            (retrans::TRIMMED, "trimmed"),
+            (retrans::TRIMMED_BYTES, "trimmed_bytes"),
+            (retrans::DROPPED, "dropped"),
+            (retrans::UNTRIMMED, "untrimmed"),
+            (retrans::NO_SEQ, "no_seq"),
+        ];
+        for (i, name) in names {
+            stats.retransmits.insert(name.to_string(), m.get(&i, 0)?.iter().sum());
+        }
     }
     for r in 1..reason::COUNT {
         let total: u64 = ho.get(&r, 0)?.iter().sum();

@@ -54,6 +54,7 @@ const PINNED_MAPS: &[&str] = &[
     "config",
     "pool_stats",
     "handoffs",
+    "retrans_stats",
     "slow_stats",
     "events",
     "ring_awake",

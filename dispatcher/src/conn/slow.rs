@@ -26,6 +26,8 @@ pub(super) enum BodyTo {
         slot: usize,
         seq: u32,
         close: bool,
+        /// Body bytes still to come ([`LENGTH_UNKNOWN`] if chunked).
+        left: u64,
     },
     Discard,
 }
@@ -123,7 +125,7 @@ impl Conn {
             // The head went through the kernel to ring `st.ring`.
             if let Some(link) = self.ctx.pools.get(st.pool) {
                 let slot = (st.ring as usize).saturating_sub(link.first_ring);
-                s.body_to = BodyTo::Pool { link, slot, seq: st.seq, close: st.req_flags != 0 };
+                s.body_to = BodyTo::Pool { link, slot, seq: st.seq, close: st.req_flags != 0, left: st.body_left };
             }
             s.seq = st.seq + 1;
         }
@@ -155,8 +157,8 @@ impl Conn {
             let n = (s.body_left as usize).min(data.len());
             s.body_left -= n as u64;
             let last = s.body_left == 0;
-            if let BodyTo::Pool { link, slot, seq, close } = &s.body_to {
-                forward_body(self.cookie, link, *slot, *seq, &data[..n], last, *close);
+            if let BodyTo::Pool { link, slot, seq, close, left } = &mut s.body_to {
+                forward_body(self.cookie, link, *slot, *seq, &data[..n], last, *close, left);
                 s.unread += n as u64;
             }
             data = &data[n..];
@@ -237,14 +239,15 @@ impl Conn {
                 let slot = link.send_head(hdr, &h.bytes);
                 self.ctx.counters.count_slow(Some(pool), 1, 0);
                 if h.content_length > 0 {
-                    self.slow.as_mut().unwrap().body_to = BodyTo::Pool { link, slot, seq, close };
+                    let left = h.content_length;
+                    self.slow.as_mut().unwrap().body_to = BodyTo::Pool { link, slot, seq, close, left };
                 }
                 Flow::Continue
             }
             Event::Body { data, last } => {
                 let s = self.slow.as_mut().unwrap();
-                if let BodyTo::Pool { link, slot, seq, close } = &s.body_to {
-                    forward_body(self.cookie, link, *slot, *seq, &data, last, *close);
+                if let BodyTo::Pool { link, slot, seq, close, left } = &mut s.body_to {
+                    forward_body(self.cookie, link, *slot, *seq, &data, last, *close, left);
                     s.unread += data.len() as u64;
                 }
                 if last {
@@ -276,7 +279,7 @@ impl Conn {
     }
 }
 
-fn body_header(conn: u64, seq: u32, len: u32, pool: u32, last: bool, close: bool) -> RecordHeader {
+fn body_header(conn: u64, seq: u32, len: u32, pool: u32, last: bool, close: bool, left: u64) -> RecordHeader {
     let mut flags = REC_SLOW;
     if last {
         flags |= REC_LAST;
@@ -284,20 +287,35 @@ fn body_header(conn: u64, seq: u32, len: u32, pool: u32, last: bool, close: bool
             flags |= REC_CLOSE;
         }
     }
-    RecordHeader { conn, seq, len, content_length: 0, kind: RECORD_BODY, flags, pool: pool as u16, _pad: 0 }
+    RecordHeader { conn, seq, len, content_length: left, kind: RECORD_BODY, flags, pool: pool as u16, _pad: 0 }
 }
 
-/// Sends body bytes of request `seq` to the worker slot that has its head.
-fn forward_body(cookie: u64, link: &PoolLink, slot: usize, seq: u32, data: &[u8], last: bool, close: bool) {
+/// Sends body bytes of request `seq` to the worker slot that has its head;
+/// `left` (body bytes still to come, [`LENGTH_UNKNOWN`] if chunked) goes
+/// down by what is sent.
+#[allow(clippy::too_many_arguments)]
+fn forward_body(
+    cookie: u64,
+    link: &PoolLink,
+    slot: usize,
+    seq: u32,
+    data: &[u8],
+    last: bool,
+    close: bool,
+    left: &mut u64,
+) {
     let pool = link.index;
     let max = MAX_FRAME - 64;
     let mut chunks = data.chunks(max).peekable();
     if data.is_empty() && last {
-        let hdr = body_header(cookie, seq, 0, pool, last, close);
+        let hdr = body_header(cookie, seq, 0, pool, last, close, *left);
         link.send_record(slot, hdr, &[]);
     }
     while let Some(c) = chunks.next() {
         let end = last && chunks.peek().is_none();
-        link.send_record(slot, body_header(cookie, seq, c.len() as u32, pool, end, close), c);
+        link.send_record(slot, body_header(cookie, seq, c.len() as u32, pool, end, close, *left), c);
+        if *left != LENGTH_UNKNOWN {
+            *left = left.saturating_sub(c.len() as u64);
+        }
     }
 }

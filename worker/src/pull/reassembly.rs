@@ -156,6 +156,25 @@ impl Reassembly {
                 let Some(p) = self.partial.get_mut(&key) else {
                     return Some(Done::Invalid { conn: hdr.conn, seq: hdr.seq });
                 };
+                // Each record says how much of the body is still to come:
+                // one taken out of order (from the ring and the control
+                // socket both) is refused, not spliced in at the wrong place.
+                let got = if p.streamed { p.got } else { p.body.len() as u64 };
+                if p.expected != LENGTH_UNKNOWN && hdr.content_length != p.expected.wrapping_sub(got) {
+                    let p = self.partial.remove(&key).expect("present");
+                    if let Some(tx) = p.tx {
+                        let _ = tx.send(Piece::Fail("the body's records came out of order"));
+                    }
+                    tracing::error!(
+                        conn = hdr.conn,
+                        seq = hdr.seq,
+                        at = got,
+                        says = hdr.content_length,
+                        expected = p.expected,
+                        "a body record out of order"
+                    );
+                    return Some(Done::Invalid { conn: hdr.conn, seq: hdr.seq });
+                }
                 if p.streamed {
                     return self.stream_body(hdr, data);
                 }
@@ -269,8 +288,8 @@ mod tests {
         let mut r = Reassembly::streaming();
         let Some(Done::Streaming(raw, mut rx, 5)) = r.push(&hdr(1, 0, RECORD_HEAD, 0, 2, 5), b"H1") else { panic!() };
         assert_eq!((&raw.head[..], raw.body.len()), (&b"H1"[..], 0));
-        assert!(r.push(&hdr(1, 0, RECORD_BODY, REC_SLOW, 2, 0), b"ab").is_none());
-        assert!(r.push(&hdr(1, 0, RECORD_BODY, REC_LAST, 3, 0), b"cde").is_none());
+        assert!(r.push(&hdr(1, 0, RECORD_BODY, REC_SLOW, 2, 5), b"ab").is_none());
+        assert!(r.push(&hdr(1, 0, RECORD_BODY, REC_LAST, 3, 3), b"cde").is_none());
         assert!(matches!(rx.try_recv(), Ok(Piece::Data(b, true)) if &b[..] == b"ab"));
         assert!(matches!(rx.try_recv(), Ok(Piece::Data(b, false)) if &b[..] == b"cde"));
         assert!(matches!(rx.try_recv(), Ok(Piece::End)));
@@ -278,7 +297,7 @@ mod tests {
         // Too long: the body fails, the request is invalid.
         let Some(Done::Streaming(_, mut rx, 1)) = r.push(&hdr(2, 0, RECORD_HEAD, 0, 1, 1), b"H") else { panic!() };
         assert!(matches!(
-            r.push(&hdr(2, 0, RECORD_BODY, REC_SLOW, 2, 0), b"ab"),
+            r.push(&hdr(2, 0, RECORD_BODY, REC_SLOW, 2, 1), b"ab"),
             Some(Done::Invalid { conn: 2, seq: 0 })
         ));
         assert!(matches!(rx.try_recv(), Ok(Piece::Fail(_))));
@@ -286,19 +305,37 @@ mod tests {
         // acknowledged), kernel bytes are just dropped.
         let Some(Done::Streaming(_, rx, 6)) = r.push(&hdr(3, 0, RECORD_HEAD, 0, 1, 6), b"H") else { panic!() };
         drop(rx);
-        assert!(r.push(&hdr(3, 0, RECORD_BODY, 0, 2, 0), b"ab").is_none());
+        assert!(r.push(&hdr(3, 0, RECORD_BODY, 0, 2, 6), b"ab").is_none());
         assert!(matches!(
-            r.push(&hdr(3, 0, RECORD_BODY, REC_SLOW, 2, 0), b"cd"),
+            r.push(&hdr(3, 0, RECORD_BODY, REC_SLOW, 2, 4), b"cd"),
             Some(Done::Unread { conn: 3, seq: 0, len: 2 })
         ));
         assert!(matches!(
-            r.push(&hdr(3, 0, RECORD_BODY, REC_SLOW | REC_LAST, 2, 0), b"ef"),
+            r.push(&hdr(3, 0, RECORD_BODY, REC_SLOW | REC_LAST, 2, 2), b"ef"),
             Some(Done::Unread { len: 2, .. })
         ));
         // An abort ends a body short: its reader sees the channel close.
         let Some(Done::Streaming(_, mut rx, 4)) = r.push(&hdr(4, 0, RECORD_HEAD, 0, 1, 4), b"H") else { panic!() };
         r.push(&hdr(4, 0, RECORD_ABORT, 0, 0, 0), b"");
         assert!(matches!(rx.try_recv(), Err(mpsc::error::TryRecvError::Disconnected)));
+    }
+
+    #[test]
+    fn a_body_record_out_of_order_is_refused() {
+        // The kernel's records of a body and the slow path's that follow
+        // them, taken in the wrong order: refused, in both modes.
+        let mut r = Reassembly::default();
+        r.push(&hdr(1, 0, RECORD_HEAD, 0, 1, 6), b"H");
+        assert!(r.push(&hdr(1, 0, RECORD_BODY, 0, 2, 6), b"ab").is_none());
+        assert!(matches!(
+            r.push(&hdr(1, 0, RECORD_BODY, REC_SLOW | REC_LAST, 2, 2), b"ef"),
+            Some(Done::Invalid { conn: 1, seq: 0 })
+        ));
+        assert_eq!(r.pending(), 0);
+        let mut r = Reassembly::streaming();
+        let Some(Done::Streaming(_, mut rx, 4)) = r.push(&hdr(2, 0, RECORD_HEAD, 0, 1, 4), b"H") else { panic!() };
+        assert!(matches!(r.push(&hdr(2, 0, RECORD_BODY, REC_SLOW, 2, 2), b"cd"), Some(Done::Invalid { .. })));
+        assert!(matches!(rx.try_recv(), Ok(Piece::Fail(_))));
     }
 
     #[test]
