@@ -15,7 +15,7 @@ use std::{
 use tests::{checksum, peak_kib, Client, Dispatcher, PoolDef};
 
 /// Bytes of the large upload: far more than the worker may hold.
-const UPLOAD: u64 = 96 << 20;
+const UPLOAD: u64 = 256 << 20;
 /// Bytes of the chunked upload.
 const CHUNKED_UPLOAD: u64 = 40 << 20;
 /// How much the worker's peak resident memory may grow while it takes the
