@@ -10,6 +10,8 @@ use tests::{checksum, peak_kib, Client, Dispatcher, PoolDef, Response, TempDir};
 
 /// Bigger than the worker's in-memory cache takes (1 MiB).
 const BIG: usize = 3 << 20;
+/// A cached file large enough to be sent with `sendfile`.
+const MID: usize = 600 << 10;
 /// A file far larger than a worker may hold.
 const HUGE: u64 = 96 << 20;
 
@@ -35,6 +37,11 @@ fn site(root: &Path) {
     std::fs::write(root.join("big.bin"), (0..BIG).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>()).unwrap();
     symlink("/etc/hostname", root.join("escape.txt")).unwrap();
     std::fs::File::create(root.join("huge.bin")).unwrap().set_len(HUGE).unwrap();
+    // Kept in memory with its file open (old enough to be trusted): a
+    // leased socket gets it with `sendfile`.
+    let mid = std::fs::File::create(root.join("mid.bin")).unwrap();
+    std::io::Write::write_all(&mut &mid, &(0..MID).map(|i| (i * 13 % 241) as u8).collect::<Vec<_>>()).unwrap();
+    mid.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(60)).unwrap();
 }
 
 #[test]
@@ -115,6 +122,15 @@ fn a_static_pool_serves_validators_ranges_encodings_and_fresh_files() {
     assert_eq!((r.status, r.body.len(), checksum(&r.body)), (200, BIG, checksum(&want)));
     let r = get(&mut c, "/big.bin", &[("Range", "bytes=1048576-1048591")]);
     assert_eq!((r.status, &r.body[..]), (206, &want[1 << 20..(1 << 20) + 16]));
+    // A cached file sent from its open file (`sendfile`) on the leased
+    // connection, whole and in part, several times over.
+    let want: Vec<u8> = (0..MID).map(|i| (i * 13 % 241) as u8).collect();
+    for _ in 0..3 {
+        let r = get(&mut c, "/mid.bin", &[]);
+        assert_eq!((r.status, r.body.len(), checksum(&r.body)), (200, MID, checksum(&want)));
+        let r = get(&mut c, "/mid.bin", &[("Range", "bytes=300000-300999")]);
+        assert_eq!((r.status, &r.body[..]), (206, &want[300_000..301_000]));
+    }
     // A large file is read as it is sent: the worker does not hold it.
     let worker = d.workers()[0];
     let before = peak_kib(worker);

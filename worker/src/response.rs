@@ -13,6 +13,10 @@ pub struct Response {
     /// A body read from a file as it is sent, instead of `body` (for files
     /// too large to hold in memory).
     pub file: Option<FileBody>,
+    /// The open file `body` was read from and where in it `body` starts:
+    /// a leased client's socket gets the body with `sendfile` from there,
+    /// not copied from `body` (what goes through the dispatcher still is).
+    pub(crate) sendfile: Option<(Arc<File>, u64)>,
     /// Close the connection after this response.
     pub close: bool,
 }
@@ -49,7 +53,7 @@ impl FileBody {
 
 impl Response {
     pub fn new(status: u16) -> Self {
-        Response { status, headers: Vec::new(), body: Bytes::new(), file: None, close: false }
+        Response { status, headers: Vec::new(), body: Bytes::new(), file: None, sendfile: None, close: false }
     }
 
     /// The body is read from `f` as it is sent.
