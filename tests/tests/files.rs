@@ -122,6 +122,13 @@ fn a_static_pool_serves_validators_ranges_encodings_and_fresh_files() {
     assert_eq!((r.status, r.body.len(), checksum(&r.body)), (200, BIG, checksum(&want)));
     let r = get(&mut c, "/big.bin", &[("Range", "bytes=1048576-1048591")]);
     assert_eq!((r.status, &r.body[..]), (206, &want[1 << 20..(1 << 20) + 16]));
+    // As a new connection's first response it goes through the dispatcher
+    // (read part by part); above, on the leased connection, with sendfile.
+    let mut fresh = d.connect();
+    let r = get(&mut fresh, "/big.bin", &[]);
+    assert_eq!((r.status, r.body.len(), checksum(&r.body)), (200, BIG, checksum(&want)));
+    let r = get(&mut fresh, "/big.bin", &[("Range", "bytes=5-1048580")]);
+    assert_eq!((r.status, r.body.len(), checksum(&r.body)), (206, 1 << 20, checksum(&want[5..1048581])));
     // A cached file sent from its open file (`sendfile`) on the leased
     // connection, whole and in part, several times over.
     let want: Vec<u8> = (0..MID).map(|i| (i * 13 % 241) as u8).collect();

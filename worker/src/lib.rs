@@ -250,14 +250,8 @@ impl Responder {
         let body = if head_only { 0 } else { resp.body_len() as usize };
         self.out.count(resp.status, req.received.elapsed());
         self.out.log(req, resp.status, body);
-        if let Some(f) = resp.file.as_ref().filter(|_| !head_only && !resp.bodiless()) {
-            // Read as it goes, through the dispatcher with flow control.
-            let head = resp.serialize_head(close);
-            return match self.out.send_file(req.conn, req.seq, head, f, close).await {
-                true => Ok(()),
-                false => Err(Error::Closed),
-            };
-        }
+        // A file body stays in its file: `sendfile` on a leased socket,
+        // read part by part through the dispatcher otherwise.
         let bytes = answer::Wire::of_response(&resp, head_only, close);
         if self.out.respond(req.conn, req.seq, bytes, close, req.from_kernel) {
             Ok(())

@@ -101,48 +101,6 @@ impl Outbound {
 /// Bytes of a file read per part of its response.
 const FILE_PART: u64 = 64 << 10;
 
-impl Outbound {
-    /// Sends response `seq` on `conn`: `head`, then `f` read part by part
-    /// as the window allows. A file that shrank or failed to read ends the
-    /// connection short (the client sees the body cut). False when the
-    /// client or the dispatcher is gone.
-    pub(crate) async fn send_file(
-        self: &Arc<Self>,
-        conn: u64,
-        seq: u32,
-        head: Vec<u8>,
-        f: &crate::response::FileBody,
-        close: bool,
-    ) -> bool {
-        let mut tx = self.stream(conn, seq);
-        let mut part = head;
-        let mut at = 0;
-        loop {
-            let want = (f.len - at).min(FILE_PART) as usize;
-            let start = part.len();
-            part.resize(start + want, 0);
-            let n = f.read(at, &mut part[start..]).unwrap_or_else(|e| {
-                tracing::warn!(conn, seq, "reading the file being sent: {e}");
-                0
-            });
-            part.truncate(start + n);
-            at += n as u64;
-            let short = n < want;
-            let last = at >= f.len || short;
-            if short {
-                tracing::warn!(conn, seq, "the file being sent ended early; closing");
-            }
-            if !tx.send(&part, last, close || short).await {
-                return false;
-            }
-            if last {
-                return true;
-            }
-            part.clear();
-        }
-    }
-}
-
 /// A whole response larger than this that goes through the dispatcher is
 /// sent in window-paced parts rather than as one frame: 256 new
 /// connections each fetching a 1 MiB file put 256 MiB of first responses
@@ -155,7 +113,7 @@ impl Outbound {
     /// `ask`, on the last part, asks for the lease as a whole response
     /// would).
     pub(super) fn relay(self: &Arc<Self>, conn: u64, seq: u32, bytes: Wire, close: bool, ask: bool) -> bool {
-        if bytes.len() <= RELAY_WHOLE_MAX {
+        if bytes.len() <= RELAY_WHOLE_MAX && !bytes.file_only() {
             return self.via_ctl(conn, seq, &bytes, close, ask);
         }
         // Called with `conns` held: the lease state is settled already.
@@ -163,14 +121,20 @@ impl Outbound {
         tokio::spawn(async move {
             let mut rest = bytes;
             while rest.len() > 0 {
-                let [head, body] = rest.parts();
-                let n = (head.len() + body.len()).min(FILE_PART as usize);
-                let mut part = Vec::with_capacity(n);
-                part.extend_from_slice(&head[..head.len().min(n)]);
-                part.extend_from_slice(&body[..n - part.len()]);
+                let n = rest.len().min(FILE_PART as usize);
+                // A body only in its file is read as it goes; one that
+                // ended early (or failed) ends the connection short.
+                let part = rest.read_front(n).unwrap_or_else(|e| {
+                    tracing::warn!(conn, seq, "reading the file being sent: {e}");
+                    Vec::new()
+                });
+                let short = part.len() < n;
+                if short {
+                    tracing::warn!(conn, seq, "the file being sent ended early; closing");
+                }
                 rest.advance(n);
-                let last = rest.len() == 0;
-                if !tx.send_asking(&part, last, close, last && ask).await {
+                let last = rest.len() == 0 || short;
+                if !tx.send_asking(&part, last, close || short, last && ask && !short).await || short {
                     return;
                 }
             }

@@ -13,14 +13,17 @@ use bytes::{Buf, Bytes};
 pub(crate) struct Wire {
     head: Bytes,
     body: Bytes,
-    /// The file `body` is a copy of, and the file offset of `body`'s
-    /// first byte (kept as `body` advances): what `sendfile` sends from.
+    /// The file behind the body, and the file offset of the body's next
+    /// byte (kept as the body advances): what `sendfile` sends from.
+    /// With `body` empty and `file_left` > 0 the body is only in the file
+    /// (one too large to hold, read or sent from it as it goes).
     file: Option<(Arc<File>, u64)>,
+    file_left: usize,
 }
 
 impl Wire {
     pub(crate) fn new(head: Bytes, body: Bytes) -> Wire {
-        Wire { head, body, file: None }
+        Wire { head, body, file: None, file_left: 0 }
     }
 
     /// The same bytes, with `body` also at offset `at` of `file`.
@@ -29,44 +32,89 @@ impl Wire {
         self
     }
 
+    /// `head`, then `len` bytes of `file` from `at`, not in memory.
+    pub(crate) fn of_file(head: Bytes, file: Arc<File>, at: u64, len: usize) -> Wire {
+        Wire { head, body: Bytes::new(), file: Some((file, at)), file_left: len }
+    }
+
     /// Where the body still to send is in its file: (file, offset, length),
     /// once the head is out.
     pub(crate) fn file_part(&self) -> Option<(&File, u64, usize)> {
         let (f, at) = self.file.as_ref()?;
-        (self.head.is_empty() && !self.body.is_empty()).then(|| (&**f, *at, self.body.len()))
+        let n = self.body.len() + self.file_left;
+        (self.head.is_empty() && n > 0).then(|| (&**f, *at, n))
     }
 
     /// Whether a file stands behind the body.
     pub(crate) fn has_file(&self) -> bool {
-        self.file.is_some() && !self.body.is_empty()
+        self.file.is_some() && self.body.len() + self.file_left > 0
+    }
+
+    /// Whether some of the body is only in the file (so `parts` does not
+    /// hold all of it).
+    pub(crate) fn file_only(&self) -> bool {
+        self.file_left > 0
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.head.len() + self.body.len()
+        self.head.len() + self.body.len() + self.file_left
     }
 
     /// Drops the first `n` bytes (they were sent).
     pub(crate) fn advance(&mut self, n: usize) {
         let h = n.min(self.head.len());
         self.head.advance(h);
-        self.body.advance(n - h);
+        let b = (n - h).min(self.body.len());
+        self.body.advance(b);
+        let f = (n - h - b).min(self.file_left);
+        self.file_left -= f;
         if let Some((_, at)) = &mut self.file {
-            *at += (n - h) as u64;
+            *at += (b + f) as u64;
         }
     }
 
-    /// The parts still to send, in order.
+    /// The parts still to send that are in memory, in order (all of them
+    /// unless [`Wire::file_only`]).
     pub(crate) fn parts(&self) -> [&[u8]; 2] {
         [&self.head, &self.body]
+    }
+
+    /// Copies out the next `n` bytes (fewer where the file ended early),
+    /// reading what is only in the file; does not advance.
+    pub(crate) fn read_front(&self, n: usize) -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut out = Vec::with_capacity(n);
+        for p in self.parts() {
+            out.extend_from_slice(&p[..p.len().min(n - out.len())]);
+        }
+        if out.len() < n && self.file_left > 0 {
+            let (f, at) = self.file.as_ref().expect("file_left implies a file");
+            let start = out.len();
+            let want = (n - start).min(self.file_left);
+            out.resize(start + want, 0);
+            let mut done = 0;
+            while done < want {
+                match f.read_at(&mut out[start + done..], at + done as u64) {
+                    Ok(0) => break,
+                    Ok(k) => done += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            out.truncate(start + done);
+        }
+        Ok(out)
     }
 }
 
 impl Wire {
     /// `r`'s head and its body to send after it (not copied; none for
-    /// `head_only`, a HEAD request). A file body is sent by
-    /// `Outbound::send_file`, not here.
+    /// `head_only`, a HEAD request); a file body stays in its file.
     pub(crate) fn of_response(r: &crate::Response, head_only: bool, close: bool) -> Wire {
         let head = r.serialize_head(close);
+        if let Some(f) = r.file.as_ref().filter(|_| !head_only && !r.bodiless()) {
+            return Wire::of_file(head.into(), f.file.clone(), f.offset, f.len as usize);
+        }
         let body = if head_only || r.bodiless() { Bytes::new() } else { r.body.clone() };
         let w = Wire::new(head.into(), body);
         match &r.sendfile {
@@ -78,7 +126,7 @@ impl Wire {
 
 impl From<Bytes> for Wire {
     fn from(b: Bytes) -> Wire {
-        Wire { head: b, body: Bytes::new(), file: None }
+        Wire { head: b, body: Bytes::new(), file: None, file_left: 0 }
     }
 }
 
@@ -112,5 +160,21 @@ mod tests {
         w.advance(6);
         let (_, at, len) = w.file_part().unwrap();
         assert_eq!((at, len), (102, 3));
+    }
+
+    #[test]
+    fn a_body_only_in_its_file_is_read_from_it() {
+        let path = std::env::temp_dir().join(format!("wire-test-{}", std::process::id()));
+        std::fs::write(&path, b"0123456789").unwrap();
+        let f = Arc::new(File::open(&path).unwrap());
+        std::fs::remove_file(&path).unwrap();
+        let mut w = Wire::of_file(Bytes::from_static(b"HD"), f, 3, 5);
+        assert_eq!((w.len(), w.file_only()), (7, true));
+        assert_eq!(w.read_front(4).unwrap(), b"HD34");
+        w.advance(3);
+        assert_eq!(w.file_part().map(|(_, at, n)| (at, n)), Some((4, 4)));
+        assert_eq!(w.read_front(10).unwrap(), b"4567");
+        w.advance(4);
+        assert_eq!(w.len(), 0);
     }
 }
