@@ -98,6 +98,10 @@ pub const REC_LAST: u8 = 1;
 pub const REC_CLOSE: u8 = 2;
 /// Record flag: the request was framed by the dispatcher's slow path.
 pub const REC_SLOW: u8 = 4;
+/// Record flag (a body record of a chunked body, from the slow path): the
+/// data is the body's trailer section (field lines, each ending in CRLF),
+/// not body bytes.
+pub const REC_TRAILERS: u8 = 8;
 
 /// Header of every request record, in a ring or on a worker's control
 /// socket. `len` data bytes follow it.

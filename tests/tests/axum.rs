@@ -245,6 +245,21 @@ fn a_large_upload_streams_to_the_handler_with_bounded_memory() {
         (v["bytes"].as_u64(), v["fnv1a64"].as_str()),
         (Some(13), Some(checksum(b"hello, chunks").to_string().as_str()))
     );
+    assert_eq!(v["trailers"], serde_json::json!({}), "{v}");
+
+    // Trailer fields of a chunked upload reach the handler as trailers.
+    let mut s = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\nConnection: close\r\n\r\n\
+          5\r\nhello\r\n0\r\nX-Sum: 99\r\nX-Note: a b\r\n\r\n",
+    )
+    .unwrap();
+    let (head, body) = read_until_close(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["bytes"].as_u64(), Some(5), "{v}");
+    assert_eq!(v["trailers"], serde_json::json!({ "x-sum": "99", "x-note": "a b" }), "{v}");
 }
 
 #[test]

@@ -38,6 +38,9 @@ pub struct BodyError(&'static str);
 pub(crate) enum Piece {
     /// Body bytes; `slow`: forwarded by the dispatcher (acknowledged).
     Data(Bytes, bool),
+    /// The body's trailer section (field lines, each ending in CRLF),
+    /// before its `End`.
+    Trailers(Bytes),
     /// The body is complete.
     End,
     /// The body stops here, incomplete.
@@ -136,6 +139,13 @@ impl http_body::Body for Body {
                         }
                         Poll::Ready(Some(Ok(Frame::data(b))))
                     }
+                    Poll::Ready(Some(Piece::Trailers(t))) => match trailer_map(&t) {
+                        Some(map) => Poll::Ready(Some(Ok(Frame::trailers(map)))),
+                        None => {
+                            s.done = true;
+                            Poll::Ready(Some(Err(BodyError("malformed trailer fields"))))
+                        }
+                    },
                     Poll::Ready(Some(Piece::End)) => {
                         s.done = true;
                         Poll::Ready(None)
@@ -169,6 +179,23 @@ impl http_body::Body for Body {
             Kind::Stream(s) => SizeHint::with_exact(s.left),
         }
     }
+}
+
+/// The trailer fields of `section` (field lines, each ending in CRLF; the
+/// dispatcher checked their syntax).
+fn trailer_map(section: &[u8]) -> Option<http::HeaderMap> {
+    let mut fields = [httparse::EMPTY_HEADER; 64];
+    let mut wire = section.to_vec();
+    wire.extend_from_slice(b"\r\n");
+    let httparse::Status::Complete((_, parsed)) = httparse::parse_headers(&wire, &mut fields).ok()? else {
+        return None;
+    };
+    let mut map = http::HeaderMap::new();
+    for f in parsed {
+        let name = http::HeaderName::from_bytes(f.name.as_bytes()).ok()?;
+        map.append(name, http::HeaderValue::from_bytes(f.value).ok()?);
+    }
+    Some(map)
 }
 
 impl Drop for Stream {

@@ -8,6 +8,7 @@ use std::sync::{atomic::Ordering, Arc};
 
 use dispatcher_ebpf::abi::{
     reason, RecordHeader, LENGTH_UNKNOWN, MODE_SLOW, RECORD_BODY, RECORD_HEAD, REC_CLOSE, REC_LAST, REC_SLOW,
+    REC_TRAILERS,
 };
 use dispatcher_ebpf::wire::MAX_FRAME;
 
@@ -252,6 +253,17 @@ impl Conn {
                 }
                 if last {
                     s.body_done();
+                }
+                Flow::Continue
+            }
+            Event::Trailers(t) => {
+                let s = self.slow.as_mut().unwrap();
+                if let BodyTo::Pool { link, slot, seq, .. } = &s.body_to {
+                    // Not body bytes: outside the upload window.
+                    let mut hdr =
+                        body_header(self.cookie, *seq, t.len() as u32, link.index, false, false, LENGTH_UNKNOWN);
+                    hdr.flags |= REC_TRAILERS;
+                    link.send_record(*slot, hdr, &t);
                 }
                 Flow::Continue
             }

@@ -25,6 +25,9 @@ pub enum Event {
     Head(Head),
     /// Body bytes of the last head; `last` ends the request.
     Body { data: Bytes, last: bool },
+    /// The trailer section of the last head's chunked body (its field
+    /// lines, each ending in CRLF), just before its last `Body`.
+    Trailers(Bytes),
     /// The input is not acceptable: answer `status` and close. Nothing
     /// more is parsed.
     Error { status: u16, why: &'static str },
@@ -57,6 +60,8 @@ struct Chunked {
     /// Body bytes so far (against `max_body`).
     total: u64,
     phase: ChunkPhase,
+    /// Trailer field lines so far.
+    trailers: BytesMut,
 }
 
 enum ChunkPhase {
@@ -237,7 +242,8 @@ impl SlowParser {
                 head.bytes = rewrite_dechunked(&head.bytes);
                 head.content_length = LENGTH_UNKNOWN;
                 out.push(Event::Head(head));
-                self.state = State::Chunked(Box::new(Chunked { total: 0, phase: ChunkPhase::Size }));
+                self.state =
+                    State::Chunked(Box::new(Chunked { total: 0, phase: ChunkPhase::Size, trailers: BytesMut::new() }));
                 true
             }
             None => {
@@ -307,13 +313,29 @@ impl SlowParser {
                     }
                     return false;
                 };
-                self.buf.advance(eol + 2);
                 if eol > 0 {
-                    // A trailer field: dropped (it was not in the head the
-                    // worker gets).
+                    // A trailer field, passed on as a trailer (never merged
+                    // into the head, RFC 9110 §6.5.1); the whole section is
+                    // bounded like a head.
+                    let line = &self.buf[..eol];
+                    let name_end = line.iter().position(|&b| b == b':');
+                    let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+                    if !name_end.is_some_and(|n| n > 0 && line[..n].iter().all(token)) {
+                        return self.fail(out, 400, "malformed trailer field");
+                    }
+                    if c.trailers.len() + eol + 2 > MAX_HEAD {
+                        return self.fail(out, 431, "trailers too large");
+                    }
+                    c.trailers.extend_from_slice(&self.buf[..eol + 2]);
+                    self.buf.advance(eol + 2);
                     return true;
                 }
+                self.buf.advance(2);
+                let trailers = std::mem::take(&mut c.trailers).freeze();
                 self.state = State::Head;
+                if !trailers.is_empty() {
+                    out.push(Event::Trailers(trailers));
+                }
                 out.push(Event::Body { data: Bytes::new(), last: true });
                 true
             }
@@ -480,12 +502,41 @@ mod tests {
             .iter()
             .flat_map(|e| match e {
                 Event::Body { data, .. } => data.to_vec(),
+                Event::Trailers(t) => {
+                    assert_eq!(&t[..], b"T: 1\r\n");
+                    Vec::new()
+                }
                 _ => panic!("{e:?}"),
             })
             .collect();
         assert_eq!(body, b"lo world");
         assert!(matches!(ev.last(), Some(Event::Body { data, last: true }) if data.is_empty()));
         assert!(p.is_idle());
+    }
+
+    #[test]
+    fn chunked_trailers_are_passed_on_and_checked() {
+        let mut p = SlowParser::new(1 << 20);
+        let ev = p.feed(b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Sum: 42\r\nX-B: y\r\n\r\n");
+        let n = ev.len();
+        assert!(matches!(&ev[n - 2], Event::Trailers(t) if &t[..] == b"X-Sum: 42\r\nX-B: y\r\n"), "{ev:?}");
+        assert!(matches!(&ev[n - 1], Event::Body { data, last: true } if data.is_empty()));
+        // No trailers: no event.
+        let mut p = SlowParser::new(1 << 20);
+        let ev = p.feed(b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+        assert!(!ev.iter().any(|e| matches!(e, Event::Trailers(_))), "{ev:?}");
+        // A line that is no field: 400.
+        let mut p = SlowParser::new(1 << 20);
+        let ev = p.feed(b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nnot a field\r\n\r\n");
+        assert!(matches!(ev.last(), Some(Event::Error { status: 400, .. })), "{ev:?}");
+        // Too many: 431.
+        let mut p = SlowParser::new(1 << 20);
+        let mut wire = b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n".to_vec();
+        for i in 0..2000 {
+            wire.extend_from_slice(format!("X-{i}: {}\r\n", "v".repeat(40)).as_bytes());
+        }
+        let ev = p.feed(&wire);
+        assert!(matches!(ev.last(), Some(Event::Error { status: 431, .. })), "{ev:?}");
     }
 
     #[test]
@@ -515,6 +566,7 @@ mod tests {
                             ended = last;
                         }
                         Event::Error { status, why } => panic!("step {step}: {status} {why}"),
+                        Event::Trailers(_) => panic!("step {step}: no trailers were sent"),
                     }
                 }
             }

@@ -15,7 +15,7 @@ mod ring;
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
-use dispatcher_ebpf::abi::{RecordHeader, REC_SLOW};
+use dispatcher_ebpf::abi::{RecordHeader, REC_SLOW, REC_TRAILERS};
 use dispatcher_ebpf::wire::RecordKind;
 use tokio::sync::mpsc;
 
@@ -213,7 +213,12 @@ fn deliver(
         // ring, which the next worker would not know what to do with):
         // traced, so a crash answers it 502.
         out.taken(hdr.conn, hdr.seq);
-    } else if kind == Ok(RecordKind::Body) && hdr.flags & REC_SLOW != 0 && !reassembly.streams() && !data.is_empty() {
+    } else if kind == Ok(RecordKind::Body)
+        && hdr.flags & REC_SLOW != 0
+        && hdr.flags & REC_TRAILERS == 0
+        && !reassembly.streams()
+        && !data.is_empty()
+    {
         // Collected bodies count as read when they arrive (streamed ones
         // when the handler takes them, see `crate::body`): the
         // dispatcher's upload window must keep opening.

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use bytes::{Bytes, BytesMut};
-use dispatcher_ebpf::abi::{RecordHeader, LENGTH_UNKNOWN, REC_CLOSE, REC_LAST, REC_SLOW};
+use dispatcher_ebpf::abi::{RecordHeader, LENGTH_UNKNOWN, REC_CLOSE, REC_LAST, REC_SLOW, REC_TRAILERS};
 use dispatcher_ebpf::wire::RecordKind;
 use tokio::sync::mpsc;
 
@@ -156,6 +156,14 @@ impl Reassembly {
                 let Some(p) = self.partial.get_mut(&key) else {
                     return Some(Done::Invalid { conn: hdr.conn, seq: hdr.seq });
                 };
+                if hdr.flags & REC_TRAILERS != 0 {
+                    // A chunked body's trailer section: to a streamed
+                    // body's reader (a collected body has nowhere to put it).
+                    if let Some(tx) = &p.tx {
+                        let _ = tx.send(Piece::Trailers(Bytes::copy_from_slice(data)));
+                    }
+                    return None;
+                }
                 // Each record says how much of the body is still to come:
                 // one taken out of order (from the ring and the control
                 // socket both) is refused, not spliced in at the wrong place.

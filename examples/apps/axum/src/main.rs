@@ -32,7 +32,6 @@ use axum::{
     Form, Json, Router,
 };
 use bytes::Bytes;
-use futures_util::StreamExt;
 use http_body::Frame;
 use serde::{Deserialize, Serialize};
 
@@ -129,16 +128,27 @@ async fn trailers() -> Response {
     ([(header::TRAILER, "x-checksum")], Body::new(body)).into_response()
 }
 
-async fn upload(body: Body) -> Result<Json<serde_json::Value>, (StatusCode, String)> {
+async fn upload(mut body: Body) -> Result<Json<serde_json::Value>, (StatusCode, String)> {
+    use http_body_util::BodyExt;
     let mut n: u64 = 0;
     let mut h: u64 = FNV_OFFSET;
-    let mut chunks = body.into_data_stream();
-    while let Some(c) = chunks.next().await {
-        let c = c.map_err(|e| (StatusCode::BAD_REQUEST, format!("{e}\n")))?;
-        n += c.len() as u64;
-        h = fnv_more(h, &c);
+    let mut trailers = serde_json::Map::new();
+    while let Some(f) = body.frame().await {
+        let f = f.map_err(|e| (StatusCode::BAD_REQUEST, format!("{e}\n")))?;
+        match f.into_data() {
+            Ok(c) => {
+                n += c.len() as u64;
+                h = fnv_more(h, &c);
+            }
+            // A chunked upload's trailer fields, if it sent any.
+            Err(f) => {
+                for (k, v) in f.into_trailers().iter().flatten() {
+                    trailers.insert(k.to_string(), String::from_utf8_lossy(v.as_bytes()).into());
+                }
+            }
+        }
     }
-    Ok(Json(serde_json::json!({ "bytes": n, "fnv1a64": h.to_string() })))
+    Ok(Json(serde_json::json!({ "bytes": n, "fnv1a64": h.to_string(), "trailers": trailers })))
 }
 
 const FNV_OFFSET: u64 = 0xcbf29ce484222325;
