@@ -125,9 +125,11 @@ pub struct RecordHeader {
     pub kind: u8,
     /// `REC_*` bits.
     pub flags: u8,
-    /// Pool the request was routed to.
-    pub pool: u16,
-    pub _pad: u32,
+    /// On a head record: the client's port (0: unknown).
+    pub peer_port: u16,
+    /// On a head record: the client's IPv4 address, its octets in order
+    /// (network byte order; 0: unknown).
+    pub peer_ip4: u32,
 }
 
 pub const RECORD_HEADER_LEN: usize = core::mem::size_of::<RecordHeader>();
@@ -253,6 +255,10 @@ pub struct ConnState {
     /// overlaps it has its old bytes trimmed (see `retrans`).
     pub tcp_next: u32,
     pub tcp_known: u32,
+    /// The client's address (as in `RecordHeader`), set by the sockops
+    /// program; copied into each head record.
+    pub peer_ip4: u32,
+    pub peer_port: u32,
     pub _pad: u32,
     /// Body bytes of request `seq` still to copy.
     pub body_left: u64,

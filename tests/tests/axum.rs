@@ -92,6 +92,16 @@ fn an_axum_app_serves_its_api_form_and_streams_through_a_pool() {
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&r.body).unwrap().as_array().map(Vec::len), Some(1));
     let r = c.get("x", "/api/items/99");
     assert_eq!((r.status, r.body.len()), (404, 0), "{r:?}");
+    // The client's address, through axum's `ConnectInfo`: from the kernel's
+    // head record, and from the slow path's (a chunked request).
+    let me = c.stream.local_addr().unwrap().to_string();
+    let r = c.get("x", "/whoami");
+    assert_eq!((r.status, String::from_utf8_lossy(&r.body).trim()), (200, me.as_str()), "{r:?}");
+    let mut slow = d.connect();
+    slow.send(b"GET /whoami HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+    let r = slow.read_response();
+    let me = slow.stream.local_addr().unwrap().to_string();
+    assert_eq!((r.status, String::from_utf8_lossy(&r.body).trim()), (200, me.as_str()), "{r:?}");
     // An unknown route is the app's 404 (axum's), not the dispatcher's.
     let r = c.get("x", "/nowhere");
     assert_eq!(r.status, 404, "{r:?}");

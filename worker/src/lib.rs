@@ -48,7 +48,7 @@ pub use body::{Body, BodyError};
 use pull::Puller;
 pub use request::Request;
 pub use response::{FileBody, Response};
-pub use service::{serve, serve_worker, BoxError, RequestId};
+pub use service::{serve, serve_worker, BoxError, ClientAddr, RequestId};
 
 /// What can go wrong for a worker.
 #[derive(Debug, thiserror::Error)]

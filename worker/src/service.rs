@@ -76,6 +76,12 @@ pub struct RequestId {
     pub seq: u32,
 }
 
+/// The client's address (in a request's extensions, when the dispatcher
+/// knows it: IPv4 clients). With the `axum` feature the request also has
+/// axum's `ConnectInfo<SocketAddr>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
 /// Serves the pool this process was started for with `service` until the
 /// worker is recycled, idles out or gets SIGTERM (it then finishes the
 /// requests it took, hands its connections back and returns `Ok`). Call it
@@ -197,6 +203,15 @@ fn to_http(raw: Raw, body: Body) -> Option<(Meta, http::Request<Body>)> {
         map.append(name, value);
     }
     b = b.extension(RequestId { conn: raw.conn, seq: raw.seq });
+    if let Some(addr) = raw.peer {
+        b = b.extension(ClientAddr(addr));
+        // What `axum::serve(..).into_make_service_with_connect_info()`
+        // gives a handler, so one that extracts it runs unchanged.
+        #[cfg(feature = "axum")]
+        {
+            b = b.extension(axum::extract::ConnectInfo(addr));
+        }
+    }
     let req = b.body(body).ok()?;
     let meta = Meta {
         conn: raw.conn,

@@ -101,12 +101,19 @@ pub fn track_conn(ctx: SockOpsContext) -> u32 {
     }
     // Where the client's byte stream starts, so even its first data
     // segment is checked for old bytes (see `retrans`).
+    // And who the client is, for the head records (`worker::ClientAddr`).
     if let Some(st) = conn_state.get_ptr_mut(cookie) {
         let rcv_nxt = field!(ctx, rcv_nxt);
+        let ip4 = field!(ctx, remote_ip4);
+        // Network byte order in the context's u32, the port in its first
+        // two bytes.
+        let port = u32::from_be(field!(ctx, remote_port));
         // SAFETY: the value just inserted; this callback owns the socket.
         unsafe {
             (*st).tcp_next = rcv_nxt;
             (*st).tcp_known = 1;
+            (*st).peer_ip4 = ip4;
+            (*st).peer_port = port;
         }
     }
     // SAFETY: `ops` is a valid bpf_sock_ops for this callback.

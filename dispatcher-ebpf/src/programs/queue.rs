@@ -164,8 +164,8 @@ pub fn push_head(
         content_length,
         kind: RECORD_HEAD,
         flags,
-        pool: pool as u16,
-        _pad: 0,
+        peer_port: st.peer_port as u16,
+        peer_ip4: st.peer_ip4,
     };
     let size = RECORD_HEADER_LEN as u64 + end as u64;
     if size > (RECORD_HEADER_LEN + HEAD_MAX) as u64 {
@@ -237,8 +237,8 @@ pub fn push_body(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32,
                 content_length: st.body_left - done as u64,
                 kind: RECORD_BODY,
                 flags,
-                pool: st.pool as u16,
-                _pad: 0,
+                peer_port: 0,
+                peer_ip4: 0,
             };
             // The ring's adaptive wake-up (wake when the consumer had caught
             // up), not the awake flag: a second path through this loop is

@@ -123,6 +123,7 @@ pub async fn serve(ctx: Arc<Context>, stream: TcpStream, cookie: u64, rx: mpsc::
     let mut c = Conn {
         ctx,
         cookie,
+        peer,
         sock: Sock::Polled(stream),
         next: 0,
         pending: BTreeMap::new(),
@@ -147,6 +148,8 @@ pub async fn serve(ctx: Arc<Context>, stream: TcpStream, cookie: u64, rx: mpsc::
 struct Conn {
     ctx: Arc<Context>,
     cookie: u64,
+    /// The client's address (for the slow path's head records).
+    peer: Option<std::net::SocketAddr>,
     sock: Sock,
     /// Sequence number of the next response to write.
     next: u32,

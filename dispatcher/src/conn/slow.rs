@@ -234,8 +234,11 @@ impl Conn {
                     content_length: h.content_length,
                     kind: RECORD_HEAD,
                     flags,
-                    pool: pool as u16,
-                    _pad: 0,
+                    peer_port: self.peer.map_or(0, |a| a.port()),
+                    peer_ip4: match self.peer {
+                        Some(std::net::SocketAddr::V4(a)) => u32::from_ne_bytes(a.ip().octets()),
+                        _ => 0,
+                    },
                 };
                 let slot = link.send_head(hdr, &h.bytes);
                 self.ctx.counters.count_slow(Some(pool), 1, 0);
@@ -260,8 +263,7 @@ impl Conn {
                 let s = self.slow.as_mut().unwrap();
                 if let BodyTo::Pool { link, slot, seq, .. } = &s.body_to {
                     // Not body bytes: outside the upload window.
-                    let mut hdr =
-                        body_header(self.cookie, *seq, t.len() as u32, link.index, false, false, LENGTH_UNKNOWN);
+                    let mut hdr = body_header(self.cookie, *seq, t.len() as u32, false, false, LENGTH_UNKNOWN);
                     hdr.flags |= REC_TRAILERS;
                     link.send_record(*slot, hdr, &t);
                 }
@@ -291,7 +293,7 @@ impl Conn {
     }
 }
 
-fn body_header(conn: u64, seq: u32, len: u32, pool: u32, last: bool, close: bool, left: u64) -> RecordHeader {
+fn body_header(conn: u64, seq: u32, len: u32, last: bool, close: bool, left: u64) -> RecordHeader {
     let mut flags = REC_SLOW;
     if last {
         flags |= REC_LAST;
@@ -299,7 +301,7 @@ fn body_header(conn: u64, seq: u32, len: u32, pool: u32, last: bool, close: bool
             flags |= REC_CLOSE;
         }
     }
-    RecordHeader { conn, seq, len, content_length: left, kind: RECORD_BODY, flags, pool: pool as u16, _pad: 0 }
+    RecordHeader { conn, seq, len, content_length: left, kind: RECORD_BODY, flags, peer_port: 0, peer_ip4: 0 }
 }
 
 /// Sends body bytes of request `seq` to the worker slot that has its head;
@@ -316,16 +318,15 @@ fn forward_body(
     close: bool,
     left: &mut u64,
 ) {
-    let pool = link.index;
     let max = MAX_FRAME - 64;
     let mut chunks = data.chunks(max).peekable();
     if data.is_empty() && last {
-        let hdr = body_header(cookie, seq, 0, pool, last, close, *left);
+        let hdr = body_header(cookie, seq, 0, last, close, *left);
         link.send_record(slot, hdr, &[]);
     }
     while let Some(c) = chunks.next() {
         let end = last && chunks.peek().is_none();
-        link.send_record(slot, body_header(cookie, seq, c.len() as u32, pool, end, close, *left), c);
+        link.send_record(slot, body_header(cookie, seq, c.len() as u32, end, close, *left), c);
         if *left != LENGTH_UNKNOWN {
             *left = left.saturating_sub(c.len() as u64);
         }

@@ -24,6 +24,16 @@ pub struct Raw {
     pub close: bool,
     /// Framed by the kernel (false: by the dispatcher's slow path).
     pub from_kernel: bool,
+    /// The client's address, when the head record carried it.
+    pub peer: Option<std::net::SocketAddr>,
+}
+
+/// The client address a head record carries.
+fn peer_of(hdr: &RecordHeader) -> Option<std::net::SocketAddr> {
+    (hdr.peer_ip4 != 0).then(|| {
+        let ip = std::net::Ipv4Addr::from(hdr.peer_ip4.to_ne_bytes());
+        std::net::SocketAddr::from((ip, hdr.peer_port))
+    })
 }
 
 /// What a record completed.
@@ -53,6 +63,7 @@ struct Partial {
     body: BytesMut,
     expected: u64,
     from_kernel: bool,
+    peer: Option<std::net::SocketAddr>,
     /// Streaming mode: where the body goes (None once its reader is gone).
     tx: Option<PieceTx>,
     /// Streaming mode: body bytes received so far.
@@ -118,6 +129,7 @@ impl Reassembly {
                     body: Bytes::new(),
                     close: hdr.flags & REC_CLOSE != 0,
                     from_kernel,
+                    peer: peer_of(hdr),
                 };
                 if hdr.flags & REC_LAST != 0 && hdr.content_length == 0 {
                     self.partial.remove(&key);
@@ -130,6 +142,7 @@ impl Reassembly {
                         body: BytesMut::new(),
                         expected: hdr.content_length,
                         from_kernel,
+                        peer: None,
                         tx: Some(tx),
                         got: 0,
                         streamed: true,
@@ -145,6 +158,7 @@ impl Reassembly {
                     body: BytesMut::with_capacity(cap),
                     expected: hdr.content_length,
                     from_kernel,
+                    peer: peer_of(hdr),
                     tx: None,
                     got: 0,
                     streamed: false,
@@ -205,6 +219,7 @@ impl Reassembly {
                     body: p.body.freeze(),
                     close: hdr.flags & REC_CLOSE != 0,
                     from_kernel: p.from_kernel,
+                    peer: p.peer,
                 }))
             }
             // Wake-ups carry nothing; a kind we do not know is skipped.
@@ -260,7 +275,7 @@ mod tests {
     use tokio::sync::mpsc;
 
     fn hdr(conn: u64, seq: u32, kind: u8, flags: u8, len: usize, cl: u64) -> RecordHeader {
-        RecordHeader { conn, seq, len: len as u32, content_length: cl, kind, flags, pool: 0, _pad: 0 }
+        RecordHeader { conn, seq, len: len as u32, content_length: cl, kind, flags, peer_port: 0, peer_ip4: 0 }
     }
 
     #[test]

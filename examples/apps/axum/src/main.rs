@@ -11,6 +11,8 @@
 //! - `GET /trailers`: a chunked response that ends with a trailer field;
 //! - `POST` or `PUT /upload`: reads the body as it arrives and answers its length
 //!   and FNV-1a checksum (a 1 GiB upload never sits in memory);
+//! - `GET /whoami`: the client's address, from axum's `ConnectInfo` (which
+//!   `worker::serve` provides as `axum::serve` does);
 //! - `GET /`: what this is.
 //!
 //! Run it in a pool with `cargo xtask run -- --config examples/apps/axum.toml`,
@@ -19,13 +21,14 @@
 
 use std::{
     convert::Infallible,
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use axum::{
     body::Body,
-    extract::{Path, Query, State},
+    extract::{ConnectInfo, Path, Query, State},
     http::{header, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -58,7 +61,12 @@ fn app() -> Router {
         .route("/stream", get(stream))
         .route("/trailers", get(trailers))
         .route("/upload", post(upload).put(upload))
+        .route("/whoami", get(whoami))
         .with_state(App::default())
+}
+
+async fn whoami(ConnectInfo(addr): ConnectInfo<SocketAddr>) -> String {
+    format!("{addr}\n")
 }
 
 async fn index() -> &'static str {
@@ -176,7 +184,7 @@ async fn main() -> anyhow::Result<()> {
         (Some("--listen"), Some(addr)) => {
             // Plain axum on its own port: the same app without a dispatcher.
             let listener = tokio::net::TcpListener::bind(&addr).await?;
-            axum::serve(listener, app()).await?;
+            axum::serve(listener, app().into_make_service_with_connect_info::<SocketAddr>()).await?;
         }
         (None, _) => worker::serve(app()).await?,
         _ => anyhow::bail!(
