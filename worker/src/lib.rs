@@ -32,6 +32,7 @@ mod encode;
 pub mod files;
 pub mod progress;
 pub mod proto;
+pub mod proxy;
 mod pull;
 pub mod request;
 pub mod response;

@@ -251,6 +251,33 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Programs a pool may run (a `proxy` pool's app) and the Debian package
+/// that has each.
+const APP_PACKAGES: &[(&str, &str)] =
+    &[("gunicorn", "gunicorn"), ("nodejs", "node"), ("php-fpm", "php-fpm"), ("python3", "python3")];
+
+/// The packages the pools of the `--config` file in `args` need, by the
+/// programs their commands and arguments name (e.g. `gunicorn` after a
+/// proxy pool's `--`). An unreadable config is the dispatcher's to report.
+fn config_apps(args: &[std::ffi::OsString]) -> Vec<(&'static str, &'static str)> {
+    let Some(i) = args.iter().position(|a| a == "--config") else { return Vec::new() };
+    let Some(text) = args.get(i + 1).and_then(|p| std::fs::read_to_string(p).ok()) else { return Vec::new() };
+    let Ok(cfg) = text.parse::<toml::Table>() else { return Vec::new() };
+    let mut words = Vec::new();
+    for p in cfg.get("pool").and_then(|p| p.as_array()).into_iter().flatten() {
+        words.extend(p.get("command").and_then(|c| c.as_str()).map(str::to_string));
+        for a in p.get("args").and_then(|a| a.as_array()).into_iter().flatten() {
+            words.extend(a.as_str().map(str::to_string));
+        }
+    }
+    let base = |w: &String| w.rsplit('/').next().unwrap_or(w).to_string();
+    APP_PACKAGES
+        .iter()
+        .filter(|(_, bin)| words.iter().any(|w| base(w) == *bin || base(w).starts_with(&format!("{bin}."))))
+        .copied()
+        .collect()
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let mut apt = Apt::new();
@@ -268,6 +295,11 @@ fn main() -> Result<()> {
                 &[("bpftool", "bpftool"), ("curl", "curl")],
                 "inspection tools (bpftool, curl)",
             )?;
+            let apps = config_apps(&args);
+            if !apps.is_empty() {
+                let names: Vec<&str> = apps.iter().map(|(_, b)| *b).collect();
+                toolchain::ensure_packages(&mut apt, &apps, &format!("the config's apps ({})", names.join(", ")))?;
+            }
             let exe = bin.join("dispatcher");
             step(
                 "run",
@@ -316,8 +348,14 @@ fn main() -> Result<()> {
             }
             toolchain::ensure_packages(
                 &mut apt,
-                &[("curl", "curl"), ("wrk", "wrk"), ("bpftool", "bpftool"), ("iproute2", "ip")],
-                "test tools (curl, wrk, bpftool, iproute2)",
+                &[
+                    ("curl", "curl"),
+                    ("wrk", "wrk"),
+                    ("bpftool", "bpftool"),
+                    ("iproute2", "ip"),
+                    ("gunicorn", "gunicorn"),
+                ],
+                "test tools (curl, wrk, bpftool, iproute2) and apps (gunicorn)",
             )?;
             let obj = build_bpf_linted(&mut apt, lint)?;
             let bin = build_user(&obj, true)?;

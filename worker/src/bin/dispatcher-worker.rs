@@ -43,6 +43,32 @@ enum Mode {
         #[arg(long, value_name = "VALUE")]
         cache_control: Option<String>,
     },
+    /// Start COMMAND (any HTTP/1.1 server: gunicorn, node, a Go binary) and
+    /// forward the pool's requests to it over keep-alive connections on
+    /// loopback (see `worker::proxy`). It listens where --socket says;
+    /// `$PORT` in its arguments is replaced by the port. The app and this
+    /// worker stop together.
+    ///
+    /// Example: proxy -- gunicorn -b 127.0.0.1:$PORT app:app
+    Proxy {
+        /// `port`: a free loopback port in PORT (HOST=127.0.0.1) for the
+        /// app to bind; `fds`: a listening loopback socket as fd 3, systemd
+        /// style (LISTEN_FDS=1, LISTEN_PID, LISTEN_FDNAMES=http).
+        #[arg(long, value_enum, default_value = "port")]
+        socket: SocketArg,
+        /// Seconds the app may take to accept its first connection.
+        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        start_timeout: u64,
+        /// The app's program and arguments.
+        #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum SocketArg {
+    Port,
+    Fds,
 }
 
 fn main() -> Result<()> {
@@ -66,6 +92,7 @@ enum Handler {
 impl Handler {
     fn new(mode: &Mode) -> Result<Handler> {
         Ok(match mode {
+            Mode::Proxy { .. } => unreachable!("proxy pools are served by worker::proxy"),
             Mode::Echo => Handler::Echo,
             Mode::Static { dir, cache_control } => Handler::Static(Arc::new(
                 StaticFiles::new(dir, cache_control.clone())
@@ -89,6 +116,20 @@ async fn handle(h: Handler, req: Request) -> Response {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Mode::Proxy { socket, start_timeout, command } = &cli.mode {
+        anyhow::ensure!(cli.listen.is_none(), "--listen: a proxy pool's app has its own port");
+        let socket = match socket {
+            SocketArg::Port => worker::proxy::Socket::Port,
+            SocketArg::Fds => worker::proxy::Socket::Fds,
+        };
+        let app = worker::proxy::App {
+            command: command.clone(),
+            socket,
+            start_timeout: std::time::Duration::from_secs(*start_timeout),
+        };
+        worker::proxy::run(app).await?;
+        return Ok(());
+    }
     if let Some(addr) = cli.listen {
         tracing::info!(%addr, pid = std::process::id(), "serving standalone");
         let h = Handler::new(&cli.mode)?;
@@ -99,6 +140,7 @@ async fn run(cli: Cli) -> Result<()> {
     let mut w = Worker::from_env()?;
     let pid = std::process::id();
     let mode_name = match &cli.mode {
+        Mode::Proxy { .. } => unreachable!("handled above"),
         Mode::Echo => "echo".to_string(),
         Mode::Static { dir, .. } => format!("static {}", dir.display()),
     };

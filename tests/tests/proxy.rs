@@ -1,0 +1,199 @@
+//! `proxy` pools with a real app: examples/apps/python/app.py under
+//! gunicorn, started by the pool's worker (`dispatcher-worker proxy --
+//! gunicorn ...`), with `PORT` and with a systemd-style listening socket;
+//! forwarding fields set and hop-by-hop fields dropped; a 10 MiB upload
+//! (with a Content-Length and chunked) and download; the app killed and
+//! restarted; an app that never listens.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tests::{wait_until, Dispatcher, PoolDef, TempDir};
+
+/// Bytes of the upload and the download.
+const TEN_MIB: usize = 10 << 20;
+
+/// The example app, copied where the workers (`nobody`) can read it.
+fn app_dir(name: &str) -> TempDir {
+    let d = TempDir::new(&format!("{name}{}", std::process::id()));
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/apps/python/app.py");
+    std::fs::copy(&src, d.path.join("app.py")).unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
+    d.make_readable();
+    d
+}
+
+fn start(dir: &TempDir, socket: &str) -> Option<Dispatcher> {
+    let dir = dir.path.display().to_string();
+    let port_args: &[&str] = if socket == "port" { &["-b", "127.0.0.1:$PORT"] } else { &[] };
+    let mut args: Vec<&str> = vec!["proxy", "--socket", socket, "--", "gunicorn", "--chdir", &dir];
+    args.extend_from_slice(port_args);
+    args.extend_from_slice(&["--workers", "2", "app:app"]);
+    Dispatcher::start_if_privileged(
+        &[PoolDef { name: "py", routes: &["*/"], args: &args, extra: "", command: None }],
+        "[limits]\nmax_body = 104857600\n",
+    )
+}
+
+fn sha256(data: &[u8]) -> String {
+    let mut c = Command::new("sha256sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("sha256sum");
+    c.stdin.take().unwrap().write_all(data).unwrap();
+    let out = c.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string()
+}
+
+/// Reads one response whose body has a Content-Length; (status line, body).
+fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk).expect("reading the answer");
+        assert!(n > 0, "closed before the head: {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .unwrap_or_else(|| panic!("no Content-Length: {head}"));
+    while buf.len() < head_end + len {
+        let n = s.read(&mut chunk).expect("reading the body");
+        assert!(n > 0, "closed mid-body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    (head.lines().next().unwrap_or("").to_string(), buf[head_end..head_end + len].to_vec())
+}
+
+fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
+}
+
+#[test]
+fn a_gunicorn_app_is_started_and_proxied_with_forwarding_fields() {
+    for socket in ["port", "fds"] {
+        let dir = app_dir(&format!("proxy-{socket}-"));
+        let Some(d) = start(&dir, socket) else { return };
+        let mut c = d.connect();
+        let r = c.get("x", "/");
+        assert_eq!(r.status, 200, "{socket}: {r:?}\n{}", d.log());
+        assert!(String::from_utf8_lossy(&r.body).contains("WSGI app"), "{r:?}");
+        // Hop-by-hop fields stay here; forwarding fields are added.
+        c.send(b"GET /headers HTTP/1.1\r\nHost: shop.example\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\n\r\n");
+        let r = c.read_response();
+        assert_eq!(r.status, 200, "{r:?}");
+        let h = json(&r.body);
+        for gone in ["x-secret", "keep-alive", "connection"] {
+            assert!(h.get(gone).is_none(), "{socket}: {gone} reached the app: {h}");
+        }
+        assert_eq!(h["x-kept"], "yes", "{h}");
+        assert_eq!(h["host"], "shop.example", "{h}");
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{h}");
+        assert_eq!(h["x-forwarded-proto"], "http", "{h}");
+        assert_eq!(h["forwarded"], "for=127.0.0.1;host=\"shop.example\";proto=http", "{h}");
+        // The same keep-alive connection goes on working.
+        assert_eq!(c.get("x", "/nothing").status, 404);
+        if socket == "fds" {
+            assert!(d.log().contains("socket=Fds"), "{}", d.log());
+        }
+    }
+}
+
+#[test]
+fn ten_mib_go_up_and_down_through_a_proxy_pool() {
+    let dir = app_dir("proxy-big-");
+    let Some(d) = start(&dir, "port") else { return };
+    let data: Vec<u8> = (0..TEN_MIB as u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let want = sha256(&data);
+    // With a Content-Length, from a raw client.
+    let mut s = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {TEN_MIB}\r\n\r\n").as_bytes()).unwrap();
+    s.write_all(&data).unwrap();
+    let (status, body) = read_response(&mut s);
+    assert!(status.contains(" 200 "), "{status}");
+    let v = json(&body);
+    assert_eq!((v["bytes"].as_u64(), v["sha256"].as_str()), (Some(TEN_MIB as u64), Some(want.as_str())), "{v}");
+    // Chunked, from curl.
+    let file = dir.path.join("up.bin");
+    std::fs::write(&file, &data).unwrap();
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60", "-H", "Transfer-Encoding: chunked", "--data-binary"])
+        .arg(format!("@{}", file.display()))
+        .arg(format!("http://127.0.0.1:{}/upload", d.port))
+        .output()
+        .unwrap();
+    let v = json(&out.stdout);
+    assert_eq!((v["bytes"].as_u64(), v["sha256"].as_str()), (Some(TEN_MIB as u64), Some(want.as_str())), "{v}");
+    // Down: the app's 10 MiB arrive whole and in order.
+    s.write_all(format!("GET /bytes/{TEN_MIB} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
+    let (status, body) = read_response(&mut s);
+    assert!(status.contains(" 200 "), "{status}");
+    assert_eq!(body.len(), TEN_MIB);
+    assert!(body.iter().enumerate().all(|(i, &b)| b == ((i % 65536) % 251) as u8), "the download's bytes differ");
+}
+
+/// The app's main process: the worker's child.
+fn app_pid(worker: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == worker).then_some(pid)
+    })
+}
+
+#[test]
+fn a_killed_app_is_restarted_and_serves_again() {
+    let dir = app_dir("proxy-kill-");
+    let Some(d) = start(&dir, "port") else { return };
+    let mut c = d.connect();
+    assert_eq!(c.get("x", "/").status, 200);
+    let worker = d.workers()[0];
+    let app = app_pid(worker).expect("the app is the worker's child");
+    tests::signal(app, libc::SIGKILL);
+    assert!(
+        d.wait_log(Duration::from_secs(10), |l| l.contains("the app `gunicorn` exited")),
+        "the worker did not notice: {}",
+        d.log()
+    );
+    // A new worker starts a new app; requests are served again.
+    let t0 = Instant::now();
+    let served = wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        let mut c = d.connect();
+        c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        c.try_read_response().is_some_and(|r| r.status == 200)
+    });
+    assert!(served, "not served again within {:?}: {}", t0.elapsed(), d.log());
+    let now = d.workers();
+    assert!(now.len() == 1 && now[0] != worker, "workers {now:?}, the old one was {worker}");
+}
+
+#[test]
+fn an_app_that_never_listens_is_reported() {
+    let Some(d) = Dispatcher::start_if_privileged(
+        &[PoolDef {
+            name: "mute",
+            routes: &["*/"],
+            args: &["proxy", "--start-timeout", "1", "--", "sleep", "30"],
+            extra: "",
+            command: None,
+        }],
+        "",
+    ) else {
+        return;
+    };
+    let mut c = d.connect();
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        d.wait_log(Duration::from_secs(15), |l| l.contains("did not accept connections on 127.0.0.1:")),
+        "{}",
+        d.log()
+    );
+}

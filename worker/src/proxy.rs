@@ -1,0 +1,289 @@
+//! `proxy` pools: the pool's application is any HTTP/1.1 server (gunicorn,
+//! uvicorn, `node server.js`, a Go binary), unchanged. The worker starts it
+//! as its child, with a loopback listening socket it inherits the systemd
+//! way (fd 3, `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`) or with a free
+//! loopback port in `PORT` (and `$PORT` in its arguments replaced by it),
+//! waits until it accepts connections, then serves the pool with
+//! [`crate::serve`], forwarding each request over a pool of keep-alive
+//! connections (hyper's client) and streaming bodies both ways.
+//!
+//! The worker and the app live and die together: the app gets SIGTERM when
+//! the worker exits (even by SIGKILL: `PR_SET_PDEATHSIG`), and the worker
+//! exits when the app does, so activation's restarts, idle time-outs,
+//! recycling and rapid-fail protection apply to the app's process. What a
+//! dead app had taken is answered 502 by the dispatcher (the worker's
+//! trace of taken requests); what is still queued waits for the restart.
+
+use std::{
+    future::Future,
+    net::{Ipv4Addr, SocketAddr},
+    os::fd::AsRawFd,
+    pin::Pin,
+    process::Stdio,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+
+use crate::{BoxError, ClientAddr};
+
+/// How the app is told where to listen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Socket {
+    /// A free loopback port in `PORT` (and `HOST=127.0.0.1`); the app
+    /// binds it itself.
+    Port,
+    /// A listening loopback socket as fd 3, systemd style; `PORT` is set
+    /// too, for apps that log it.
+    Fds,
+}
+
+/// The app a proxy pool runs.
+#[derive(Clone, Debug)]
+pub struct App {
+    /// Its program and arguments (`$PORT` in them is replaced).
+    pub command: Vec<String>,
+    pub socket: Socket,
+    /// How long it may take to accept its first connection.
+    pub start_timeout: Duration,
+}
+
+/// Why a proxy worker stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("starting the app `{0}`: {1}")]
+    Spawn(String, std::io::Error),
+    #[error("the app `{0}` exited before it accepted connections on 127.0.0.1:{1} ({2})")]
+    ExitedEarly(String, u16, std::process::ExitStatus),
+    #[error("the app `{0}` did not accept connections on 127.0.0.1:{1} within {2:?}")]
+    NeverListened(String, u16, Duration),
+    #[error("the app `{0}` exited ({1})")]
+    Exited(String, std::process::ExitStatus),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Worker(#[from] crate::Error),
+}
+
+/// Starts `app`, waits for it to listen, serves the pool through it until
+/// the worker is done (idle, recycled, SIGTERM) or the app exits.
+pub async fn run(app: App) -> Result<(), ProxyError> {
+    let name = app.command.first().cloned().unwrap_or_default();
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let port = listener.local_addr()?.port();
+    // With `PORT` the app binds the port itself: let it go first.
+    let listener = (app.socket == Socket::Fds).then_some(listener);
+    let mut child = spawn(&app, listener.as_ref(), port).map_err(|e| ProxyError::Spawn(name.clone(), e))?;
+    tracing::info!(app = %name, port, pid = child.id(), socket = ?app.socket, "app started");
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Err(ProxyError::ExitedEarly(name, port, st));
+        }
+        if app.socket == Socket::Fds || tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.is_ok() {
+            break;
+        }
+        if t0.elapsed() > app.start_timeout {
+            let _ = child.start_kill();
+            return Err(ProxyError::NeverListened(name, port, app.start_timeout));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(app = %name, port, after_ms = t0.elapsed().as_millis() as u64, "app accepts connections");
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    let client =
+        Client::builder(hyper_util::rt::TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(http);
+    let forward = Forward { client, port };
+    let served = tokio::select! {
+        r = crate::serve(forward) => r.map_err(ProxyError::from),
+        st = child.wait() => return Err(ProxyError::Exited(name, st?)),
+    };
+    // The worker is done: so is the app (SIGTERM, then SIGKILL).
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+    }
+    if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+    served
+}
+
+fn spawn(app: &App, listener: Option<&std::net::TcpListener>, port: u16) -> std::io::Result<tokio::process::Child> {
+    let Some((prog, args)) = app.command.split_first() else {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no command"));
+    };
+    let args: Vec<String> = args.iter().map(|a| a.replace("$PORT", &port.to_string())).collect();
+    let mut cmd = match app.socket {
+        Socket::Port => {
+            let mut c = tokio::process::Command::new(prog);
+            c.args(&args);
+            c
+        }
+        Socket::Fds => {
+            // LISTEN_PID must be the app's own pid: the shell sets it to
+            // its own and then becomes the app.
+            let mut c = tokio::process::Command::new("/bin/sh");
+            c.arg("-c").arg("LISTEN_PID=$$ exec \"$0\" \"$@\"").arg(prog).args(&args);
+            c.env("LISTEN_FDS", "1").env("LISTEN_FDNAMES", "http");
+            c
+        }
+    };
+    cmd.env("PORT", port.to_string())
+        .env("HOST", "127.0.0.1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    let fd = listener.map(|l| l.as_raw_fd());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = fd {
+                // fd 3, without close-on-exec (dup2 clears it).
+                if fd == 3 {
+                    let fl = libc::fcntl(3, libc::F_GETFD);
+                    libc::fcntl(3, libc::F_SETFD, fl & !libc::FD_CLOEXEC);
+                } else if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+/// The response body a proxy pool sends: the app's, or its own error.
+type ProxyBody = BoxBody<Bytes, BoxError>;
+
+/// Forwards requests to the app on 127.0.0.1:`port`.
+#[derive(Clone)]
+struct Forward {
+    client: Client<HttpConnector, crate::Body>,
+    port: u16,
+}
+
+impl tower_service::Service<Request<crate::Body>> for Forward {
+    type Response = Response<ProxyBody>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<crate::Body>) -> Self::Future {
+        let client = self.client.clone();
+        let port = self.port;
+        Box::pin(async move {
+            let req = to_app(req, port)?;
+            Ok(match client.request(req).await {
+                Ok(resp) => {
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+                }
+                Err(e) => {
+                    tracing::warn!(port, "forwarding to the app: {e}");
+                    let mut r = Response::new(
+                        Full::new(Bytes::from_static(b"502 Bad Gateway: the app did not answer\n"))
+                            .map_err(BoxError::from)
+                            .boxed(),
+                    );
+                    *r.status_mut() = http::StatusCode::BAD_GATEWAY;
+                    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+                    r
+                }
+            })
+        })
+    }
+}
+
+/// The request as the app gets it: an absolute URI to its port, the
+/// client's hop-by-hop headers gone, `X-Forwarded-*` and `Forwarded` set.
+fn to_app(req: Request<crate::Body>, port: u16) -> Result<Request<crate::Body>, BoxError> {
+    let (mut parts, body) = req.into_parts();
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    parts.uri = Uri::try_from(format!("http://127.0.0.1:{port}{pq}"))?;
+    // The app speaks HTTP/1.1 to us whatever the client spoke.
+    parts.version = http::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    let client = parts.extensions.get::<ClientAddr>().map(|a| a.0);
+    add_forwarded(&mut parts.headers, client);
+    Ok(Request::from_parts(parts, body))
+}
+
+/// RFC 9110 §7.6.1: `Connection` and the fields it names, and the other
+/// hop-by-hop fields, are not forwarded.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade", "trailer"] {
+        h.remove(n);
+    }
+}
+
+fn add_forwarded(h: &mut HeaderMap, client: Option<SocketAddr>) {
+    let ip = client.map(|a| a.ip().to_string());
+    if let Some(ip) = &ip {
+        let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip.clone(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            h.insert("x-forwarded-for", v);
+        }
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    let mut fwd = format!("for={}", ip.as_deref().unwrap_or("unknown"));
+    if let Some(host) = h.get(header::HOST).and_then(|v| v.to_str().ok()) {
+        if host.bytes().all(|b| b.is_ascii_graphic()) && !host.contains('"') {
+            fwd.push_str(&format!(";host=\"{host}\""));
+        }
+    }
+    fwd.push_str(";proto=http");
+    if let Ok(v) = HeaderValue::from_str(&fwd) {
+        h.append(header::FORWARDED, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_fields_go_and_forwarding_fields_come() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("host", HeaderValue::from_static("example.org"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        strip_hop_by_hop(&mut h);
+        add_forwarded(&mut h, Some("192.0.2.7:5555".parse().unwrap()));
+        for gone in ["connection", "x-secret", "keep-alive", "te"] {
+            assert!(h.get(gone).is_none(), "{gone} was forwarded");
+        }
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["forwarded"], "for=192.0.2.7;host=\"example.org\";proto=http");
+        assert_eq!(h["host"], "example.org");
+    }
+}
