@@ -5,7 +5,8 @@
 //! loopback port in `PORT` (and `$PORT` in its arguments replaced by it),
 //! waits until it accepts connections, then serves the pool with
 //! [`crate::serve`], forwarding each request over a pool of keep-alive
-//! connections (hyper's client) and streaming bodies both ways.
+//! connections (hyper's HTTP/1 client connections, pooled here) and
+//! streaming bodies both ways.
 //!
 //! The worker and the app live and die together: the app gets SIGTERM when
 //! the worker exits (even by SIGKILL: `PR_SET_PDEATHSIG`), and the worker
@@ -20,6 +21,7 @@ use std::{
     os::fd::AsRawFd,
     pin::Pin,
     process::Stdio,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::{Duration, Instant},
 };
@@ -27,7 +29,8 @@ use std::{
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, Uri};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper::{body::Incoming, client::conn::http1::SendRequest};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{BoxError, ClientAddr};
 
@@ -50,6 +53,8 @@ pub struct App {
     pub socket: Socket,
     /// How long it may take to accept its first connection.
     pub start_timeout: Duration,
+    /// Connections to it at most (so requests in flight at most).
+    pub max_connections: usize,
 }
 
 /// Why a proxy worker stopped.
@@ -94,11 +99,7 @@ pub async fn run(app: App) -> Result<(), ProxyError> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tracing::info!(app = %name, port, after_ms = t0.elapsed().as_millis() as u64, "app accepts connections");
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    let client =
-        Client::builder(hyper_util::rt::TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(http);
-    let forward = Forward { client, port };
+    let forward = Forward { pool: Arc::new(AppPool::new(port, app.max_connections)) };
     let served = tokio::select! {
         r = crate::serve(forward) => r.map_err(ProxyError::from),
         st = child.wait() => return Err(ProxyError::Exited(name, st?)),
@@ -164,11 +165,102 @@ fn spawn(app: &App, listener: Option<&std::net::TcpListener>, port: u16) -> std:
 /// The response body a proxy pool sends: the app's, or its own error.
 type ProxyBody = BoxBody<Bytes, BoxError>;
 
-/// Forwards requests to the app on 127.0.0.1:`port`.
+/// Keep-alive connections to the app. A connection is opened only for a
+/// request about to be sent on it, never ahead: hyper's pooled client
+/// opens one while it waits for an idle one and parks it unused, and a
+/// threaded app (gunicorn's gthread) then has a thread blocked reading
+/// it; at 256 clients that stalled the pool (131 req/s against 6,000 at
+/// 128). At most `max` at once; a request waits for one beyond that.
+struct AppPool {
+    port: u16,
+    idle: Mutex<Vec<SendRequest<crate::Body>>>,
+    permits: Arc<Semaphore>,
+}
+
+impl AppPool {
+    fn new(port: u16, max: usize) -> AppPool {
+        AppPool { port, idle: Mutex::new(Vec::new()), permits: Arc::new(Semaphore::new(max.max(1))) }
+    }
+
+    /// Sends `req` on an idle connection or a new one; the response's body
+    /// gives the connection back once read to its end.
+    async fn send(self: &Arc<Self>, req: Request<crate::Body>) -> Result<Response<PooledBody>, BoxError> {
+        let permit = self.permits.clone().acquire_owned().await?;
+        let mut conn = loop {
+            let next = self.idle.lock().unwrap().pop();
+            let Some(mut c) = next else {
+                break self.connect().await?;
+            };
+            if c.ready().await.is_ok() {
+                break c;
+            }
+        };
+        let resp = conn.send_request(req).await?;
+        let (parts, body) = resp.into_parts();
+        let back = Some((conn, self.clone(), permit));
+        Ok(Response::from_parts(parts, PooledBody { inner: body, back, done: false }))
+    }
+
+    async fn connect(&self) -> Result<SendRequest<crate::Body>, BoxError> {
+        let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).await?;
+        tcp.set_nodelay(true)?;
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        let port = self.port;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(port, "a connection to the app ended: {e}");
+            }
+        });
+        Ok(send)
+    }
+}
+
+/// The app's response body; its connection goes back to the pool when the
+/// body was read to its end (dropped early, the connection closes).
+struct PooledBody {
+    inner: Incoming,
+    back: Option<(SendRequest<crate::Body>, Arc<AppPool>, OwnedSemaphorePermit)>,
+    done: bool,
+}
+
+impl http_body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.done = true;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        if let Some((conn, pool, _permit)) = self.back.take() {
+            if self.done && !conn.is_closed() {
+                pool.idle.lock().unwrap().push(conn);
+            }
+        }
+    }
+}
+
+/// Forwards requests to the app.
 #[derive(Clone)]
 struct Forward {
-    client: Client<HttpConnector, crate::Body>,
-    port: u16,
+    pool: Arc<AppPool>,
 }
 
 impl tower_service::Service<Request<crate::Body>> for Forward {
@@ -181,11 +273,11 @@ impl tower_service::Service<Request<crate::Body>> for Forward {
     }
 
     fn call(&mut self, req: Request<crate::Body>) -> Self::Future {
-        let client = self.client.clone();
-        let port = self.port;
+        let pool = self.pool.clone();
         Box::pin(async move {
+            let port = pool.port;
             let req = to_app(req, port)?;
-            Ok(match client.request(req).await {
+            Ok(match pool.send(req).await {
                 Ok(resp) => {
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
@@ -193,11 +285,8 @@ impl tower_service::Service<Request<crate::Body>> for Forward {
                 }
                 Err(e) => {
                     tracing::warn!(port, "forwarding to the app: {e}");
-                    let mut r = Response::new(
-                        Full::new(Bytes::from_static(b"502 Bad Gateway: the app did not answer\n"))
-                            .map_err(BoxError::from)
-                            .boxed(),
-                    );
+                    let msg = Bytes::from_static(b"502 Bad Gateway: the app did not answer\n");
+                    let mut r = Response::new(Full::new(msg).map_err(BoxError::from).boxed());
                     *r.status_mut() = http::StatusCode::BAD_GATEWAY;
                     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
                     r
@@ -211,8 +300,12 @@ impl tower_service::Service<Request<crate::Body>> for Forward {
 /// client's hop-by-hop headers gone, `X-Forwarded-*` and `Forwarded` set.
 fn to_app(req: Request<crate::Body>, port: u16) -> Result<Request<crate::Body>, BoxError> {
     let (mut parts, body) = req.into_parts();
+    // Origin form on our own connection; the client's Host stays.
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-    parts.uri = Uri::try_from(format!("http://127.0.0.1:{port}{pq}"))?;
+    parts.uri = Uri::try_from(pq)?;
+    if !parts.headers.contains_key(header::HOST) {
+        parts.headers.insert(header::HOST, HeaderValue::from_str(&format!("127.0.0.1:{port}"))?);
+    }
     // The app speaks HTTP/1.1 to us whatever the client spoke.
     parts.version = http::Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);

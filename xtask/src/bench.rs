@@ -143,6 +143,9 @@ enum App {
     /// `axum::serve` (hyper) vs the same app in a pool through
     /// `worker::serve`.
     Axum,
+    /// The WSGI example app (examples/apps/python) under gunicorn, behind
+    /// nginx's `proxy_pass` (upstream keep-alive) vs in a `proxy` pool.
+    Python,
 }
 
 /// Largest connection count the app sections run at (of `--connections`).
@@ -151,12 +154,13 @@ const APP_MAX_CONNECTIONS: u32 = 256;
 const STATIC_LARGE: usize = 1 << 20;
 
 impl App {
-    const ALL: [App; 2] = [App::Static, App::Axum];
+    const ALL: [App; 3] = [App::Static, App::Axum, App::Python];
 
     fn name(self) -> &'static str {
         match self {
             App::Static => "static",
             App::Axum => "axum",
+            App::Python => "python",
         }
     }
 
@@ -165,6 +169,7 @@ impl App {
         match self {
             App::Static => &["nginx-1w", "nginx-auto", "fast"],
             App::Axum => &["direct", "fast"],
+            App::Python => &["nginx", "fast"],
         }
     }
 
@@ -173,6 +178,7 @@ impl App {
         match self {
             App::Static => "nginx serving the directory itself (`root`, `sendfile on`, `tcp_nopush on`, keep-alive, `access_log off`, no `open_file_cache`: its default) with 1 worker process (`nginx-1w`, as the pool has 1 worker) and with `worker_processes auto` (`nginx-auto`, one per core); fast = a dispatcher pool running `dispatcher-worker static DIR` over the same directory (its in-memory cache of files up to 1 MiB, one `fstatat` per request).",
             App::Axum => "the axum example app (examples/apps/axum, one current-thread tokio runtime): direct = served by `axum::serve` (hyper) on its own port; fast = the same binary in a dispatcher pool, through `worker::serve` (kernel path, direct responses).",
+            App::Python => "the WSGI example app (examples/apps/python) under gunicorn (`-k gthread --workers 2 --threads 8`, so it keeps connections alive): nginx = `worker_processes auto` with `proxy_pass` to it and upstream `keepalive 256`; fast = a `proxy` pool whose worker starts the same gunicorn command on its own port and forwards to it (hyper's pooled client).",
         }
     }
 
@@ -182,6 +188,7 @@ impl App {
         match self {
             App::Static => &[("demo page (index.html, 544 B)", "/", false), ("1 MiB file", "/1m.bin", true)],
             App::Axum => &[("text, GET /", "/", false), ("JSON, GET /api/items", "/api/items", false)],
+            App::Python => &[("text, GET /", "/", false), ("64 KiB, GET /bytes/65536", "/bytes/65536", true)],
         }
     }
 
@@ -222,6 +229,51 @@ impl App {
                 );
                 procs.0.push(spawn_dispatcher(bin, dir, "axum", &cfg, "warn")?);
                 wait_port(ports[1], "dispatcher (axum)")?;
+                Ok(ports)
+            }
+            App::Python => {
+                let app = dir.join("python-app");
+                fs::create_dir_all(&app)?;
+                fs::copy(root.join("examples/apps/python/app.py"), app.join("app.py"))
+                    .context("copying examples/apps/python/app.py")?;
+                let ok = Command::new("chmod").args(["-R", "a+rX"]).arg(dir).status()?;
+                anyhow::ensure!(ok.success(), "chmod -R a+rX {}", dir.display());
+                let ports: Vec<u16> = self.setups().iter().map(|_| free_port()).collect();
+                let gunicorn_port = free_port();
+                let app_dir = app.display().to_string();
+                let gunicorn = |bind: &str| -> Vec<String> {
+                    ["gunicorn", "--chdir", &app_dir, "-b", bind, "-k", "gthread", "--workers", "2", "--threads", "8"]
+                        .iter()
+                        .map(|s| s.to_string())
+                        .chain(["--keep-alive", "75", "--log-level", "warning", "app:app"].map(String::from))
+                        .collect()
+                };
+                let direct = gunicorn(&format!("127.0.0.1:{gunicorn_port}"));
+                procs.0.push(
+                    Command::new(&direct[0])
+                        .args(&direct[1..])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .context("starting gunicorn")?,
+                );
+                wait_port(gunicorn_port, "gunicorn")?;
+                let ngx = dir.join("nginx-python");
+                fs::create_dir_all(&ngx)?;
+                procs.0.push(start_nginx(&ngx, ports[0], gunicorn_port)?);
+                wait_port(ports[0], "nginx (python)")?;
+                let args: Vec<String> = ["proxy".to_string(), "--".to_string()]
+                    .into_iter()
+                    .chain(gunicorn("127.0.0.1:$PORT"))
+                    .map(|a| format!("{a:?}"))
+                    .collect();
+                let cfg = format!(
+                    "listen = \"127.0.0.1:{}\"\ninstance = \"bench-python\"\n[[pool]]\nname = \"python\"\nroutes = [\"*/\"]\ncommand = \"dispatcher-worker\"\nargs = [{}]\nstart_mode = \"always-running\"\n",
+                    ports[1],
+                    args.join(", ")
+                );
+                procs.0.push(spawn_dispatcher(bin, dir, "python", &cfg, "warn")?);
+                wait_port(ports[1], "dispatcher (python)")?;
                 Ok(ports)
             }
         }

@@ -67,9 +67,10 @@ enum Cmd {
         /// Sections to run: `echo` (the echo app behind every dispatch
         /// path) and app sections (`static`: nginx serving a directory vs
         /// a `static` pool; `axum`: the axum example on hyper vs in a
-        /// pool). The app sections run at the --connections counts up to
-        /// 256.
-        #[arg(long, value_delimiter = ',', default_value = "echo,static,axum")]
+        /// pool; `python`: the WSGI example under gunicorn behind nginx's
+        /// proxy_pass vs in a proxy pool). The app sections run at the
+        /// --connections counts up to 256.
+        #[arg(long, value_delimiter = ',', default_value = "echo,static,axum,python")]
         only: Vec<String>,
         /// Measure the `dispatcher` and `dispatcher-worker` binaries in DIR
         /// (e.g. copies of an earlier commit's target/release) instead of
@@ -316,8 +317,8 @@ fn main() -> Result<()> {
             require_root("`cargo xtask bench`")?;
             toolchain::ensure_packages(
                 &mut apt,
-                &[("wrk", "wrk"), ("nginx", "nginx"), ("nghttp2-client", "h2load")],
-                "benchmark tools (wrk, nginx, h2load)",
+                &[("wrk", "wrk"), ("nginx", "nginx"), ("nghttp2-client", "h2load"), ("gunicorn", "gunicorn")],
+                "benchmark tools (wrk, nginx, h2load) and apps (gunicorn)",
             )?;
             let bin = match bin_dir {
                 Some(dir) => {

@@ -59,6 +59,10 @@ enum Mode {
         /// Seconds the app may take to accept its first connection.
         #[arg(long, default_value_t = 30, value_name = "SECS")]
         start_timeout: u64,
+        /// Keep-alive connections to the app at most (requests beyond
+        /// that many in flight wait for one).
+        #[arg(long, default_value_t = 64, value_name = "N")]
+        max_connections: usize,
         /// The app's program and arguments.
         #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
         command: Vec<String>,
@@ -116,7 +120,7 @@ async fn handle(h: Handler, req: Request) -> Response {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    if let Mode::Proxy { socket, start_timeout, command } = &cli.mode {
+    if let Mode::Proxy { socket, start_timeout, max_connections, command } = &cli.mode {
         anyhow::ensure!(cli.listen.is_none(), "--listen: a proxy pool's app has its own port");
         let socket = match socket {
             SocketArg::Port => worker::proxy::Socket::Port,
@@ -126,6 +130,7 @@ async fn run(cli: Cli) -> Result<()> {
             command: command.clone(),
             socket,
             start_timeout: std::time::Duration::from_secs(*start_timeout),
+            max_connections: *max_connections,
         };
         worker::proxy::run(app).await?;
         return Ok(());
