@@ -197,3 +197,21 @@ fn an_app_that_never_listens_is_reported() {
         d.log()
     );
 }
+
+#[test]
+fn the_app_goes_when_the_dispatcher_dies() {
+    let dir = app_dir("proxy-orphan-");
+    let Some(d) = start(&dir, "port") else { return };
+    assert_eq!(d.connect().get("x", "/").status, 200);
+    let worker = d.workers()[0];
+    let app = app_pid(worker).expect("the app is the worker's child");
+    // The worker sees its control socket close and ends, and the app with
+    // it: the app holds none of the worker's sockets open.
+    tests::signal(d.pid(), libc::SIGKILL);
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+    };
+    let gone = wait_until(Duration::from_secs(15), Duration::from_millis(100), || !alive(worker) && !alive(app));
+    assert!(gone, "worker {worker} alive: {}, app {app} alive: {}", alive(worker), alive(app));
+}

@@ -156,6 +156,13 @@ fn spawn(app: &App, listener: Option<&std::net::TcpListener>, port: u16) -> std:
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            // Nothing else of the worker's: its ring, control and lease
+            // sockets held open by the app kept a dead dispatcher's worker
+            // (and the app) alive.
+            let first = if fd.is_some() { 4 } else { 3 };
+            if libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, 0 as libc::c_uint) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
