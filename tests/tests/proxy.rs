@@ -1,6 +1,7 @@
 //! `proxy` pools with a real app: examples/apps/python/app.py under
 //! gunicorn, started by the pool's worker (`dispatcher-worker proxy --
-//! gunicorn ...`), with `PORT` and with a systemd-style listening socket;
+//! gunicorn ...`), with `PORT`, with a systemd-style listening socket and
+//! with a Unix socket path;
 //! forwarding fields set and hop-by-hop fields dropped; a 10 MiB upload
 //! (with a Content-Length and chunked) and download; the app killed and
 //! restarted; an app that never listens.
@@ -29,7 +30,11 @@ fn app_dir(name: &str) -> TempDir {
 
 fn start(dir: &TempDir, socket: &str) -> Option<Dispatcher> {
     let dir = dir.path.display().to_string();
-    let port_args: &[&str] = if socket == "port" { &["-b", "127.0.0.1:$PORT"] } else { &[] };
+    let port_args: &[&str] = match socket {
+        "port" => &["-b", "127.0.0.1:$PORT"],
+        "unix" => &["-b", "unix:$SOCKET"],
+        _ => &[],
+    };
     let mut args: Vec<&str> = vec!["proxy", "--socket", socket, "--", "gunicorn", "--chdir", &dir];
     args.extend_from_slice(port_args);
     args.extend_from_slice(&["--workers", "2", "app:app"]);
@@ -77,7 +82,7 @@ fn json(body: &[u8]) -> serde_json::Value {
 
 #[test]
 fn a_gunicorn_app_is_started_and_proxied_with_forwarding_fields() {
-    for socket in ["port", "fds"] {
+    for socket in ["port", "fds", "unix"] {
         let dir = app_dir(&format!("proxy-{socket}-"));
         let Some(d) = start(&dir, socket) else { return };
         let mut c = d.connect();
@@ -101,6 +106,9 @@ fn a_gunicorn_app_is_started_and_proxied_with_forwarding_fields() {
         assert_eq!(c.get("x", "/nothing").status, 404);
         if socket == "fds" {
             assert!(d.log().contains("socket=Fds"), "{}", d.log());
+        }
+        if socket == "unix" {
+            assert!(d.log().contains("addr=unix:/"), "{}", d.log());
         }
     }
 }

@@ -1,8 +1,9 @@
 //! `proxy` pools: the pool's application is any HTTP/1.1 server (gunicorn,
 //! uvicorn, `node server.js`, a Go binary), unchanged. The worker starts it
 //! as its child, with a loopback listening socket it inherits the systemd
-//! way (fd 3, `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`) or with a free
+//! way (fd 3, `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`), with a free
 //! loopback port in `PORT` (and `$PORT` in its arguments replaced by it),
+//! or with a Unix socket path in `SOCKET` (and for `$SOCKET`),
 //! waits until it accepts connections, then serves the pool with
 //! [`crate::serve`], forwarding each request over a pool of keep-alive
 //! connections (hyper's HTTP/1 client connections, pooled here) and
@@ -43,12 +44,42 @@ pub enum Socket {
     /// A listening loopback socket as fd 3, systemd style; `PORT` is set
     /// too, for apps that log it.
     Fds,
+    /// A Unix socket path in `SOCKET` (and for `$SOCKET` in the arguments)
+    /// for the app to bind, in the worker's temporary directory.
+    Unix,
+}
+
+/// Where the app listens.
+#[derive(Clone, Debug)]
+enum Addr {
+    Tcp(u16),
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for Addr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Addr::Tcp(port) => write!(f, "127.0.0.1:{port}"),
+            Addr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl Addr {
+    /// Whether something accepts connections there now.
+    async fn accepts(&self) -> bool {
+        match self {
+            Addr::Tcp(port) => tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, *port)).await.is_ok(),
+            Addr::Unix(path) => tokio::net::UnixStream::connect(path).await.is_ok(),
+        }
+    }
 }
 
 /// The app a proxy pool runs.
 #[derive(Clone, Debug)]
 pub struct App {
-    /// Its program and arguments (`$PORT` in them is replaced).
+    /// Its program and arguments (`$PORT` and `$SOCKET` in them are
+    /// replaced).
     pub command: Vec<String>,
     pub socket: Socket,
     /// How long it may take to accept its first connection.
@@ -62,10 +93,10 @@ pub struct App {
 pub enum ProxyError {
     #[error("starting the app `{0}`: {1}")]
     Spawn(String, std::io::Error),
-    #[error("the app `{0}` exited before it accepted connections on 127.0.0.1:{1} ({2})")]
-    ExitedEarly(String, u16, std::process::ExitStatus),
-    #[error("the app `{0}` did not accept connections on 127.0.0.1:{1} within {2:?}")]
-    NeverListened(String, u16, Duration),
+    #[error("the app `{0}` exited before it accepted connections on {1} ({2})")]
+    ExitedEarly(String, String, std::process::ExitStatus),
+    #[error("the app `{0}` did not accept connections on {1} within {2:?}")]
+    NeverListened(String, String, Duration),
     #[error("the app `{0}` exited ({1})")]
     Exited(String, std::process::ExitStatus),
     #[error("{0}")]
@@ -82,24 +113,33 @@ pub async fn run(app: App) -> Result<(), ProxyError> {
     let port = listener.local_addr()?.port();
     // With `PORT` the app binds the port itself: let it go first.
     let listener = (app.socket == Socket::Fds).then_some(listener);
-    let mut child = spawn(&app, listener.as_ref(), port).map_err(|e| ProxyError::Spawn(name.clone(), e))?;
-    tracing::info!(app = %name, port, pid = child.id(), socket = ?app.socket, "app started");
+    let addr = match app.socket {
+        Socket::Unix => {
+            let path = std::env::temp_dir().join(format!("dispatcher-app-{}.sock", std::process::id()));
+            // A previous worker with this pid left it.
+            let _ = std::fs::remove_file(&path);
+            Addr::Unix(path)
+        }
+        _ => Addr::Tcp(port),
+    };
+    let mut child = spawn(&app, listener.as_ref(), &addr).map_err(|e| ProxyError::Spawn(name.clone(), e))?;
+    tracing::info!(app = %name, %addr, pid = child.id(), socket = ?app.socket, "app started");
     let t0 = Instant::now();
     loop {
         if let Some(st) = child.try_wait()? {
-            return Err(ProxyError::ExitedEarly(name, port, st));
+            return Err(ProxyError::ExitedEarly(name, addr.to_string(), st));
         }
-        if app.socket == Socket::Fds || tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.is_ok() {
+        if app.socket == Socket::Fds || addr.accepts().await {
             break;
         }
         if t0.elapsed() > app.start_timeout {
             let _ = child.start_kill();
-            return Err(ProxyError::NeverListened(name, port, app.start_timeout));
+            return Err(ProxyError::NeverListened(name, addr.to_string(), app.start_timeout));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tracing::info!(app = %name, port, after_ms = t0.elapsed().as_millis() as u64, "app accepts connections");
-    let forward = Forward { pool: Arc::new(AppPool::new(port, app.max_connections)) };
+    tracing::info!(app = %name, %addr, after_ms = t0.elapsed().as_millis() as u64, "app accepts connections");
+    let forward = Forward { pool: Arc::new(AppPool::new(addr.clone(), app.max_connections)) };
     let served = tokio::select! {
         r = crate::serve(forward) => r.map_err(ProxyError::from),
         st = child.wait() => return Err(ProxyError::Exited(name, st?)),
@@ -111,16 +151,23 @@ pub async fn run(app: App) -> Result<(), ProxyError> {
     if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
         let _ = child.kill().await;
     }
+    if let Addr::Unix(path) = &addr {
+        let _ = std::fs::remove_file(path);
+    }
     served
 }
 
-fn spawn(app: &App, listener: Option<&std::net::TcpListener>, port: u16) -> std::io::Result<tokio::process::Child> {
+fn spawn(app: &App, listener: Option<&std::net::TcpListener>, addr: &Addr) -> std::io::Result<tokio::process::Child> {
     let Some((prog, args)) = app.command.split_first() else {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no command"));
     };
-    let args: Vec<String> = args.iter().map(|a| a.replace("$PORT", &port.to_string())).collect();
+    let (port, socket) = match addr {
+        Addr::Tcp(port) => (port.to_string(), String::new()),
+        Addr::Unix(path) => (String::new(), path.display().to_string()),
+    };
+    let args: Vec<String> = args.iter().map(|a| a.replace("$PORT", &port).replace("$SOCKET", &socket)).collect();
     let mut cmd = match app.socket {
-        Socket::Port => {
+        Socket::Port | Socket::Unix => {
             let mut c = tokio::process::Command::new(prog);
             c.args(&args);
             c
@@ -134,12 +181,11 @@ fn spawn(app: &App, listener: Option<&std::net::TcpListener>, port: u16) -> std:
             c
         }
     };
-    cmd.env("PORT", port.to_string())
-        .env("HOST", "127.0.0.1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
+    match addr {
+        Addr::Tcp(_) => cmd.env("PORT", &port).env("HOST", "127.0.0.1"),
+        Addr::Unix(_) => cmd.env("SOCKET", &socket),
+    };
+    cmd.stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(Stdio::inherit()).kill_on_drop(true);
     let fd = listener.map(|l| l.as_raw_fd());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
@@ -179,14 +225,14 @@ type ProxyBody = BoxBody<Bytes, BoxError>;
 /// it; at 256 clients that stalled the pool (131 req/s against 6,000 at
 /// 128). At most `max` at once; a request waits for one beyond that.
 struct AppPool {
-    port: u16,
+    addr: Addr,
     idle: Mutex<Vec<SendRequest<crate::Body>>>,
     permits: Arc<Semaphore>,
 }
 
 impl AppPool {
-    fn new(port: u16, max: usize) -> AppPool {
-        AppPool { port, idle: Mutex::new(Vec::new()), permits: Arc::new(Semaphore::new(max.max(1))) }
+    fn new(addr: Addr, max: usize) -> AppPool {
+        AppPool { addr, idle: Mutex::new(Vec::new()), permits: Arc::new(Semaphore::new(max.max(1))) }
     }
 
     /// Sends `req` on an idle connection or a new one; the response's body
@@ -209,16 +255,24 @@ impl AppPool {
     }
 
     async fn connect(&self) -> Result<SendRequest<crate::Body>, BoxError> {
-        let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).await?;
-        tcp.set_nodelay(true)?;
-        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-        let port = self.port;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(port, "a connection to the app ended: {e}");
+        use hyper::client::conn::http1::handshake;
+        use hyper_util::rt::TokioIo;
+        let addr = self.addr.to_string();
+        let log = move |e: hyper::Error| tracing::debug!(%addr, "a connection to the app ended: {e}");
+        Ok(match &self.addr {
+            Addr::Tcp(port) => {
+                let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, *port)).await?;
+                tcp.set_nodelay(true)?;
+                let (send, conn) = handshake(TokioIo::new(tcp)).await?;
+                tokio::spawn(async move { conn.await.map_err(log) });
+                send
             }
-        });
-        Ok(send)
+            Addr::Unix(path) => {
+                let (send, conn) = handshake(TokioIo::new(tokio::net::UnixStream::connect(path).await?)).await?;
+                tokio::spawn(async move { conn.await.map_err(log) });
+                send
+            }
+        })
     }
 }
 
@@ -282,8 +336,7 @@ impl tower_service::Service<Request<crate::Body>> for Forward {
     fn call(&mut self, req: Request<crate::Body>) -> Self::Future {
         let pool = self.pool.clone();
         Box::pin(async move {
-            let port = pool.port;
-            let req = to_app(req, port)?;
+            let req = to_app(req, &pool.addr)?;
             Ok(match pool.send(req).await {
                 Ok(resp) => {
                     let (mut parts, body) = resp.into_parts();
@@ -291,7 +344,7 @@ impl tower_service::Service<Request<crate::Body>> for Forward {
                     Response::from_parts(parts, body.map_err(BoxError::from).boxed())
                 }
                 Err(e) => {
-                    tracing::warn!(port, "forwarding to the app: {e}");
+                    tracing::warn!(addr = %pool.addr, "forwarding to the app: {e}");
                     let msg = Bytes::from_static(b"502 Bad Gateway: the app did not answer\n");
                     let mut r = Response::new(Full::new(msg).map_err(BoxError::from).boxed());
                     *r.status_mut() = http::StatusCode::BAD_GATEWAY;
@@ -305,13 +358,17 @@ impl tower_service::Service<Request<crate::Body>> for Forward {
 
 /// The request as the app gets it: an absolute URI to its port, the
 /// client's hop-by-hop headers gone, `X-Forwarded-*` and `Forwarded` set.
-fn to_app(req: Request<crate::Body>, port: u16) -> Result<Request<crate::Body>, BoxError> {
+fn to_app(req: Request<crate::Body>, addr: &Addr) -> Result<Request<crate::Body>, BoxError> {
     let (mut parts, body) = req.into_parts();
     // Origin form on our own connection; the client's Host stays.
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     parts.uri = Uri::try_from(pq)?;
     if !parts.headers.contains_key(header::HOST) {
-        parts.headers.insert(header::HOST, HeaderValue::from_str(&format!("127.0.0.1:{port}"))?);
+        let host = match addr {
+            Addr::Tcp(port) => format!("127.0.0.1:{port}"),
+            Addr::Unix(_) => "localhost".to_string(),
+        };
+        parts.headers.insert(header::HOST, HeaderValue::from_str(&host)?);
     }
     // The app speaks HTTP/1.1 to us whatever the client spoke.
     parts.version = http::Version::HTTP_11;

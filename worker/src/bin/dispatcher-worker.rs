@@ -53,7 +53,8 @@ enum Mode {
     Proxy {
         /// `port`: a free loopback port in PORT (HOST=127.0.0.1) for the
         /// app to bind; `fds`: a listening loopback socket as fd 3, systemd
-        /// style (LISTEN_FDS=1, LISTEN_PID, LISTEN_FDNAMES=http).
+        /// style (LISTEN_FDS=1, LISTEN_PID, LISTEN_FDNAMES=http); `unix`: a
+        /// Unix socket path in SOCKET (and for `$SOCKET` in the arguments).
         #[arg(long, value_enum, default_value = "port")]
         socket: SocketArg,
         /// Seconds the app may take to accept its first connection.
@@ -73,6 +74,7 @@ enum Mode {
 enum SocketArg {
     Port,
     Fds,
+    Unix,
 }
 
 fn main() -> Result<()> {
@@ -125,6 +127,7 @@ async fn run(cli: Cli) -> Result<()> {
         let socket = match socket {
             SocketArg::Port => worker::proxy::Socket::Port,
             SocketArg::Fds => worker::proxy::Socket::Fds,
+            SocketArg::Unix => worker::proxy::Socket::Unix,
         };
         let app = worker::proxy::App {
             command: command.clone(),
