@@ -290,19 +290,7 @@ impl Dispatcher {
 
     /// Worker processes the dispatcher runs now (its children).
     pub fn workers(&self) -> Vec<u32> {
-        let mut v = Vec::new();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-            // Fields after the command's closing parenthesis: state, ppid.
-            let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
-            if ppid == Some(self.child.id())
-                && !stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-            {
-                v.push(pid);
-            }
-        }
-        v
+        children(self.child.id())
     }
 
     /// Waits up to `limit` for `cond` on the log; false on time-out.
@@ -344,6 +332,31 @@ impl Drop for Dispatcher {
             eprintln!("--- dispatcher log ---\n{}", self.log());
         }
     }
+}
+
+/// State and parent of process `pid` (the fields after the command's
+/// closing parenthesis in `/proc/PID/stat`), if it exists.
+fn proc_state(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut f = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    Some((state, f.next()?.parse().ok()?))
+}
+
+/// Whether process `pid` runs (exists and is no zombie).
+pub fn alive(pid: u32) -> bool {
+    proc_state(pid).is_some_and(|(s, _)| s != 'Z')
+}
+
+/// The live children of process `ppid`.
+pub fn children(ppid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|&pid| proc_state(pid).is_some_and(|(s, pp)| pp == ppid && s != 'Z'))
+        .collect()
 }
 
 /// The TOML [`Dispatcher::start`] writes.

@@ -149,12 +149,7 @@ fn ten_mib_go_up_and_down_through_a_proxy_pool() {
 
 /// The app's main process: the worker's child.
 fn app_pid(worker: u32) -> Option<u32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
-        (ppid == worker).then_some(pid)
-    })
+    tests::children(worker).first().copied()
 }
 
 #[test]
@@ -216,10 +211,7 @@ fn the_app_goes_when_the_dispatcher_dies() {
     // The worker sees its control socket close and ends, and the app with
     // it: the app holds none of the worker's sockets open.
     tests::signal(d.pid(), libc::SIGKILL);
-    let alive = |pid: u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
-    };
+    let alive = tests::alive;
     let gone = wait_until(Duration::from_secs(15), Duration::from_millis(100), || !alive(worker) && !alive(app));
     assert!(gone, "worker {worker} alive: {}, app {app} alive: {}", alive(worker), alive(app));
 }

@@ -154,9 +154,9 @@ impl Puller {
                     // the ring filled up: its ring records were committed
                     // before the dispatcher read what follows them, so
                     // taking the ring first keeps the body in order (the
-                    // select above may pick this branch with both ready; it
-                    // did, about one 256 MiB upload in 25).
-                    //self.drain_ring();
+                    // select above may pick this branch with both ready;
+                    // the reassembly would refuse the body otherwise).
+                    self.drain_ring();
                     self.push(&hdr, &data);
                 }
             }
