@@ -26,9 +26,11 @@
 //! ```
 
 mod answer;
+pub mod app;
 mod body;
 pub mod date;
 mod encode;
+pub mod fastcgi;
 pub mod files;
 pub mod progress;
 pub mod proto;

@@ -9,22 +9,17 @@
 //! connections (hyper's HTTP/1 client connections, pooled here) and
 //! streaming bodies both ways.
 //!
-//! The worker and the app live and die together: the app gets SIGTERM when
-//! the worker exits (even by SIGKILL: `PR_SET_PDEATHSIG`), and the worker
-//! exits when the app does, so activation's restarts, idle time-outs,
-//! recycling and rapid-fail protection apply to the app's process. What a
+//! The app's process is started and stopped by [`crate::app`]. What a
 //! dead app had taken is answered 502 by the dispatcher (the worker's
 //! trace of taken requests); what is still queued waits for the restart.
 
 use std::{
     future::Future,
-    net::{Ipv4Addr, SocketAddr},
-    os::fd::AsRawFd,
+    net::SocketAddr,
     pin::Pin,
-    process::Stdio,
     sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -33,47 +28,9 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::app::{Addr, Listen};
+pub use crate::app::{AppError, Socket};
 use crate::{BoxError, ClientAddr};
-
-/// How the app is told where to listen.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Socket {
-    /// A free loopback port in `PORT` (and `HOST=127.0.0.1`); the app
-    /// binds it itself.
-    Port,
-    /// A listening loopback socket as fd 3, systemd style; `PORT` is set
-    /// too, for apps that log it.
-    Fds,
-    /// A Unix socket path in `SOCKET` (and for `$SOCKET` in the arguments)
-    /// for the app to bind, in the worker's temporary directory.
-    Unix,
-}
-
-/// Where the app listens.
-#[derive(Clone, Debug)]
-enum Addr {
-    Tcp(u16),
-    Unix(std::path::PathBuf),
-}
-
-impl std::fmt::Display for Addr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Addr::Tcp(port) => write!(f, "127.0.0.1:{port}"),
-            Addr::Unix(path) => write!(f, "unix:{}", path.display()),
-        }
-    }
-}
-
-impl Addr {
-    /// Whether something accepts connections there now.
-    async fn accepts(&self) -> bool {
-        match self {
-            Addr::Tcp(port) => tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, *port)).await.is_ok(),
-            Addr::Unix(path) => tokio::net::UnixStream::connect(path).await.is_ok(),
-        }
-    }
-}
 
 /// The app a proxy pool runs.
 #[derive(Clone, Debug)]
@@ -88,131 +45,12 @@ pub struct App {
     pub max_connections: usize,
 }
 
-/// Why a proxy worker stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("starting the app `{0}`: {1}")]
-    Spawn(String, std::io::Error),
-    #[error("the app `{0}` exited before it accepted connections on {1} ({2})")]
-    ExitedEarly(String, String, std::process::ExitStatus),
-    #[error("the app `{0}` did not accept connections on {1} within {2:?}")]
-    NeverListened(String, String, Duration),
-    #[error("the app `{0}` exited ({1})")]
-    Exited(String, std::process::ExitStatus),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error(transparent)]
-    Worker(#[from] crate::Error),
-}
-
 /// Starts `app`, waits for it to listen, serves the pool through it until
 /// the worker is done (idle, recycled, SIGTERM) or the app exits.
-pub async fn run(app: App) -> Result<(), ProxyError> {
-    let name = app.command.first().cloned().unwrap_or_default();
-    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let port = listener.local_addr()?.port();
-    // With `PORT` the app binds the port itself: let it go first.
-    let listener = (app.socket == Socket::Fds).then_some(listener);
-    let addr = match app.socket {
-        Socket::Unix => {
-            let path = std::env::temp_dir().join(format!("dispatcher-app-{}.sock", std::process::id()));
-            // A previous worker with this pid left it.
-            let _ = std::fs::remove_file(&path);
-            Addr::Unix(path)
-        }
-        _ => Addr::Tcp(port),
-    };
-    let mut child = spawn(&app, listener.as_ref(), &addr).map_err(|e| ProxyError::Spawn(name.clone(), e))?;
-    tracing::info!(app = %name, %addr, pid = child.id(), socket = ?app.socket, "app started");
-    let t0 = Instant::now();
-    loop {
-        if let Some(st) = child.try_wait()? {
-            return Err(ProxyError::ExitedEarly(name, addr.to_string(), st));
-        }
-        if app.socket == Socket::Fds || addr.accepts().await {
-            break;
-        }
-        if t0.elapsed() > app.start_timeout {
-            let _ = child.start_kill();
-            return Err(ProxyError::NeverListened(name, addr.to_string(), app.start_timeout));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tracing::info!(app = %name, %addr, after_ms = t0.elapsed().as_millis() as u64, "app accepts connections");
-    let forward = Forward { pool: Arc::new(AppPool::new(addr.clone(), app.max_connections)) };
-    let served = tokio::select! {
-        r = crate::serve(forward) => r.map_err(ProxyError::from),
-        st = child.wait() => return Err(ProxyError::Exited(name, st?)),
-    };
-    // The worker is done: so is the app (SIGTERM, then SIGKILL).
-    if let Some(pid) = child.id() {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
-    }
-    if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
-        let _ = child.kill().await;
-    }
-    if let Addr::Unix(path) = &addr {
-        let _ = std::fs::remove_file(path);
-    }
-    served
-}
-
-fn spawn(app: &App, listener: Option<&std::net::TcpListener>, addr: &Addr) -> std::io::Result<tokio::process::Child> {
-    let Some((prog, args)) = app.command.split_first() else {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no command"));
-    };
-    let (port, socket) = match addr {
-        Addr::Tcp(port) => (port.to_string(), String::new()),
-        Addr::Unix(path) => (String::new(), path.display().to_string()),
-    };
-    let args: Vec<String> = args.iter().map(|a| a.replace("$PORT", &port).replace("$SOCKET", &socket)).collect();
-    let mut cmd = match app.socket {
-        Socket::Port | Socket::Unix => {
-            let mut c = tokio::process::Command::new(prog);
-            c.args(&args);
-            c
-        }
-        Socket::Fds => {
-            // LISTEN_PID must be the app's own pid: the shell sets it to
-            // its own and then becomes the app.
-            let mut c = tokio::process::Command::new("/bin/sh");
-            c.arg("-c").arg("LISTEN_PID=$$ exec \"$0\" \"$@\"").arg(prog).args(&args);
-            c.env("LISTEN_FDS", "1").env("LISTEN_FDNAMES", "http");
-            c
-        }
-    };
-    match addr {
-        Addr::Tcp(_) => cmd.env("PORT", &port).env("HOST", "127.0.0.1"),
-        Addr::Unix(_) => cmd.env("SOCKET", &socket),
-    };
-    cmd.stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(Stdio::inherit()).kill_on_drop(true);
-    let fd = listener.map(|l| l.as_raw_fd());
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(fd) = fd {
-                // fd 3, without close-on-exec (dup2 clears it).
-                if fd == 3 {
-                    let fl = libc::fcntl(3, libc::F_GETFD);
-                    libc::fcntl(3, libc::F_SETFD, fl & !libc::FD_CLOEXEC);
-                } else if libc::dup2(fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            // Nothing else of the worker's: its ring, control and lease
-            // sockets held open by the app kept a dead dispatcher's worker
-            // (and the app) alive.
-            let first = if fd.is_some() { 4 } else { 3 };
-            if libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, 0 as libc::c_uint) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn()
+pub async fn run(app: App) -> Result<(), AppError> {
+    let running = crate::app::start(&app.command, Listen::choose(app.socket)?, app.start_timeout).await?;
+    let forward = Forward { pool: Arc::new(AppPool::new(running.addr.clone(), app.max_connections)) };
+    crate::app::serve_while(running, crate::serve(forward)).await
 }
 
 /// The response body a proxy pool sends: the app's, or its own error.
@@ -255,24 +93,13 @@ impl AppPool {
     }
 
     async fn connect(&self) -> Result<SendRequest<crate::Body>, BoxError> {
-        use hyper::client::conn::http1::handshake;
-        use hyper_util::rt::TokioIo;
+        let io = self.addr.connect().await?;
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
         let addr = self.addr.to_string();
-        let log = move |e: hyper::Error| tracing::debug!(%addr, "a connection to the app ended: {e}");
-        Ok(match &self.addr {
-            Addr::Tcp(port) => {
-                let tcp = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, *port)).await?;
-                tcp.set_nodelay(true)?;
-                let (send, conn) = handshake(TokioIo::new(tcp)).await?;
-                tokio::spawn(async move { conn.await.map_err(log) });
-                send
-            }
-            Addr::Unix(path) => {
-                let (send, conn) = handshake(TokioIo::new(tokio::net::UnixStream::connect(path).await?)).await?;
-                tokio::spawn(async move { conn.await.map_err(log) });
-                send
-            }
-        })
+        tokio::spawn(
+            async move { conn.await.map_err(|e| tracing::debug!(%addr, "a connection to the app ended: {e}")) },
+        );
+        Ok(send)
     }
 }
 
@@ -365,7 +192,7 @@ fn to_app(req: Request<crate::Body>, addr: &Addr) -> Result<Request<crate::Body>
     parts.uri = Uri::try_from(pq)?;
     if !parts.headers.contains_key(header::HOST) {
         let host = match addr {
-            Addr::Tcp(port) => format!("127.0.0.1:{port}"),
+            Addr::Tcp(a) => a.to_string(),
             Addr::Unix(_) => "localhost".to_string(),
         };
         parts.headers.insert(header::HOST, HeaderValue::from_str(&host)?);
@@ -380,7 +207,7 @@ fn to_app(req: Request<crate::Body>, addr: &Addr) -> Result<Request<crate::Body>
 
 /// RFC 9110 §7.6.1: `Connection` and the fields it names, and the other
 /// hop-by-hop fields, are not forwarded.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()

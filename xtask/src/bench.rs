@@ -146,6 +146,9 @@ enum App {
     /// The WSGI example app (examples/apps/python) under gunicorn, behind
     /// nginx's `proxy_pass` (upstream keep-alive) vs in a `proxy` pool.
     Python,
+    /// The PHP example (examples/apps/php) under php-fpm, behind nginx's
+    /// `fastcgi_pass` vs in a `fastcgi` pool.
+    Php,
 }
 
 /// Largest connection count the app sections run at (of `--connections`).
@@ -154,13 +157,14 @@ const APP_MAX_CONNECTIONS: u32 = 256;
 const STATIC_LARGE: usize = 1 << 20;
 
 impl App {
-    const ALL: [App; 3] = [App::Static, App::Axum, App::Python];
+    const ALL: [App; 4] = [App::Static, App::Axum, App::Python, App::Php];
 
     fn name(self) -> &'static str {
         match self {
             App::Static => "static",
             App::Axum => "axum",
             App::Python => "python",
+            App::Php => "php",
         }
     }
 
@@ -170,6 +174,7 @@ impl App {
             App::Static => &["nginx-1w", "nginx-auto", "fast"],
             App::Axum => &["direct", "fast"],
             App::Python => &["nginx", "fast"],
+            App::Php => &["nginx", "fast"],
         }
     }
 
@@ -179,6 +184,7 @@ impl App {
             App::Static => "nginx serving the directory itself (`root`, `sendfile on`, `tcp_nopush on`, keep-alive, `access_log off`, no `open_file_cache`: its default) with 1 worker process (`nginx-1w`, as the pool has 1 worker) and with `worker_processes auto` (`nginx-auto`, one per core); fast = a dispatcher pool running `dispatcher-worker static DIR` over the same directory (its in-memory cache of files up to 1 MiB, one `fstatat` per request).",
             App::Axum => "the axum example app (examples/apps/axum, one current-thread tokio runtime): direct = served by `axum::serve` (hyper) on its own port; fast = the same binary in a dispatcher pool, through `worker::serve` (kernel path, direct responses).",
             App::Python => "the WSGI example app (examples/apps/python) under gunicorn (`-k gthread --workers 2 --threads 8`, so it keeps connections alive): nginx = `worker_processes auto` with `proxy_pass` to it and upstream `keepalive 256`; fast = a `proxy` pool whose worker starts the same gunicorn command on its own port and forwards to it (hyper's pooled client).",
+            App::Php => "the PHP example (examples/apps/php) under php-fpm with 8 children (`pm = static`) on a Unix socket: nginx = `worker_processes auto` with `fastcgi_pass` to a php-fpm of its own (a new FastCGI connection per request, nginx's default: its `fastcgi_keep_conn` with php-fpm needs as many children as kept connections across workers); fast = a `fastcgi` pool whose worker starts php-fpm with the same settings (`--php-fpm --children 8`, connections kept, one per child).",
         }
     }
 
@@ -189,6 +195,9 @@ impl App {
             App::Static => &[("demo page (index.html, 544 B)", "/", false), ("1 MiB file", "/1m.bin", true)],
             App::Axum => &[("text, GET /", "/", false), ("JSON, GET /api/items", "/api/items", false)],
             App::Python => &[("text, GET /", "/", false), ("64 KiB, GET /bytes/65536", "/bytes/65536", true)],
+            App::Php => {
+                &[("PHP page, GET /", "/", false), ("64 KiB, GET /download.php?kib=64", "/download.php?kib=64", true)]
+            }
         }
     }
 
@@ -274,6 +283,36 @@ impl App {
                 );
                 procs.0.push(spawn_dispatcher(bin, dir, "python", &cfg, "warn")?);
                 wait_port(ports[1], "dispatcher (python)")?;
+                Ok(ports)
+            }
+            App::Php => {
+                let app = dir.join("php-app");
+                fs::create_dir_all(&app)?;
+                for e in fs::read_dir(root.join("examples/apps/php")).context("examples/apps/php")? {
+                    let e = e?;
+                    fs::copy(e.path(), app.join(e.file_name()))?;
+                }
+                let ok = Command::new("chmod").args(["-R", "a+rX"]).arg(dir).status()?;
+                anyhow::ensure!(ok.success(), "chmod -R a+rX {}", dir.display());
+                let ports: Vec<u16> = self.setups().iter().map(|_| free_port()).collect();
+                let ngx = dir.join("nginx-php");
+                fs::create_dir_all(&ngx)?;
+                let sock = ngx.join("php-fpm.sock");
+                procs.0.push(start_php_fpm(&ngx, &sock, PHP_CHILDREN)?);
+                let t0 = std::time::Instant::now();
+                while !sock.exists() {
+                    anyhow::ensure!(t0.elapsed() < Duration::from_secs(10), "php-fpm (for nginx) made no socket");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                procs.0.push(start_nginx_fastcgi(&ngx, ports[0], &sock, &app)?);
+                wait_port(ports[0], "nginx (php)")?;
+                let cfg = format!(
+                    "listen = \"127.0.0.1:{}\"\ninstance = \"bench-php\"\n[[pool]]\nname = \"php\"\nroutes = [\"*/\"]\ncommand = \"dispatcher-worker\"\nargs = [\"fastcgi\", \"--root\", {:?}, \"--php-fpm\", \"--children\", \"{PHP_CHILDREN}\"]\nstart_mode = \"always-running\"\n",
+                    ports[1],
+                    app.display().to_string()
+                );
+                procs.0.push(spawn_dispatcher(bin, dir, "php", &cfg, "warn")?);
+                wait_port(ports[1], "dispatcher (php)")?;
                 Ok(ports)
             }
         }
@@ -583,6 +622,84 @@ fn spawn_dispatcher(bin: &Path, dir: &Path, name: &str, cfg: &str, log_level: &s
         .stderr(log)
         .spawn()
         .with_context(|| format!("starting the dispatcher ({name})"))
+}
+
+/// php-fpm's children in the php section, on both sides.
+const PHP_CHILDREN: usize = 8;
+
+/// A php-fpm for nginx, configured as the `fastcgi` pool configures its
+/// own (`worker::fastcgi::php_fpm`), on `sock`.
+fn start_php_fpm(dir: &Path, sock: &Path, children: usize) -> Result<Child> {
+    let conf = dir.join("php-fpm.conf");
+    fs::write(
+        &conf,
+        format!(
+            "[global]\nerror_log = {log}\ndaemonize = no\n[nginx]\nlisten = {sock}\nlisten.mode = 0666\npm = static\npm.max_children = {children}\nclear_env = no\ncatch_workers_output = yes\n",
+            log = dir.join("php-fpm.log").display(),
+            sock = sock.display(),
+        ),
+    )?;
+    let fpm = fs::read_dir("/usr/sbin")?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("php-fpm")))
+        .max()
+        .context("no php-fpm in /usr/sbin")?;
+    Command::new(&fpm)
+        .args(["--nodaemonize", "--allow-to-run-as-root", "--fpm-config"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", fpm.display()))
+}
+
+/// nginx in front of php-fpm: the usual PHP location (`fastcgi_params`,
+/// SCRIPT_FILENAME from the root), on `port`.
+fn start_nginx_fastcgi(dir: &Path, port: u16, sock: &Path, root: &Path) -> Result<Child> {
+    let conf = format!(
+        r#"worker_processes auto;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    fastcgi_buffers 16 16k;
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        keepalive_requests 1000000;
+        root {root};
+        index index.php;
+        location ~ [^/]\.php(/|$) {{
+            fastcgi_split_path_info ^(.+?\.php)(/.*)$;
+            try_files $fastcgi_script_name =404;
+            include /etc/nginx/fastcgi_params;
+            fastcgi_param SCRIPT_FILENAME $document_root$fastcgi_script_name;
+            fastcgi_param PATH_INFO $fastcgi_path_info;
+            fastcgi_pass unix:{sock};
+        }}
+    }}
+}}
+"#,
+        dir = dir.display(),
+        root = root.display(),
+        sock = sock.display(),
+    );
+    let path = dir.join("nginx.conf");
+    fs::write(&path, conf)?;
+    Command::new("nginx")
+        .args(["-e", &dir.join("nginx-error.log").display().to_string(), "-c"])
+        .arg(&path)
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nginx")
 }
 
 fn start_nginx(dir: &Path, port: u16, upstream: u16) -> Result<Child> {

@@ -68,9 +68,10 @@ enum Cmd {
         /// path) and app sections (`static`: nginx serving a directory vs
         /// a `static` pool; `axum`: the axum example on hyper vs in a
         /// pool; `python`: the WSGI example under gunicorn behind nginx's
-        /// proxy_pass vs in a proxy pool). The app sections run at the
-        /// --connections counts up to 256.
-        #[arg(long, value_delimiter = ',', default_value = "echo,static,axum,python")]
+        /// proxy_pass vs in a proxy pool; `php`: the PHP example under
+        /// php-fpm behind nginx's fastcgi_pass vs in a fastcgi pool). The
+        /// app sections run at the --connections counts up to 256.
+        #[arg(long, value_delimiter = ',', default_value = "echo,static,axum,python,php")]
         only: Vec<String>,
         /// Measure the `dispatcher` and `dispatcher-worker` binaries in DIR
         /// (e.g. copies of an earlier commit's target/release) instead of
@@ -259,7 +260,8 @@ const APP_PACKAGES: &[(&str, &str)] =
 
 /// The packages the pools of the `--config` file in `args` need, by the
 /// programs their commands and arguments name (e.g. `gunicorn` after a
-/// proxy pool's `--`). An unreadable config is the dispatcher's to report.
+/// proxy pool's `--`, or a FastCGI pool's `--php-fpm`). An unreadable
+/// config is the dispatcher's to report.
 fn config_apps(args: &[std::ffi::OsString]) -> Vec<(&'static str, &'static str)> {
     let Some(i) = args.iter().position(|a| a == "--config") else { return Vec::new() };
     let Some(text) = args.get(i + 1).and_then(|p| std::fs::read_to_string(p).ok()) else { return Vec::new() };
@@ -271,7 +273,7 @@ fn config_apps(args: &[std::ffi::OsString]) -> Vec<(&'static str, &'static str)>
             words.extend(a.as_str().map(str::to_string));
         }
     }
-    let base = |w: &String| w.rsplit('/').next().unwrap_or(w).to_string();
+    let base = |w: &String| w.rsplit('/').next().unwrap_or(w).trim_start_matches("--").to_string();
     APP_PACKAGES
         .iter()
         .filter(|(_, bin)| words.iter().any(|w| base(w) == *bin || base(w).starts_with(&format!("{bin}."))))
@@ -317,8 +319,14 @@ fn main() -> Result<()> {
             require_root("`cargo xtask bench`")?;
             toolchain::ensure_packages(
                 &mut apt,
-                &[("wrk", "wrk"), ("nginx", "nginx"), ("nghttp2-client", "h2load"), ("gunicorn", "gunicorn")],
-                "benchmark tools (wrk, nginx, h2load) and apps (gunicorn)",
+                &[
+                    ("wrk", "wrk"),
+                    ("nginx", "nginx"),
+                    ("nghttp2-client", "h2load"),
+                    ("gunicorn", "gunicorn"),
+                    ("php-fpm", "php-fpm"),
+                ],
+                "benchmark tools (wrk, nginx, h2load) and apps (gunicorn, php-fpm)",
             )?;
             let bin = match bin_dir {
                 Some(dir) => {
@@ -355,8 +363,9 @@ fn main() -> Result<()> {
                     ("bpftool", "bpftool"),
                     ("iproute2", "ip"),
                     ("gunicorn", "gunicorn"),
+                    ("php-fpm", "php-fpm"),
                 ],
-                "test tools (curl, wrk, bpftool, iproute2) and apps (gunicorn)",
+                "test tools (curl, wrk, bpftool, iproute2) and apps (gunicorn, php-fpm)",
             )?;
             let obj = build_bpf_linted(&mut apt, lint)?;
             let bin = build_user(&obj, true)?;

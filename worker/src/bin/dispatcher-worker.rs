@@ -68,6 +68,89 @@ enum Mode {
         #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
+    /// Run PHP (or any FastCGI responder) for the pool: each request runs
+    /// the script its path names under --root (`/a.php/x` runs a.php with
+    /// PATH_INFO /x; a directory runs its --index), sent over FastCGI with
+    /// the CGI/1.1 parameters (see `worker::fastcgi`). The app is php-fpm
+    /// started for the pool (--php-fpm), a COMMAND started like a proxy
+    /// pool's (`-- php-cgi -b $SOCKET`), or one already running
+    /// (--connect).
+    ///
+    /// Example: fastcgi --root /srv/www --php-fpm --children 8
+    Fastcgi {
+        /// The document root: a request's script is ROOT + its path.
+        #[arg(long, value_name = "DIR")]
+        root: PathBuf,
+        /// The script a path naming a directory runs.
+        #[arg(long, default_value = "index.php", value_name = "FILE")]
+        index: String,
+        /// The script a path that names no script runs (a front
+        /// controller: nginx's `try_files $uri $uri/ /index.php`); without
+        /// it such a path is 404.
+        #[arg(long, value_name = "PATH")]
+        front_controller: Option<String>,
+        /// Start php-fpm for this pool, with a configuration of its own:
+        /// --children processes on a Unix socket, logging to the
+        /// dispatcher's log.
+        #[arg(long)]
+        php_fpm: bool,
+        /// php-fpm's program; default `php-fpm` or the newest php-fpmX.Y
+        /// in PATH, /usr/sbin or /usr/local/sbin.
+        #[arg(long, value_name = "PROGRAM", requires = "php_fpm")]
+        php_fpm_program: Option<PathBuf>,
+        /// php-fpm's children (`pm = static`): the scripts run at once.
+        #[arg(long, default_value_t = 8, value_name = "N")]
+        children: usize,
+        /// A php.ini setting for php-fpm's scripts (`php_admin_value`),
+        /// e.g. `memory_limit=256M`; repeatable.
+        #[arg(long = "php-ini", value_name = "NAME=VALUE", value_parser = name_value)]
+        php_ini: Vec<(String, String)>,
+        /// A FastCGI app already listening: unix:PATH or [tcp:]IP:PORT
+        /// (e.g. unix:/run/php/php8.2-fpm.sock).
+        #[arg(long, value_name = "ADDR", conflicts_with = "php_fpm")]
+        connect: Option<worker::app::Addr>,
+        /// Where a COMMAND listens: `unix` (a path in SOCKET and for
+        /// `$SOCKET`), `port` (PORT, `$PORT`) or `fds` (fd 3).
+        #[arg(long, value_enum, default_value = "unix")]
+        socket: SocketArg,
+        /// Seconds a started app may take to accept its first connection.
+        #[arg(long, default_value_t = 30, value_name = "SECS")]
+        start_timeout: u64,
+        /// Connections to the app at most (requests beyond wait); default
+        /// php-fpm's --children (never more), else 16.
+        #[arg(long, value_name = "N")]
+        max_connections: Option<usize>,
+        /// Keep connections to a COMMAND or --connect app open between
+        /// requests (FCGI_KEEP_CONN). Only when it has at least
+        /// --max-connections processes: each holds its connection while it
+        /// is open. Always on with --php-fpm.
+        #[arg(long)]
+        keep_conn: bool,
+        /// A parameter every request gets (after the CGI ones, so it can
+        /// replace one), e.g. `APP_ENV=production`; repeatable.
+        #[arg(long = "param", value_name = "NAME=VALUE", value_parser = name_value)]
+        params: Vec<(String, String)>,
+        /// The app's program and arguments (`php-cgi -b $SOCKET`).
+        #[arg(trailing_var_arg = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+}
+
+fn name_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((n, v)) if !n.is_empty() => Ok((n.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not NAME=VALUE")),
+    }
+}
+
+impl SocketArg {
+    fn socket(self) -> worker::app::Socket {
+        match self {
+            SocketArg::Port => worker::app::Socket::Port,
+            SocketArg::Fds => worker::app::Socket::Fds,
+            SocketArg::Unix => worker::app::Socket::Unix,
+        }
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -98,7 +181,7 @@ enum Handler {
 impl Handler {
     fn new(mode: &Mode) -> Result<Handler> {
         Ok(match mode {
-            Mode::Proxy { .. } => unreachable!("proxy pools are served by worker::proxy"),
+            Mode::Proxy { .. } | Mode::Fastcgi { .. } => unreachable!("served by worker::proxy and worker::fastcgi"),
             Mode::Echo => Handler::Echo,
             Mode::Static { dir, cache_control } => Handler::Static(Arc::new(
                 StaticFiles::new(dir, cache_control.clone())
@@ -124,18 +207,57 @@ async fn handle(h: Handler, req: Request) -> Response {
 async fn run(cli: Cli) -> Result<()> {
     if let Mode::Proxy { socket, start_timeout, max_connections, command } = &cli.mode {
         anyhow::ensure!(cli.listen.is_none(), "--listen: a proxy pool's app has its own port");
-        let socket = match socket {
-            SocketArg::Port => worker::proxy::Socket::Port,
-            SocketArg::Fds => worker::proxy::Socket::Fds,
-            SocketArg::Unix => worker::proxy::Socket::Unix,
-        };
         let app = worker::proxy::App {
             command: command.clone(),
-            socket,
+            socket: socket.socket(),
             start_timeout: std::time::Duration::from_secs(*start_timeout),
             max_connections: *max_connections,
         };
         worker::proxy::run(app).await?;
+        return Ok(());
+    }
+    if let Mode::Fastcgi {
+        root,
+        index,
+        front_controller,
+        php_fpm,
+        php_fpm_program,
+        children,
+        php_ini,
+        connect,
+        socket,
+        start_timeout,
+        max_connections,
+        keep_conn,
+        params,
+        command,
+    } = &cli.mode
+    {
+        use worker::fastcgi::{cgi::Site, php_fpm::PhpFpm, Backend, FastCgi};
+        anyhow::ensure!(cli.listen.is_none(), "--listen: a FastCGI pool is served from the dispatcher only");
+        let backend = match (*php_fpm, connect, command.is_empty()) {
+            (true, None, true) => {
+                Backend::PhpFpm(PhpFpm { program: php_fpm_program.clone(), children: *children, ini: php_ini.clone() })
+            }
+            (false, Some(a), true) => Backend::Connect(a.clone()),
+            (false, None, false) => Backend::Command { command: command.clone(), socket: socket.socket() },
+            (false, None, true) => anyhow::bail!("fastcgi: say which app: --php-fpm, --connect ADDR or -- COMMAND"),
+            _ => anyhow::bail!("fastcgi: --php-fpm, --connect and a COMMAND exclude each other"),
+        };
+        anyhow::ensure!(
+            php_ini.is_empty() || matches!(backend, Backend::PhpFpm(_)),
+            "fastcgi: --php-ini is for --php-fpm (another app has its own php.ini)"
+        );
+        let site = Site::new(root, index.clone(), front_controller.clone(), params.clone())
+            .with_context(|| format!("fastcgi --root {}", root.display()))?;
+        let cfg = FastCgi {
+            site,
+            backend,
+            start_timeout: std::time::Duration::from_secs(*start_timeout),
+            max_connections: *max_connections,
+            keep_conn: *keep_conn,
+        };
+        worker::fastcgi::run(cfg).await?;
         return Ok(());
     }
     if let Some(addr) = cli.listen {
@@ -148,7 +270,7 @@ async fn run(cli: Cli) -> Result<()> {
     let mut w = Worker::from_env()?;
     let pid = std::process::id();
     let mode_name = match &cli.mode {
-        Mode::Proxy { .. } => unreachable!("handled above"),
+        Mode::Proxy { .. } | Mode::Fastcgi { .. } => unreachable!("handled above"),
         Mode::Echo => "echo".to_string(),
         Mode::Static { dir, .. } => format!("static {}", dir.display()),
     };
