@@ -101,6 +101,48 @@ pub fn join_all<T>(threads: Vec<std::thread::JoinHandle<T>>, what: &str) -> Vec<
     threads.into_iter().map(|t| t.join().expect(what)).collect()
 }
 
+/// `clients` threads sending `GET path` on their own keep-alive
+/// connections until `stop` (at most 20,000 requests each); each returns
+/// its (200s, 502s, other statuses or broken connections), reconnecting
+/// after a 502 or a break.
+pub fn load_until(
+    d: &Dispatcher,
+    clients: usize,
+    path: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<[u32; 3]>> {
+    let port = d.port;
+    (0..clients)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut seen = [0u32; 3];
+                let mut c = Client::connect(port);
+                // Bounded: at most this many requests.
+                for _ in 0..20_000 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    c.send(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+                    match c.try_read_response() {
+                        Some(r) if r.status == 200 => seen[0] += 1,
+                        Some(r) if r.status == 502 => {
+                            seen[1] += 1;
+                            c = Client::connect(port);
+                        }
+                        other => {
+                            eprintln!("unexpected: {:?}", other.map(|r| r.status));
+                            seen[2] += 1;
+                            c = Client::connect(port);
+                        }
+                    }
+                }
+                seen
+            })
+        })
+        .collect()
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

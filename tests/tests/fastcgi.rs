@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::{wait_until, Client, Dispatcher, PoolDef, TempDir};
+use tests::{wait_until, Dispatcher, PoolDef, TempDir};
 
 const TEN_MIB: usize = 10 << 20;
 
@@ -172,46 +172,6 @@ fn php_fpm_pid(worker: u32) -> Option<u32> {
     tests::children(worker).first().copied()
 }
 
-/// Clients sending `path` on their own connections until `stop`; each
-/// returns its (200s, 502s, other statuses or broken connections).
-fn load(
-    d: &Dispatcher,
-    clients: usize,
-    path: &'static str,
-    stop: Arc<AtomicBool>,
-) -> Vec<std::thread::JoinHandle<[u32; 3]>> {
-    let port = d.port;
-    (0..clients)
-        .map(|_| {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                let mut seen = [0u32; 3];
-                let mut c = Client::connect(port);
-                // Bounded: at most this many requests.
-                for _ in 0..20_000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    c.send(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
-                    match c.try_read_response() {
-                        Some(r) if r.status == 200 => seen[0] += 1,
-                        Some(r) if r.status == 502 => {
-                            seen[1] += 1;
-                            c = Client::connect(port);
-                        }
-                        other => {
-                            eprintln!("unexpected: {:?}", other.map(|r| r.status));
-                            seen[2] += 1;
-                            c = Client::connect(port);
-                        }
-                    }
-                }
-                seen
-            })
-        })
-        .collect()
-}
-
 #[test]
 fn php_fpm_killed_under_load_fails_only_what_it_had_taken() {
     let dir = php_dir("fcgi-kill-", "");
@@ -223,7 +183,7 @@ fn php_fpm_killed_under_load_fails_only_what_it_had_taken() {
     assert_eq!(fpm_children.len(), 4, "php-fpm's children");
     let clients = 8;
     let stop = Arc::new(AtomicBool::new(false));
-    let threads = load(&d, clients, "/server.php", stop.clone());
+    let threads = tests::load_until(&d, clients, "/server.php", stop.clone());
     std::thread::sleep(Duration::from_millis(500));
     tests::signal(fpm, libc::SIGKILL);
     assert!(
@@ -394,4 +354,35 @@ fn one_configuration_routes_to_proxy_fastcgi_and_native_pools() {
     c.get_from("py.example.org", "/phpx", "native");
     let r = c.get("any.example", "/php/");
     assert!(String::from_utf8_lossy(&r.body).contains("from PHP"), "{r:?}");
+}
+
+#[test]
+fn php_fpm_idles_out_with_its_worker_and_cold_starts_again() {
+    let dir = php_dir("fcgi-idle-", "");
+    let r = root(&dir);
+    let args = ["fastcgi", "--root", &r, "--php-fpm", "--children", "2"];
+    let Some(d) = Dispatcher::start_if_privileged(
+        &[PoolDef { extra: "idle_timeout_secs = 1\n", ..php_fpm_pool("php", &["*/"], &args) }],
+        "",
+    ) else {
+        return;
+    };
+    // Cold start: the first request starts the worker and php-fpm.
+    let t0 = Instant::now();
+    let first = json(&d.connect().get("x", "/server.php").body)["pid"].as_u64();
+    let cold = t0.elapsed();
+    assert!(first.is_some(), "{}", d.log());
+    let worker = d.workers()[0];
+    let fpm = php_fpm_pid(worker).expect("php-fpm is the worker's child");
+    let mut family = tests::children(fpm);
+    family.push(fpm);
+    // Idle: the worker exits, and php-fpm and its children with it.
+    let gone = wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        !tests::alive(worker) && family.iter().all(|&p| !tests::alive(p))
+    });
+    assert!(gone, "worker {worker} and php-fpm {family:?} still there after the idle time-out\n{}", d.log());
+    // And a new request starts them again.
+    let again = json(&d.connect().get("x", "/server.php").body)["pid"].as_u64();
+    assert!(again.is_some() && again != first, "{again:?} after {first:?}");
+    eprintln!("cold start (worker + php-fpm + first request): {cold:?}");
 }

@@ -364,8 +364,9 @@ fn main() -> Result<()> {
                     ("iproute2", "ip"),
                     ("gunicorn", "gunicorn"),
                     ("php-fpm", "php-fpm"),
+                    ("nodejs", "node"),
                 ],
-                "test tools (curl, wrk, bpftool, iproute2) and apps (gunicorn, php-fpm)",
+                "test tools (curl, wrk, bpftool, iproute2) and apps (gunicorn, php-fpm, node)",
             )?;
             let obj = build_bpf_linted(&mut apt, lint)?;
             let bin = build_user(&obj, true)?;
