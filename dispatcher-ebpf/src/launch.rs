@@ -28,6 +28,8 @@ pub mod env {
     pub const RECYCLE_REQUESTS: &str = "DISPATCHER_RECYCLE_REQUESTS";
     /// The pool's name.
     pub const POOL: &str = "DISPATCHER_POOL";
+    /// The address clients connect to (`127.0.0.1:8080`).
+    pub const LISTEN: &str = "DISPATCHER_LISTEN";
     /// Set (to 1) when the dispatcher keeps an access log: the worker
     /// reports each request it answers (`wire::WorkerFrame::Log`).
     pub const ACCESS_LOG: &str = "DISPATCHER_ACCESS_LOG";

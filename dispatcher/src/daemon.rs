@@ -53,6 +53,7 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
                 conns: conns.clone(),
                 access_log: access_log.clone(),
                 leases: cfg.direct_responses,
+                listen: cfg.listen,
             }),
             counters: counters.clone(),
             routes: maps.routes,

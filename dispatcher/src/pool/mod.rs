@@ -30,4 +30,7 @@ pub struct Context {
     pub access_log: Option<AccessLog>,
     /// Workers get a lease socket (`fast_path.direct_responses`).
     pub leases: bool,
+    /// Where clients connect: workers get it in `DISPATCHER_LISTEN` (a
+    /// FastCGI pool's SERVER_ADDR and SERVER_PORT).
+    pub listen: std::net::SocketAddr,
 }

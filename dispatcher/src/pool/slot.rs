@@ -112,6 +112,7 @@ pub(super) fn supervise(
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .chain(ctx.access_log.is_some().then(|| (activation::env::ACCESS_LOG.to_string(), "1".to_string())))
+            .chain(std::iter::once((activation::env::LISTEN.to_string(), ctx.listen.to_string())))
             .collect(),
         user: Some(pool.user.clone()),
         group: pool.group.clone(),

@@ -34,6 +34,9 @@ pub struct Site {
     /// Parameters every request gets (`--param NAME=VALUE`), after the
     /// CGI ones, so they can override them.
     extra: Vec<(String, String)>,
+    /// Where clients connect (`DISPATCHER_LISTEN`): SERVER_ADDR and
+    /// SERVER_PORT, as nginx's `$server_addr` and `$server_port`.
+    server: Option<std::net::SocketAddr>,
 }
 
 /// The script a request runs.
@@ -71,7 +74,8 @@ impl Site {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory"));
         }
         let front = front.map(|f| if f.starts_with('/') { f } else { format!("/{f}") });
-        Ok(Site { root, index, front, extra })
+        let server = std::env::var(dispatcher_ebpf::launch::env::LISTEN).ok().and_then(|a| a.parse().ok());
+        Ok(Site { root, index, front, extra, server })
     }
 
     pub fn root(&self) -> &Path {
@@ -161,7 +165,13 @@ impl Site {
         let host = req.headers.get(header::HOST).map(|h| h.as_bytes()).unwrap_or(b"");
         let (name, port) = split_host(host);
         p("SERVER_NAME", if name.is_empty() { b"localhost" } else { name });
-        p("SERVER_PORT", port.unwrap_or(b"80"));
+        match self.server {
+            Some(a) => {
+                p("SERVER_ADDR", a.ip().to_string().as_bytes());
+                p("SERVER_PORT", a.port().to_string().as_bytes());
+            }
+            None => p("SERVER_PORT", port.unwrap_or(b"80")),
+        }
         // php-cgi's cgi.force_redirect refuses to run without it.
         p("REDIRECT_STATUS", b"200");
         for name in req.headers.keys() {
