@@ -102,6 +102,11 @@ pub const REC_SLOW: u8 = 4;
 /// data is the body's trailer section (field lines, each ending in CRLF),
 /// not body bytes.
 pub const REC_TRAILERS: u8 = 8;
+/// Head record flag: an upgrade request (`Connection: upgrade`, `Upgrade`,
+/// no body) the dispatcher holds the connection for: a `101` to it
+/// (sent with `RESP_UPGRADE`) makes the connection the worker's; any other
+/// answer lets the connection go on as HTTP.
+pub const REC_UPGRADE: u8 = 16;
 
 /// Header of every request record, in a ring or on a worker's control
 /// socket. `len` data bytes follow it.

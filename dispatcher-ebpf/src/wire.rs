@@ -157,7 +157,11 @@ pub const RESP_STREAM: u32 = 256;
 
 /// The bits a response frame may carry; a frame with any other bit is a
 /// report, and a report carries exactly one bit.
-const RESPONSE_BITS: u32 = RESP_LAST | RESP_CLOSE | RESP_WANT_LEASE | RESP_STREAM;
+/// Response flag: the response is a `101 Switching Protocols` to an
+/// upgrade the dispatcher held the connection for (`REC_UPGRADE`): once
+/// it is written, the connection is the worker's ([`LeaseMsg::Tunnel`]).
+pub const RESP_UPGRADE: u32 = 512;
+const RESPONSE_BITS: u32 = RESP_LAST | RESP_CLOSE | RESP_WANT_LEASE | RESP_STREAM | RESP_UPGRADE;
 
 /// Upper bounds (µs) of the handling-time buckets of [`WorkerFrame::Stats`].
 pub const LATENCY_BUCKETS_US: [u64; 14] = [
@@ -222,6 +226,9 @@ pub enum WorkerFrame {
         /// client's socket (the worker's flow control for streamed
         /// responses).
         stream: bool,
+        /// (On the last frame of a 101) hand the connection over once it
+        /// is written ([`RESP_UPGRADE`]).
+        upgrade: bool,
     },
     /// A lease given back (no data): the worker wrote every response
     /// before `seq` and none from `seq` on; `lease` is the generation given
@@ -255,12 +262,13 @@ impl WorkerFrame {
     /// The header of this frame with `len` data bytes following.
     pub fn encode(&self, len: u32) -> FrameHeader {
         let (conn, seq, flags, lease) = match *self {
-            WorkerFrame::Response { conn, seq, last, close, want_lease, stream } => {
+            WorkerFrame::Response { conn, seq, last, close, want_lease, stream, upgrade } => {
                 let bit = |on: bool, b: u32| if on { b } else { 0 };
                 let flags = bit(last, RESP_LAST)
                     | bit(close, RESP_CLOSE)
                     | bit(want_lease, RESP_WANT_LEASE)
-                    | bit(stream, RESP_STREAM);
+                    | bit(stream, RESP_STREAM)
+                    | bit(upgrade, RESP_UPGRADE);
                 (conn, seq, flags, 0)
             }
             WorkerFrame::BodyRead { conn, seq, len: n } => (conn, seq, RESP_BODY_READ, n),
@@ -283,6 +291,7 @@ impl WorkerFrame {
                 close: h.flags & RESP_CLOSE != 0,
                 want_lease: h.flags & RESP_WANT_LEASE != 0,
                 stream: h.flags & RESP_STREAM != 0,
+                upgrade: h.flags & RESP_UPGRADE != 0,
             });
         }
         match h.flags {
@@ -304,6 +313,10 @@ pub const LEASE_DENY: u32 = 2;
 pub const LEASE_REVOKE: u32 = 3;
 /// Lease message kind: [`LeaseMsg::Forget`].
 pub const LEASE_FORGET: u32 = 4;
+/// Lease message kind: [`LeaseMsg::Tunnel`].
+pub const LEASE_TUNNEL: u32 = 5;
+/// The most client bytes a [`LeaseMsg::Tunnel`] carries after its record.
+pub const TUNNEL_MAX_EARLY: usize = 64 << 10;
 
 /// [`LeaseMsg::Grant`]'s `entry` when the worker gets no progress entry.
 pub const NO_ENTRY: u32 = u32::MAX;
@@ -342,6 +355,12 @@ pub enum LeaseMsg {
     Revoke { conn: u64, gen: u32 },
     /// The connection is gone: drop whatever is kept for it.
     Forget { conn: u64 },
+    /// The connection is the worker's from now on (it answered an upgrade
+    /// with 101): its socket comes as SCM_RIGHTS, and the bytes the client
+    /// sent after the upgrade request that the dispatcher had read follow
+    /// the record in the same message (at most [`TUNNEL_MAX_EARLY`]).
+    /// The dispatcher forgets the connection.
+    Tunnel { conn: u64 },
 }
 
 impl LeaseMsg {
@@ -351,7 +370,8 @@ impl LeaseMsg {
             LeaseMsg::Grant { conn, .. }
             | LeaseMsg::Deny { conn, .. }
             | LeaseMsg::Revoke { conn, .. }
-            | LeaseMsg::Forget { conn } => conn,
+            | LeaseMsg::Forget { conn }
+            | LeaseMsg::Tunnel { conn } => conn,
         }
     }
 
@@ -362,6 +382,7 @@ impl LeaseMsg {
             LeaseMsg::Deny { conn, from } => LeaseRecord { conn, kind: LEASE_DENY, from, ..Default::default() },
             LeaseMsg::Revoke { conn, gen } => LeaseRecord { conn, kind: LEASE_REVOKE, gen, ..Default::default() },
             LeaseMsg::Forget { conn } => LeaseRecord { conn, kind: LEASE_FORGET, ..Default::default() },
+            LeaseMsg::Tunnel { conn } => LeaseRecord { conn, kind: LEASE_TUNNEL, ..Default::default() },
         };
         plain::to_bytes(&r)
     }
@@ -379,6 +400,7 @@ impl LeaseMsg {
             LEASE_DENY => Ok(LeaseMsg::Deny { conn, from }),
             LEASE_REVOKE => Ok(LeaseMsg::Revoke { conn, gen }),
             LEASE_FORGET => Ok(LeaseMsg::Forget { conn }),
+            LEASE_TUNNEL => Ok(LeaseMsg::Tunnel { conn }),
             kind => Err(DecodeError::UnknownKind { what: "lease message", kind }),
         }
     }
@@ -401,7 +423,7 @@ mod tests {
     }
 
     fn resp(conn: u64, seq: u32, last: bool, close: bool, want_lease: bool, stream: bool) -> WorkerFrame {
-        WorkerFrame::Response { conn, seq, last, close, want_lease, stream }
+        WorkerFrame::Response { conn, seq, last, close, want_lease, stream, upgrade: false }
     }
 
     #[test]

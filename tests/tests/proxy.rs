@@ -293,6 +293,6 @@ fn a_node_app_is_started_with_a_socket_and_proxied_both_ways() {
         .unwrap();
     assert_eq!(out.stdout.len(), TEN_MIB, "{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stdout.iter().enumerate().all(|(i, &b)| b == ((i % 65536) % 251) as u8), "the download's bytes differ");
-    // Until upgrades pass through, the WebSocket route says what it wants.
+    // A plain GET of the WebSocket route says what it wants.
     assert_eq!(c.get("x", "/ws").status, 426);
 }

@@ -102,8 +102,16 @@ pub(crate) fn data(out: &mut BytesMut, framing: Framing, data: &[u8]) {
 /// fields (framing fields are not allowed there, RFC 9110 §6.5.1).
 pub(crate) fn end_chunked(out: &mut BytesMut, trailers: Option<&HeaderMap>) {
     out.put_slice(b"0\r\n");
-    for (n, v) in trailers.into_iter().flatten() {
-        if owned(n) || n == header::TRAILER || n == header::HOST {
+    if let Some(t) = trailers {
+        put_fields(out, t, |n| owned(n) || n == header::TRAILER || n == header::HOST);
+    }
+    out.put_slice(b"\r\n");
+}
+
+/// Appends the field lines of `h` but those `skip` says.
+fn put_fields(out: &mut BytesMut, h: &HeaderMap, skip: impl Fn(&header::HeaderName) -> bool) {
+    for (n, v) in h {
+        if skip(n) {
             continue;
         }
         out.put_slice(n.as_str().as_bytes());
@@ -111,7 +119,15 @@ pub(crate) fn end_chunked(out: &mut BytesMut, trailers: Option<&HeaderMap>) {
         out.put_slice(v.as_bytes());
         out.put_slice(b"\r\n");
     }
-    out.put_slice(b"\r\n");
+}
+
+/// The head of a `101 Switching Protocols`: the service's fields but the
+/// framing ones, and `Connection: Upgrade` (its `Upgrade` field says to
+/// what).
+pub(crate) fn switching(b: &mut BytesMut, h: &HeaderMap) {
+    b.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
+    put_fields(b, h, |n| n == header::CONNECTION || n == header::CONTENT_LENGTH || n == header::TRANSFER_ENCODING);
+    b.extend_from_slice(b"Connection: Upgrade\r\n\r\n");
 }
 
 #[cfg(test)]

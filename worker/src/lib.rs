@@ -40,6 +40,7 @@ pub mod request;
 pub mod response;
 mod service;
 pub mod standalone;
+pub mod upgrade;
 
 use std::os::fd::{FromRawFd, OwnedFd};
 

@@ -11,7 +11,7 @@ pub use dispatcher_ebpf::abi::{
 pub use dispatcher_ebpf::wire::{
     DecodeError, FrameHeader, LeaseMsg, RecordKind, WorkerFrame, FRAME_HEADER_LEN, LATENCY_BUCKETS_US, LEASE_MSG_LEN,
     MAX_FRAME, NO_ENTRY, RESP_CLOSE, RESP_LAST, RESP_LOG, RESP_RELEASE, RESP_STATS, RESP_STOPPED, RESP_WANT_LEASE,
-    STATS_WORDS,
+    STATS_WORDS, TUNNEL_MAX_EARLY,
 };
 
 /// A request's text for an access-log record: printable ASCII kept, `"`,

@@ -86,7 +86,15 @@ impl AppPool {
                 break c;
             }
         };
-        let resp = conn.send_request(req).await?;
+        let mut resp = conn.send_request(req).await?;
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            // The connection is the tunnel's now, outside the pool (and
+            // its count: tunnels do not starve the pool's requests).
+            let up = hyper::upgrade::on(&mut resp);
+            let (mut parts, body) = resp.into_parts();
+            parts.extensions.insert(AppUpgrade(Arc::new(Mutex::new(Some(up)))));
+            return Ok(Response::from_parts(parts, PooledBody { inner: body, back: None, done: false }));
+        }
         let (parts, body) = resp.into_parts();
         let back = Some((conn, self.clone(), permit));
         Ok(Response::from_parts(parts, PooledBody { inner: body, back, done: false }))
@@ -96,9 +104,9 @@ impl AppPool {
         let io = self.addr.connect().await?;
         let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
         let addr = self.addr.to_string();
-        tokio::spawn(
-            async move { conn.await.map_err(|e| tracing::debug!(%addr, "a connection to the app ended: {e}")) },
-        );
+        tokio::spawn(async move {
+            conn.with_upgrades().await.map_err(|e| tracing::debug!(%addr, "a connection to the app ended: {e}"))
+        });
         Ok(send)
     }
 }
@@ -145,6 +153,26 @@ impl Drop for PooledBody {
     }
 }
 
+/// The app's side of a 101, in its response's extensions.
+#[derive(Clone)]
+struct AppUpgrade(Arc<Mutex<Option<hyper::upgrade::OnUpgrade>>>);
+
+/// Joins the client's upgraded connection and the app's, both ways, until
+/// either side closes (then the other is shut down too).
+async fn tunnel(client: crate::upgrade::OnUpgrade, app: hyper::upgrade::OnUpgrade) {
+    let (client, app) = tokio::join!(client.upgraded(), app);
+    let (mut client, app) = match (client, app) {
+        (Ok(c), Ok(a)) => (c, a),
+        (Err(e), _) => return tracing::warn!("upgrade: the client's connection: {e}"),
+        (_, Err(e)) => return tracing::warn!("upgrade: the app's connection: {e}"),
+    };
+    let mut app = hyper_util::rt::TokioIo::new(app);
+    match tokio::io::copy_bidirectional(&mut client, &mut app).await {
+        Ok((up, down)) => tracing::debug!(up, down, "tunnel closed"),
+        Err(e) => tracing::debug!("tunnel broke: {e}"),
+    }
+}
+
 /// Forwards requests to the app.
 #[derive(Clone)]
 struct Forward {
@@ -163,11 +191,35 @@ impl tower_service::Service<Request<crate::Body>> for Forward {
     fn call(&mut self, req: Request<crate::Body>) -> Self::Future {
         let pool = self.pool.clone();
         Box::pin(async move {
-            let req = to_app(req, &pool.addr)?;
+            let client_up = req.extensions().get::<crate::upgrade::OnUpgrade>().cloned();
+            let upgrade = client_up.is_some().then(|| req.headers().get(header::UPGRADE).cloned()).flatten();
+            let mut req = to_app(req, &pool.addr)?;
+            if let Some(proto) = &upgrade {
+                // The one hop-by-hop field pair that goes on: the app is
+                // asked to upgrade, as the client asked.
+                req.headers_mut().insert(header::UPGRADE, proto.clone());
+                req.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            }
             Ok(match pool.send(req).await {
                 Ok(resp) => {
                     let (mut parts, body) = resp.into_parts();
+                    let app_up = parts.extensions.remove::<AppUpgrade>().and_then(|u| u.0.lock().unwrap().take());
+                    let proto = parts.headers.get(header::UPGRADE).cloned();
                     strip_hop_by_hop(&mut parts.headers);
+                    match (app_up, client_up) {
+                        (Some(app), Some(client)) => {
+                            if let Some(p) = proto {
+                                parts.headers.insert(header::UPGRADE, p);
+                            }
+                            tokio::spawn(tunnel(client, app));
+                        }
+                        (Some(_), None) => {
+                            // A 101 to a request that did not ask for it.
+                            tracing::warn!(addr = %pool.addr, "the app switched protocols unasked; 502");
+                            parts.status = http::StatusCode::BAD_GATEWAY;
+                        }
+                        _ => {}
+                    }
                     Response::from_parts(parts, body.map_err(BoxError::from).boxed())
                 }
                 Err(e) => {

@@ -39,6 +39,7 @@ use tower_service::Service;
 
 use crate::encode::{self, Framing};
 use crate::request::MAX_HEADERS;
+use crate::upgrade::{OnUpgrade, UpgradeError, Upgraded};
 use crate::{
     answer::{Outbound, Wire},
     pull::reassembly::Raw,
@@ -72,7 +73,11 @@ pub(crate) struct Meta {
     pub(crate) http10: bool,
     pub(crate) raw_head: Bytes,
     pub(crate) received: Instant,
+    /// The other end of the request's [`OnUpgrade`], if it has one.
+    pub(crate) upgrade: std::sync::Mutex<Option<UpgradeTx>>,
 }
+
+type UpgradeTx = tokio::sync::oneshot::Sender<Result<Upgraded, UpgradeError>>;
 
 /// Identifies the request a handler is serving (in its extensions): the
 /// dispatcher's connection id (socket cookie) and the request's number on
@@ -149,7 +154,7 @@ where
             Some((rx, len)) => Body::streamed(rx, len, out.clone(), conn, seq),
             None => Body::full(pulled.raw.body.clone()),
         };
-        let Some((meta, req)) = to_http(pulled.raw, body) else {
+        let Some((meta, req)) = to_http(pulled.raw, body, out.can_tunnel()) else {
             out.reject(conn, seq);
             continue;
         };
@@ -189,7 +194,7 @@ where
 }
 
 /// The request as `http` types, or None if its head does not parse.
-fn to_http(raw: Raw, body: Body) -> Option<(Meta, http::Request<Body>)> {
+fn to_http(raw: Raw, body: Body, can_tunnel: bool) -> Option<(Meta, http::Request<Body>)> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut p = httparse::Request::new(&mut headers);
     if !matches!(p.parse(&raw.head), Ok(httparse::Status::Complete(_))) {
@@ -219,8 +224,15 @@ fn to_http(raw: Raw, body: Body) -> Option<(Meta, http::Request<Body>)> {
             b = b.extension(axum::extract::ConnectInfo(addr));
         }
     }
+    let mut upgrade = None;
+    if raw.upgrade && can_tunnel {
+        let (on, tx) = OnUpgrade::new();
+        b = b.extension(on);
+        upgrade = Some(tx);
+    }
     let req = b.body(body).ok()?;
     let meta = Meta {
+        upgrade: std::sync::Mutex::new(upgrade),
         conn: raw.conn,
         seq: raw.seq,
         close: raw.close,
@@ -231,6 +243,28 @@ fn to_http(raw: Raw, body: Body) -> Option<(Meta, http::Request<Body>)> {
         received: Instant::now(),
     };
     Some((meta, req))
+}
+
+/// Sends the 101 with `headers` through the dispatcher, which then hands
+/// the connection over; `tx` gets it.
+fn switch(out: &Arc<Outbound>, meta: &Meta, headers: &HeaderMap, tx: UpgradeTx) {
+    let mut b = BytesMut::new();
+    encode::switching(&mut b, headers);
+    out.count(101, meta.received.elapsed());
+    out.log_raw(meta.conn, meta.received, &meta.raw_head, 101, 0);
+    let rx = out.expect_tunnel(meta.conn);
+    if !out.switch(meta.conn, meta.seq, &b) {
+        let _ = tx.send(Err(UpgradeError::Lost));
+        return;
+    }
+    let open = out.tunnels_open.clone();
+    tokio::spawn(async move {
+        let r = match rx.await {
+            Ok((fd, early)) => Upgraded::new(fd, early, open).map_err(UpgradeError::from),
+            Err(_) => Err(UpgradeError::Lost),
+        };
+        let _ = tx.send(r);
+    });
 }
 
 /// Polls `body` once: its next frame if one is ready now.
@@ -252,6 +286,25 @@ where
     use bytes::Buf;
     let (parts, body) = resp.into_parts();
     let status = parts.status;
+    let upgrade = meta.upgrade.lock().unwrap().take();
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        match upgrade {
+            Some(tx) => switch(out, meta, &parts.headers, tx),
+            None => {
+                tracing::error!(
+                    conn = meta.conn,
+                    seq = meta.seq,
+                    "the service answered 101 to a request that cannot upgrade (no OnUpgrade in it); 500 instead"
+                );
+                let mut b = BytesMut::new();
+                encode::head(&mut b, StatusCode::INTERNAL_SERVER_ERROR, &HeaderMap::new(), Framing::Length(0), true);
+                out.respond(meta.conn, meta.seq, b.freeze().into(), true, meta.from_kernel);
+            }
+        }
+        return;
+    }
+    // Not upgraded: the service's OnUpgrade, if it waits, hears so.
+    drop(upgrade);
     let mut close = meta.close || encode::wants_close(&parts.headers);
     out.count(status.as_u16(), meta.received.elapsed());
     let mut body = Box::pin(body);

@@ -388,16 +388,7 @@ http {{
         d = d.display(),
         site = site.display()
     );
-    let path = d.join("nginx.conf");
-    fs::write(&path, conf)?;
-    Command::new("nginx")
-        .args(["-e", &d.join("error.log").display().to_string(), "-c"])
-        .arg(&path)
-        .args(["-g", "daemon off;"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting nginx (static)")
+    run_nginx(&d, &conf, "error.log", "starting nginx (static)")
 }
 
 struct Procs(Vec<Child>);
@@ -624,6 +615,21 @@ fn spawn_dispatcher(bin: &Path, dir: &Path, name: &str, cfg: &str, log_level: &s
         .with_context(|| format!("starting the dispatcher ({name})"))
 }
 
+/// Starts nginx in the foreground with `conf`, written to DIR/nginx.conf,
+/// logging its errors to DIR/`log`.
+fn run_nginx(dir: &Path, conf: &str, log: &str, what: &str) -> Result<Child> {
+    let path = dir.join("nginx.conf");
+    fs::write(&path, conf)?;
+    Command::new("nginx")
+        .args(["-e", &dir.join(log).display().to_string(), "-c"])
+        .arg(&path)
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context(what.to_string())
+}
+
 /// php-fpm's children in the php section, on both sides.
 const PHP_CHILDREN: usize = 8;
 
@@ -690,16 +696,7 @@ http {{
         root = root.display(),
         sock = sock.display(),
     );
-    let path = dir.join("nginx.conf");
-    fs::write(&path, conf)?;
-    Command::new("nginx")
-        .args(["-e", &dir.join("nginx-error.log").display().to_string(), "-c"])
-        .arg(&path)
-        .args(["-g", "daemon off;"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting nginx")
+    run_nginx(dir, &conf, "nginx-error.log", "starting nginx")
 }
 
 fn start_nginx(dir: &Path, port: u16, upstream: u16) -> Result<Child> {
@@ -737,16 +734,7 @@ http {{
 "#,
         dir = dir.display()
     );
-    let path = dir.join("nginx.conf");
-    fs::write(&path, conf)?;
-    Command::new("nginx")
-        .args(["-e", &dir.join("nginx-error.log").display().to_string(), "-c"])
-        .arg(&path)
-        .args(["-g", "daemon off;"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting nginx")
+    run_nginx(dir, &conf, "nginx-error.log", "starting nginx")
 }
 
 /// Runs the benchmark and writes the results.

@@ -140,6 +140,8 @@ pub async fn serve(ctx: Arc<Context>, stream: TcpStream, cookie: u64, rx: mpsc::
         woken: false,
         written: 0,
         request_line: Vec::new(),
+        handed_over: false,
+        resume_due: false,
     };
     c.run(rx).instrument(span).await;
     c.cleanup();
@@ -185,6 +187,12 @@ struct Conn {
     /// The head of the last request the slow path parsed (for the access
     /// log's lines of the dispatcher's own answers).
     request_line: Vec<u8>,
+    /// The connection went to a worker after a 101 (an upgrade): it is
+    /// not closed here, and its kernel state stays (the verdict program
+    /// still trims retransmitted bytes off its segments).
+    handed_over: bool,
+    /// An upgrade was declined: the parser's held bytes are parsed next.
+    resume_due: bool,
 }
 
 /// The client's socket.
@@ -292,6 +300,14 @@ impl Conn {
                     if let Flow::Close = self.check_timers().await { return; }
                 }
             }
+            if std::mem::take(&mut self.resume_due) {
+                let events = self.slow.as_mut().map(|s| s.parser.resume()).unwrap_or_default();
+                for ev in events {
+                    if let Flow::Close = self.on_event(ev).await {
+                        return;
+                    }
+                }
+            }
             if self.eof && self.lease.is_home() && self.outstanding() == 0 {
                 return;
             }
@@ -309,7 +325,7 @@ impl Conn {
         if let Sock::Parked(s) = &self.sock {
             self.ctx.parking.unpark(s);
         }
-        if let (true, Some(fd)) = (self.lease_gen > 0, self.sock.fd()) {
+        if let (true, false, Some(fd)) = (self.lease_gen > 0, self.handed_over, self.sock.fd()) {
             // A worker may still hold a copy of the socket: end the
             // connection itself, not just our descriptor.
             let _ = nix::sys::socket::shutdown(std::os::fd::AsRawFd::as_raw_fd(&fd), nix::sys::socket::Shutdown::Both);
@@ -332,6 +348,8 @@ impl Conn {
             link.abort(self.cookie);
         }
         self.ctx.conns.unregister(self.cookie);
-        self.ctx.conn_state.forget(self.cookie);
+        if !self.handed_over {
+            self.ctx.conn_state.forget(self.cookie);
+        }
     }
 }

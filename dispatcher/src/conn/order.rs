@@ -56,16 +56,29 @@ impl Conn {
                     c.written(self.cookie, f.seq, f.data.len() as u64);
                 }
                 if f.last {
-                    done = Some((f.close, f.ask));
+                    done = Some((f.close, f.ask, f.tunnel));
                     break;
                 }
             }
-            let Some((close, ask)) = done else { break };
+            let Some((close, ask, tunnel)) = done else { break };
+            let upgrade = self.slow.as_ref().and_then(|s| s.upgrade).is_some_and(|u| u == self.next);
             self.pending.remove(&self.next);
             if let Some((link, bytes)) = self.sent.remove(&self.next) {
                 link.release(bytes);
             }
             self.next += 1;
+            if upgrade {
+                match tunnel {
+                    Some(to) => return self.hand_over(to),
+                    // Declined: what the client sent since is HTTP again.
+                    None => {
+                        if let Some(s) = &mut self.slow {
+                            s.upgrade = None;
+                        }
+                        self.resume_due = true;
+                    }
+                }
+            }
             if close {
                 if let Sock::Polled(s) = &mut self.sock {
                     let _ = s.shutdown().await;
@@ -77,6 +90,21 @@ impl Conn {
             }
         }
         Flow::Continue
+    }
+
+    /// The 101 is written: the connection is `to`'s worker's from here
+    /// (`LeaseMsg::Tunnel`), with what the client sent after its request.
+    /// This task forgets it without closing it.
+    fn hand_over(&mut self, to: Arc<crate::deliver::LeaseTx>) -> Flow {
+        let early = self.slow.as_mut().map(|s| s.parser.take_rest()).unwrap_or_default();
+        let fd = self.sock.fd().and_then(super::socket::dup_fd);
+        if fd.is_some_and(|fd| to.tunnel(self.cookie, fd, early)) {
+            tracing::debug!(conn = self.cookie, "upgraded: the connection is the worker's");
+            self.handed_over = true;
+        } else {
+            tracing::warn!(conn = self.cookie, "upgraded, but the worker is gone: closing");
+        }
+        Flow::Close
     }
 
     /// Writes all of `data` (the socket must not be leased). False when

@@ -8,7 +8,7 @@ use std::sync::{atomic::Ordering, Arc};
 
 use dispatcher_ebpf::abi::{
     reason, RecordHeader, LENGTH_UNKNOWN, MODE_SLOW, RECORD_BODY, RECORD_HEAD, REC_CLOSE, REC_LAST, REC_SLOW,
-    REC_TRAILERS,
+    REC_TRAILERS, REC_UPGRADE,
 };
 use dispatcher_ebpf::wire::MAX_FRAME;
 
@@ -35,6 +35,9 @@ pub(super) enum BodyTo {
 
 pub(super) struct Slow {
     pub(super) parser: SlowParser,
+    /// The upgrade request the connection is held for (the parser holds
+    /// what follows it until its answer).
+    pub(super) upgrade: Option<u32>,
     /// Sequence number of the next request the parser completes.
     pub(super) seq: u32,
     /// Socket bytes still to skip (the kernel consumed them).
@@ -60,7 +63,8 @@ pub(super) const UPLOAD_WINDOW: u64 = 1 << 20;
 impl Slow {
     /// Whether the socket may be read (the upload window is open).
     pub(super) fn may_read(&self) -> bool {
-        self.unread < UPLOAD_WINDOW
+        // Held after an upgrade request: at most what a tunnel takes along.
+        self.unread < UPLOAD_WINDOW && self.parser.held() < dispatcher_ebpf::wire::TUNNEL_MAX_EARLY
     }
 
     /// The worker read `len` more bytes of request `seq`'s body.
@@ -91,6 +95,7 @@ impl Conn {
                 body_left: 0,
                 body_to: BodyTo::Discard,
                 unread: 0,
+                upgrade: None,
             });
             return Some(Vec::new());
         };
@@ -117,6 +122,7 @@ impl Conn {
             body_left: 0,
             body_to: BodyTo::Discard,
             unread: 0,
+            upgrade: None,
         };
         if st.body_left > 0 {
             // Handed over mid-body (the ring filled up, or the segment used
@@ -226,6 +232,10 @@ impl Conn {
                 }
                 if h.content_length == 0 {
                     flags |= REC_LAST;
+                }
+                if h.upgrade {
+                    flags |= REC_UPGRADE;
+                    self.slow.as_mut().unwrap().upgrade = Some(seq);
                 }
                 let hdr = RecordHeader {
                     conn: self.cookie,

@@ -40,7 +40,7 @@ pub struct LeaseTx {
 
 #[derive(Debug, Default)]
 struct LeaseQueue {
-    msgs: std::collections::VecDeque<(LeaseMsg, Option<OwnedFd>)>,
+    msgs: std::collections::VecDeque<(LeaseMsg, Option<OwnedFd>, bytes::Bytes)>,
     /// Connection → (generation, trace entry) of the lease it has out
     /// with this worker.
     granted: std::collections::HashMap<u64, (u32, u32)>,
@@ -75,7 +75,7 @@ impl LeaseTx {
             q.granted.insert(*conn, (*gen, e));
         }
         if q.msgs.is_empty() {
-            match send_lease(self.sock.get_ref(), &msg, fd.as_ref()) {
+            match send_lease(self.sock.get_ref(), &msg, fd.as_ref(), &[]) {
                 // `fd` (our duplicate of the client's socket) closes here:
                 // the worker has its own now.
                 Ok(()) => return true,
@@ -95,7 +95,31 @@ impl LeaseTx {
                 }
             }
         }
-        q.msgs.push_back((msg, fd));
+        q.msgs.push_back((msg, fd, bytes::Bytes::new()));
+        self.wake.notify_one();
+        true
+    }
+
+    /// Hands connection `conn` (its socket `fd`) over to the worker, with
+    /// `early`, what the client sent after its upgrade request
+    /// ([`LeaseMsg::Tunnel`]). False when the worker is gone.
+    pub fn tunnel(&self, conn: u64, fd: OwnedFd, early: bytes::Bytes) -> bool {
+        let mut q = self.queue.lock().unwrap();
+        if self.is_closed() {
+            return false;
+        }
+        let msg = LeaseMsg::Tunnel { conn };
+        if q.msgs.is_empty() {
+            match send_lease(self.sock.get_ref(), &msg, Some(&fd), &early) {
+                Ok(()) => return true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    tracing::debug!("lease socket: {e}");
+                    return false;
+                }
+            }
+        }
+        q.msgs.push_back((msg, Some(fd), early));
         self.wake.notify_one();
         true
     }
@@ -149,8 +173,8 @@ impl LeaseTx {
             loop {
                 let blocked = {
                     let mut q = self.queue.lock().unwrap();
-                    let Some((msg, fd)) = q.msgs.front() else { break };
-                    match send_lease(self.sock.get_ref(), msg, fd.as_ref()) {
+                    let Some((msg, fd, more)) = q.msgs.front() else { break };
+                    match send_lease(self.sock.get_ref(), msg, fd.as_ref(), more) {
                         Ok(()) => {
                             q.msgs.pop_front();
                             false
@@ -193,10 +217,10 @@ pub fn lease_socket(progress: Arc<worker::progress::ProgressMap>) -> Result<(Arc
     Ok((tx, theirs))
 }
 
-fn send_lease(sock: &OwnedFd, msg: &LeaseMsg, fd: Option<&OwnedFd>) -> io::Result<()> {
+fn send_lease(sock: &OwnedFd, msg: &LeaseMsg, fd: Option<&OwnedFd>, more: &[u8]) -> io::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let bytes = msg.encode();
-    let iov = [io::IoSlice::new(&bytes)];
+    let iov = [io::IoSlice::new(&bytes), io::IoSlice::new(more)];
     let raw = fd.map(|f| [f.as_raw_fd()]);
     let cmsgs: Vec<ControlMessage> = raw.as_ref().map(|r| ControlMessage::ScmRights(r)).into_iter().collect();
     sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL, None)

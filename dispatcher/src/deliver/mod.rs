@@ -172,6 +172,9 @@ pub struct Frame {
     /// `RecordKind::Written` record goes to the worker's control socket
     /// here (the worker sends more only as parts are written).
     pub credit: Option<Credit>,
+    /// (On the last frame of a 101 to an upgrade request) once it is
+    /// written, the connection goes to this worker's lease socket.
+    pub tunnel: Option<Arc<LeaseTx>>,
 }
 
 /// Where a streamed response's write acknowledgements go: the control
@@ -201,6 +204,6 @@ impl Credit {
 impl Frame {
     /// A whole response the dispatcher writes.
     pub fn whole(seq: u32, data: Bytes, close: bool) -> Frame {
-        Frame { seq, data, last: true, close, ask: None, release: None, credit: None }
+        Frame { seq, data, last: true, close, ask: None, release: None, credit: None, tunnel: None }
     }
 }

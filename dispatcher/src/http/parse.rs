@@ -46,12 +46,20 @@ pub struct Head {
     pub close: bool,
     /// The client waits for `100 Continue` before sending the body.
     pub expect_continue: bool,
+    /// An upgrade request (HTTP/1.1, `Upgrade`, `Connection: upgrade`, no
+    /// body): the parser holds what follows until [`SlowParser::resume`]
+    /// (the answer was not a 101) or [`SlowParser::take_rest`] (it was).
+    pub upgrade: bool,
     pub method: String,
 }
 
 enum State {
     Head,
-    Body { left: u64 },
+    /// After an upgrade request: bytes are held, not parsed.
+    Upgrade,
+    Body {
+        left: u64,
+    },
     Chunked(Box<Chunked>),
     Done,
 }
@@ -99,7 +107,7 @@ impl SlowParser {
         let mut out = Vec::new();
         loop {
             let progressed = match &mut self.state {
-                State::Done => false,
+                State::Done | State::Upgrade => false,
                 State::Head => self.head(&mut out),
                 State::Body { left } => {
                     if self.buf.is_empty() {
@@ -123,6 +131,30 @@ impl SlowParser {
             }
         }
         out
+    }
+
+    /// The upgrade was declined: what the client sent after it is parsed
+    /// as HTTP again.
+    pub fn resume(&mut self) -> Vec<Event> {
+        if matches!(self.state, State::Upgrade) {
+            self.state = State::Head;
+        }
+        self.feed(&[])
+    }
+
+    /// The upgrade happened: the bytes held since (the new protocol's);
+    /// nothing more is parsed.
+    pub fn take_rest(&mut self) -> Bytes {
+        self.state = State::Done;
+        self.buf.split().freeze()
+    }
+
+    /// Bytes held after an upgrade request.
+    pub fn held(&self) -> usize {
+        match self.state {
+            State::Upgrade => self.buf.len(),
+            _ => 0,
+        }
     }
 
     fn fail(&mut self, out: &mut Vec<Event>, status: u16, why: &'static str) -> bool {
@@ -164,6 +196,7 @@ impl SlowParser {
         let mut te: Option<Vec<u8>> = None;
         let mut close = version == 0;
         let mut expect_continue = false;
+        let (mut upgrade_field, mut upgrade_token) = (false, false);
         for h in req.headers.iter() {
             let v = trim(h.value);
             if h.name.eq_ignore_ascii_case("host") {
@@ -182,12 +215,17 @@ impl SlowParser {
                 te = Some(v.to_ascii_lowercase());
             } else if h.name.eq_ignore_ascii_case("connection") {
                 for tok in v.split(|&b| b == b',').map(trim) {
+                    if tok.eq_ignore_ascii_case(b"upgrade") {
+                        upgrade_token = true;
+                    }
                     if tok.eq_ignore_ascii_case(b"close") {
                         close = true;
                     } else if tok.eq_ignore_ascii_case(b"keep-alive") && version == 0 {
                         close = false;
                     }
                 }
+            } else if h.name.eq_ignore_ascii_case("upgrade") {
+                upgrade_field = !v.is_empty();
             } else if h.name.eq_ignore_ascii_case("expect") {
                 if v.eq_ignore_ascii_case(b"100-continue") {
                     expect_continue = true;
@@ -227,7 +265,16 @@ impl SlowParser {
             return self.fail(out, 400, "invalid percent-encoding in path");
         };
         let head_bytes = self.buf.split_to(n).freeze();
-        let mut head = Head { bytes: head_bytes, content_length: 0, host, route_path, close, expect_continue, method };
+        let mut head = Head {
+            bytes: head_bytes,
+            content_length: 0,
+            host,
+            route_path,
+            close,
+            expect_continue,
+            upgrade: false,
+            method,
+        };
         match te {
             Some(te) => {
                 // Only `chunked` (as the last and only coding) is framed.
@@ -252,9 +299,17 @@ impl SlowParser {
                     return self.fail(out, 413, "request body too large");
                 }
                 head.content_length = cl;
+                // RFC 9110 §7.8: what follows an upgrade request is the
+                // new protocol's if the answer is 101; hold it until then.
+                // (An upgrade with a body is served as a plain request.)
+                head.upgrade = version == 1 && upgrade_field && upgrade_token && cl == 0 && !close;
+                let upgrade = head.upgrade;
                 out.push(Event::Head(head));
                 if cl > 0 {
                     self.state = State::Body { left: cl };
+                } else if upgrade {
+                    self.state = State::Upgrade;
+                    return false;
                 }
                 true
             }
@@ -598,6 +653,39 @@ mod tests {
         assert_eq!(n("/.."), "/");
         assert_eq!(n("/a\\b"), "/a/b");
         assert!(normalize_path(b"/%4").is_none());
+    }
+
+    #[test]
+    fn upgrade_requests_hold_what_follows_until_answered() {
+        let req = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let mut p = SlowParser::new(1 << 20);
+        let mut wire = req.to_vec();
+        wire.extend_from_slice(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n");
+        let ev = p.feed(&wire);
+        assert_eq!(heads(&ev).len(), 1);
+        assert!(heads(&ev)[0].upgrade);
+        assert!(p.feed(b"more").is_empty(), "held, not parsed");
+        assert_eq!(p.held(), 34 + 4);
+        // Declined: the next request is parsed.
+        let ev = p.resume();
+        assert_eq!(heads(&ev).len(), 1);
+        assert!(!heads(&ev)[0].upgrade);
+        // Accepted: the rest is the new protocol's.
+        let mut p = SlowParser::new(1 << 20);
+        let mut wire = req.to_vec();
+        wire.extend_from_slice(b"\x81\x05hello");
+        assert_eq!(heads(&p.feed(&wire)).len(), 1);
+        assert_eq!(&p.take_rest()[..], b"\x81\x05hello");
+        // Not upgrades: no Connection token, HTTP/1.0, a body.
+        for r in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n"[..],
+            b"GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\nContent-Length: 1\r\n\r\nx",
+        ] {
+            let mut p = SlowParser::new(1 << 20);
+            let ev = p.feed(r);
+            assert!(!heads(&ev)[0].upgrade, "{:?}", String::from_utf8_lossy(r));
+        }
     }
 
     #[test]

@@ -96,15 +96,24 @@ pub(super) fn connect(
                 }
                 Ok(WorkerFrame::Release { conn, seq, lease }) => {
                     let release = Some(lease);
-                    let f =
-                        Frame { seq, data: data.into(), last: false, close: false, ask: None, release, credit: None };
+                    let f = Frame {
+                        seq,
+                        data: data.into(),
+                        last: false,
+                        close: false,
+                        ask: None,
+                        release,
+                        credit: None,
+                        tunnel: None,
+                    };
                     conns.deliver(conn, f);
                 }
-                Ok(WorkerFrame::Response { conn, seq, last, close, want_lease, stream }) => {
+                Ok(WorkerFrame::Response { conn, seq, last, close, want_lease, stream, upgrade }) => {
                     let ask = if want_lease { lease_tx.clone() } else { None };
                     let credit = stream.then(|| Credit(tx.clone()));
-                    conns
-                        .deliver(conn, Frame { seq, data: Bytes::from(data), last, close, ask, release: None, credit });
+                    let tunnel = if upgrade && last { lease_tx.clone() } else { None };
+                    let data = Bytes::from(data);
+                    conns.deliver(conn, Frame { seq, data, last, close, ask, release: None, credit, tunnel });
                 }
                 Ok(WorkerFrame::BodyRead { conn, seq, len }) => conns.body_read(conn, seq, len),
                 Err(e) => tracing::warn!(pool = %name, "skipping a frame from the worker: {e}"),

@@ -54,7 +54,8 @@ const server = http.createServer((req, res) => {
 });
 
 // /ws: a WebSocket echo (RFC 6455), by hand to need no package: each text
-// or binary message comes back as it went; a close is answered and ends it.
+// or binary message comes back as it went; a close is answered and ends it;
+// the text `bye` makes the server close.
 server.on('upgrade', (req, socket, head) => {
   const key = req.headers['sec-websocket-key'];
   if (new URL(req.url, 'http://x').pathname !== '/ws' || !key || !/websocket/i.test(req.headers.upgrade || '')) {
@@ -87,6 +88,7 @@ server.on('upgrade', (req, socket, head) => {
       if (masked) for (let i = 0; i < len; i++) payload[i] ^= buf[at + (i & 3)];
       buf = buf.subarray(end);
       if (op === 8) { frame(8, payload.subarray(0, 2)); socket.end(); return; }
+      if (op === 1 && payload.toString() === 'bye') { frame(8, Buffer.from([3, 232])); socket.end(); return; }
       if (op === 9) frame(10, payload);
       else if (op === 1 || op === 2) frame(op, payload);
     }

@@ -73,6 +73,8 @@ impl Outbound {
             "lease message"
         );
         match m {
+            // Handled before it gets here (`on_message`).
+            LeaseMsg::Tunnel { .. } => {}
             LeaseMsg::Grant { conn, from, gen, entry } => {
                 let usable = matches!(map.get(&conn), Some(LeaseState::Asked { sent_after: false, .. }));
                 match fd {

@@ -13,6 +13,7 @@ use tokio::io::{unix::AsyncFd, Interest};
 
 use super::Outbound;
 use crate::proto::{DecodeError, LeaseMsg, LEASE_MSG_LEN};
+use bytes::Bytes;
 
 impl Outbound {
     /// Handles the lease messages already waiting, without blocking.
@@ -21,8 +22,15 @@ impl Outbound {
         // Receive and handle as one step, here and in the reader task:
         // lease messages must be handled in the order they were sent.
         let _order = self.lease_order.lock().unwrap();
-        while let Ok(Some((m, f))) = recv_lease(fd.as_raw_fd()) {
-            self.on_lease(m, f);
+        while let Ok(Some((m, f, early))) = recv_lease(fd.as_raw_fd()) {
+            self.on_message(m, f, early);
+        }
+    }
+
+    fn on_message(self: &Arc<Self>, m: LeaseMsg, fd: Option<OwnedFd>, early: Bytes) {
+        match m {
+            LeaseMsg::Tunnel { conn } => self.tunnel_arrived(conn, fd, early),
+            m => self.on_lease(m, fd),
         }
     }
 
@@ -40,8 +48,8 @@ impl Outbound {
                 loop {
                     let order = out.lease_order.lock().unwrap();
                     match recv_lease(afd.get_ref().as_raw_fd()) {
-                        Ok(Some((m, fd))) => {
-                            out.on_lease(m, fd);
+                        Ok(Some((m, fd, early))) => {
+                            out.on_message(m, fd, early);
                             drop(order);
                         }
                         Ok(None) => return,
@@ -74,27 +82,38 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
 
 /// One lease message and the fd it carries. `None` at end of stream. A
 /// message of a kind this worker does not know is logged and skipped.
-fn recv_lease(fd: RawFd) -> io::Result<Option<(LeaseMsg, Option<OwnedFd>)>> {
+fn recv_lease(fd: RawFd) -> io::Result<Option<(LeaseMsg, Option<OwnedFd>, Bytes)>> {
     loop {
-        let Some((m, passed)) = recv_lease_raw(fd)? else { return Ok(None) };
+        let Some((m, passed, early)) = recv_lease_raw(fd)? else { return Ok(None) };
         match m {
-            Ok(m) => return Ok(Some((m, passed))),
+            Ok(m) => return Ok(Some((m, passed, early))),
             Err(e @ DecodeError::UnknownKind { .. }) => tracing::warn!("lease socket: {e}"),
             Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
         }
     }
 }
 
-/// A lease socket packet: its message, decoded, and the fd it carried.
-type Packet = (Result<LeaseMsg, DecodeError>, Option<OwnedFd>);
+/// A lease socket packet: its message, decoded, the fd it carried, and
+/// what followed the record (a tunnel's early bytes).
+type Packet = (Result<LeaseMsg, DecodeError>, Option<OwnedFd>, Bytes);
 
 /// One lease socket packet. `None` at end of stream.
 fn recv_lease_raw(fd: RawFd) -> io::Result<Option<Packet>> {
+    thread_local! {
+        // Only a tunnel's message is longer than a record; its early bytes
+        // land here (one buffer per thread, not one per message: a grant
+        // or denial follows most responses).
+        static MORE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; crate::proto::TUNNEL_MAX_EARLY]);
+    }
+    MORE.with(|more| recv_into(fd, &mut more.borrow_mut()))
+}
+
+fn recv_into(fd: RawFd, more: &mut [u8]) -> io::Result<Option<Packet>> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     use std::os::fd::FromRawFd;
     let mut buf = [0u8; LEASE_MSG_LEN];
     let mut cmsg = nix::cmsg_space!([RawFd; 1]);
-    let mut iov = [io::IoSliceMut::new(&mut buf)];
+    let mut iov = [io::IoSliceMut::new(&mut buf), io::IoSliceMut::new(more)];
     let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT)
         .map_err(io::Error::from)?;
     let n = msg.bytes;
@@ -119,5 +138,9 @@ fn recv_lease_raw(fd: RawFd) -> io::Result<Option<Packet>> {
     if truncated {
         tracing::warn!("a connection passed to this worker was lost (out of file descriptors?)");
     }
-    Ok(Some((LeaseMsg::decode(&buf[..n]), passed)))
+    let early = match n > LEASE_MSG_LEN {
+        true => Bytes::copy_from_slice(&more[..n - LEASE_MSG_LEN]),
+        false => Bytes::new(),
+    };
+    Ok(Some((LeaseMsg::decode(&buf[..n.min(LEASE_MSG_LEN)]), passed, early)))
 }

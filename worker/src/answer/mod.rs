@@ -63,6 +63,11 @@ pub(crate) struct Outbound {
     stats_task: OnceLock<()>,
     /// Streamed responses in flight (see `stream`).
     streams: stream::Streams,
+    /// Connections this worker answered an upgrade on with 101, waiting
+    /// for the dispatcher to hand them over (`LeaseMsg::Tunnel`).
+    tunnels: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<(OwnedFd, Bytes)>>>,
+    /// Tunnels open now (the worker does not idle out while any is).
+    pub(crate) tunnels_open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Outbound {
@@ -104,6 +109,33 @@ impl Outbound {
             stats_task: OnceLock::new(),
             streams: Default::default(),
             lease_order: Mutex::new(()),
+            tunnels: Mutex::new(HashMap::new()),
+            tunnels_open: Default::default(),
+        }
+    }
+
+    /// Whether connections can be handed to this worker (they come on the
+    /// lease socket).
+    pub(crate) fn can_tunnel(&self) -> bool {
+        self.leases
+    }
+
+    /// Waits for `conn` to be handed over (after the 101 is sent).
+    pub(crate) fn expect_tunnel(&self, conn: u64) -> tokio::sync::oneshot::Receiver<(OwnedFd, Bytes)> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tunnels.lock().unwrap().insert(conn, tx);
+        rx
+    }
+
+    /// The dispatcher handed `conn` over, with the client's early bytes.
+    fn tunnel_arrived(&self, conn: u64, fd: Option<OwnedFd>, early: Bytes) {
+        let waiting = self.tunnels.lock().unwrap().remove(&conn);
+        match (waiting, fd) {
+            (Some(tx), Some(fd)) => {
+                let _ = tx.send((fd, early));
+            }
+            (None, _) => tracing::warn!(conn, "a connection handed over that no upgrade waits for; closed"),
+            (Some(_), None) => tracing::warn!(conn, "an upgraded connection came without its socket"),
         }
     }
 

@@ -19,6 +19,7 @@ impl Outbound {
             close: last && close,
             want_lease: last && ask,
             stream: false,
+            upgrade: false,
         };
         if bytes.len() <= MAX_FRAME {
             // The usual case: one frame, head and body copied once.
@@ -33,6 +34,21 @@ impl Outbound {
             }
         }
         true
+    }
+
+    /// Sends `head`, a 101's, through the dispatcher, which hands the
+    /// connection over once it is written ([`crate::proto::LeaseMsg::Tunnel`]).
+    pub(crate) fn switch(&self, conn: u64, seq: u32, head: &[u8]) -> bool {
+        let f = WorkerFrame::Response {
+            conn,
+            seq,
+            last: true,
+            close: false,
+            want_lease: false,
+            stream: false,
+            upgrade: true,
+        };
+        self.ctl.send(frame(f, head)).is_ok()
     }
 
     /// Tells the dispatcher this worker reads no more requests.

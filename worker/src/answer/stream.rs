@@ -170,6 +170,7 @@ impl StreamTx {
         for (i, chunk) in bytes.chunks(MAX_FRAME).chain((bytes.is_empty()).then_some(&[][..])).enumerate() {
             let end = last && i + 1 == n;
             let f = WorkerFrame::Response {
+                upgrade: false,
                 conn: self.conn,
                 seq: self.seq,
                 last: end,

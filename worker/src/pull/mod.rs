@@ -142,7 +142,10 @@ impl Puller {
             let idle = self.idle;
             tokio::select! {
                 _ = async { tokio::time::sleep(idle.unwrap_or_default()).await }, if idle.is_some() => {
-                    if self.ready.is_empty() && !self.drain_ring() {
+                    // An open tunnel (an upgraded connection) is work: no
+                    // idle exit while one is.
+                    let tunnels = self.out.tunnels_open.load(std::sync::atomic::Ordering::Relaxed);
+                    if self.ready.is_empty() && !self.drain_ring() && tunnels == 0 {
                         self.stopped();
                         return Err(Error::Idle);
                     }

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use bytes::{Bytes, BytesMut};
-use dispatcher_ebpf::abi::{RecordHeader, LENGTH_UNKNOWN, REC_CLOSE, REC_LAST, REC_SLOW, REC_TRAILERS};
+use dispatcher_ebpf::abi::{RecordHeader, LENGTH_UNKNOWN, REC_CLOSE, REC_LAST, REC_SLOW, REC_TRAILERS, REC_UPGRADE};
 use dispatcher_ebpf::wire::RecordKind;
 use tokio::sync::mpsc;
 
@@ -26,6 +26,9 @@ pub struct Raw {
     pub from_kernel: bool,
     /// The client's address, when the head record carried it.
     pub peer: Option<std::net::SocketAddr>,
+    /// An upgrade request the dispatcher holds the connection for
+    /// (`REC_UPGRADE`): a 101 makes the connection this worker's.
+    pub upgrade: bool,
 }
 
 /// The client address a head record carries.
@@ -130,6 +133,7 @@ impl Reassembly {
                     close: hdr.flags & REC_CLOSE != 0,
                     from_kernel,
                     peer: peer_of(hdr),
+                    upgrade: hdr.flags & REC_UPGRADE != 0,
                 };
                 if hdr.flags & REC_LAST != 0 && hdr.content_length == 0 {
                     self.partial.remove(&key);
@@ -220,6 +224,7 @@ impl Reassembly {
                     close: hdr.flags & REC_CLOSE != 0,
                     from_kernel: p.from_kernel,
                     peer: p.peer,
+                    upgrade: false,
                 }))
             }
             // Wake-ups carry nothing; a kind we do not know is skipped.

@@ -1,0 +1,180 @@
+//! HTTP/1.1 upgrades through a pool: a WebSocket echo (the `/ws` route of
+//! examples/apps/node/server.js) in a `proxy` pool, from a raw client:
+//! the 101, messages both ways (one sent with the request, before the
+//! 101), a tunnel left quiet past the dispatcher's time-outs and the pool's
+//! idle time-out, each side closing; and upgrades that are declined (the
+//! connection goes on as HTTP).
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    path::Path,
+    time::Duration,
+};
+
+use tests::{Dispatcher, PoolDef, TempDir};
+
+fn node_dir() -> TempDir {
+    let d = TempDir::new(&format!("ws-node-{}", std::process::id()));
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/apps/node/server.js");
+    std::fs::copy(&src, d.path.join("server.js")).unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
+    d.make_readable();
+    d
+}
+
+/// A node pool (and an echo pool under /echo/), with `extra` TOML for the
+/// node pool's table and `top` for the file's.
+fn start(dir: &TempDir, extra: &str, top: &str) -> Option<Dispatcher> {
+    let script = dir.path.join("server.js").display().to_string();
+    Dispatcher::start_if_privileged(
+        &[
+            PoolDef {
+                name: "node",
+                routes: &["*/"],
+                args: &["proxy", "--socket", "fds", "--", "node", &script],
+                extra,
+                command: None,
+            },
+            PoolDef::echo("echo", &["*/echo/"]),
+        ],
+        top,
+    )
+}
+
+const UPGRADE: &str =
+    "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/// A client frame (masked, as RFC 6455 wants from clients).
+fn frame(op: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+    let mut f = vec![0x80 | op];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 65536 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Reads one server frame: (opcode, payload).
+fn read_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).expect("a frame's head");
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut b = [0u8; 2];
+            s.read_exact(&mut b).unwrap();
+            u16::from_be_bytes(b) as usize
+        }
+        127 => {
+            let mut b = [0u8; 8];
+            s.read_exact(&mut b).unwrap();
+            u64::from_be_bytes(b) as usize
+        }
+        n => n as usize,
+    };
+    let mut p = vec![0u8; len];
+    s.read_exact(&mut p).expect("a frame's payload");
+    (h[0] & 0x0f, p)
+}
+
+/// Sends the upgrade (and `early`, in the same write) and reads the 101's
+/// head.
+fn upgrade(d: &Dispatcher, early: &[u8]) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req = UPGRADE.as_bytes().to_vec();
+    req.extend_from_slice(early);
+    s.write_all(&req).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).expect("the answer's head"), 1, "closed: {:?}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    (s, String::from_utf8_lossy(&head).to_string())
+}
+
+fn is_eof(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 16];
+    matches!(s.read(&mut b), Ok(0)) || matches!(s.read(&mut b), Ok(0))
+}
+
+#[test]
+fn a_websocket_echo_goes_through_a_proxy_pool_and_the_client_closes_it() {
+    let dir = node_dir();
+    let Some(d) = start(&dir, "", "") else { return };
+    // A first message sent with the request, before the 101 (the
+    // dispatcher hands it over with the connection).
+    let (mut s, head) = upgrade(&d, &frame(1, b"early"));
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}\n{}", d.log());
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("upgrade: websocket") && lower.contains("connection: upgrade"), "{head}");
+    // RFC 6455's own example key and its accept value.
+    assert!(lower.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+    assert_eq!(read_frame(&mut s), (1, b"early".to_vec()));
+    for n in [5usize, 300, 70_000, 1 << 20] {
+        let msg: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
+        s.write_all(&frame(2, &msg)).unwrap();
+        let (op, got) = read_frame(&mut s);
+        assert_eq!((op, got.len()), (2, n));
+        assert!(got == msg, "a {n}-byte message came back different");
+    }
+    // The client closes: the app answers the close and ends; the client
+    // sees the end.
+    s.write_all(&frame(8, &[3, 232])).unwrap();
+    assert_eq!(read_frame(&mut s).0, 8);
+    assert!(is_eof(&mut s), "the tunnel did not end after the close");
+    // The dispatcher is fine and serves HTTP as before.
+    assert_eq!(d.connect().get("x", "/").status, 200);
+}
+
+#[test]
+fn a_quiet_tunnel_outlives_the_time_outs_and_the_app_closing_ends_it() {
+    let dir = node_dir();
+    let top = "[limits]\nkeepalive_timeout_secs = 1\nresponse_timeout_secs = 1\nheader_timeout_secs = 1\n";
+    let Some(d) = start(&dir, "idle_timeout_secs = 1\n", top) else { return };
+    let (mut s, head) = upgrade(&d, b"");
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}\n{}", d.log());
+    let worker = d.workers();
+    // Quiet for three times every time-out: the tunnel stays, and so does
+    // the worker (an open tunnel is work).
+    std::thread::sleep(Duration::from_secs(3));
+    s.write_all(&frame(1, b"still there?")).unwrap();
+    assert_eq!(read_frame(&mut s), (1, b"still there?".to_vec()), "{}", d.log());
+    assert_eq!(d.workers(), worker, "the worker changed under an open tunnel");
+    // The app closes: the client gets its close, then the end.
+    s.write_all(&frame(1, b"bye")).unwrap();
+    assert_eq!(read_frame(&mut s).0, 8);
+    assert!(is_eof(&mut s), "the tunnel did not end when the app closed");
+}
+
+#[test]
+fn a_declined_upgrade_leaves_the_connection_to_http() {
+    let dir = node_dir();
+    let Some(d) = start(&dir, "", "") else { return };
+    let mut c = d.connect();
+    // The native echo pool does not upgrade: a 200, and the next request
+    // on the connection is served.
+    c.send(b"GET /echo/a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nGET /echo/b HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = c.read_response();
+    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/echo/a")), "{r:?}");
+    let r = c.read_response();
+    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/echo/b")), "{r:?}");
+    // The node app refuses an upgrade to another path (400): the
+    // connection goes on.
+    let mut c = d.connect();
+    c.send(b"GET /headers HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
+    let r = c.read_response();
+    assert_eq!(r.status, 400, "{r:?}\n{}", d.log());
+    let r = c.get("x", "/");
+    assert_eq!(r.status, 200, "{r:?}");
+}
