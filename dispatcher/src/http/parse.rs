@@ -665,7 +665,7 @@ mod tests {
         assert_eq!(heads(&ev).len(), 1);
         assert!(heads(&ev)[0].upgrade);
         assert!(p.feed(b"more").is_empty(), "held, not parsed");
-        assert_eq!(p.held(), 34 + 4);
+        assert_eq!(p.held(), 31 + 4);
         // Declined: the next request is parsed.
         let ev = p.resume();
         assert_eq!(heads(&ev).len(), 1);
