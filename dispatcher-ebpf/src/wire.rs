@@ -450,7 +450,7 @@ mod tests {
 
     #[test]
     fn worker_frames_of_unknown_kinds_are_rejected() {
-        for flags in [512, 1 << 31, RESP_STATS | RESP_LOG, RESP_RELEASE | RESP_LAST, RESP_STOPPED | RESP_WANT_LEASE] {
+        for flags in [1024, 1 << 31, RESP_STATS | RESP_LOG, RESP_RELEASE | RESP_LAST, RESP_STOPPED | RESP_WANT_LEASE] {
             let h = FrameHeader { flags, ..Default::default() };
             assert_eq!(WorkerFrame::decode(&h), Err(DecodeError::UnknownKind { what: "worker frame", kind: flags }));
         }
@@ -465,6 +465,7 @@ mod tests {
             (LeaseMsg::Deny { conn: 5, from: 8 }, [2, 8, 0, 0]),
             (LeaseMsg::Revoke { conn: 5, gen: 6 }, [3, 0, 6, 0]),
             (LeaseMsg::Forget { conn: 5 }, [4, 0, 0, 0]),
+            (LeaseMsg::Tunnel { conn: 5 }, [5, 0, 0, 0]),
         ];
         for (m, words) in cases {
             let mut want = [0u8; LEASE_MSG_LEN];
