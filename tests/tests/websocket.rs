@@ -158,6 +158,37 @@ fn a_quiet_tunnel_outlives_the_time_outs_and_the_app_closing_ends_it() {
 }
 
 #[test]
+fn a_tunnel_idle_past_its_time_out_is_closed() {
+    let dir = node_dir();
+    let script = dir.path.join("server.js").display().to_string();
+    let Some(d) = Dispatcher::start_if_privileged(
+        &[PoolDef {
+            name: "node",
+            routes: &["*/"],
+            args: &["proxy", "--socket", "fds", "--tunnel-idle-timeout", "1", "--", "node", &script],
+            extra: "",
+            command: None,
+        }],
+        "",
+    ) else {
+        return;
+    };
+    let (mut s, head) = upgrade(&d, b"");
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+    // Traffic keeps it open...
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(400));
+        s.write_all(&frame(1, b"ping")).unwrap();
+        assert_eq!(read_frame(&mut s), (1, b"ping".to_vec()));
+    }
+    // ...silence ends it.
+    let t0 = std::time::Instant::now();
+    assert!(is_eof(&mut s), "still open after {:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(5), "closed only after {:?}", t0.elapsed());
+    assert!(d.wait_log(Duration::from_secs(2), |l| l.contains("a tunnel idle for 1s closed")), "{}", d.log());
+}
+
+#[test]
 fn a_declined_upgrade_leaves_the_connection_to_http() {
     let dir = node_dir();
     let Some(d) = start(&dir, "", "") else { return };

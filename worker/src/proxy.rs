@@ -43,13 +43,17 @@ pub struct App {
     pub start_timeout: Duration,
     /// Connections to it at most (so requests in flight at most).
     pub max_connections: usize,
+    /// An upgraded connection (WebSocket) with nothing either way this
+    /// long is closed; `None`: never.
+    pub tunnel_idle: Option<Duration>,
 }
 
 /// Starts `app`, waits for it to listen, serves the pool through it until
 /// the worker is done (idle, recycled, SIGTERM) or the app exits.
 pub async fn run(app: App) -> Result<(), AppError> {
     let running = crate::app::start(&app.command, Listen::choose(app.socket)?, app.start_timeout).await?;
-    let forward = Forward { pool: Arc::new(AppPool::new(running.addr.clone(), app.max_connections)) };
+    let pool = Arc::new(AppPool::new(running.addr.clone(), app.max_connections));
+    let forward = Forward { pool, tunnel_idle: app.tunnel_idle };
     crate::app::serve_while(running, crate::serve(forward)).await
 }
 
@@ -157,26 +161,69 @@ impl Drop for PooledBody {
 #[derive(Clone)]
 struct AppUpgrade(Arc<Mutex<Option<hyper::upgrade::OnUpgrade>>>);
 
-/// Joins the client's upgraded connection and the app's, both ways, until
-/// either side closes (then the other is shut down too).
-async fn tunnel(client: crate::upgrade::OnUpgrade, app: hyper::upgrade::OnUpgrade) {
+/// Joins the client's upgraded connection and the app's, both ways: an
+/// end of stream on one side shuts the other's write side, and the tunnel
+/// ends when both have, when either breaks, or after `idle` with nothing
+/// either way (both then close).
+async fn tunnel(client: crate::upgrade::OnUpgrade, app: hyper::upgrade::OnUpgrade, idle: Option<Duration>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (client, app) = tokio::join!(client.upgraded(), app);
-    let (mut client, app) = match (client, app) {
-        (Ok(c), Ok(a)) => (c, a),
+    let (client, app) = match (client, app) {
+        (Ok(c), Ok(a)) => (c, hyper_util::rt::TokioIo::new(a)),
         (Err(e), _) => return tracing::warn!("upgrade: the client's connection: {e}"),
         (_, Err(e)) => return tracing::warn!("upgrade: the app's connection: {e}"),
     };
-    let mut app = hyper_util::rt::TokioIo::new(app);
-    match tokio::io::copy_bidirectional(&mut client, &mut app).await {
-        Ok((up, down)) => tracing::debug!(up, down, "tunnel closed"),
-        Err(e) => tracing::debug!("tunnel broke: {e}"),
+    let (cr, cw) = tokio::io::split(client);
+    let (ar, aw) = tokio::io::split(app);
+    let moved = tokio::sync::Notify::new();
+    let pump = |mut r: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                mut w: Box<dyn tokio::io::AsyncWrite + Send + Unpin>| {
+        let moved = &moved;
+        async move {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = r.read(&mut buf).await?;
+                if n == 0 {
+                    return w.shutdown().await;
+                }
+                w.write_all(&buf[..n]).await?;
+                moved.notify_one();
+            }
+        }
+    };
+    let up = pump(Box::new(cr), Box::new(aw));
+    let down = pump(Box::new(ar), Box::new(cw));
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => {
+                up_done = true;
+                if let Err(e) = r {
+                    return tracing::debug!("tunnel broke (client to app): {e}");
+                }
+            }
+            r = &mut down, if !down_done => {
+                down_done = true;
+                if let Err(e) = r {
+                    return tracing::debug!("tunnel broke (app to client): {e}");
+                }
+            }
+            _ = moved.notified() => {}
+            _ = tokio::time::sleep(idle.unwrap_or_default()), if idle.is_some() => {
+                return tracing::info!("a tunnel idle for {:?} closed", idle.unwrap_or_default());
+            }
+        }
     }
+    tracing::debug!("tunnel closed");
 }
 
 /// Forwards requests to the app.
 #[derive(Clone)]
 struct Forward {
     pool: Arc<AppPool>,
+    /// A tunnel (after a 101) with nothing either way this long closes.
+    tunnel_idle: Option<Duration>,
 }
 
 impl tower_service::Service<Request<crate::Body>> for Forward {
@@ -190,6 +237,7 @@ impl tower_service::Service<Request<crate::Body>> for Forward {
 
     fn call(&mut self, req: Request<crate::Body>) -> Self::Future {
         let pool = self.pool.clone();
+        let idle = self.tunnel_idle;
         Box::pin(async move {
             let client_up = req.extensions().get::<crate::upgrade::OnUpgrade>().cloned();
             let upgrade = client_up.is_some().then(|| req.headers().get(header::UPGRADE).cloned()).flatten();
@@ -211,7 +259,7 @@ impl tower_service::Service<Request<crate::Body>> for Forward {
                             if let Some(p) = proto {
                                 parts.headers.insert(header::UPGRADE, p);
                             }
-                            tokio::spawn(tunnel(client, app));
+                            tokio::spawn(tunnel(client, app, idle));
                         }
                         (Some(_), None) => {
                             // A 101 to a request that did not ask for it.

@@ -64,6 +64,11 @@ enum Mode {
         /// that many in flight wait for one).
         #[arg(long, default_value_t = 64, value_name = "N")]
         max_connections: usize,
+        /// Seconds an upgraded connection (WebSocket) may pass nothing
+        /// either way before both sides are closed (nginx's
+        /// proxy_read_timeout for one; 0: never).
+        #[arg(long, default_value_t = 600, value_name = "SECS")]
+        tunnel_idle_timeout: u64,
         /// The app's program and arguments.
         #[arg(required = true, trailing_var_arg = true, value_name = "COMMAND")]
         command: Vec<String>,
@@ -205,13 +210,14 @@ async fn handle(h: Handler, req: Request) -> Response {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    if let Mode::Proxy { socket, start_timeout, max_connections, command } = &cli.mode {
+    if let Mode::Proxy { socket, start_timeout, max_connections, tunnel_idle_timeout, command } = &cli.mode {
         anyhow::ensure!(cli.listen.is_none(), "--listen: a proxy pool's app has its own port");
         let app = worker::proxy::App {
             command: command.clone(),
             socket: socket.socket(),
             start_timeout: std::time::Duration::from_secs(*start_timeout),
             max_connections: *max_connections,
+            tunnel_idle: (*tunnel_idle_timeout > 0).then(|| std::time::Duration::from_secs(*tunnel_idle_timeout)),
         };
         worker::proxy::run(app).await?;
         return Ok(());
