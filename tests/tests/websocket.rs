@@ -14,8 +14,10 @@ use std::{
 
 use tests::{Dispatcher, PoolDef, TempDir};
 
-fn node_dir() -> TempDir {
-    let d = TempDir::new(&format!("ws-node-{}", std::process::id()));
+/// The Node example, copied where the workers can read it (a directory per
+/// test: they run at once).
+fn node_dir(test: &str) -> TempDir {
+    let d = TempDir::new(&format!("ws-{test}-{}", std::process::id()));
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/apps/node/server.js");
     std::fs::copy(&src, d.path.join("server.js")).unwrap_or_else(|e| panic!("copying {}: {e}", src.display()));
     d.make_readable();
@@ -110,7 +112,7 @@ fn is_eof(s: &mut TcpStream) -> bool {
 
 #[test]
 fn a_websocket_echo_goes_through_a_proxy_pool_and_the_client_closes_it() {
-    let dir = node_dir();
+    let dir = node_dir("echo");
     let Some(d) = start(&dir, "", "") else { return };
     // A first message sent with the request, before the 101 (the
     // dispatcher hands it over with the connection).
@@ -139,7 +141,7 @@ fn a_websocket_echo_goes_through_a_proxy_pool_and_the_client_closes_it() {
 
 #[test]
 fn a_quiet_tunnel_outlives_the_time_outs_and_the_app_closing_ends_it() {
-    let dir = node_dir();
+    let dir = node_dir("quiet");
     let top = "[limits]\nkeepalive_timeout_secs = 1\nresponse_timeout_secs = 1\nheader_timeout_secs = 1\n";
     let Some(d) = start(&dir, "idle_timeout_secs = 1\n", top) else { return };
     let (mut s, head) = upgrade(&d, b"");
@@ -159,7 +161,7 @@ fn a_quiet_tunnel_outlives_the_time_outs_and_the_app_closing_ends_it() {
 
 #[test]
 fn a_tunnel_idle_past_its_time_out_is_closed() {
-    let dir = node_dir();
+    let dir = node_dir("idle");
     let script = dir.path.join("server.js").display().to_string();
     let Some(d) = Dispatcher::start_if_privileged(
         &[PoolDef {
@@ -190,7 +192,7 @@ fn a_tunnel_idle_past_its_time_out_is_closed() {
 
 #[test]
 fn a_declined_upgrade_leaves_the_connection_to_http() {
-    let dir = node_dir();
+    let dir = node_dir("declined");
     let Some(d) = start(&dir, "", "") else { return };
     let mut c = d.connect();
     // The native echo pool does not upgrade: a 200, and the next request
