@@ -191,6 +191,17 @@ fn a_tunnel_idle_past_its_time_out_is_closed() {
 }
 
 #[test]
+fn an_upgrade_the_dispatcher_answers_itself_leaves_the_connection_to_http() {
+    let Some(d) = Dispatcher::start_if_privileged(&[PoolDef::echo("echo", &["*/echo/"])], "") else { return };
+    let mut c = d.connect();
+    // No route: the dispatcher's 404, then the next request is parsed.
+    c.send(b"GET /nowhere HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nGET /echo/next HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(c.read_response().status, 404);
+    let r = c.read_response();
+    assert_eq!((r.status, r.header("x-echo-path")), (200, Some("/echo/next")), "{r:?}");
+}
+
+#[test]
 fn a_declined_upgrade_leaves_the_connection_to_http() {
     let dir = node_dir("declined");
     let Some(d) = start(&dir, "", "") else { return };

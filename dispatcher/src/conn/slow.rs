@@ -193,6 +193,11 @@ impl Conn {
                 let seq = s.seq;
                 s.seq += 1;
                 s.body_done();
+                if h.upgrade {
+                    // Whoever answers it (a pool or this task's own 404 or
+                    // 503), the parser resumes unless the answer is a 101.
+                    s.upgrade = Some(seq);
+                }
                 let queue_full = std::mem::take(&mut s.first_queue_full);
                 let routed = self.ctx.routes.route(h.host.as_deref(), &h.route_path);
                 let pool = match routed {
@@ -235,7 +240,6 @@ impl Conn {
                 }
                 if h.upgrade {
                     flags |= REC_UPGRADE;
-                    self.slow.as_mut().unwrap().upgrade = Some(seq);
                 }
                 let hdr = RecordHeader {
                     conn: self.cookie,
