@@ -174,6 +174,11 @@ pub struct PoolDef<'a> {
 }
 
 impl<'a> PoolDef<'a> {
+    /// A pool running `dispatcher-worker ARGS`.
+    pub fn worker(name: &'a str, routes: &'a [&'a str], args: &'a [&'a str]) -> Self {
+        PoolDef { name, routes, args, extra: "", command: None }
+    }
+
     pub fn echo(name: &'a str, routes: &'a [&'a str]) -> Self {
         PoolDef { name, routes, args: &["--pool-header", "echo"], extra: "", command: None }
     }

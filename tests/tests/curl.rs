@@ -23,16 +23,7 @@ fn curl_gets_echo_and_static_pools() {
     let site = TempDir::site(&format!("site{}", std::process::id()), &[("index.html", "<h1>hello from static</h1>\n")]);
     let dir = site.path.display().to_string();
     let d = Dispatcher::start(
-        &[
-            PoolDef::echo("echo", &["*/echo"]),
-            PoolDef {
-                name: "static",
-                routes: &["*/"],
-                args: &["--pool-header", "static", &dir],
-                extra: "",
-                command: None,
-            },
-        ],
+        &[PoolDef::echo("echo", &["*/echo"]), PoolDef::worker("static", &["*/"], &["--pool-header", "static", &dir])],
         "",
     );
     let base = format!("http://127.0.0.1:{}", d.port);

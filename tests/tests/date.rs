@@ -31,13 +31,7 @@ fn every_pool_and_the_dispatcher_send_a_date() {
     let d = Dispatcher::start(
         &[
             PoolDef::echo("echo", &["*/echo"]),
-            PoolDef {
-                name: "static",
-                routes: &["*/files/"],
-                args: &["--pool-header", "static", &dir],
-                extra: "",
-                command: None,
-            },
+            PoolDef::worker("static", &["*/files/"], &["--pool-header", "static", &dir]),
         ],
         "",
     );

@@ -46,14 +46,10 @@ fn root(d: &TempDir) -> String {
     d.path.display().to_string()
 }
 
-fn php_fpm_pool<'a>(name: &'a str, routes: &'a [&'a str], args: &'a [&'a str]) -> PoolDef<'a> {
-    PoolDef { name, routes, args, extra: "", command: None }
-}
-
 fn start(dir: &TempDir) -> Option<Dispatcher> {
     let r = root(dir);
     let args = ["fastcgi", "--root", &r, "--php-fpm", "--children", "4"];
-    Dispatcher::start_if_privileged(&[php_fpm_pool("php", &["*/"], &args)], "[limits]\nmax_body = 104857600\n")
+    Dispatcher::start_if_privileged(&[PoolDef::worker("php", &["*/"], &args)], "[limits]\nmax_body = 104857600\n")
 }
 
 fn json(body: &[u8]) -> serde_json::Value {
@@ -305,7 +301,10 @@ fn a_running_php_fpm_and_a_command_serve_pools_too() {
         &conf,
     ];
     let Some(d) = Dispatcher::start_if_privileged(
-        &[php_fpm_pool("running", &["running.example/"], &connect_args), php_fpm_pool("cmd", &["*/"], &command_args)],
+        &[
+            PoolDef::worker("running", &["running.example/"], &connect_args),
+            PoolDef::worker("cmd", &["*/"], &command_args),
+        ],
         "",
     ) else {
         return;
@@ -337,8 +336,8 @@ fn one_configuration_routes_to_proxy_fastcgi_and_native_pools() {
     let Some(d) = Dispatcher::start_if_privileged(
         &[
             PoolDef::echo("native", &["*/"]),
-            php_fpm_pool("php", &["*/php/"], &php_args),
-            php_fpm_pool("py", &["py.example/"], &py_args),
+            PoolDef::worker("php", &["*/php/"], &php_args),
+            PoolDef::worker("py", &["py.example/"], &py_args),
         ],
         "",
     ) else {
@@ -368,7 +367,7 @@ fn php_fpm_idles_out_with_its_worker_and_cold_starts_again() {
     let r = root(&dir);
     let args = ["fastcgi", "--root", &r, "--php-fpm", "--children", "2"];
     let Some(d) = Dispatcher::start_if_privileged(
-        &[PoolDef { extra: "idle_timeout_secs = 1\n", ..php_fpm_pool("php", &["*/"], &args) }],
+        &[PoolDef { extra: "idle_timeout_secs = 1\n", ..PoolDef::worker("php", &["*/"], &args) }],
         "",
     ) else {
         return;

@@ -51,10 +51,7 @@ fn a_static_pool_serves_validators_ranges_encodings_and_fresh_files() {
     site_dir.make_readable();
     let dir = site_dir.path.display().to_string();
     let args = ["--pool-header", "static", &dir, "--cache-control", CACHE_CONTROL];
-    let Some(d) = Dispatcher::start_if_privileged(
-        &[PoolDef { name: "files", routes: &["*/"], args: &args, extra: "", command: None }],
-        "",
-    ) else {
+    let Some(d) = Dispatcher::start_if_privileged(&[PoolDef::worker("files", &["*/"], &args)], "") else {
         return;
     };
     let mut c = d.connect();

@@ -39,10 +39,7 @@ fn start(dir: &TempDir, socket: &str) -> Option<Dispatcher> {
     let mut args: Vec<&str> = vec!["proxy", "--socket", socket, "--", "gunicorn", "--chdir", &dir];
     args.extend_from_slice(port_args);
     args.extend_from_slice(&["--workers", "2", "app:app"]);
-    Dispatcher::start_if_privileged(
-        &[PoolDef { name: "py", routes: &["*/"], args: &args, extra: "", command: None }],
-        "[limits]\nmax_body = 104857600\n",
-    )
+    Dispatcher::start_if_privileged(&[PoolDef::worker("py", &["*/"], &args)], "[limits]\nmax_body = 104857600\n")
 }
 
 fn sha256(data: &[u8]) -> String {
@@ -182,13 +179,7 @@ fn a_killed_app_is_restarted_and_serves_again() {
 #[test]
 fn an_app_that_never_listens_is_reported() {
     let Some(d) = Dispatcher::start_if_privileged(
-        &[PoolDef {
-            name: "mute",
-            routes: &["*/"],
-            args: &["proxy", "--start-timeout", "1", "--", "sleep", "30"],
-            extra: "",
-            command: None,
-        }],
+        &[PoolDef::worker("mute", &["*/"], &["proxy", "--start-timeout", "1", "--", "sleep", "30"])],
         "",
     ) else {
         return;
@@ -255,13 +246,7 @@ fn a_node_app_is_started_with_a_socket_and_proxied_both_ways() {
     let dir = node_dir("proxy-node-");
     let script = dir.path.join("server.js").display().to_string();
     let Some(d) = Dispatcher::start_if_privileged(
-        &[PoolDef {
-            name: "node",
-            routes: &["*/"],
-            args: &["proxy", "--socket", "fds", "--", "node", &script],
-            extra: "",
-            command: None,
-        }],
+        &[PoolDef::worker("node", &["*/"], &["proxy", "--socket", "fds", "--", "node", &script])],
         "[limits]\nmax_body = 104857600\n",
     ) else {
         return;

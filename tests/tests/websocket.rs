@@ -164,13 +164,11 @@ fn a_tunnel_idle_past_its_time_out_is_closed() {
     let dir = node_dir("idle");
     let script = dir.path.join("server.js").display().to_string();
     let Some(d) = Dispatcher::start_if_privileged(
-        &[PoolDef {
-            name: "node",
-            routes: &["*/"],
-            args: &["proxy", "--socket", "fds", "--tunnel-idle-timeout", "1", "--", "node", &script],
-            extra: "",
-            command: None,
-        }],
+        &[PoolDef::worker(
+            "node",
+            &["*/"],
+            &["proxy", "--socket", "fds", "--tunnel-idle-timeout", "1", "--", "node", &script],
+        )],
         "",
     ) else {
         return;
