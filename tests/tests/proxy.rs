@@ -281,3 +281,56 @@ fn a_node_app_is_started_with_a_socket_and_proxied_both_ways() {
     // A plain GET of the WebSocket route says what it wants.
     assert_eq!(c.get("x", "/ws").status, 426);
 }
+
+/// A proxy pool of gunicorn (on `PORT`) with more TOML for its table.
+fn start_with(dir: &TempDir, extra: &str) -> Option<Dispatcher> {
+    let dir = dir.path.display().to_string();
+    let args = ["proxy", "--", "gunicorn", "--chdir", &dir, "-b", "127.0.0.1:$PORT", "--workers", "1", "app:app"];
+    Dispatcher::start_if_privileged(&[PoolDef { extra, ..PoolDef::worker("py", &["*/"], &args) }], "")
+}
+
+#[test]
+fn a_recycled_worker_takes_its_app_along_and_no_request_fails() {
+    let dir = app_dir("proxy-recycle-");
+    let Some(d) = start_with(&dir, "recycle_requests = 10\n") else { return };
+    let mut pids = std::collections::BTreeSet::new();
+    let mut apps = std::collections::BTreeSet::new();
+    for i in 0..35 {
+        let mut c = d.connect();
+        let r = c.get("x", "/pid");
+        assert_eq!(r.status, 200, "request {i}: {r:?}\n{}", d.log());
+        pids.insert(String::from_utf8_lossy(&r.body).to_string());
+        for w in d.workers() {
+            apps.extend(app_pid(w));
+        }
+    }
+    // 35 requests, a new worker (and gunicorn) every 10: four of each.
+    assert!(pids.len() >= 3, "gunicorn worker pids seen: {pids:?}\n{}", d.log());
+    // Only the current worker's app is left.
+    let now: Vec<u32> = d.workers().iter().filter_map(|&w| app_pid(w)).collect();
+    let gone = wait_until(Duration::from_secs(15), Duration::from_millis(100), || {
+        apps.iter().all(|a| now.contains(a) || !tests::alive(*a))
+    });
+    assert!(gone, "apps {apps:?}, current {now:?}: an old one outlived its worker");
+}
+
+#[test]
+fn a_web_garden_runs_an_app_per_worker() {
+    let dir = app_dir("proxy-garden-");
+    let Some(d) = start_with(&dir, "max_processes = 2\nmin_processes = 2\n") else { return };
+    let two = wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        let w = d.workers();
+        w.len() == 2 && w.iter().all(|&w| app_pid(w).is_some())
+    });
+    assert!(two, "workers {:?}\n{}", d.workers(), d.log());
+    // Each worker started its own gunicorn, on its own port.
+    let apps: Vec<u32> = d.workers().iter().filter_map(|&w| app_pid(w)).collect();
+    assert_ne!(apps[0], apps[1]);
+    let both = wait_until(Duration::from_secs(20), Duration::from_millis(100), || {
+        d.log().matches("app accepts connections").count() >= 2
+    });
+    assert!(both, "{}", d.log());
+    for _ in 0..10 {
+        assert_eq!(d.connect().get("x", "/").status, 200);
+    }
+}
