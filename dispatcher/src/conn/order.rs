@@ -97,6 +97,13 @@ impl Conn {
     /// This task forgets it without closing it.
     fn hand_over(&mut self, to: Arc<crate::deliver::LeaseTx>) -> Flow {
         let early = self.slow.as_mut().map(|s| s.parser.take_rest()).unwrap_or_default();
+        if early.len() > dispatcher_ebpf::wire::TUNNEL_MAX_EARLY {
+            // The last read may overshoot the limit the reads stop at; a
+            // client that sent that much before the 101 loses the
+            // connection rather than its bytes.
+            tracing::info!(conn = self.cookie, early = early.len(), "upgraded after too many early bytes: closing");
+            return Flow::Close;
+        }
         let fd = self.sock.fd().and_then(super::socket::dup_fd);
         if fd.is_some_and(|fd| to.tunnel(self.cookie, fd, early)) {
             tracing::debug!(conn = self.cookie, "upgraded: the connection is the worker's");
