@@ -99,13 +99,26 @@ fn a_source_over_its_connection_rate_is_dropped_while_another_is_served() {
     let Some(ns) = netns() else { return };
     let [fast, normal] = ns.clients;
     let (d, port) = start(&ns, &format!("[guard]\nsyn_rate_per_sec = {RATE}\nsyn_burst = {BURST}"));
-    // The flood: FLOOD connections at once from one source (curl -Z).
+    // The flood: FLOOD connections at once from one source (curl -Z;
+    // `--parallel-immediate`, or curl may wait for its first connection
+    // and reuse it, and then there is no flood: a CI run saw 30 of 30).
     let cli = ns.cli.clone();
     let url = format!("http://{}:{port}/flood/[1-{FLOOD}]", ns.server);
     let flood = std::thread::spawn(move || {
         let out = std::process::Command::new("nsenter")
             .arg(format!("--net=/run/netns/{cli}"))
-            .args(["curl", "-s", "-Z", "--parallel-max", "64", "-o", "/dev/null", "-w", "%{http_code}\n"])
+            .args([
+                "curl",
+                "-s",
+                "-Z",
+                "--parallel-immediate",
+                "--parallel-max",
+                "64",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}\n",
+            ])
             .args(["--interface", &fast.to_string(), "--connect-timeout", "0.7", &url])
             .output()
             .expect("curl");
