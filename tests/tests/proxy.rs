@@ -74,6 +74,19 @@ fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
     (head.lines().next().unwrap_or("").to_string(), buf[head_end..head_end + len].to_vec())
 }
 
+/// POSTs `data` to the app's /upload with a Content-Length, from a raw
+/// client; the connection (kept alive) and the app's JSON answer.
+fn upload(port: u16, data: &[u8]) -> (TcpStream, serde_json::Value) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", data.len()).as_bytes())
+        .unwrap();
+    s.write_all(data).unwrap();
+    let (status, body) = read_response(&mut s);
+    assert!(status.contains(" 200 "), "{status}");
+    (s, json(&body))
+}
+
 fn json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
 }
@@ -118,13 +131,7 @@ fn ten_mib_go_up_and_down_through_a_proxy_pool() {
     let data: Vec<u8> = (0..TEN_MIB as u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     let want = sha256(&data);
     // With a Content-Length, from a raw client.
-    let mut s = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {TEN_MIB}\r\n\r\n").as_bytes()).unwrap();
-    s.write_all(&data).unwrap();
-    let (status, body) = read_response(&mut s);
-    assert!(status.contains(" 200 "), "{status}");
-    let v = json(&body);
+    let (mut s, v) = upload(d.port, &data);
     assert_eq!((v["bytes"].as_u64(), v["sha256"].as_str()), (Some(TEN_MIB as u64), Some(want.as_str())), "{v}");
     // Chunked, from curl.
     let file = dir.path.join("up.bin");
@@ -259,13 +266,7 @@ fn a_node_app_is_started_with_a_socket_and_proxied_both_ways() {
     assert_eq!((h["host"].as_str(), h["x-forwarded-for"].as_str()), (Some("node.example"), Some("127.0.0.1")), "{h}");
     // 10 MiB up with a Content-Length, and down chunked (node streams it).
     let data: Vec<u8> = (0..TEN_MIB as u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    let mut s = TcpStream::connect(("127.0.0.1", d.port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {TEN_MIB}\r\n\r\n").as_bytes()).unwrap();
-    s.write_all(&data).unwrap();
-    let (status, body) = read_response(&mut s);
-    assert!(status.contains(" 200 "), "{status}");
-    let v = json(&body);
+    let (_, v) = upload(d.port, &data);
     assert_eq!(
         (v["bytes"].as_u64(), v["sha256"].as_str()),
         (Some(TEN_MIB as u64), Some(sha256(&data).as_str())),

@@ -74,7 +74,7 @@ pub(crate) struct Meta {
     pub(crate) raw_head: Bytes,
     pub(crate) received: Instant,
     /// The other end of the request's [`OnUpgrade`], if it has one.
-    pub(crate) upgrade: std::sync::Mutex<Option<UpgradeTx>>,
+    pub(crate) upgrade: Option<UpgradeTx>,
 }
 
 type UpgradeTx = tokio::sync::oneshot::Sender<Result<Upgraded, UpgradeError>>;
@@ -154,7 +154,7 @@ where
             Some((rx, len)) => Body::streamed(rx, len, out.clone(), conn, seq),
             None => Body::full(pulled.raw.body.clone()),
         };
-        let Some((meta, req)) = to_http(pulled.raw, body, out.can_tunnel()) else {
+        let Some((mut meta, req)) = to_http(pulled.raw, body, out.can_tunnel()) else {
             out.reject(conn, seq);
             continue;
         };
@@ -168,7 +168,7 @@ where
                 Err(e) => Err(e),
             };
             match resp {
-                Ok(r) => send(&out, &meta, r).await,
+                Ok(r) => send(&out, &mut meta, r).await,
                 Err(e) => {
                     let e: BoxError = e;
                     tracing::error!(conn, seq, "the service failed: {e}");
@@ -177,7 +177,7 @@ where
                         .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
                         .body(http_body_util::Full::new(Bytes::from_static(b"internal server error\n")))
                         .expect("a valid response");
-                    send(&out, &meta, r).await
+                    send(&out, &mut meta, r).await
                 }
             }
         });
@@ -232,7 +232,7 @@ fn to_http(raw: Raw, body: Body, can_tunnel: bool) -> Option<(Meta, http::Reques
     }
     let req = b.body(body).ok()?;
     let meta = Meta {
-        upgrade: std::sync::Mutex::new(upgrade),
+        upgrade,
         conn: raw.conn,
         seq: raw.seq,
         close: raw.close,
@@ -278,7 +278,7 @@ async fn next_frame<B: HttpBody + Unpin>(body: &mut B) -> Option<Result<Frame<B:
 }
 
 /// Writes `resp` as the answer to the request `meta` describes.
-pub(crate) async fn send<B>(out: &Arc<Outbound>, meta: &Meta, resp: http::Response<B>)
+pub(crate) async fn send<B>(out: &Arc<Outbound>, meta: &mut Meta, resp: http::Response<B>)
 where
     B: HttpBody,
     B::Error: Into<BoxError>,
@@ -286,7 +286,7 @@ where
     use bytes::Buf;
     let (parts, body) = resp.into_parts();
     let status = parts.status;
-    let upgrade = meta.upgrade.lock().unwrap().take();
+    let upgrade = meta.upgrade.take();
     if status == StatusCode::SWITCHING_PROTOCOLS {
         match upgrade {
             Some(tx) => switch(out, meta, &parts.headers, tx),
