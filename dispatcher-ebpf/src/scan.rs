@@ -171,12 +171,17 @@ pub fn is_tchar(b: u8) -> bool {
         )
 }
 
-/// Bytes the host part of a Host value may contain (reg-name without
-/// percent-encoding, IPv4, bracketed IPv6).
+/// Bytes a Host value the kernel routes may contain: a reg-name of
+/// unreserved bytes (or an IPv4 address) and a port. Anything else
+/// (IPv6 literals, sub-delims, percent-encoding) goes to the slow path,
+/// which checks the whole RFC 3986 grammar.
 #[inline(always)]
 fn is_host_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'[' | b']' | b':')
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b':')
 }
+
+/// Longest port in a Host value (the slow path's limit too).
+const MAX_PORT_DIGITS: u32 = 5;
 
 /// Packs up to 8 bytes little-endian, the way the scanner accumulates names.
 const fn pack(s: &[u8], from: usize) -> u64 {
@@ -229,8 +234,8 @@ pub struct Scanner {
     prev: u32,
     /// Host value bytes up to the last non-blank byte.
     host_trim: u32,
-    /// Host parsing: 1 inside `[...]`, 2 after the port colon, 4 after
-    /// trailing blanks.
+    /// Host parsing: 2 after the port colon, 4 after trailing blanks (and
+    /// Content-Length's: 8 after trailing blanks).
     host_state: u32,
     /// Head length, once `Done`.
     pub end: u32,
@@ -537,6 +542,7 @@ impl Scanner {
             self.host_h_prev = FNV_OFFSET;
             self.host_trim = 0;
             self.host_state = 0;
+            self.value_trim = 0;
         } else if known == H_CONTENT_LENGTH {
             if self.flags & flag::HAS_CONTENT_LENGTH != 0 {
                 return self.refuse(slow::DUPLICATE_CONTENT_LENGTH);
@@ -544,6 +550,9 @@ impl Scanner {
             self.flags |= flag::HAS_CONTENT_LENGTH;
             self.hdr = H_CONTENT_LENGTH;
             self.content_length = 0;
+            // Not left over from a Connection value: an empty
+            // Content-Length must stay empty (and be refused).
+            self.value_trim = 0;
         } else if known == H_CONNECTION {
             if self.flags & (flag::CONN_CLOSE | flag::CONN_KEEP_ALIVE) != 0 {
                 return self.refuse(slow::CONNECTION_OPTIONS);
@@ -568,19 +577,24 @@ impl Scanner {
                 if self.host_state & 4 != 0 || !is_host_byte(b) || t >= MAX_HOST {
                     return self.refuse(slow::BAD_HOST);
                 }
+                let first = self.host_trim == 0;
                 self.host_trim = t + 1;
-                match b {
-                    b'[' => self.host_state |= 1,
-                    b']' => self.host_state &= !1,
-                    _ => {}
-                }
-                if b == b':' && self.host_state & 1 == 0 {
-                    self.host_state |= 2;
-                } else if self.host_state & 2 != 0 {
-                    if !b.is_ascii_digit() {
+                if self.host_state & 2 != 0 {
+                    // The port: digits only, at most five.
+                    self.value_trim += 1;
+                    if !b.is_ascii_digit() || self.value_trim > MAX_PORT_DIGITS {
                         return self.refuse(slow::BAD_HOST);
                     }
+                } else if b == b':' {
+                    if first {
+                        return self.refuse(slow::BAD_HOST);
+                    }
+                    self.host_state |= 2;
                 } else {
+                    // No empty label: not `.a`, not `a..b` (nginx's rule too).
+                    if b == b'.' && (first || self.prev == b'.' as u32) {
+                        return self.refuse(slow::BAD_HOST);
+                    }
                     self.host_h_prev = self.host_h;
                     self.host_h = host_hash_step(self.host_h, b);
                     self.prev = b as u32;
@@ -624,11 +638,13 @@ impl Scanner {
             H_HOST => {
                 // A trailing dot names the same host: hash without it.
                 let h = if self.prev == b'.' as u32 { self.host_h_prev } else { self.host_h };
-                self.host_hash = if self.host_trim == 0 { WILDCARD_HOST } else { finish_host_hash(h) };
-                if self.host_trim > 0 && self.host_state & 1 != 0 {
+                // An empty Host is a 400 (the slow path says so).
+                if self.host_trim == 0 {
                     return self.refuse(slow::BAD_HOST);
                 }
+                self.host_hash = finish_host_hash(h);
                 self.host_state = 0;
+                self.value_trim = 0;
             }
             H_CONTENT_LENGTH => {
                 if self.value_trim == 0 {

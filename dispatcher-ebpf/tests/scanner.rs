@@ -61,6 +61,17 @@ fn what_the_kernel_leaves_to_user_space() {
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", slow::DUPLICATE_HOST),
         (b"GET / HTTP/1.1\r\nAccept: *\r\n\r\n", slow::MISSING_HOST),
         (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", slow::BAD_HOST),
+        (b"GET / HTTP/1.1\r\nHost:\r\n\r\n", slow::BAD_HOST),
+        (b"GET / HTTP/1.1\r\nHost:  \r\n\r\n", slow::BAD_HOST),
+        (b"GET / HTTP/1.1\r\nHost: a,b\r\n\r\n", slow::BAD_HOST),
+        (b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", slow::BAD_HOST),
+        (b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n", slow::BAD_HOST),
+        (b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n", slow::BAD_HOST),
+        (b"GET / HTTP/1.1\r\nHost: :80\r\n\r\n", slow::BAD_HOST),
+        (b"GET / HTTP/1.1\r\nHost: a..b\r\n\r\n", slow::BAD_HOST),
+        (b"GET / HTTP/1.1\r\nHost: .a\r\n\r\n", slow::BAD_HOST),
+        (b"GET / HTTP/1.1\r\nHost: a:123456\r\n\r\n", slow::BAD_HOST),
+        (b"GET / HTTP/1.1\r\nConnection: close\r\nContent-Length:\r\nHost: a\r\n\r\n", slow::BAD_CONTENT_LENGTH),
         (b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", slow::OBS_FOLD),
         (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", slow::BAD_HEADER_NAME),
         (b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n", slow::UPGRADE),
@@ -169,11 +180,8 @@ proptest! {
                 Some(v) => {
                     let t = String::from_utf8_lossy(v);
                     let t = t.trim_matches([' ', '\t']);
-                    if t.is_empty() {
-                        prop_assert_eq!(s.host_hash, WILDCARD_HOST);
-                    } else {
-                        prop_assert_eq!(s.host_hash, host_hash(t.as_bytes()));
-                    }
+                    prop_assert!(!t.is_empty(), "an empty Host is the slow path's (400)");
+                    prop_assert_eq!(s.host_hash, host_hash(t.as_bytes()));
                 }
                 None => prop_assert_eq!(s.host_hash, WILDCARD_HOST),
             }

@@ -569,6 +569,22 @@ impl Client {
         }
     }
 
+    /// The rest of the connection until the server ends it (EOF or a
+    /// reset), with whatever was buffered and not yet taken as a response;
+    /// panics if it is still open after the read time-out.
+    pub fn rest_until_closed(&mut self) -> Vec<u8> {
+        let mut out = std::mem::take(&mut self.buf);
+        let mut chunk = [0u8; 65536];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return out,
+                Ok(k) => out.extend_from_slice(&chunk[..k]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return out,
+                Err(e) => panic!("the connection is still open: {e} (have {} bytes)", out.len()),
+            }
+        }
+    }
+
     /// Whether the server closed the connection (reads EOF within the
     /// timeout, after any buffered bytes).
     pub fn is_closed(&mut self) -> bool {

@@ -4,6 +4,7 @@
 
 mod local;
 mod parse;
+mod rules;
 
 pub use local::local_response;
 pub use parse::{Event, SlowParser};

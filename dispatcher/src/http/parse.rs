@@ -8,12 +8,17 @@
 //! form), and malformed input (a precise 4xx, then the connection closes).
 
 use bytes::{Buf, Bytes, BytesMut};
+
+use super::rules;
 use dispatcher_ebpf::abi::LENGTH_UNKNOWN;
 
 /// Longest head the slow path accepts; longer gets 431.
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Most headers a request may have; more gets 431.
 pub const MAX_HEADERS: usize = dispatcher_ebpf::scan::MAX_HEADERS as usize;
+/// Longest chunk-size line (size and extensions), which nginx does not
+/// bound at all; longer gets 400.
+const MAX_CHUNK_LINE: usize = 4096;
 /// Longest request target; longer gets 414.
 pub const MAX_TARGET: usize = 8 * 1024;
 
@@ -168,27 +173,43 @@ impl SlowParser {
         if self.buf.is_empty() {
             return false;
         }
+        // RFC 9112 §2.3: HTTP/1.2 and up are handled as 1.1 (httparse
+        // refuses them); another major version is not ours to speak.
+        match rules::version(&self.buf) {
+            rules::Version::Known => {}
+            rules::Version::HigherMinor { at } => self.buf[at] = b'1',
+            rules::Version::Unsupported => return self.fail(out, 505, "HTTP version not supported"),
+        }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
         let n = match req.parse(&self.buf) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => {
                 if self.buf.len() > MAX_HEAD {
+                    // Whatever limit a long target runs into, it is a 414
+                    // (nginx's answer), not a 431.
+                    if rules::request_line_len(&self.buf).is_none_or(|n| n > MAX_TARGET) {
+                        return self.fail(out, 414, "request target too long");
+                    }
                     return self.fail(out, 431, "request head too large");
+                }
+                let target_so_far = self.buf.iter().position(|&b| b == b' ').map_or(0, |sp| self.buf.len() - sp - 1);
+                if rules::request_line_len(&self.buf).is_none() && target_so_far > MAX_TARGET {
+                    return self.fail(out, 414, "request target too long");
                 }
                 return false;
             }
             Err(httparse::Error::TooManyHeaders) => return self.fail(out, 431, "too many headers"),
             Err(_) => return self.fail(out, 400, "malformed request head"),
         };
-        if n > MAX_HEAD {
-            return self.fail(out, 431, "request head too large");
-        }
         let method = req.method.unwrap_or("").to_string();
         let target = req.path.unwrap_or("");
         let version = req.version.unwrap_or(1);
         if target.len() > MAX_TARGET {
             return self.fail(out, 414, "request target too long");
+        }
+        if n > MAX_HEAD {
+            return self.fail(out, 431, "request head too large");
         }
         let mut host: Option<Vec<u8>> = None;
         let mut hosts = 0;
@@ -226,7 +247,9 @@ impl SlowParser {
                 }
             } else if h.name.eq_ignore_ascii_case("upgrade") {
                 upgrade_field = !v.is_empty();
-            } else if h.name.eq_ignore_ascii_case("expect") {
+            } else if h.name.eq_ignore_ascii_case("expect") && version == 1 {
+                // RFC 9110 §10.1.1: an HTTP/1.0 request's expectation is
+                // ignored (and so never gets a 100, §15.2).
                 if v.eq_ignore_ascii_case(b"100-continue") {
                     expect_continue = true;
                 } else {
@@ -240,31 +263,46 @@ impl SlowParser {
         if version == 1 && hosts == 0 {
             return self.fail(out, 400, "HTTP/1.1 request without Host");
         }
+        if host.as_deref().is_some_and(|h| !rules::valid_host(h)) {
+            return self.fail(out, 400, "invalid Host header");
+        }
         // The target: origin-form routes on its path; absolute-form on its
-        // authority and path; CONNECT and `*` are not served.
-        let path_part: &str =
-            if let Some(rest) = target.strip_prefix("http://").or_else(|| target.strip_prefix("https://")) {
-                let slash = rest.find('/').unwrap_or(rest.len());
-                host = Some(rest.as_bytes()[..slash].to_vec());
-                if slash == rest.len() {
-                    "/"
-                } else {
-                    &rest[slash..]
-                }
-            } else if target.starts_with('/') {
-                target
-            } else if method == "CONNECT" {
-                return self.fail(out, 405, "CONNECT is not supported");
-            } else if target == "*" && method == "OPTIONS" {
-                "/"
-            } else {
-                return self.fail(out, 400, "invalid request target");
-            };
+        // authority and path (RFC 9112 §3.2.2: the Host field is then
+        // ignored), and the worker is given the origin form with the
+        // authority as Host, as an origin server expects; CONNECT and `*`
+        // are not served.
+        let mut absolute: Option<(&str, &str)> = None;
+        let path_part: &str = if let Some(rest) = strip_http_scheme(target) {
+            let end = rest.find(['/', '?']).unwrap_or(rest.len());
+            let authority = &rest[..end];
+            if !rules::valid_host(authority.as_bytes()) {
+                return self.fail(out, 400, "invalid authority in the request target");
+            }
+            host = Some(authority.as_bytes().to_vec());
+            let origin = if rest[end..].starts_with('/') { &rest[end..] } else { "/" };
+            absolute = Some((authority, &rest[end..]));
+            origin
+        } else if target.starts_with('/') {
+            target
+        } else if method == "CONNECT" {
+            return self.fail(out, 405, "CONNECT is not supported");
+        } else if target == "*" && method == "OPTIONS" {
+            "/"
+        } else {
+            return self.fail(out, 400, "invalid request target");
+        };
+        let rewrite = absolute.map(|(authority, rest)| {
+            let origin = if rest.starts_with('/') { rest.to_string() } else { format!("/{rest}") };
+            (authority.to_string(), origin)
+        });
         let path_only = path_part.split(['?', '#']).next().unwrap_or("/");
         let Some(route_path) = normalize_path(path_only.as_bytes()) else {
             return self.fail(out, 400, "invalid percent-encoding in path");
         };
-        let head_bytes = self.buf.split_to(n).freeze();
+        let mut head_bytes = self.buf.split_to(n).freeze();
+        if let Some((authority, origin)) = &rewrite {
+            head_bytes = rewrite_origin_form(&head_bytes, authority, origin);
+        }
         let mut head = Head {
             bytes: head_bytes,
             content_length: 0,
@@ -320,21 +358,22 @@ impl SlowParser {
         let State::Chunked(c) = &mut self.state else { return false };
         match c.phase {
             ChunkPhase::Size => {
-                let Some(eol) = find_crlf(&self.buf) else {
-                    if self.buf.len() > 1024 {
-                        return self.fail(out, 400, "chunk size line too long");
+                let eol = match rules::line_end(&self.buf) {
+                    Ok(Some(eol)) => eol,
+                    Ok(None) if self.buf.len() > MAX_CHUNK_LINE => {
+                        return self.fail(out, 400, "chunk size line too long")
                     }
-                    return false;
+                    Ok(None) => return false,
+                    Err(()) => return self.fail(out, 400, "bare CR or LF in a chunk size line"),
                 };
-                let line = &self.buf[..eol];
-                let size_part = line.split(|&b| b == b';').next().unwrap_or(b"");
-                let size_part = trim(size_part);
-                let size = match std::str::from_utf8(size_part).ok().and_then(|s| u64::from_str_radix(s, 16).ok()) {
-                    Some(s) if !size_part.is_empty() && size_part.len() <= 16 => s,
-                    _ => return self.fail(out, 400, "invalid chunk size"),
+                if eol > MAX_CHUNK_LINE {
+                    return self.fail(out, 400, "chunk size line too long");
+                }
+                let Some(size) = rules::chunk_size_line(&self.buf[..eol]) else {
+                    return self.fail(out, 400, "invalid chunk size line");
                 };
                 self.buf.advance(eol + 2);
-                if c.total + size > self.max_body {
+                if c.total.saturating_add(size) > self.max_body {
                     return self.fail(out, 413, "request body too large");
                 }
                 c.phase = if size == 0 { ChunkPhase::Trailers } else { ChunkPhase::Data(size) };
@@ -362,20 +401,17 @@ impl SlowParser {
                 true
             }
             ChunkPhase::Trailers => {
-                let Some(eol) = find_crlf(&self.buf) else {
-                    if self.buf.len() > MAX_HEAD {
-                        return self.fail(out, 431, "trailers too large");
-                    }
-                    return false;
+                let eol = match rules::line_end(&self.buf) {
+                    Ok(Some(eol)) => eol,
+                    Ok(None) if self.buf.len() > MAX_HEAD => return self.fail(out, 431, "trailers too large"),
+                    Ok(None) => return false,
+                    Err(()) => return self.fail(out, 400, "bare CR or LF in the trailer section"),
                 };
                 if eol > 0 {
                     // A trailer field, passed on as a trailer (never merged
                     // into the head, RFC 9110 §6.5.1); the whole section is
                     // bounded like a head.
-                    let line = &self.buf[..eol];
-                    let name_end = line.iter().position(|&b| b == b':');
-                    let token = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
-                    if !name_end.is_some_and(|n| n > 0 && line[..n].iter().all(token)) {
+                    if !rules::trailer_field(&self.buf[..eol]) {
                         return self.fail(out, 400, "malformed trailer field");
                     }
                     if c.trailers.len() + eol + 2 > MAX_HEAD {
@@ -398,10 +434,6 @@ impl SlowParser {
     }
 }
 
-fn find_crlf(b: &[u8]) -> Option<usize> {
-    b.windows(2).position(|w| w == b"\r\n")
-}
-
 fn trim(v: &[u8]) -> &[u8] {
     let s = v.iter().position(|b| !matches!(b, b' ' | b'\t')).unwrap_or(v.len());
     let e = v.iter().rposition(|b| !matches!(b, b' ' | b'\t')).map_or(s, |e| e + 1);
@@ -413,6 +445,39 @@ fn parse_len(v: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// `rest` of an absolute-form `http` or `https` target (the scheme is
+/// case-insensitive, RFC 3986 §3.1), after its `://`.
+fn strip_http_scheme(target: &str) -> Option<&str> {
+    let colon = target.find("://")?;
+    let scheme = &target[..colon];
+    (scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https")).then(|| &target[colon + 3..])
+}
+
+/// The head of an absolute-form request as the worker gets it: the
+/// request line with the origin-form target, and `Host` set to the
+/// target's authority (replacing whatever Host the client sent).
+fn rewrite_origin_form(head: &[u8], authority: &str, origin: &str) -> Bytes {
+    let mut out = Vec::with_capacity(head.len() + authority.len());
+    let mut lines = split_lines(head);
+    if let Some(first) = lines.next() {
+        let sp1 = first.iter().position(|&b| b == b' ').unwrap_or(0);
+        let sp2 = first.iter().rposition(|&b| b == b' ').unwrap_or(first.len());
+        out.extend_from_slice(&first[..sp1 + 1]);
+        out.extend_from_slice(origin.as_bytes());
+        out.extend_from_slice(&first[sp2..]);
+        out.extend_from_slice(b"Host: ");
+        out.extend_from_slice(authority.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for line in lines {
+        let is_host = line.iter().position(|&b| b == b':').is_some_and(|c| line[..c].eq_ignore_ascii_case(b"host"));
+        if !is_host {
+            out.extend_from_slice(line);
+        }
+    }
+    Bytes::from(out)
 }
 
 /// Removes the Transfer-Encoding header from a head (the body will be
@@ -526,6 +591,18 @@ mod tests {
             (b"\x01\x02garbage\r\n\r\n", 400),
             (b"GET /%zz HTTP/1.1\r\nHost: a\r\n\r\n", 400),
             (b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n", 405),
+            // Host values (RFC 9112 §3.2, RFC 3986).
+            (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a, b\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: a/path\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n", 400),
+            (b"GET / HTTP/1.1\r\nHost:\r\n\r\n", 400),
+            (b"GET / HTTP/1.0\r\nHost: \r\n\r\n", 400),
+            (b"GET http://u@a/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            (b"GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+            // Versions (RFC 9112 §2.3).
+            (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+            (b"GET / HTTP/3\r\nHost: a\r\n\r\n", 505),
         ];
         for (input, status) in cases {
             let mut p = SlowParser::new(1 << 20);
@@ -541,6 +618,108 @@ mod tests {
         let mut big = b"GET / HTTP/1.1\r\nHost: a\r\nX: ".to_vec();
         big.extend(std::iter::repeat_n(b'a', MAX_HEAD + 10));
         assert!(matches!(p.feed(&big).last(), Some(Event::Error { status: 431, .. })));
+    }
+
+    #[test]
+    fn long_targets_get_414_whatever_limit_they_reach() {
+        for len in [MAX_TARGET + 1, MAX_HEAD + 10, 100 * 1024] {
+            let mut wire = b"GET /".to_vec();
+            wire.extend(std::iter::repeat_n(b'a', len));
+            let mut p = SlowParser::new(1 << 20);
+            // Without its line end (still arriving) and with it.
+            let ev = p.feed(&wire);
+            assert!(matches!(ev.last(), Some(Event::Error { status: 414, .. })), "{len}: {ev:?}");
+            wire.extend_from_slice(b" HTTP/1.1\r\nHost: a\r\n\r\n");
+            let mut p = SlowParser::new(1 << 20);
+            let ev = p.feed(&wire);
+            assert!(matches!(ev.last(), Some(Event::Error { status: 414, .. })), "{len}: {ev:?}");
+        }
+    }
+
+    #[test]
+    fn higher_minor_versions_are_served_as_1_1() {
+        let mut p = SlowParser::new(1 << 20);
+        let ev = p.feed(b"GET /x HTTP/1.2\r\nHost: a\r\n\r\n");
+        let h = heads(&ev)[0];
+        assert!(h.bytes.starts_with(b"GET /x HTTP/1.1\r\n"), "{:?}", h.bytes);
+        assert!(!h.close);
+    }
+
+    #[test]
+    fn expect_from_http_1_0_is_ignored() {
+        let mut p = SlowParser::new(1 << 20);
+        let ev = p.feed(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx");
+        assert!(!heads(&ev)[0].expect_continue);
+        let mut p = SlowParser::new(1 << 20);
+        let ev = p.feed(b"POST / HTTP/1.0\r\nExpect: something\r\nContent-Length: 1\r\n\r\nx");
+        assert_eq!(heads(&ev).len(), 1, "{ev:?}");
+        let mut p = SlowParser::new(1 << 20);
+        let ev = p.feed(b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n");
+        assert!(heads(&ev)[0].expect_continue);
+    }
+
+    #[test]
+    fn absolute_form_is_given_to_the_worker_in_origin_form() {
+        let mut p = SlowParser::new(1 << 20);
+        let ev = p.feed(b"GET HTTP://Other.Example:8080/x/../y?q=1 HTTP/1.1\r\nHost: a\r\nX: 1\r\n\r\n");
+        let h = heads(&ev)[0];
+        assert_eq!(h.host.as_deref(), Some(&b"Other.Example:8080"[..]));
+        assert_eq!(h.route_path, b"/y");
+        assert_eq!(
+            std::str::from_utf8(&h.bytes).unwrap(),
+            "GET /x/../y?q=1 HTTP/1.1\r\nHost: Other.Example:8080\r\nX: 1\r\n\r\n"
+        );
+        // No path, a query only, and HTTP/1.0 without a Host.
+        let mut p = SlowParser::new(1 << 20);
+        let ev = p.feed(b"GET http://b?x HTTP/1.0\r\n\r\n");
+        assert_eq!(std::str::from_utf8(&heads(&ev)[0].bytes).unwrap(), "GET /?x HTTP/1.0\r\nHost: b\r\n\r\n");
+    }
+
+    /// The chunked framing cases that desynchronised the connection or
+    /// left the client waiting: each is a 400 and nothing after it is
+    /// parsed (a pipelined request behind it is never answered).
+    #[test]
+    fn malformed_chunk_framing_is_a_400_and_the_end() {
+        for bad in [
+            &b"+3\r\nabc\r\n0\r\n\r\n"[..],
+            b"-0\r\n\r\n",
+            b"0x3\r\nabc\r\n0\r\n\r\n",
+            b" 3\r\nabc\r\n0\r\n\r\n",
+            b"3 \r\nabc\r\n0\r\n\r\n",
+            b"3;a\nb\r\nabc\r\n0\r\n\r\n",
+            b"3;a\rb\r\nabc\r\n0\r\n\r\n",
+            b"3\nabc\r\n0\r\n\r\n",
+            b"3\r\nabc\n0\r\n\r\n",
+            b"0\r\nX: 1\n\r\n",
+            b"0\r\nX: a\rb\r\n\r\n",
+            b"0\r\n X: 1\r\n\r\n",
+            b"0\n\r\n",
+            b"00000000000000003\r\nabc\r\n0\r\n\r\n",
+        ] {
+            let mut wire = b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            wire.extend_from_slice(bad);
+            wire.extend_from_slice(b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n");
+            let mut p = SlowParser::new(1 << 20);
+            let ev = p.feed(&wire);
+            assert_eq!(heads(&ev).len(), 1, "{:?}: {ev:?}", String::from_utf8_lossy(bad));
+            assert!(
+                matches!(ev.last(), Some(Event::Error { status: 400, .. })),
+                "{:?}: {ev:?}",
+                String::from_utf8_lossy(bad)
+            );
+            assert!(p.is_done());
+            assert!(p.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").is_empty());
+        }
+        // A bare LF is refused as soon as it arrives, not when a CRLF does.
+        let mut p = SlowParser::new(1 << 20);
+        p.feed(b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(matches!(p.feed(b"3;x\n").last(), Some(Event::Error { status: 400, .. })));
+        // Extensions that are well formed are accepted and ignored.
+        let mut p = SlowParser::new(1 << 20);
+        let ev = p.feed(
+            b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3 ; a=b ; c=\"x;y\"\r\nabc\r\n0;z\r\n\r\n",
+        );
+        assert!(matches!(ev.last(), Some(Event::Body { last: true, .. })), "{ev:?}");
     }
 
     #[test]
@@ -694,5 +873,73 @@ mod tests {
         let ev = p.feed(b"GET / HTTP/1.0\r\n\r\nGET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\nConnection: foo, close\r\n\r\n");
         let hs = heads(&ev);
         assert_eq!(hs.iter().map(|h| h.close).collect::<Vec<_>>(), vec![true, false, true]);
+    }
+
+    mod differential {
+        use super::*;
+        use dispatcher_ebpf::scan::{scan, Step};
+        use proptest::prelude::*;
+
+        fn value() -> impl Strategy<Value = String> {
+            prop::string::string_regex("[ \\t]{0,2}[!-~]([ !-~]{0,12}[!-~])?[ \\t]{0,2}").unwrap()
+        }
+
+        fn head() -> impl Strategy<Value = Vec<u8>> {
+            let header = prop_oneof![
+                (prop::string::string_regex("[A-Za-z0-9-]{1,10}").unwrap(), value())
+                    .prop_map(|(n, v)| format!("{n}:{v}")),
+                value().prop_map(|v| format!("Host:{v}")),
+                prop::string::string_regex("[a-z0-9._~:\\[\\]-]{0,12}").unwrap().prop_map(|v| format!("Host: {v}")),
+                (0u64..1000).prop_map(|n| format!("Content-Length: {n}")),
+                Just("Content-Length:".to_string()),
+                Just("Connection: close".to_string()),
+            ];
+            (
+                prop::string::string_regex("/[A-Za-z0-9._~!$&'()*+,;=:@/%-]{0,20}(\\?[a-z=&]{0,6})?").unwrap(),
+                prop_oneof![Just("HTTP/1.1"), Just("HTTP/1.0")],
+                prop::collection::vec(header, 0..5),
+                any::<u8>(),
+                any::<usize>(),
+            )
+                .prop_map(|(p, v, hs, junk, pos)| {
+                    let mut s = format!("GET {p} {v}\r\n");
+                    for h in hs {
+                        s.push_str(&h);
+                        s.push_str("\r\n");
+                    }
+                    s.push_str("\r\n");
+                    let mut b = s.into_bytes();
+                    if junk < 32 {
+                        let i = pos % b.len();
+                        b[i] = junk;
+                    }
+                    b
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+            /// Whatever head the kernel frames, the slow path frames the
+            /// same way (one head of the same length, the same host and
+            /// Content-Length): a connection handed over mid-stream reads on
+            /// exactly where the kernel stopped, and neither accepts what the
+            /// other would answer with a 400.
+            #[test]
+            fn slow_path_agrees_with_the_kernel_scanner(h in head()) {
+                let (r, s) = scan(&h);
+                if r == Step::Done {
+                    let mut p = SlowParser::new(1 << 20);
+                    let ev = p.feed(&h);
+                    let Some(Event::Head(head)) = ev.first() else {
+                        return Err(TestCaseError::fail(format!("kernel framed, slow path: {ev:?} for {:?}", String::from_utf8_lossy(&h))));
+                    };
+                    prop_assert_eq!(head.bytes.len(), s.end as usize);
+                    prop_assert_eq!(head.content_length, s.content_length);
+                    let hash = head.host.as_deref().map_or(dispatcher_ebpf::limits::WILDCARD_HOST, dispatcher_ebpf::scan::host_hash);
+                    prop_assert_eq!(hash, s.host_hash);
+                }
+            }
+        }
     }
 }
