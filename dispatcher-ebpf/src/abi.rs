@@ -267,6 +267,11 @@ pub struct ConnState {
     pub _pad: u32,
     /// Body bytes of request `seq` still to copy.
     pub body_left: u64,
+    /// When (`bpf_ktime_get_ns`, CLOCK_MONOTONIC) the current head's first
+    /// bytes or the current body began: the header time-out counts from
+    /// the first byte of a head, not from the last (a drip-fed head is cut
+    /// at the limit), and a body's rate is its bytes over this age.
+    pub since_ns: u64,
     /// Scanner state for the head being framed.
     pub scan: Scanner,
     /// The head being assembled, laid out as the ring record it becomes.

@@ -43,6 +43,15 @@ pub const DEFAULT_RESPONSE_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 30;
 /// Default time an idle keep-alive connection is kept open.
 pub const DEFAULT_KEEPALIVE_TIMEOUT_SECS: u64 = 75;
+/// Default longest wait for the next bytes of a request body (nginx's
+/// `client_body_timeout`); 408 after.
+pub const DEFAULT_BODY_TIMEOUT_SECS: u64 = 60;
+/// Default slowest average a request body may arrive at once it has taken
+/// `body_timeout_secs` (HTTP.sys's `MinSendRate` is 150 B/s); 408 below.
+pub const DEFAULT_MIN_BODY_RATE: u64 = 150;
+/// Default time SIGTERM or Ctrl-C waits for in-flight requests before the
+/// workers are killed and the dispatcher exits.
+pub const DEFAULT_DRAIN_SECS: u64 = 5;
 /// Default start mode of a pool's worker.
 pub const DEFAULT_START_MODE: &str = "on-demand";
 /// Default idle time-out of an on-demand worker (WAS: 20 minutes).
@@ -138,6 +147,9 @@ struct RawLimits {
     response_timeout_secs: Option<u64>,
     header_timeout_secs: Option<u64>,
     keepalive_timeout_secs: Option<u64>,
+    body_timeout_secs: Option<u64>,
+    min_body_rate: Option<u64>,
+    drain_secs: Option<u64>,
 }
 
 fn default_true() -> bool {
@@ -253,6 +265,13 @@ pub struct Config {
     pub response_timeout_secs: u64,
     pub header_timeout_secs: u64,
     pub keepalive_timeout_secs: u64,
+    /// Longest wait for the next bytes of a request body (408 after).
+    pub body_timeout_secs: u64,
+    /// Slowest average rate (bytes/s) a body may arrive at after
+    /// `body_timeout_secs` (408 below; 0: no minimum).
+    pub min_body_rate: u64,
+    /// How long SIGTERM waits for in-flight requests.
+    pub drain_secs: u64,
     pub pools: Vec<Pool>,
     /// Interface the XDP guard is attached to (none: no guard).
     pub iface: Option<String>,
@@ -584,6 +603,9 @@ impl Config {
             response_timeout_secs: raw.limits.response_timeout_secs.unwrap_or(DEFAULT_RESPONSE_TIMEOUT_SECS).max(1),
             header_timeout_secs: raw.limits.header_timeout_secs.unwrap_or(DEFAULT_HEADER_TIMEOUT_SECS).max(1),
             keepalive_timeout_secs: raw.limits.keepalive_timeout_secs.unwrap_or(DEFAULT_KEEPALIVE_TIMEOUT_SECS).max(1),
+            body_timeout_secs: raw.limits.body_timeout_secs.unwrap_or(DEFAULT_BODY_TIMEOUT_SECS).max(1),
+            min_body_rate: raw.limits.min_body_rate.unwrap_or(DEFAULT_MIN_BODY_RATE),
+            drain_secs: raw.limits.drain_secs.unwrap_or(DEFAULT_DRAIN_SECS),
             pools,
             iface: raw.iface.filter(|i| !i.is_empty()),
             guard,

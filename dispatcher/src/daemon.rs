@@ -63,6 +63,7 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
         },
     ));
     let local = Arc::new(LocalAnswers::default());
+    let timeouts = Arc::new(conn::Timeouts::default());
     let conn_ctx = Arc::new(conn::Context {
         limits: conn::Limits::of(&cfg),
         conn_state: maps.conns,
@@ -73,6 +74,7 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
         parking,
         access_log: access_log.clone(),
         local: local.clone(),
+        timeouts: timeouts.clone(),
     });
     let admin_ctx = Arc::new(admin::Context {
         instance: cfg.instance.clone(),
@@ -84,6 +86,7 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
         counters,
         conns: conns.clone(),
         local,
+        timeouts,
     });
 
     let started = pools.apply(&cfg).await;
@@ -146,7 +149,16 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
         }
     }
     drop(listener);
-    pools.stop_all().await;
+    // In-flight requests get `drain_secs` to finish; the workers still
+    // running then are killed (each Child is kill-on-drop) as the
+    // process exits.
+    let drain = Duration::from_secs(cfg.drain_secs);
+    if tokio::time::timeout(drain, pools.stop_all()).await.is_err() {
+        tracing::warn!(
+            drain_secs = cfg.drain_secs,
+            "in-flight requests did not finish within the drain limit; killing the workers"
+        );
+    }
     // Connection tasks still hold the maps, so remove the pins explicitly;
     // the programs detach when this process's fds close.
     kernel.unpin();

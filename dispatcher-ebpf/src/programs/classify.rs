@@ -18,7 +18,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_get_socket_cookie, bpf_loop, bpf_skb_load_bytes},
+    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_loop, bpf_skb_load_bytes},
     macros::stream_verdict,
     programs::SkBuffContext,
 };
@@ -180,6 +180,8 @@ fn head_step(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32, len
     }
     if old == 0 {
         st.scan = Scanner::new();
+        // SAFETY: a helper every program type may call.
+        st.since_ns = unsafe { bpf_ktime_get_ns() };
     }
     let mut lc = LoopCtx { st: st as *mut ConnState, start: old, result: LOOP_MORE };
     // SAFETY: scan_byte matches the callback signature bpf_loop expects.
@@ -223,6 +225,8 @@ fn head_step(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32, len
     if cl > 0 {
         st.mode = MODE_BODY;
         st.body_left = cl;
+        // SAFETY: as above.
+        st.since_ns = unsafe { bpf_ktime_get_ns() };
         st.ring = ring;
         st.pool = pool;
         st.req_flags = close as u32;

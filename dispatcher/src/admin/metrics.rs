@@ -175,6 +175,10 @@ pub fn render(ctx: &Context) -> String {
     for (c, name) in CLASSES.iter().enumerate() {
         let _ = writeln!(out, "dispatcher_local_responses_total{{class=\"{name}\"}} {}", ctx.local.get(c + 1));
     }
+    help(&mut out, "dispatcher_timeouts_total", "counter", "Connections ended by a time-out, by which one.");
+    for (t, name) in crate::conn::Timeout::ALL {
+        let _ = writeln!(out, "dispatcher_timeouts_total{{kind=\"{name}\"}} {}", ctx.timeouts.get(t));
+    }
     if let Ok(stats) = crate::bpf::read_stats(&ctx.instance, Some(1)) {
         help(
             &mut out,

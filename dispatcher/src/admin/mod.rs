@@ -25,4 +25,5 @@ pub struct Context {
     pub counters: Arc<Counters>,
     pub conns: Arc<Conns>,
     pub local: Arc<LocalAnswers>,
+    pub timeouts: Arc<crate::conn::Timeouts>,
 }

@@ -39,6 +39,7 @@ use tokio::{net::TcpStream, sync::mpsc};
 use tracing::Instrument;
 
 pub use parking::Parking;
+pub use timers::{Timeout, Timeouts};
 
 use crate::{
     access_log::AccessLog,
@@ -67,6 +68,8 @@ pub struct Context {
     pub access_log: Option<AccessLog>,
     /// The dispatcher's own answers, counted.
     pub local: Arc<LocalAnswers>,
+    /// Connections the time-outs ended, counted.
+    pub timeouts: Arc<Timeouts>,
 }
 
 /// The limits a connection enforces (from `[limits]` and `[fast_path]`).
@@ -76,6 +79,8 @@ pub struct Limits {
     pub response_timeout_secs: u64,
     pub header_timeout_secs: u64,
     pub keepalive_timeout_secs: u64,
+    pub body_timeout_secs: u64,
+    pub min_body_rate: u64,
     /// Workers may be granted leases (`fast_path.direct_responses`).
     pub direct_responses: bool,
 }
@@ -87,6 +92,8 @@ impl Limits {
             response_timeout_secs: cfg.response_timeout_secs,
             header_timeout_secs: cfg.header_timeout_secs,
             keepalive_timeout_secs: cfg.keepalive_timeout_secs,
+            body_timeout_secs: cfg.body_timeout_secs,
+            min_body_rate: cfg.min_body_rate,
             direct_responses: cfg.direct_responses,
         }
     }
@@ -308,8 +315,20 @@ impl Conn {
                     }
                 }
             }
-            if self.eof && self.lease.is_home() && self.outstanding() == 0 {
-                return;
+            if self.eof && self.lease.is_home() {
+                // The client left: once what it sent in full is answered,
+                // end. A request whose body was still arriving never will
+                // be complete: it is dropped (cleanup tells its worker)
+                // rather than left to the response time-out, which wrote
+                // a 504 to a dead socket a minute later.
+                let outstanding = self.outstanding();
+                let mid_body = self.slow.as_ref().is_some_and(|s| s.body_in_progress());
+                if outstanding == 0 || (outstanding == 1 && mid_body) {
+                    if mid_body {
+                        tracing::debug!(conn = self.cookie, "the client left in the middle of a request body");
+                    }
+                    return;
+                }
             }
         }
     }

@@ -4,7 +4,10 @@
 //! pool's workers over their control channels; the dispatcher's own
 //! answers (404, 503, 4xx) take their place in the response order.
 
-use std::sync::{atomic::Ordering, Arc};
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Instant,
+};
 
 use dispatcher_ebpf::abi::{
     reason, RecordHeader, LENGTH_UNKNOWN, MODE_SLOW, RECORD_BODY, RECORD_HEAD, REC_CLOSE, REC_LAST, REC_SLOW,
@@ -52,6 +55,13 @@ pub(super) struct Slow {
     /// read yet; the socket is not read while this is at
     /// [`UPLOAD_WINDOW`].
     pub(super) unread: u64,
+    /// When the first bytes of the head being received arrived (the
+    /// header time-out counts from there).
+    pub(super) head_since: Option<Instant>,
+    /// When the body being received began (or the client was last waited
+    /// for because the application was not reading), and its bytes since.
+    pub(super) body_since: Option<Instant>,
+    pub(super) body_got: u64,
 }
 
 /// Body bytes forwarded to a worker and not yet read by its application
@@ -78,6 +88,18 @@ impl Slow {
     fn body_done(&mut self) {
         self.body_to = BodyTo::Discard;
         self.unread = 0;
+        self.body_since = None;
+    }
+
+    fn body_started(&mut self) {
+        self.body_since = Some(Instant::now());
+        self.body_got = 0;
+    }
+
+    /// Whether a request's body is arriving (the request is counted in
+    /// `seq`): if the client leaves now, it never will be complete.
+    pub(super) fn body_in_progress(&self) -> bool {
+        self.body_left > 0 || matches!(self.body_to, BodyTo::Pool { .. })
     }
 }
 
@@ -96,6 +118,9 @@ impl Conn {
                 body_to: BodyTo::Discard,
                 unread: 0,
                 upgrade: None,
+                head_since: None,
+                body_since: None,
+                body_got: 0,
             });
             return Some(Vec::new());
         };
@@ -123,6 +148,9 @@ impl Conn {
             body_to: BodyTo::Discard,
             unread: 0,
             upgrade: None,
+            head_since: None,
+            body_since: None,
+            body_got: 0,
         };
         if st.body_left > 0 {
             // Handed over mid-body (the ring filled up, or the segment used
@@ -135,6 +163,7 @@ impl Conn {
                 s.body_to = BodyTo::Pool { link, slot, seq: st.seq, close: st.req_flags != 0, left: st.body_left };
             }
             s.seq = st.seq + 1;
+            s.body_started();
         }
         self.slow = Some(s);
         Some(prefix)
@@ -168,6 +197,7 @@ impl Conn {
                 forward_body(self.cookie, link, *slot, *seq, &data[..n], last, *close, left);
                 s.unread += n as u64;
             }
+            s.body_got += n as u64;
             data = &data[n..];
             if !last {
                 return Flow::Continue;
@@ -178,6 +208,13 @@ impl Conn {
         for ev in events {
             if let Flow::Close = self.on_event(ev).await {
                 return Flow::Close;
+            }
+        }
+        if let Some(s) = self.slow.as_mut() {
+            if !s.parser.partial_head() {
+                s.head_since = None;
+            } else if s.head_since.is_none() {
+                s.head_since = Some(Instant::now());
             }
         }
         Flow::Continue
@@ -193,6 +230,10 @@ impl Conn {
                 let seq = s.seq;
                 s.seq += 1;
                 s.body_done();
+                s.head_since = None;
+                if h.content_length > 0 {
+                    s.body_started();
+                }
                 if h.upgrade {
                     // Whoever answers it (a pool or this task's own 404 or
                     // 503), the parser resumes unless the answer is a 101.
@@ -264,6 +305,7 @@ impl Conn {
             }
             Event::Body { data, last } => {
                 let s = self.slow.as_mut().unwrap();
+                s.body_got += data.len() as u64;
                 if let BodyTo::Pool { link, slot, seq, close, left } = &mut s.body_to {
                     forward_body(self.cookie, link, *slot, *seq, &data, last, *close, left);
                     s.unread += data.len() as u64;

@@ -101,7 +101,13 @@ impl SlowParser {
         matches!(self.state, State::Done)
     }
 
+    /// Whether part of a request head has arrived (and no more).
+    pub fn partial_head(&self) -> bool {
+        matches!(self.state, State::Head) && !self.buf.is_empty()
+    }
+
     /// Whether the parser is between requests with nothing buffered.
+    #[cfg(test)]
     pub fn is_idle(&self) -> bool {
         matches!(self.state, State::Head) && self.buf.is_empty()
     }
