@@ -49,6 +49,13 @@ pub const DEFAULT_BODY_TIMEOUT_SECS: u64 = 60;
 /// Default slowest average a request body may arrive at once it has taken
 /// `body_timeout_secs` (HTTP.sys's `MinSendRate` is 150 B/s); 408 below.
 pub const DEFAULT_MIN_BODY_RATE: u64 = 150;
+/// Default most requests one connection may have read and not yet
+/// answered: past it, the dispatcher stops reading the connection (TCP
+/// pushes back on the client) until it reads its answers.
+pub const DEFAULT_MAX_PIPELINED: u64 = 128;
+/// Default most response bytes one connection may have waiting to be
+/// written before the dispatcher stops reading it.
+pub const DEFAULT_MAX_PENDING_BYTES: u64 = 1 << 20;
 /// Default time SIGTERM or Ctrl-C waits for in-flight requests before the
 /// workers are killed and the dispatcher exits.
 pub const DEFAULT_DRAIN_SECS: u64 = 5;
@@ -150,6 +157,8 @@ struct RawLimits {
     body_timeout_secs: Option<u64>,
     min_body_rate: Option<u64>,
     drain_secs: Option<u64>,
+    max_pipelined: Option<u64>,
+    max_pending_bytes: Option<u64>,
 }
 
 fn default_true() -> bool {
@@ -272,6 +281,10 @@ pub struct Config {
     pub min_body_rate: u64,
     /// How long SIGTERM waits for in-flight requests.
     pub drain_secs: u64,
+    /// Most requests a connection may have read and not yet answered.
+    pub max_pipelined: u64,
+    /// Most response bytes a connection may have waiting.
+    pub max_pending_bytes: u64,
     pub pools: Vec<Pool>,
     /// Interface the XDP guard is attached to (none: no guard).
     pub iface: Option<String>,
@@ -606,6 +619,8 @@ impl Config {
             body_timeout_secs: raw.limits.body_timeout_secs.unwrap_or(DEFAULT_BODY_TIMEOUT_SECS).max(1),
             min_body_rate: raw.limits.min_body_rate.unwrap_or(DEFAULT_MIN_BODY_RATE),
             drain_secs: raw.limits.drain_secs.unwrap_or(DEFAULT_DRAIN_SECS),
+            max_pipelined: raw.limits.max_pipelined.unwrap_or(DEFAULT_MAX_PIPELINED).max(1),
+            max_pending_bytes: raw.limits.max_pending_bytes.unwrap_or(DEFAULT_MAX_PENDING_BYTES).max(1),
             pools,
             iface: raw.iface.filter(|i| !i.is_empty()),
             guard,

@@ -181,6 +181,14 @@ enum PoolAction {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Serve { .. }) {
+        // A command's output piped into `head` ends it quietly, as it does
+        // any Unix tool (Rust ignores SIGPIPE, and `println!` then panics
+        // on the closed pipe). The daemon keeps ignoring it: a client that
+        // goes away must not kill it.
+        // SAFETY: setting a signal's disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -368,8 +368,20 @@ impl Dispatcher {
 
 impl Drop for Dispatcher {
     fn drop(&mut self) {
+        // Its workers (and their apps) are waited for too: one still
+        // exiting can write into the run directory after it is removed,
+        // which left a `/run/dispatcher/test…` behind after a clean run.
+        let mut family = descendants(self.child.id());
         if self.child.try_wait().ok().flatten().is_none() {
             self.stop();
+        }
+        family.retain(|&p| alive(p));
+        if !wait_until(Duration::from_secs(5), Duration::from_millis(20), || family.iter().all(|&p| !alive(p))) {
+            for &p in &family {
+                // SAFETY: kill(2); a process gone meanwhile is fine.
+                unsafe { libc::kill(p as i32, libc::SIGKILL) };
+            }
+            wait_until(Duration::from_secs(2), Duration::from_millis(20), || family.iter().all(|&p| !alive(p)));
         }
         // Whatever happened (a test may kill it with SIGKILL, which skips
         // its own clean-up), leave no pins and no run directory behind.
@@ -404,6 +416,19 @@ pub fn children(ppid: u32) -> Vec<u32> {
         .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
         .filter(|&pid| proc_state(pid).is_some_and(|(s, pp)| pp == ppid && s != 'Z'))
         .collect()
+}
+
+/// Every process below `pid` (children, theirs, ...).
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        for c in children(p) {
+            out.push(c);
+            todo.push(c);
+        }
+    }
+    out
 }
 
 /// The TOML [`Dispatcher::start`] writes.

@@ -328,3 +328,29 @@ fn the_access_log_rotates_at_its_size_limit() {
     }
     assert!(std::fs::metadata(dir.join("access.log")).unwrap().len() < 600);
 }
+
+/// `dispatcher stats | head`, and the like: a reader that goes away ends
+/// the command quietly (SIGPIPE), not with a panic on the closed pipe.
+#[test]
+fn a_command_piped_into_a_reader_that_leaves_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let Some(d) = two_pools() else { return };
+    for cmd in ["stats", "status", "pools", "routes"] {
+        let mut child = std::process::Command::new(tests::bin_dir().join("dispatcher"))
+            .args([cmd, "--instance", &d.instance])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader is gone before the first write.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "dispatcher {cmd}: {stderr}");
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+            "dispatcher {cmd}: {:?} {stderr}",
+            out.status
+        );
+    }
+}

@@ -517,7 +517,9 @@ fn c_path(p: &Path) -> std::io::Result<CString> {
 
 fn io_error(e: &std::io::Error) -> Response {
     match e.raw_os_error() {
-        Some(libc::ENOENT | libc::ENOTDIR) => Response::text(404, "not found\n"),
+        // ENAMETOOLONG: a segment longer than the file system's names (255
+        // bytes) names nothing that can exist.
+        Some(libc::ENOENT | libc::ENOTDIR | libc::ENAMETOOLONG) => Response::text(404, "not found\n"),
         // EXDEV: out of the root; ELOOP: a symlink loop or a magic link.
         Some(libc::EACCES | libc::EPERM | libc::EXDEV | libc::ELOOP) => Response::text(403, "forbidden\n"),
         _ if e.kind() == std::io::ErrorKind::NotFound => Response::text(404, "not found\n"),
@@ -652,6 +654,13 @@ fn relative(path: &str) -> Option<PathBuf> {
             Component::Normal(n) => out.push(n),
             Component::ParentDir | Component::Prefix(_) => return None,
         }
+    }
+    // `/file.css/` names a directory, so it is looked for as that
+    // directory's index: a file there is a 404 (ENOTDIR), as nginx answers.
+    // (Not as a trailing `/`: `Path` equality ignores it, and the cache
+    // would serve `file.css`.)
+    if s.ends_with('/') && !out.as_os_str().is_empty() {
+        out.push("index.html");
     }
     Some(out)
 }
@@ -808,6 +817,23 @@ mod tests {
     }
 
     #[test]
+    fn a_file_with_a_trailing_slash_or_an_impossible_name_is_404() {
+        let site = Site::new("slash");
+        site.old_file("file.css", b"body{}");
+        std::fs::create_dir(site.0.join("d")).unwrap();
+        site.old_file("d/index.html", b"index");
+        let files = StaticFiles::new(&site.0, None).unwrap();
+        assert_eq!(files.serve(&get("/file.css", &[])).status, 200);
+        assert_eq!(files.serve(&get("/file.css/", &[])).status, 404);
+        assert_eq!(files.serve(&get("/file.css/", &[])).status, 404, "and again, from the cache's view");
+        assert_eq!(files.serve(&get("/d/", &[])).status, 200);
+        assert_eq!(body(&files.serve(&get("/d/", &[]))), b"index");
+        let long = format!("/{}", "x".repeat(300));
+        assert_eq!(files.serve(&get(&long, &[])).status, 404);
+        assert_eq!(files.serve(&get(&format!("/d{long}/y"), &[])).status, 404);
+    }
+
+    #[test]
     fn a_changed_file_is_served_fresh_even_with_the_same_size_and_mtime() {
         let site = Site::new("fresh");
         let p = site.old_file("a.txt", b"first");
@@ -869,10 +895,12 @@ mod tests {
         assert_eq!(files.serve(&get("/sub/index.html/x", &[])).status, 404);
         // Opened without blocking, then refused: not a regular file.
         assert_eq!(files.serve(&get("/pipe", &[])).status, 404);
-        // The directory became a file: found again, not served as before.
+        // The directory became a file: found again, not served as before;
+        // and a file is no directory (`/sub/` is a 404, `/sub` the file).
         std::fs::remove_dir_all(site.0.join("sub")).unwrap();
         site.old_file("sub", b"a file now");
-        assert_eq!(body(&files.serve(&get("/sub/", &[]))), b"a file now");
+        assert_eq!(files.serve(&get("/sub/", &[])).status, 404);
+        assert_eq!(body(&files.serve(&get("/sub", &[]))), b"a file now");
     }
 
     #[test]

@@ -81,6 +81,8 @@ pub struct Limits {
     pub keepalive_timeout_secs: u64,
     pub body_timeout_secs: u64,
     pub min_body_rate: u64,
+    pub max_pipelined: u64,
+    pub max_pending_bytes: u64,
     /// Workers may be granted leases (`fast_path.direct_responses`).
     pub direct_responses: bool,
 }
@@ -94,6 +96,8 @@ impl Limits {
             keepalive_timeout_secs: cfg.keepalive_timeout_secs,
             body_timeout_secs: cfg.body_timeout_secs,
             min_body_rate: cfg.min_body_rate,
+            max_pipelined: cfg.max_pipelined,
+            max_pending_bytes: cfg.max_pending_bytes,
             direct_responses: cfg.direct_responses,
         }
     }
@@ -149,6 +153,8 @@ pub async fn serve(ctx: Arc<Context>, stream: TcpStream, cookie: u64, rx: mpsc::
         request_line: Vec::new(),
         handed_over: false,
         resume_due: false,
+        deferred: std::collections::VecDeque::new(),
+        replay_due: false,
     };
     c.run(rx).instrument(span).await;
     c.cleanup();
@@ -200,6 +206,12 @@ struct Conn {
     handed_over: bool,
     /// An upgrade was declined: the parser's held bytes are parsed next.
     resume_due: bool,
+    /// Parsed events held back: a request that waits for this
+    /// connection's earlier ones to leave its pool's queue, and what
+    /// followed it. Nothing more is read meanwhile.
+    deferred: std::collections::VecDeque<crate::http::Event>,
+    /// A response was written: the deferred events may go on.
+    replay_due: bool,
 }
 
 /// The client's socket.
@@ -241,7 +253,7 @@ impl Conn {
                         Sock::Polled(s) => s.readable().await,
                         _ => std::future::pending().await,
                     }
-                }, if !self.eof && self.slow.as_ref().is_none_or(|s| !s.parser.is_done() && s.may_read()) => {
+                }, if !self.eof && self.slow.as_ref().is_none_or(|s| !s.parser.is_done() && s.may_read()) && !self.backlogged() => {
                     if r.is_err() { return; }
                     // The kernel wakes this task for segments the verdict
                     // dropped too: look with a small stack buffer until
@@ -307,6 +319,18 @@ impl Conn {
                     if let Flow::Close = self.check_timers().await { return; }
                 }
             }
+            if std::mem::take(&mut self.replay_due) {
+                while let Some(ev) = self.deferred.pop_front() {
+                    let left = self.deferred.len();
+                    if let Flow::Close = self.on_event(ev).await {
+                        return;
+                    }
+                    if self.deferred.len() > left {
+                        // Deferred again: until the next response.
+                        break;
+                    }
+                }
+            }
             if std::mem::take(&mut self.resume_due) {
                 let events = self.slow.as_mut().map(|s| s.parser.resume()).unwrap_or_default();
                 for ev in events {
@@ -331,6 +355,23 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// Whether reading the socket waits: events are held back, or the
+    /// client has too many answers it has not read (pipelined requests it
+    /// does not read the answers of). Only the slow path reads; the kernel
+    /// path is paused in the kernel (see `pause`).
+    fn backlogged(&self) -> bool {
+        if !self.deferred.is_empty() {
+            return true;
+        }
+        let Some(s) = &self.slow else { return false };
+        let lim = &self.ctx.limits;
+        if (s.seq.saturating_sub(self.next)) as u64 >= lim.max_pipelined {
+            return true;
+        }
+        !self.pending.is_empty()
+            && self.pending.values().flatten().map(|f| f.data.len() as u64).sum::<u64>() >= lim.max_pending_bytes
     }
 
     fn cleanup(&mut self) {

@@ -67,6 +67,7 @@ impl Conn {
                 link.release(bytes);
             }
             self.next += 1;
+            self.replay_due |= !self.deferred.is_empty();
             if upgrade {
                 match tunnel {
                     Some(to) => return self.hand_over(to),

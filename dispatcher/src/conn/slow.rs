@@ -206,6 +206,11 @@ impl Conn {
         }
         let events = self.slow.as_mut().unwrap().parser.feed(data);
         for ev in events {
+            if !self.deferred.is_empty() {
+                // Behind a request that waits: in order, after it.
+                self.deferred.push_back(ev);
+                continue;
+            }
             if let Flow::Close = self.on_event(ev).await {
                 return Flow::Close;
             }
@@ -223,6 +228,14 @@ impl Conn {
     pub(super) async fn on_event(&mut self, ev: Event) -> Flow {
         match ev {
             Event::Head(h) => {
+                if self.must_wait(&h) {
+                    // This connection's own earlier requests fill the
+                    // pool's queue (two pipelined 1 MiB uploads with a
+                    // 2 MiB queue): the request waits for them, and the
+                    // socket is not read meanwhile, instead of a 503.
+                    self.deferred.push_front(Event::Head(h));
+                    return Flow::Continue;
+                }
                 if self.ctx.access_log.is_some() {
                     self.request_line = h.bytes.to_vec();
                 }
@@ -346,6 +359,25 @@ impl Conn {
                 self.answer(seq, status, why, true, false, false).await
             }
         }
+    }
+}
+
+impl Conn {
+    /// Whether request `h` would find its pool's queue full only because
+    /// of this connection's requests already in it.
+    fn must_wait(&self, h: &crate::http::Head) -> bool {
+        if self.slow.as_ref().is_some_and(|s| s.first_queue_full) {
+            return false;
+        }
+        let Routed::Pool(pool) = self.ctx.routes.route(h.host.as_deref(), &h.route_path) else { return false };
+        let Some(link) = self.ctx.pools.get(pool) else { return false };
+        let mine: u64 = self.sent.values().filter(|(l, _)| l.index == link.index).map(|(_, b)| *b).sum();
+        if mine == 0 {
+            return false;
+        }
+        let announced = if h.content_length == LENGTH_UNKNOWN { 0 } else { h.content_length };
+        let size = h.bytes.len() as u64 + announced;
+        link.inflight.load(Ordering::Relaxed) + size > link.queue_bytes.max(size)
     }
 }
 

@@ -7,4 +7,4 @@ mod parse;
 mod rules;
 
 pub use local::local_response;
-pub use parse::{Event, SlowParser};
+pub use parse::{Event, Head, SlowParser};

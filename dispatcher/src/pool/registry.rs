@@ -465,6 +465,8 @@ fn unchanged_globals(old: &Config, new: &Config) -> Result<()> {
         body_timeout_secs as "limits.body_timeout_secs",
         min_body_rate as "limits.min_body_rate",
         drain_secs as "limits.drain_secs",
+        max_pipelined as "limits.max_pipelined",
+        max_pending_bytes as "limits.max_pending_bytes",
         iface as "iface",
         access_log as "log.access",
         access_log_max_bytes as "log.access_max_bytes",

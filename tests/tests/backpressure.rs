@@ -1,0 +1,93 @@
+//! A client that pipelines and does not read: the dispatcher stops reading
+//! it (TCP pushes back) instead of holding every answer, and pipelined
+//! uploads wait for each other instead of getting 503.
+
+use std::{
+    io::Write,
+    time::{Duration, Instant},
+};
+
+use tests::{checksum, Dispatcher, PoolDef};
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0)
+}
+
+/// The flood: up to 1,000,000 pipelined `GET`s on one connection
+/// that reads nothing. Before, the dispatcher read them all and held an
+/// answer for each (RSS 15 → 641 MB, never given back). Now it stops
+/// reading at `max_pipelined` unanswered requests: the client's writes
+/// block, the dispatcher's RSS grows by less than 32 MiB, and once the
+/// client reads, every request it sent gets its answer, in order.
+#[test]
+fn a_client_that_pipelines_and_never_reads_is_pushed_back() {
+    let Some(d) = Dispatcher::start_if_privileged(&[PoolDef::echo("root", &["*/"])], "") else { return };
+    let mut c = d.connect();
+    assert_eq!(c.get("x", "/warm").status, 200);
+    let before = rss_kib(d.pid());
+    let req = b"GET /echo/x HTTP/1.1\r\nHost: x\r\n\r\n";
+    let batch: Vec<u8> = req.iter().copied().cycle().take(req.len() * 1000).collect();
+    c.stream.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut sent = 0usize;
+    let mut torn = false;
+    let t0 = Instant::now();
+    while sent < 1_000_000 && t0.elapsed() < Duration::from_secs(60) {
+        match c.stream.write(&batch) {
+            Ok(n) if n == batch.len() => sent += 1000,
+            Ok(n) => {
+                // Only whole requests count (a torn last one is never answered).
+                sent += n / req.len();
+                torn = n % req.len() != 0;
+                break;
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+            Err(e) => panic!("writing: {e}"),
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let grown = rss_kib(d.pid()).saturating_sub(before);
+    eprintln!("sent {sent} requests before the writes blocked; the dispatcher grew by {grown} KiB");
+    assert!(sent < 1_000_000, "the writes never blocked: the dispatcher read everything");
+    assert!(grown < 32 * 1024, "the dispatcher grew by {grown} KiB");
+    // Now read: every request sent is answered, in order, on this connection.
+    c.stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    for i in 0..sent {
+        let r = c.read_response();
+        assert_eq!(r.status, 200, "answer {i} of {sent}");
+    }
+    if !torn {
+        assert_eq!(c.get("x", "/after").status, 200);
+    }
+}
+
+/// Two pipelined 1 MiB uploads with the default 2 MiB queue: the second
+/// waits for the first instead of getting 503 "queue is full".
+#[test]
+fn pipelined_uploads_wait_for_each_other() {
+    let Some(d) = Dispatcher::start_if_privileged(&[PoolDef::echo("root", &["*/"])], "") else { return };
+    let body: Vec<u8> = (0..1usize << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let mut c = d.connect();
+    let mut wire = Vec::new();
+    for _ in 0..3 {
+        wire.extend_from_slice(
+            format!("POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes(),
+        );
+        wire.extend_from_slice(&body);
+    }
+    let writer = {
+        let mut s = c.stream.try_clone().unwrap();
+        std::thread::spawn(move || s.write_all(&wire).unwrap())
+    };
+    for i in 0..3 {
+        let r = c.read_response();
+        assert_eq!(r.status, 200, "upload {i}: {}", String::from_utf8_lossy(&r.body[..r.body.len().min(200)]));
+        assert_eq!(r.header("x-echo-body-length"), Some("1048576"));
+        let at = r.body.len() - body.len();
+        assert_eq!(checksum(&r.body[at..]), checksum(&body), "upload {i}");
+    }
+    writer.join().unwrap();
+}
