@@ -48,12 +48,17 @@ fn drip(c: &mut Client, head: &[u8], every: Duration, limit: Duration) -> (u16, 
 
 /// `dispatcher_timeouts_total{kind}` from the metrics endpoint.
 fn metric(port: u16, kind: &str) -> u64 {
+    gauge(port, &format!("dispatcher_timeouts_total{{kind=\"{kind}\"}}"))
+}
+
+/// The sample `series` (name and labels) from the metrics endpoint.
+fn gauge(port: u16, series: &str) -> u64 {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
-    let needle = format!("dispatcher_timeouts_total{{kind=\"{kind}\"}} ");
+    let needle = format!("{series} ");
     text.lines().find_map(|l| l.strip_prefix(&needle)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
@@ -196,4 +201,55 @@ fn sigterm_waits_at_most_the_drain_limit() {
     d.stop();
     let took = t0.elapsed();
     assert!(took >= Duration::from_millis(1500) && took < Duration::from_secs(5), "SIGTERM took {took:?}");
+}
+
+/// The slow reader: answers read one small piece a second. Once
+/// the socket has refused bytes for `body_timeout_secs` and the client
+/// took fewer than `min_body_rate` a second since, the connection is reset
+/// (before, it stayed open indefinitely).
+#[test]
+fn a_client_reading_slower_than_the_minimum_rate_is_cut_off() {
+    let Some((d, port)) = start() else { return };
+    let mut c = d.connect();
+    let small: libc::c_int = 4096;
+    // SAFETY: setsockopt with an int of its size on an open socket.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&c.stream),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &small as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0);
+    // A chunked request goes to the slow path, which then writes this
+    // connection's answers itself: 8 MB of them.
+    c.send(b"POST /echo/bytes/8000000 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n");
+    let t0 = Instant::now();
+    let reader = thread::spawn(move || {
+        // 100 bytes a second, for as long as the test looks.
+        let mut b = [0u8; 50];
+        while t0.elapsed() < Duration::from_secs(8) {
+            match std::io::Read::read(&mut c.stream, &mut b) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => thread::sleep(Duration::from_millis(500)),
+            }
+        }
+    });
+    // The reset reaches the client only after it has read what its
+    // receive buffer holds (at this pace, a minute): the dispatcher's side
+    // is what the test watches.
+    assert!(
+        tests::wait_until(Duration::from_secs(10), Duration::from_millis(100), || metric(port, "send_too_slow") == 1),
+        "not cut off"
+    );
+    let at = t0.elapsed();
+    assert!(at >= Duration::from_millis(1900) && at < Duration::from_secs(7), "cut off after {at:?}");
+    assert!(
+        tests::wait_until(Duration::from_secs(3), Duration::from_millis(50), || gauge(port, "dispatcher_connections")
+            == 0),
+        "the connection is still open"
+    );
+    reader.join().unwrap();
 }

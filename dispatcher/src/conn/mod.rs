@@ -155,6 +155,7 @@ pub async fn serve(ctx: Arc<Context>, stream: TcpStream, cookie: u64, rx: mpsc::
         resume_due: false,
         deferred: std::collections::VecDeque::new(),
         replay_due: false,
+        send_behind: None,
     };
     c.run(rx).instrument(span).await;
     c.cleanup();
@@ -212,6 +213,9 @@ struct Conn {
     deferred: std::collections::VecDeque<crate::http::Event>,
     /// A response was written: the deferred events may go on.
     replay_due: bool,
+    /// Since when the socket has refused bytes, and `written` then (the
+    /// client's read rate is judged from there).
+    send_behind: Option<(Instant, u64)>,
 }
 
 /// The client's socket.

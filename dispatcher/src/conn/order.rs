@@ -2,7 +2,10 @@
 //! the dispatcher itself wait here until every earlier response on the
 //! connection is written, then go to the socket in request order.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use dispatcher_ebpf::wire::LeaseMsg;
@@ -117,13 +120,57 @@ impl Conn {
 
     /// Writes all of `data` (the socket must not be leased). False when
     /// the connection is unusable.
+    ///
+    /// A client that reads too slowly is cut off (`false`): once the socket
+    /// has refused bytes continuously for `body_timeout_secs`, the bytes it
+    /// took since must average `min_body_rate` (HTTP.sys's `MinSendRate`),
+    /// or any at all when that is 0. Before, a client reading 1 byte a
+    /// second held its connection, and the answers queued for it, forever.
     pub(super) async fn write(&mut self, data: &[u8]) -> bool {
         self.unpark();
+        let limit = Duration::from_secs(self.ctx.limits.body_timeout_secs);
+        let min_rate = self.ctx.limits.min_body_rate;
         let Sock::Polled(s) = &mut self.sock else { return false };
-        if s.write_all(data).await.is_err() {
-            return false;
+        let mut off = 0;
+        let mut refused = false;
+        while off < data.len() {
+            match s.try_write(&data[off..]) {
+                Ok(n) => {
+                    off += n;
+                    self.written += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    refused = true;
+                    let (since, at) = *self.send_behind.get_or_insert((Instant::now(), self.written));
+                    let waited = tokio::time::timeout(Duration::from_secs(1), s.writable()).await;
+                    if matches!(waited, Ok(Err(_))) {
+                        return false;
+                    }
+                    let age = since.elapsed();
+                    let took = self.written - at;
+                    let slow =
+                        if min_rate == 0 { took == 0 } else { (took as f64) < min_rate as f64 * age.as_secs_f64() };
+                    if age >= limit && slow {
+                        tracing::debug!(conn = self.cookie, ?age, took, "the client reads too slowly; closing");
+                        self.ctx.timeouts.count(super::Timeout::SendTooSlow);
+                        // A reset, not a FIN behind megabytes the client
+                        // would take hours to read: the kernel frees the
+                        // socket's send queue now.
+                        let _ = nix::sys::socket::setsockopt(
+                            &*s,
+                            nix::sys::socket::sockopt::Linger,
+                            &libc::linger { l_onoff: 1, l_linger: 0 },
+                        );
+                        return false;
+                    }
+                }
+                Err(_) => return false,
+            }
         }
-        self.written += data.len() as u64;
+        if !refused {
+            // The client keeps up: the next refusal measures afresh.
+            self.send_behind = None;
+        }
         true
     }
 

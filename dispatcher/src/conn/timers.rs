@@ -39,26 +39,29 @@ pub enum Timeout {
     Response,
     /// An idle keep-alive connection (closed).
     KeepAlive,
+    /// A client reading its answers slower than `min_body_rate` (closed).
+    SendTooSlow,
 }
 
 impl Timeout {
     /// Every kind, in counter order, with its metrics label.
-    pub const ALL: [(Timeout, &'static str); 6] = [
+    pub const ALL: [(Timeout, &'static str); 7] = [
         (Timeout::Header, "header"),
         (Timeout::Silent, "silent"),
         (Timeout::BodyStalled, "body_stalled"),
         (Timeout::BodyTooSlow, "body_too_slow"),
         (Timeout::Response, "response"),
         (Timeout::KeepAlive, "keepalive"),
+        (Timeout::SendTooSlow, "send_too_slow"),
     ];
 }
 
 /// Connections the time-outs ended, by kind.
 #[derive(Default)]
-pub struct Timeouts([AtomicU64; 6]);
+pub struct Timeouts([AtomicU64; 7]);
 
 impl Timeouts {
-    fn count(&self, t: Timeout) {
+    pub(super) fn count(&self, t: Timeout) {
         self.0[t as usize].fetch_add(1, Ordering::Relaxed);
     }
 
