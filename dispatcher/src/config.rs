@@ -368,9 +368,20 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn err(&self, span: Option<Range<usize>>, msg: impl Into<String>) -> ConfigError {
-        let line = span.map(|s| self.src[..s.start.min(self.src.len())].matches('\n').count() + 1);
+        let line = span.map(|s| self.src[..char_floor(self.src, s.start)].matches('\n').count() + 1);
         ConfigError { file: self.file.to_string(), line, msg: msg.into() }
     }
+}
+
+/// `at`, or the start of the character it falls inside (a parser's byte
+/// span may point into a multibyte character; slicing there panicked, as a
+/// fuzz target found).
+fn char_floor(s: &str, at: usize) -> usize {
+    let mut i = at.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
 }
 
 impl Config {
@@ -391,7 +402,7 @@ impl Config {
         let raw: RawConfig = toml::from_str(src).map_err(|e| {
             // The offending line, so the message names the field.
             let text = e.span().and_then(|sp| {
-                let start = src[..sp.start.min(src.len())].rfind('\n').map_or(0, |i| i + 1);
+                let start = src[..char_floor(src, sp.start)].rfind('\n').map_or(0, |i| i + 1);
                 src[start..].lines().next().map(str::trim).filter(|l| !l.is_empty())
             });
             let msg = match text {

@@ -21,6 +21,8 @@ mod config;
 mod conn;
 mod daemon;
 mod deliver;
+#[cfg(test)]
+mod fuzz;
 mod http;
 mod pool;
 
