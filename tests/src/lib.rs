@@ -5,6 +5,8 @@
 //! The tests need root (they load BPF programs). Without root they say so
 //! and pass as skipped, except under `CI=true`, where they fail.
 
+pub mod conformance;
+
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},

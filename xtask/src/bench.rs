@@ -750,6 +750,9 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
     fs::create_dir_all(&dir)?;
     let mut procs = Procs(Vec::new());
     let ports = if cases.is_empty() { Vec::new() } else { start_echo_setups(bin, &dir, &mut procs)? };
+    if !ports.is_empty() {
+        conformance(bin, root, ports[1], ports[2])?;
+    }
     // Each app's ports, and where its processes (one per setup) start in `procs`.
     let mut app_ports = Vec::new();
     let mut app_procs = Vec::new();
@@ -808,6 +811,32 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
     let _ = fs::remove_dir_all(&dir);
     let apps = AppResults { apps: &apps, cases: &app_cases, samples: &app_samples, rss: &app_rss };
     write_results(root, o, &cases, &samples, echo_rss, &apps, cold.as_ref(), recycle.as_ref())
+}
+
+/// The conformance suite (`tests::conformance`) against nginx and the
+/// dispatcher in front of the same echo backend, one verdict rule for both:
+/// `bench/results/conformance.md`.
+fn conformance(bin: &Path, root: &Path, nginx: u16, fast: u16) -> Result<()> {
+    println!("[xtask] bench: conformance suite against nginx and the dispatcher");
+    let out = Command::new(bin.join("conformance"))
+        .args([format!("nginx={nginx}"), format!("dispatcher={fast}")])
+        .output()
+        .context("running the conformance suite (target/release/conformance)")?;
+    if !out.status.success() {
+        bail!("the conformance suite failed to run: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let table = String::from_utf8_lossy(&out.stdout);
+    let md = format!(
+        "# Conformance: RFC 9112/9110 cases, nginx and the dispatcher\n\n\
+         `cargo xtask bench` (echo section): each case's bytes, then a well-formed `GET /follow`, on a fresh \
+         connection; nginx proxies to the standalone echo worker, the dispatcher serves it as a pool. \
+         The cases and rules are `tests/src/conformance.rs`.\n\n{table}"
+    );
+    let dir = root.join("bench/results");
+    fs::create_dir_all(&dir)?;
+    fs::write(dir.join("conformance.md"), &md)?;
+    print!("{table}");
+    Ok(())
 }
 
 /// Starts the echo section's setups ([`SETUPS`]); their ports.
