@@ -202,8 +202,12 @@ pub mod reason {
     pub const RING_FULL_MID_BODY: u32 = 8;
     /// A helper failed (reading the segment, allocating state).
     pub const INTERNAL: u32 = 9;
+    /// User space paused the connection (`paused`): its client has too
+    /// many answers it has not read; the next head goes to user space,
+    /// which stops reading until the client catches up.
+    pub const PAUSED: u32 = 10;
     /// Number of reasons, for sizing the counters array.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 
     /// Name of a reason, for the CLI and logs.
     pub fn name(r: u32) -> &'static str {
@@ -217,6 +221,7 @@ pub mod reason {
             TOO_MANY_STEPS => "too_many_steps",
             RING_FULL_MID_BODY => "ring_full_mid_body",
             INTERNAL => "internal",
+            PAUSED => "paused",
             _ => "none",
         }
     }

@@ -155,12 +155,15 @@ pub const RESP_BODY_READ: u32 = 128;
 /// frame, once written, with a `RecordKind::Written` record.
 pub const RESP_STREAM: u32 = 256;
 
-/// The bits a response frame may carry; a frame with any other bit is a
-/// report, and a report carries exactly one bit.
 /// Response flag: the response is a `101 Switching Protocols` to an
 /// upgrade the dispatcher held the connection for (`REC_UPGRADE`): once
 /// it is written, the connection is the worker's ([`LeaseMsg::Tunnel`]).
 pub const RESP_UPGRADE: u32 = 512;
+/// Kind bit: a leased connection's client does not read its answers (see
+/// [`WorkerFrame::Backlogged`]).
+pub const RESP_BACKLOGGED: u32 = 1024;
+/// The bits a response frame may carry; a frame with any other bit is a
+/// report, and a report carries exactly one bit.
 const RESPONSE_BITS: u32 = RESP_LAST | RESP_CLOSE | RESP_WANT_LEASE | RESP_STREAM | RESP_UPGRADE;
 
 /// Upper bounds (µs) of the handling-time buckets of [`WorkerFrame::Stats`].
@@ -250,6 +253,11 @@ pub enum WorkerFrame {
     /// yet is under its window, so a large upload waits in TCP, not in
     /// memory.
     BodyRead { conn: u64, seq: u32, len: u32 },
+    /// The client of leased connection `conn` does not read its answers:
+    /// the worker holds past its limit of them unwritten (no data). The
+    /// dispatcher pauses the connection in the kernel (`paused`), so its
+    /// requests stop arriving until the client reads.
+    Backlogged { conn: u64 },
     /// Access-log records of requests the worker answered, one per line,
     /// tab-separated: connection cookie, time answered (Unix ms), status,
     /// body bytes, handling time (µs), request line, Referer, User-Agent;
@@ -276,6 +284,7 @@ impl WorkerFrame {
             WorkerFrame::Stopped => (0, 0, RESP_STOPPED, 0),
             WorkerFrame::Stats => (0, 0, RESP_STATS, 0),
             WorkerFrame::Log => (0, 0, RESP_LOG, 0),
+            WorkerFrame::Backlogged { conn } => (conn, 0, RESP_BACKLOGGED, 0),
         };
         FrameHeader { conn, seq, len, flags, lease }
     }
@@ -300,6 +309,7 @@ impl WorkerFrame {
             RESP_BODY_READ => Ok(WorkerFrame::BodyRead { conn: h.conn, seq: h.seq, len: h.lease }),
             RESP_STATS => Ok(WorkerFrame::Stats),
             RESP_LOG => Ok(WorkerFrame::Log),
+            RESP_BACKLOGGED => Ok(WorkerFrame::Backlogged { conn: h.conn }),
             _ => unknown,
         }
     }
@@ -434,6 +444,7 @@ mod tests {
             (resp(1, 0, true, true, false, false), 0, 1, 0, 1 | 2, 0),
             (resp(1, 0, false, false, false, true), 5, 1, 0, 256, 0),
             (WorkerFrame::BodyRead { conn: 3, seq: 1, len: 65536 }, 0, 3, 1, 128, 65536),
+            (WorkerFrame::Backlogged { conn: 4 }, 0, 4, 0, 1024, 0),
             (WorkerFrame::Release { conn: 9, seq: 12, lease: 4 }, 0, 9, 12, 8, 4),
             (WorkerFrame::Stopped, 0, 0, 0, 64, 0),
             (WorkerFrame::Stats, 8 * STATS_WORDS as u32, 0, 0, 32, 0),
@@ -450,7 +461,7 @@ mod tests {
 
     #[test]
     fn worker_frames_of_unknown_kinds_are_rejected() {
-        for flags in [1024, 1 << 31, RESP_STATS | RESP_LOG, RESP_RELEASE | RESP_LAST, RESP_STOPPED | RESP_WANT_LEASE] {
+        for flags in [2048, 1 << 31, RESP_STATS | RESP_LOG, RESP_RELEASE | RESP_LAST, RESP_STOPPED | RESP_WANT_LEASE] {
             let h = FrameHeader { flags, ..Default::default() };
             assert_eq!(WorkerFrame::decode(&h), Err(DecodeError::UnknownKind { what: "worker frame", kind: flags }));
         }

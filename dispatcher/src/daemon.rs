@@ -63,10 +63,16 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
         },
     ));
     let local = Arc::new(LocalAnswers::default());
+    let conn_table = Arc::new(maps.conns);
+    conns.set_pauser(crate::deliver::Pauser {
+        table: conn_table.clone(),
+        max_bytes: cfg.max_pending_bytes,
+        max_frames: 4 * cfg.max_pipelined,
+    });
     let timeouts = Arc::new(conn::Timeouts::default());
     let conn_ctx = Arc::new(conn::Context {
         limits: conn::Limits::of(&cfg),
-        conn_state: maps.conns,
+        conn_state: conn_table.clone(),
         routes: maps.lookup,
         counters: counters.clone(),
         pools: pools.clone(),
@@ -135,8 +141,8 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
                 if access_log.is_some() {
                     conns.set_peer(cookie, peer);
                 }
-                let rx = conns.register(cookie);
-                tokio::spawn(conn::serve(conn_ctx.clone(), stream, cookie, rx));
+                let (rx, backlog) = conns.register(cookie);
+                tokio::spawn(conn::serve(conn_ctx.clone(), stream, cookie, rx, backlog));
             }
             _ = expire.tick() => conns.expire(),
             _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted; shutting down"); break; }

@@ -91,3 +91,61 @@ fn pipelined_uploads_wait_for_each_other() {
     }
     writer.join().unwrap();
 }
+
+/// The same flood paced so that each request arrives in its own segment:
+/// the kernel frames every one (no hand-off for too many in a segment),
+/// so it is the kernel that must stop taking them. The answers pile up in
+/// the worker holding the lease (before: 477 MB after 200,000 requests
+/// with 2 kB answers) or, without leases, in the dispatcher; past
+/// `max_pending_bytes` the connection is paused in the kernel (`paused`,
+/// hand-off reason `paused`), user space stops reading it, and the
+/// client's writes block. Then every answer still arrives, in order.
+#[test]
+fn a_paced_flood_is_paused_in_the_kernel() {
+    for direct in [true, false] {
+        let extra = format!("[fast_path]\ndirect_responses = {direct}\n");
+        let Some(d) = Dispatcher::start_if_privileged(&[PoolDef::echo("root", &["*/"])], &extra) else { return };
+        let mut c = d.connect();
+        assert_eq!(c.get("x", "/warm").status, 200);
+        let pids: Vec<u32> = std::iter::once(d.pid()).chain(d.workers()).collect();
+        let before: u64 = pids.iter().map(|&p| rss_kib(p)).sum();
+        c.stream.set_nodelay(true).unwrap();
+        c.stream.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+        let req = b"GET /echo/bytes/2000 HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut sent = 0usize;
+        let t0 = Instant::now();
+        let blocked = loop {
+            if t0.elapsed() > Duration::from_secs(30) {
+                break false;
+            }
+            match c.stream.write(req) {
+                Ok(n) if n == req.len() => sent += 1,
+                Ok(_) => break true,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    break true
+                }
+                Err(e) => panic!("writing: {e}"),
+            }
+            if sent.is_multiple_of(10) {
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        };
+        let grown = pids.iter().map(|&p| rss_kib(p)).sum::<u64>().saturating_sub(before);
+        let stats = d.stats();
+        eprintln!(
+            "direct_responses = {direct}: {sent} requests in {:?}, blocked: {blocked}, grew {grown} KiB, hand-offs {}",
+            t0.elapsed(),
+            stats["handoffs"]
+        );
+        assert!(blocked, "direct_responses = {direct}: the writes never blocked in 30 s");
+        assert!(grown < 32 * 1024, "direct_responses = {direct}: grew by {grown} KiB");
+        let paused = stats["handoffs"]["paused"].as_u64().unwrap_or(0);
+        let split = stats["handoffs"]["too_many_steps"].as_u64().unwrap_or(0);
+        assert!(paused + split >= 1, "direct_responses = {direct}: {}", stats["handoffs"]);
+        c.stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        for i in 0..sent {
+            let r = c.read_response();
+            assert_eq!((r.status, r.body.len()), (200, 2000), "direct_responses = {direct}: answer {i} of {sent}");
+        }
+    }
+}

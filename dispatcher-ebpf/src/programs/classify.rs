@@ -32,7 +32,7 @@ use dispatcher_ebpf::{
 };
 
 use crate::{
-    maps::{config, conn_state, events, routes, steps},
+    maps::{config, conn_state, events, paused, routes, steps},
     queue, retrans,
 };
 
@@ -157,6 +157,12 @@ extern "C" fn scan_byte(i: u64, ctx: *mut c_void) -> i64 {
 #[inline(always)]
 fn head_step(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32, len: u32) -> Next {
     let old = st.head_len;
+    // A head begins on a connection whose client reads too slowly: one map
+    // lookup per request (an empty hash), the price of bounded memory.
+    // SAFETY: a read of a hash value that is never written in place.
+    if old == 0 && unsafe { paused.get(&cookie) }.is_some() {
+        return Next::Handoff { reason: reason::PAUSED, pool: UNROUTED, skip: off };
+    }
     if old as usize >= HEAD_MAX {
         return Next::Handoff { reason: reason::HEAD_TOO_LARGE, pool: UNROUTED, skip: off };
     }

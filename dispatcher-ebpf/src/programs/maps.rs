@@ -23,6 +23,13 @@ pub static conns: SockHash<u64, 65536> = SockHash::new();
 #[btf_map]
 pub static conn_state: HashMap<u64, ConnState, 65536, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
 
+/// Connections user space paused, keyed by socket cookie: a client that
+/// pipelines and does not read its answers. The verdict hands such a
+/// connection to user space at its next head instead of framing on
+/// (which would take the client's bytes, so TCP never pushed back).
+#[btf_map]
+pub static paused: HashMap<u64, u32, 65536, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
+
 /// One all-zero `ConnState`: the value new connections start from (too
 /// large to build on the BPF stack).
 #[btf_map]

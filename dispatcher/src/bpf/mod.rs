@@ -48,6 +48,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 const PINNED_MAPS: &[&str] = &[
     "conns",
     "conn_state",
+    "paused",
     "routes",
     "pools",
     "rings",
@@ -206,7 +207,7 @@ impl Kernel {
             }
         };
         let (routes, lookup) = RouteTable::new(take("routes")?, names)?;
-        let conns = ConnTable::new(take("conn_state")?)?;
+        let conns = ConnTable::new(take("conn_state")?, take("paused")?)?;
         let rings = Rings::new(pin_dir.clone(), take("pools")?, take("rings")?, take("ring_awake")?)?;
         let counters = Counters::new(take("pool_stats")?, take("slow_stats")?)?;
         let events = RingBuf::try_from(take("events")?)?;

@@ -54,7 +54,7 @@ use slow::Slow;
 pub struct Context {
     pub limits: Limits,
     /// The kernel's framing state per connection.
-    pub conn_state: ConnTable,
+    pub conn_state: Arc<ConnTable>,
     /// The route table, read.
     pub routes: RouteLookup,
     /// The slow path's counters.
@@ -128,7 +128,13 @@ const READ_CHUNK: usize = 64 * 1024;
 const PROBE_READ: usize = 2048;
 
 /// Serves connection `cookie` until it closes.
-pub async fn serve(ctx: Arc<Context>, stream: TcpStream, cookie: u64, rx: mpsc::UnboundedReceiver<ToConn>) {
+pub async fn serve(
+    ctx: Arc<Context>,
+    stream: TcpStream,
+    cookie: u64,
+    rx: mpsc::UnboundedReceiver<ToConn>,
+    backlog: Arc<crate::deliver::Backlog>,
+) {
     let peer = stream.peer_addr().ok();
     let span = tracing::debug_span!("conn", id = cookie, peer = ?peer);
     let mut c = Conn {
@@ -156,6 +162,7 @@ pub async fn serve(ctx: Arc<Context>, stream: TcpStream, cookie: u64, rx: mpsc::
         deferred: std::collections::VecDeque::new(),
         replay_due: false,
         send_behind: None,
+        backlog,
     };
     c.run(rx).instrument(span).await;
     c.cleanup();
@@ -216,6 +223,8 @@ struct Conn {
     /// Since when the socket has refused bytes, and `written` then (the
     /// client's read rate is judged from there).
     send_behind: Option<(Instant, u64)>,
+    /// Frames handed to this task and not taken yet (see `deliver`).
+    backlog: Arc<crate::deliver::Backlog>,
 }
 
 /// The client's socket.
@@ -291,6 +300,7 @@ impl Conn {
                     match m {
                         None => return,
                         Some(ToConn::Frame(f)) => {
+                            self.backlog.taken(f.data.len());
                             if let Flow::Close = self.on_frame(f).await { return; }
                         }
                         Some(ToConn::LeaseLost { gen, entry }) => {

@@ -11,7 +11,10 @@ mod lease;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, OnceLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -47,10 +50,52 @@ pub const EARLY_TTL: Duration = Duration::from_secs(10);
 /// tracks: the `conns` sockhash size).
 pub const EARLY_MAX: usize = 65536;
 
+/// A connection's answers handed to its task and not yet taken by it:
+/// while the task waits for the client to read (its write blocks), they
+/// pile up here; past the limits the kernel is told to stop framing the
+/// connection ([`Pauser`]), so the client's own socket pushes back.
+#[derive(Default)]
+pub struct Backlog {
+    bytes: AtomicU64,
+    frames: AtomicU64,
+    paused: AtomicBool,
+}
+
+impl Backlog {
+    /// The task took a frame of `len` bytes.
+    pub fn taken(&self, len: usize) {
+        self.bytes.fetch_sub(len as u64, Ordering::Relaxed);
+        self.frames.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn added(&self, len: usize) -> (u64, u64) {
+        (
+            self.bytes.fetch_add(len as u64, Ordering::Relaxed) + len as u64,
+            self.frames.fetch_add(1, Ordering::Relaxed) + 1,
+        )
+    }
+}
+
+/// Pauses a connection in the kernel when its backlog passes the limits.
+pub struct Pauser {
+    pub table: Arc<crate::bpf::ConnTable>,
+    /// `limits.max_pending_bytes`.
+    pub max_bytes: u64,
+    /// Frames past which the connection is paused (a response is at least
+    /// one; streamed ones are bounded by their credit).
+    pub max_frames: u64,
+}
+
+struct Live {
+    tx: mpsc::UnboundedSender<ToConn>,
+    backlog: Arc<Backlog>,
+}
+
 /// The registry.
 #[derive(Default)]
 pub struct Conns {
-    live: Mutex<HashMap<u64, mpsc::UnboundedSender<ToConn>>>,
+    live: Mutex<HashMap<u64, Live>>,
+    pauser: OnceLock<Pauser>,
     /// Each connection's client address (kept [`EARLY_TTL`] after it
     /// closes, for access-log records that arrive late).
     peers: Mutex<HashMap<u64, (std::net::SocketAddr, Option<Instant>)>>,
@@ -70,16 +115,23 @@ impl Conns {
         self.peers.lock().unwrap().get(&cookie).map(|p| p.0)
     }
 
-    pub fn register(&self, cookie: u64) -> mpsc::UnboundedReceiver<ToConn> {
+    /// Where backlogged connections are paused (set once, at start).
+    pub fn set_pauser(&self, p: Pauser) {
+        let _ = self.pauser.set(p);
+    }
+
+    pub fn register(&self, cookie: u64) -> (mpsc::UnboundedReceiver<ToConn>, Arc<Backlog>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let backlog = Arc::new(Backlog::default());
         let mut live = self.live.lock().unwrap();
         if let Some((_, frames)) = self.early.lock().unwrap().remove(&cookie) {
             for f in frames {
+                backlog.added(f.data.len());
                 let _ = tx.send(ToConn::Frame(f));
             }
         }
-        live.insert(cookie, tx);
-        rx
+        live.insert(cookie, Live { tx, backlog: backlog.clone() });
+        (rx, backlog)
     }
 
     /// Connections open now.
@@ -98,8 +150,15 @@ impl Conns {
     /// Hands a response frame to its connection.
     pub fn deliver(&self, cookie: u64, frame: Frame) {
         let live = self.live.lock().unwrap();
-        if let Some(tx) = live.get(&cookie) {
-            let _ = tx.send(ToConn::Frame(frame));
+        if let Some(l) = live.get(&cookie) {
+            let (bytes, frames) = l.backlog.added(frame.data.len());
+            let _ = l.tx.send(ToConn::Frame(frame));
+            if let Some(p) = self.pauser.get() {
+                if (bytes > p.max_bytes || frames > p.max_frames) && !l.backlog.paused.swap(true, Ordering::Relaxed) {
+                    tracing::debug!(conn = cookie, bytes, frames, "the client is not reading its answers: pausing it");
+                    p.table.pause(cookie);
+                }
+            }
             return;
         }
         let mut early = self.early.lock().unwrap();
@@ -114,34 +173,45 @@ impl Conns {
         early.entry(cookie).or_insert_with(|| (Instant::now(), Vec::new())).1.push(frame);
     }
 
+    /// Pauses connection `cookie` in the kernel (its leased worker holds
+    /// too many answers its client has not read), once.
+    pub fn pause(&self, cookie: u64) {
+        let live = self.live.lock().unwrap();
+        let (Some(l), Some(p)) = (live.get(&cookie), self.pauser.get()) else { return };
+        if !l.backlog.paused.swap(true, Ordering::Relaxed) {
+            tracing::debug!(conn = cookie, "the leased worker's client is not reading its answers: pausing it");
+            p.table.pause(cookie);
+        }
+    }
+
     /// Wakes connection `cookie`'s task (unknown connections are ignored:
     /// a task looks at its socket when it starts anyway).
     pub fn wake(&self, cookie: u64) {
-        if let Some(tx) = self.live.lock().unwrap().get(&cookie) {
-            let _ = tx.send(ToConn::Wake);
+        if let Some(l) = self.live.lock().unwrap().get(&cookie) {
+            let _ = l.tx.send(ToConn::Wake);
         }
     }
 
     /// Tells connection `cookie` its lease `gen` is lost.
     pub fn lease_lost(&self, cookie: u64, gen: u32, entry: u32) {
-        if let Some(tx) = self.live.lock().unwrap().get(&cookie) {
-            let _ = tx.send(ToConn::LeaseLost { gen, entry });
+        if let Some(l) = self.live.lock().unwrap().get(&cookie) {
+            let _ = l.tx.send(ToConn::LeaseLost { gen, entry });
         }
     }
 
     /// Tells connection `cookie` a dead worker did not answer some of its
     /// requests (see [`ToConn::Lost`]).
     pub fn lost(&self, cookie: u64, taken: u32, in_flight: u64) {
-        if let Some(tx) = self.live.lock().unwrap().get(&cookie) {
-            let _ = tx.send(ToConn::Lost { taken, in_flight });
+        if let Some(l) = self.live.lock().unwrap().get(&cookie) {
+            let _ = l.tx.send(ToConn::Lost { taken, in_flight });
         }
     }
 
     /// Tells connection `cookie` a worker read `len` more body bytes of
     /// its request `seq`.
     pub fn body_read(&self, cookie: u64, seq: u32, len: u32) {
-        if let Some(tx) = self.live.lock().unwrap().get(&cookie) {
-            let _ = tx.send(ToConn::BodyRead { seq, len });
+        if let Some(l) = self.live.lock().unwrap().get(&cookie) {
+            let _ = l.tx.send(ToConn::BodyRead { seq, len });
         }
     }
 

@@ -116,6 +116,7 @@ pub(super) fn connect(
                     conns.deliver(conn, Frame { seq, data, last, close, ask, release: None, credit, tunnel });
                 }
                 Ok(WorkerFrame::BodyRead { conn, seq, len }) => conns.body_read(conn, seq, len),
+                Ok(WorkerFrame::Backlogged { conn }) => conns.pause(conn),
                 Err(e) => tracing::warn!(pool = %name, "skipping a frame from the worker: {e}"),
             }
         }

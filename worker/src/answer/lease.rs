@@ -51,7 +51,17 @@ pub(super) struct Lease {
     pub(super) flushing: bool,
     /// The client is gone: what is left is dropped.
     pub(super) dead: bool,
+    /// Bytes in `backlog`.
+    pub(super) backlog_bytes: usize,
+    /// The dispatcher was told the client does not read (once a lease).
+    pub(super) reported: bool,
 }
+
+/// Unwritten answer bytes a lease holds before the dispatcher is told its
+/// client does not read them (`WorkerFrame::Backlogged`): 200,000
+/// pipelined requests whose 2 kB answers were never read grew a worker to
+/// 477 MB before.
+const BACKLOG_LIMIT: usize = 1 << 20;
 
 impl Outbound {
     /// Handles one message from the dispatcher's lease socket.
@@ -107,6 +117,8 @@ impl Outbound {
                             queued: BTreeMap::new(),
                             flushing: false,
                             dead: false,
+                            backlog_bytes: 0,
+                            reported: false,
                         };
                         map.insert(conn, LeaseState::Leased(l));
                     }
@@ -152,6 +164,9 @@ impl Outbound {
             }
             flusher |= l.push(l.next, bytes);
             l.next = l.next.wrapping_add(1);
+        }
+        if l.backlog_bytes > BACKLOG_LIMIT && !std::mem::replace(&mut l.reported, true) {
+            let _ = self.ctl.send(frame(WorkerFrame::Backlogged { conn }, &[]));
         }
         if flusher {
             self.spawn_flusher(conn, l.gen, l.sock.clone());

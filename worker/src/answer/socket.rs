@@ -147,15 +147,20 @@ impl Lease {
                 Ok(n) => {
                     let mut rest = bytes;
                     rest.advance(n);
+                    self.backlog_bytes += rest.len();
                     self.backlog.push_back((seq, rest, len));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.backlog.push_back((seq, bytes, len)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.backlog_bytes += len;
+                    self.backlog.push_back((seq, bytes, len));
+                }
                 Err(_) => {
                     self.dead = true;
                     return false;
                 }
             }
         } else {
+            self.backlog_bytes += len;
             self.backlog.push_back((seq, bytes, len));
         }
         !std::mem::replace(&mut self.flushing, true)
@@ -174,10 +179,12 @@ impl Lease {
             let Some((_, b, _)) = self.backlog.front_mut() else { return true };
             match self.sock.send(b) {
                 Ok(n) if n == b.len() => {
+                    self.backlog_bytes -= n;
                     self.backlog.pop_front();
                     self.written(s, l);
                 }
                 Ok(n) => {
+                    self.backlog_bytes -= n;
                     b.advance(n);
                     return false;
                 }
@@ -185,6 +192,7 @@ impl Lease {
                 Err(_) => {
                     self.dead = true;
                     self.backlog.clear();
+                    self.backlog_bytes = 0;
                 }
             }
         }
