@@ -6,6 +6,7 @@
 //! and pass as skipped, except under `CI=true`, where they fail.
 
 pub mod conformance;
+pub mod soak;
 
 use std::{
     io::{Read, Write},

@@ -91,6 +91,17 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// Build, then run the soak (`tests/src/soak.rs`) for MINUTES: mixed
+    /// load (keep-alive, pipelined, 256 KiB uploads, malformed and
+    /// vanishing clients) while workers are killed, recycled and reloaded;
+    /// fails if any well-formed request got another's or a wrong answer, or
+    /// if the dispatcher's memory or descriptors did not come back. Needs
+    /// root. (`cargo xtask test` runs it for one minute.)
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+    },
 }
 
 fn workspace_root() -> PathBuf {
@@ -349,6 +360,20 @@ fn main() -> Result<()> {
                 &bench::Options { connections, seconds, rounds, small_only, sections: only },
             )?;
             step("bench", &format!("results in {}", out.display()));
+        }
+        Cmd::Soak { minutes } => {
+            let obj = build_bpf_linted(&mut apt, false)?;
+            let bin = build_user(&obj, true)?;
+            step("soak", &format!("running for {minutes} min (a progress line every 10 s)"));
+            let status = Command::new("cargo")
+                .current_dir(workspace_root())
+                .args(["test", "--release", "-p", "tests", "--test", "soak", "--", "--nocapture"])
+                .env("DISPATCHER_EBPF_OBJ", &obj)
+                .env("DISPATCHER_BIN_DIR", &bin)
+                .env("SOAK_SECS", (minutes * 60).to_string())
+                .status()
+                .context("running the soak")?;
+            std::process::exit(status.code().unwrap_or(1));
         }
         Cmd::Test { no_lint, args } => {
             let lint = !no_lint || std::env::var_os("CI").is_some();

@@ -160,7 +160,7 @@ fn head_step(ctx: &SkBuffContext, st: &mut ConnState, cookie: u64, off: u32, len
     // A head begins on a connection whose client reads too slowly: one map
     // lookup per request (an empty hash), the price of bounded memory.
     // SAFETY: a read of a hash value that is never written in place.
-    if old == 0 && unsafe { paused.get(&cookie) }.is_some() {
+    if old == 0 && unsafe { paused.get(cookie) }.is_some() {
         return Next::Handoff { reason: reason::PAUSED, pool: UNROUTED, skip: off };
     }
     if old as usize >= HEAD_MAX {
