@@ -20,6 +20,8 @@
 extern crate std;
 
 pub mod abi;
+#[cfg(feature = "std")]
+pub mod fuzzing;
 pub mod launch;
 pub mod limits;
 pub mod plain;

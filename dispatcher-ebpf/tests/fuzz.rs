@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use dispatcher_ebpf::{
     abi::RecordHeader,
+    fuzzing::mutate,
     scan::{scan, Step},
     wire::{FrameHeader, LeaseMsg, WorkerFrame, FRAME_HEADER_LEN},
 };
@@ -22,27 +23,6 @@ const SEEDS: &[&[u8]] = &[
     b"GET /a/b HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
     b"PUT /x HTTP/1.1\r\nHost: h.example\r\nContent-Length: 7\r\nX-Long: abcdefghijklmnopqrstuvwxyz\r\n\r\n",
 ];
-
-/// A seed edited as `input` says: its first byte picks the seed, then each
-/// three bytes are (operation, position, value) — replace, insert or
-/// delete one byte — so random inputs explore the neighbourhood of heads
-/// the scanner accepts instead of noise it refuses at the first byte.
-pub fn mutate(seeds: &[&[u8]], input: &[u8]) -> Vec<u8> {
-    let Some((&pick, edits)) = input.split_first() else { return seeds[0].to_vec() };
-    let mut out = seeds[pick as usize % seeds.len()].to_vec();
-    for e in edits.chunks_exact(3) {
-        let at = e[1] as usize % (out.len() + 1);
-        match e[0] % 3 {
-            0 if at < out.len() => out[at] = e[2],
-            1 => out.insert(at, e[2]),
-            _ if at < out.len() => {
-                out.remove(at);
-            }
-            _ => {}
-        }
-    }
-    out
-}
 
 fn budget() -> Duration {
     Duration::from_secs(std::env::var("FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5))

@@ -27,23 +27,8 @@ const SEEDS: &[&[u8]] = &[
     b"GET /a%2e%2e/b HTTP/1.0\r\n\r\n",
 ];
 
-/// A seed edited as `input` says (first byte: which seed; then each three
-/// bytes replace, insert or delete one byte).
 fn mutate(input: &[u8]) -> Vec<u8> {
-    let Some((&pick, edits)) = input.split_first() else { return SEEDS[0].to_vec() };
-    let mut out = SEEDS[pick as usize % SEEDS.len()].to_vec();
-    for e in edits.chunks_exact(3) {
-        let at = e[1] as usize % (out.len() + 1);
-        match e[0] % 3 {
-            0 if at < out.len() => out[at] = e[2],
-            1 => out.insert(at, e[2]),
-            _ if at < out.len() => {
-                out.remove(at);
-            }
-            _ => {}
-        }
-    }
-    out
+    dispatcher_ebpf::fuzzing::mutate(SEEDS, input)
 }
 
 /// Everything the framer makes of `wire` fed in pieces cut at `cuts`.
@@ -147,19 +132,7 @@ fn fuzz_differential_framing() {
 fn fuzz_config() {
     const SEED: &str = "listen = \"127.0.0.1:8080\"\ninstance = \"fuzz\"\n[limits]\nmax_body = 1024\n[[pool]]\nname = \"a\"\nroutes = [\"*/\", \"h.example/x\"]\ncommand = \"dispatcher-worker\"\nargs = [\"echo\"]\n";
     bolero::check!().with_test_time(budget()).for_each(|input: &[u8]| {
-        let seeds: &[&[u8]] = &[SEED.as_bytes()];
-        let mut edited = seeds[0].to_vec();
-        for e in input.chunks_exact(3) {
-            let at = e[1] as usize % (edited.len() + 1);
-            match e[0] % 3 {
-                0 if at < edited.len() => edited[at] = e[2],
-                1 => edited.insert(at, e[2]),
-                _ if at < edited.len() => {
-                    edited.remove(at);
-                }
-                _ => {}
-            }
-        }
+        let edited = dispatcher_ebpf::fuzzing::mutate(&[SEED.as_bytes()], input);
         for text in [String::from_utf8_lossy(input), String::from_utf8_lossy(&edited)] {
             if let Err(e) = crate::config::Config::parse(&text, "fuzz.toml", std::env::temp_dir()) {
                 assert!(e.to_string().contains("fuzz.toml"), "{e}");

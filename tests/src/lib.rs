@@ -622,6 +622,15 @@ impl Client {
     }
 }
 
+/// Resident memory (VmRSS) of process `pid` now, in KiB (0 if gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0)
+}
+
 /// Peak resident memory (VmHWM) of process `pid`, in KiB (0 if gone).
 pub fn peak_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

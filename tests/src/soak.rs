@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{checksum, Client, Dispatcher, PoolDef};
+use crate::{checksum, rss_kib, Client, Dispatcher, PoolDef};
 
 /// What the soak saw.
 #[derive(Debug, Default)]
@@ -41,14 +41,6 @@ pub struct Report {
     /// at the end (after the clients left).
     pub rss_kib: (u64, u64),
     pub fds: (u64, u64),
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap_or(0)
 }
 
 fn fds(pid: u32) -> u64 {

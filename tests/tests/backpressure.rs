@@ -7,15 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::{checksum, Dispatcher, PoolDef};
-
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap_or(0)
-}
+use tests::{checksum, rss_kib, Dispatcher, PoolDef};
 
 /// The flood: up to 1,000,000 pipelined `GET`s on one connection
 /// that reads nothing. Before, the dispatcher read them all and held an
