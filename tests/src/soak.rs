@@ -209,6 +209,11 @@ pub fn run(d: &Dispatcher, length: Duration, log: impl Fn(&str) + Send + Sync) -
                         Some(r) if r.status == 400 => {
                             t.refused.fetch_add(1, Ordering::Relaxed);
                         }
+                        // No worker yet to take the head: answered before
+                        // its body is read.
+                        Some(r) if r.status == 503 => {
+                            t.deliberate.fetch_add(1, Ordering::Relaxed);
+                        }
                         Some(r) => t.wrong(format!("malformed chunk: {}", r.status)),
                         None => t.wrong("malformed chunk: no answer".into()),
                     }
