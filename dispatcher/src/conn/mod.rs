@@ -148,7 +148,7 @@ pub async fn serve(
         sent: HashMap::new(),
         last_progress: Instant::now(),
         next_check: Instant::now(),
-        kernel_seen: (0, 0, 0),
+        kernel_seen: (0, 0),
         lease: lease::Lease::Home,
         lease_gen: 0,
         lease_peers: Vec::new(),
@@ -186,8 +186,9 @@ struct Conn {
     last_progress: Instant,
     /// When the time-outs next look at the kernel's state.
     next_check: Instant,
-    /// (seq, head_len, body_left) of the kernel's state at the last look.
-    kernel_seen: (u32, u32, u64),
+    /// (seq, body_left) of the kernel's state at the last look (head bytes
+    /// are not progress: a head has its time-out from its first byte).
+    kernel_seen: (u32, u64),
     /// A worker holds the connection: it writes responses from `next` on.
     lease: lease::Lease<Arc<LeaseTx>>,
     /// Generation of the last lease granted.

@@ -228,7 +228,10 @@ impl Conn {
     pub(super) async fn on_event(&mut self, ev: Event) -> Flow {
         match ev {
             Event::Head(h) => {
-                if self.must_wait(&h) {
+                // One route lookup (map syscalls) serves both the wait
+                // check and the dispatch below.
+                let routed = self.ctx.routes.route(h.host.as_deref(), &h.route_path);
+                if self.must_wait(&h, &routed) {
                     // This connection's own earlier requests fill the
                     // pool's queue (two pipelined 1 MiB uploads with a
                     // 2 MiB queue): the request waits for them, and the
@@ -253,7 +256,6 @@ impl Conn {
                     s.upgrade = Some(seq);
                 }
                 let queue_full = std::mem::take(&mut s.first_queue_full);
-                let routed = self.ctx.routes.route(h.host.as_deref(), &h.route_path);
                 let pool = match routed {
                     Routed::NoRoute => {
                         return self
@@ -365,11 +367,11 @@ impl Conn {
 impl Conn {
     /// Whether request `h` would find its pool's queue full only because
     /// of this connection's requests already in it.
-    fn must_wait(&self, h: &crate::http::Head) -> bool {
-        if self.slow.as_ref().is_some_and(|s| s.first_queue_full) {
+    fn must_wait(&self, h: &crate::http::Head, routed: &Routed) -> bool {
+        if self.sent.is_empty() || self.slow.as_ref().is_some_and(|s| s.first_queue_full) {
             return false;
         }
-        let Routed::Pool(pool) = self.ctx.routes.route(h.host.as_deref(), &h.route_path) else { return false };
+        let Routed::Pool(pool) = *routed else { return false };
         let Some(link) = self.ctx.pools.get(pool) else { return false };
         let mine: u64 = self.sent.values().filter(|(l, _)| l.index == link.index).map(|(_, b)| *b).sum();
         if mine == 0 {

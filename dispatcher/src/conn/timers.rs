@@ -155,7 +155,7 @@ impl Conn {
                     // Requests or body bytes arrived since the last look:
                     // the client is making progress. (Head bytes are not:
                     // a head has its whole time-out from its first byte.)
-                    let seen = (st.seq, 0, st.body_left);
+                    let seen = (st.seq, st.body_left);
                     if seen != self.kernel_seen {
                         self.kernel_seen = seen;
                         self.last_progress = Instant::now();
