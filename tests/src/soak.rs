@@ -48,13 +48,18 @@ fn fds(pid: u32) -> u64 {
 }
 
 /// The pools a soak runs against: `a` (recycled every 2,000 requests) and
-/// `b`, both echo workers.
+/// `b`, both echo workers. The chaos kills a worker every 7.5 s, which
+/// rapid-fail protection (5 crashes in 5 min) would rightly answer by
+/// stopping the pool, so it is off here.
 pub fn pools() -> Vec<PoolDef<'static>> {
-    vec![PoolDef { extra: "recycle_requests = 2000", ..PoolDef::echo("a", &["*/a"]) }, PoolDef::echo("b", &["*/"])]
+    vec![
+        PoolDef { extra: "recycle_requests = 2000\nrapid_fail_max_crashes = 0", ..PoolDef::echo("a", &["*/a"]) },
+        PoolDef { extra: "rapid_fail_max_crashes = 0", ..PoolDef::echo("b", &["*/"]) },
+    ]
 }
 
-#[derive(Default)]
 struct Tally {
+    start: Instant,
     ok: AtomicU64,
     deliberate: AtomicU64,
     refused: AtomicU64,
@@ -71,10 +76,33 @@ impl Tally {
     }
 }
 
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            start: Instant::now(),
+            ok: AtomicU64::new(0),
+            deliberate: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            vanished: AtomicU64::new(0),
+            wrong: Default::default(),
+        }
+    }
+}
+
 /// Reads one answer, or `None` if the connection ended (a worker died
-/// with it, which is deliberate).
-fn answer(c: &mut Client) -> Option<crate::Response> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.try_read_response())).ok().flatten()
+/// with it, which is deliberate). An answer that does not come within the
+/// client's read time-out (or stops part way) is a hang, never
+/// deliberate: it is counted as wrong, with when it began.
+fn answer(t: &Tally, c: &mut Client, what: &str) -> Option<crate::Response> {
+    let asked = t.start.elapsed();
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.try_read_response())) {
+        Ok(r) => r,
+        Err(e) => {
+            let why = e.downcast_ref::<String>().cloned().unwrap_or_default();
+            t.wrong(format!("{what}: asked at {:.1} s, no answer in time ({why})", asked.as_secs_f64()));
+            None
+        }
+    }
 }
 
 /// Judges the answer to `GET path` (the echo worker reports the path).
@@ -108,7 +136,7 @@ pub fn run(d: &Dispatcher, length: Duration, log: impl Fn(&str) + Send + Sync) -
     assert_eq!(d.connect().get("x", "/warm").status, 200);
     thread::sleep(Duration::from_millis(300));
     let start = (rss_kib(pid), fds(pid));
-    let t = Arc::new(Tally::default());
+    let t = Arc::new(Tally::new());
     let stop = Arc::new(AtomicBool::new(false));
     let port = d.port;
     let mut load = Vec::new();
@@ -126,7 +154,7 @@ pub fn run(d: &Dispatcher, length: Duration, log: impl Fn(&str) + Send + Sync) -
                         t.deliberate.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
-                    if !judge_get(&t, &path, answer(&mut c)) || stop.load(Ordering::Relaxed) {
+                    if !judge_get(&t, &path, answer(&t, &mut c, &path)) || stop.load(Ordering::Relaxed) {
                         break;
                     }
                 }
@@ -151,7 +179,7 @@ pub fn run(d: &Dispatcher, length: Duration, log: impl Fn(&str) + Send + Sync) -
                     continue;
                 }
                 for p in &paths {
-                    if !judge_get(&t, p, answer(&mut c)) {
+                    if !judge_get(&t, p, answer(&t, &mut c, p)) {
                         break;
                     }
                 }
@@ -173,7 +201,7 @@ pub fn run(d: &Dispatcher, length: Duration, log: impl Fn(&str) + Send + Sync) -
                     t.deliberate.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                match answer(&mut c) {
+                match answer(&t, &mut c, &format!("POST {path}")) {
                     Some(r) if r.status == 200 && r.body.len() >= body.len() => {
                         let got = &r.body[r.body.len() - body.len()..];
                         if checksum(got) == checksum(&body) && r.header("x-echo-path") == Some(path.as_str()) {
@@ -205,7 +233,7 @@ pub fn run(d: &Dispatcher, length: Duration, log: impl Fn(&str) + Send + Sync) -
                     let _ = c
                         .stream
                         .write_all(b"POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n+3\r\nabc\r\n");
-                    match answer(&mut c) {
+                    match answer(&t, &mut c, "malformed chunk") {
                         Some(r) if r.status == 400 => {
                             t.refused.fetch_add(1, Ordering::Relaxed);
                         }

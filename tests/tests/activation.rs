@@ -321,6 +321,72 @@ fn kill_9_under_load(extra: &str) {
     eprintln!("kill -9 under load: {bad_gateway} of {} requests got 502", KILL_CLIENTS * KILL_LOAD);
 }
 
+/// Slow-path uploads (each body past what the kernel queues) while the
+/// worker is SIGKILLed again and again: each gets its own body back or a
+/// 502, and none waits for the client's time-out. A head sent into the
+/// control socket as the worker died used to be lost without a word: the
+/// client waited (the soak found it).
+#[test]
+fn kill_9_during_slow_path_uploads_answers_each_or_502_and_never_hangs() {
+    use std::io::Write;
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    };
+    let pool = PoolDef { extra: "rapid_fail_max_crashes = 0", ..PoolDef::echo("p", &["*/"]) };
+    let Some(d) = Dispatcher::start_if_privileged(&[pool], "") else { return };
+    let stop = Arc::new(AtomicBool::new(false));
+    let port = d.port;
+    let clients: Vec<_> = (0..4u64)
+        .map(|k| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut bad_gateway) = (0u32, 0u32);
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let body: Vec<u8> = (0..256 * 1024u64).map(|i| ((i * 7 + n + k) % 251) as u8).collect();
+                    let path = format!("/up/{k}/{n}");
+                    let mut c = tests::Client::connect(port);
+                    let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", body.len());
+                    if c.stream.write_all(head.as_bytes()).and_then(|_| c.stream.write_all(&body)).is_err() {
+                        continue;
+                    }
+                    // A read time-out panics the thread: the test fails.
+                    let Some(r) = c.try_read_response() else { continue };
+                    match r.status {
+                        200 => {
+                            assert_eq!(r.header("x-echo-path"), Some(path.as_str()));
+                            assert!(r.body.ends_with(&body), "{path}: another body came back");
+                            ok += 1;
+                        }
+                        502 => bad_gateway += 1,
+                        s => panic!("{path}: status {s}"),
+                    }
+                }
+                (ok, bad_gateway)
+            })
+        })
+        .collect();
+    let mut kills = 0;
+    let t0 = Instant::now();
+    while kills < 8 && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(600));
+        if let Some(&w) = d.workers().first() {
+            signal(w, libc::SIGKILL);
+            kills += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut bad_gateway) = (0, 0);
+    for (o, b) in join_all(clients, "an upload got no answer in time, or a wrong one") {
+        ok += o;
+        bad_gateway += b;
+    }
+    eprintln!("uploads under kill -9: {ok} answered, {bad_gateway} got 502, {kills} kills");
+    assert!(kills >= 4 && ok > 0, "{kills} kills, {ok} answers");
+}
+
 #[test]
 fn min_processes_of_a_web_garden_run_from_the_start() {
     // A name with `-`, which kernel object names cannot carry.

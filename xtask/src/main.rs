@@ -96,7 +96,7 @@ enum Cmd {
     /// vanishing clients) while workers are killed, recycled and reloaded;
     /// fails if any well-formed request got another's or a wrong answer, or
     /// if the dispatcher's memory or descriptors did not come back. Needs
-    /// root.
+    /// root. (`cargo xtask test` runs it for one minute.)
     Soak {
         /// How long to run.
         #[arg(long, default_value_t = 30)]
@@ -367,7 +367,7 @@ fn main() -> Result<()> {
             step("soak", &format!("running for {minutes} min (a progress line every 10 s)"));
             let status = Command::new("cargo")
                 .current_dir(workspace_root())
-                .args(["test", "--release", "-p", "tests", "--test", "soak", "--", "--nocapture", "--include-ignored"])
+                .args(["test", "--release", "-p", "tests", "--test", "soak", "--", "--nocapture"])
                 .env("DISPATCHER_EBPF_OBJ", &obj)
                 .env("DISPATCHER_BIN_DIR", &bin)
                 .env("SOAK_SECS", (minutes * 60).to_string())

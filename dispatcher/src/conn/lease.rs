@@ -190,9 +190,53 @@ impl Conn {
     /// answered (it held no lease on it; see `worker::progress::Loose`):
     /// each gets 502, unless its whole response arrived after all.
     pub(super) async fn requests_lost(&mut self, taken: u32, in_flight: u64) -> Flow {
-        for back in (1..=64u32.min(taken)).rev() {
-            let seq = taken - back;
-            if in_flight & (1u64 << (seq % 64)) == 0 || seq < self.next {
+        let seqs: Vec<u32> = (1..=64u32.min(taken))
+            .rev()
+            .map(|back| taken - back)
+            .filter(|seq| in_flight & (1u64 << (seq % 64)) != 0)
+            .collect();
+        self.answer_lost(&seqs).await
+    }
+
+    /// Control channel `gen` of pool `pool`'s slot `slot` ended: the
+    /// slow-path requests sent over it that are not answered get 502 (the
+    /// worker may have died before reading them; nothing will answer). A
+    /// body still arriving for one of them is read and dropped.
+    pub(super) async fn channel_gone(&mut self, pool: u32, slot: usize, gen: u64) -> Flow {
+        let mut seqs: Vec<u32> = self
+            .sent
+            .iter()
+            .filter(|(_, s)| s.link.index == pool && s.slot == slot && s.gen == gen)
+            .map(|(&seq, _)| seq)
+            .collect();
+        if seqs.is_empty() {
+            return Flow::Continue;
+        }
+        seqs.sort_unstable();
+        for &seq in &seqs {
+            if let Some(s) = self.sent.get(&seq) {
+                s.link.forget_request(slot, self.cookie, seq);
+            }
+        }
+        if let Some(s) = self.slow.as_mut() {
+            s.body_lost(pool, slot, &seqs);
+        }
+        tracing::warn!(
+            conn = self.cookie,
+            pool,
+            slot,
+            ?seqs,
+            "the worker's channel ended with these requests unanswered"
+        );
+        self.answer_lost(&seqs).await
+    }
+
+    /// Answers 502 to each of `seqs` (ascending) that a dead worker took
+    /// or was sent and did not answer, unless its whole response arrived
+    /// after all; closes if only part of one did.
+    async fn answer_lost(&mut self, seqs: &[u32]) -> Flow {
+        for &seq in seqs {
+            if seq < self.next {
                 continue;
             }
             match self.pending.get(&seq) {

@@ -179,9 +179,9 @@ struct Conn {
     /// Responses (or parts) waiting for earlier ones.
     pending: BTreeMap<u32, Vec<Frame>>,
     slow: Option<Slow>,
-    /// Slow-path requests sent to pools and not yet answered: seq →
-    /// (pool, bytes), for the queue accounting and aborts.
-    sent: HashMap<u32, (Arc<PoolLink>, u64)>,
+    /// Slow-path requests sent to pools and not yet answered, for the
+    /// queue accounting, aborts and a worker's death.
+    sent: HashMap<u32, Sent>,
     /// Last time bytes moved on the connection (either way).
     last_progress: Instant,
     /// When the time-outs next look at the kernel's state.
@@ -254,6 +254,16 @@ enum Flow {
     Close,
 }
 
+/// Where a slow-path request went: its pool, its slot and the generation
+/// of the slot's control channel (`pool::link::Ctl::gen`), and its bytes
+/// counted against the pool's queue.
+struct Sent {
+    link: Arc<PoolLink>,
+    bytes: u64,
+    slot: usize,
+    gen: u64,
+}
+
 impl Conn {
     async fn run(&mut self, mut rx: mpsc::UnboundedReceiver<ToConn>) {
         // Allocated on the first read: on the fast path most connections
@@ -312,6 +322,9 @@ impl Conn {
                         }
                         Some(ToConn::Lost { taken, in_flight }) => {
                             if let Flow::Close = self.requests_lost(taken, in_flight).await { return; }
+                        }
+                        Some(ToConn::ChannelGone { pool, slot, gen }) => {
+                            if let Flow::Close = self.channel_gone(pool, slot, gen).await { return; }
                         }
                         Some(ToConn::BodyRead { seq, len }) => {
                             if let Some(s) = &mut self.slow {
@@ -415,9 +428,9 @@ impl Conn {
             p.abort(self.cookie);
         }
         let mut aborted: HashMap<u32, Arc<PoolLink>> = HashMap::new();
-        for (_, (link, bytes)) in self.sent.drain() {
-            link.release(bytes);
-            aborted.insert(link.index, link);
+        for (_, s) in self.sent.drain() {
+            s.link.release(s.bytes);
+            aborted.insert(s.link.index, s.link);
         }
         for link in aborted.values() {
             link.abort(self.cookie);

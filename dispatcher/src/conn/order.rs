@@ -66,8 +66,8 @@ impl Conn {
             let Some((close, ask, tunnel)) = done else { break };
             let upgrade = self.slow.as_ref().and_then(|s| s.upgrade).is_some_and(|u| u == self.next);
             self.pending.remove(&self.next);
-            if let Some((link, bytes)) = self.sent.remove(&self.next) {
-                link.release(bytes);
+            if let Some(s) = self.sent.remove(&self.next) {
+                s.link.release(s.bytes);
             }
             self.next += 1;
             self.replay_due |= !self.deferred.is_empty();

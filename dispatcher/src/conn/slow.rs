@@ -96,6 +96,18 @@ impl Slow {
         self.body_got = 0;
     }
 
+    /// The worker that request(s) `seqs` went to (pool `pool`, slot
+    /// `slot`) is gone: a body still arriving for one of them is read from
+    /// the client and dropped.
+    pub(super) fn body_lost(&mut self, pool: u32, slot: usize, seqs: &[u32]) {
+        if matches!(&self.body_to, BodyTo::Pool { link, slot: s, seq, .. }
+            if link.index == pool && *s == slot && seqs.contains(seq))
+        {
+            self.body_to = BodyTo::Discard;
+            self.unread = 0;
+        }
+    }
+
     /// Whether a request's body is arriving (the request is counted in
     /// `seq`): if the client leaves now, it never will be complete.
     pub(super) fn body_in_progress(&self) -> bool {
@@ -285,7 +297,6 @@ impl Conn {
                     self.write(CONTINUE).await;
                 }
                 link.inflight.fetch_add(size, Ordering::Relaxed);
-                self.sent.insert(seq, (link.clone(), size));
                 let close = h.close;
                 let mut flags = REC_SLOW;
                 if close {
@@ -310,7 +321,8 @@ impl Conn {
                         _ => 0,
                     },
                 };
-                let slot = link.send_head(hdr, &h.bytes);
+                let (slot, gen) = link.send_head(hdr, &h.bytes);
+                self.sent.insert(seq, super::Sent { link: link.clone(), bytes: size, slot, gen });
                 self.ctx.counters.count_slow(Some(pool), 1, 0);
                 if h.content_length > 0 {
                     let left = h.content_length;
@@ -373,7 +385,7 @@ impl Conn {
         }
         let Routed::Pool(pool) = *routed else { return false };
         let Some(link) = self.ctx.pools.get(pool) else { return false };
-        let mine: u64 = self.sent.values().filter(|(l, _)| l.index == link.index).map(|(_, b)| *b).sum();
+        let mine: u64 = self.sent.values().filter(|s| s.link.index == link.index).map(|s| s.bytes).sum();
         if mine == 0 {
             return false;
         }

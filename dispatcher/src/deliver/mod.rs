@@ -42,6 +42,10 @@ pub enum ToConn {
     /// The worker's application read `len` more bytes of the body of
     /// request `seq` that the slow path forwarded (its upload window).
     BodyRead { seq: u32, len: u32 },
+    /// The control channel `gen` of pool `pool`'s worker slot `slot` is
+    /// gone (its worker died or exited): slow-path requests sent over it
+    /// and not answered never will be (see `pool::link::SlotLink`).
+    ChannelGone { pool: u32, slot: usize, gen: u64 },
 }
 
 /// How long a response for a not-yet-registered connection is kept.
@@ -204,6 +208,15 @@ impl Conns {
     pub fn lost(&self, cookie: u64, taken: u32, in_flight: u64) {
         if let Some(l) = self.live.lock().unwrap().get(&cookie) {
             let _ = l.tx.send(ToConn::Lost { taken, in_flight });
+        }
+    }
+
+    /// Tells every connection that control channel `gen` of pool `pool`'s
+    /// slot `slot` is gone. Rare (a worker's end), so a broadcast rather
+    /// than a per-request index of who sent what where.
+    pub fn channel_gone(&self, pool: u32, slot: usize, gen: u64) {
+        for l in self.live.lock().unwrap().values() {
+            let _ = l.tx.send(ToConn::ChannelGone { pool, slot, gen });
         }
     }
 

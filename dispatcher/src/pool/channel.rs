@@ -45,13 +45,7 @@ pub(super) fn connect(
     // Many response frames per read syscall.
     let mut rd = tokio::io::BufReader::with_capacity(BATCH_BYTES, rd);
     let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
-    {
-        let mut ctl = link.slots[slot].ctl.lock().unwrap();
-        for b in ctl.waiting.drain(..) {
-            let _ = tx.send(b);
-        }
-        ctl.tx = Some(tx.clone());
-    }
+    let gen = link.slots[slot].ctl.lock().unwrap().connect(tx.clone());
     let name = link.name.clone();
     tokio::spawn(async move {
         if let Err(e) = worker::proto::write_batched(wr, rx, |_| {}).await {
@@ -137,6 +131,10 @@ pub(super) fn connect(
         for (conn, taken, in_flight) in progress.loose_unanswered() {
             conns.lost(conn, taken, in_flight);
         }
+        // And what it never took: slow-path records still in the channel
+        // or unread in the socket when it died (a 256 KiB upload sent as
+        // its worker was killed waited for its client's time-out).
+        conns.channel_gone(link.index, slot, gen);
     });
     Ok((theirs.into(), lease_fd, Some(progress_fd)))
 }

@@ -66,6 +66,24 @@ pub(super) struct Ctl {
     /// Slow-path records sent while no worker runs (bounded by the pool's
     /// queue limit, which the slow path checks before sending).
     pub(super) waiting: Vec<Bytes>,
+    /// Generation of the control channel in `tx` (one per worker): what
+    /// is sent on it is lost with it, what waits goes to the next
+    /// (`gen + 1`). A connection keeps the generation each of its
+    /// requests went to, and answers 502 for those of a channel that
+    /// ended without answering them (`deliver::ToConn::ChannelGone`).
+    pub(super) gen: u64,
+}
+
+impl Ctl {
+    /// A new worker's channel: its generation (what waited goes to it).
+    pub(super) fn connect(&mut self, tx: mpsc::UnboundedSender<Bytes>) -> u64 {
+        self.gen += 1;
+        for b in self.waiting.drain(..) {
+            let _ = tx.send(b);
+        }
+        self.tx = Some(tx);
+        self.gen
+    }
 }
 
 impl SlotLink {
@@ -114,33 +132,51 @@ impl PoolLink {
 
     /// Sends a slow-path request head to one of the pool's workers (in
     /// turn among the live ones; the first slot when none runs, which
-    /// starts one). Returns the slot (local index) its body must follow.
-    pub fn send_head(&self, hdr: RecordHeader, data: &[u8]) -> usize {
+    /// starts one). Returns the slot (local index) its body must follow
+    /// and the generation of the control channel it went to.
+    pub fn send_head(&self, hdr: RecordHeader, data: &[u8]) -> (usize, u64) {
         let n = self.slots.len();
         let start = self.turn.fetch_add(1, Ordering::Relaxed);
         let slot = (0..n).map(|k| (start + k) % n).find(|&s| self.slots[s].live()).unwrap_or(0);
-        self.send_record(slot, hdr, data);
-        slot
+        let gen = self.send_record(slot, hdr, data);
+        (slot, gen)
     }
 
     /// Sends a request record (header + data) to slot `slot`'s worker, or
-    /// keeps it for the next worker there (and asks for one).
-    pub fn send_record(&self, slot: usize, hdr: RecordHeader, data: &[u8]) {
-        let Some(s) = self.slots.get(slot) else { return };
+    /// keeps it for the next worker there (and asks for one). Returns the
+    /// generation of the channel it goes to (see [`Ctl::gen`]).
+    pub fn send_record(&self, slot: usize, hdr: RecordHeader, data: &[u8]) -> u64 {
+        let Some(s) = self.slots.get(slot) else { return 0 };
         let mut buf = Vec::with_capacity(hdr.len as usize + 32);
         buf.extend_from_slice(&hdr.to_bytes());
         buf.extend_from_slice(data);
         let mut ctl = s.ctl.lock().unwrap();
         let buf = match &ctl.tx {
             Some(tx) => match tx.send(Bytes::from(buf)) {
-                Ok(()) => return,
+                Ok(()) => return ctl.gen,
                 Err(e) => e.0,
             },
             None => Bytes::from(buf),
         };
         ctl.waiting.push(buf);
+        let gen = ctl.gen + 1;
         drop(ctl);
         s.signals.demand.notify_one();
+        gen
+    }
+
+    /// Request `seq` of connection `conn` will not be answered by slot
+    /// `slot`'s next worker (the one it was sent to died): its records
+    /// still waiting there are dropped (they would reach that worker
+    /// without their head).
+    pub fn forget_request(&self, slot: usize, conn: u64, seq: u32) {
+        if let Some(s) = self.slots.get(slot) {
+            s.ctl
+                .lock()
+                .unwrap()
+                .waiting
+                .retain(|b| RecordHeader::from_bytes(b).is_none_or(|h| h.conn != conn || h.seq != seq));
+        }
     }
 
     /// Connection `conn` closed: its partly sent requests are void. The
