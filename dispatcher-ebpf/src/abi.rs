@@ -340,6 +340,40 @@ pub struct Config {
     pub listen_port: u32,
     /// Nonzero when the programs may take the fast path at all.
     pub enabled: u32,
+    /// The dispatcher's process id (its tgid in the initial pid
+    /// namespace): the lease gate lets it write into any client socket.
+    pub dispatcher_tgid: u32,
+    pub _pad: u32,
+}
+
+/// Who may write into a client socket besides the dispatcher: the value
+/// of the `lease_holder` socket storage, set by the dispatcher when it
+/// grants a lease (or hands an upgraded connection over) and cleared when
+/// the lease comes back. A socket without one is the dispatcher's alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaseHolder {
+    /// The connection's socket cookie (for the dispatcher's event when a
+    /// write is refused: sk_msg programs cannot ask for the cookie).
+    pub cookie: u64,
+    /// The holder's process id; 0 while the lease is home.
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// The lease gate refused a write into connection `cookie`; `ring` holds
+/// the writer's process id. The socket refuses every later write too (the
+/// kernel keeps an sk_msg drop verdict for the socket), so the dispatcher
+/// closes the connection.
+pub const EVENT_WRITE_REFUSED: u32 = 3;
+
+/// Counters of the lease gate (`gate_stats`), by index.
+pub mod gate {
+    /// Writes refused: neither the dispatcher nor the lease holder.
+    pub const REFUSED: u32 = 0;
+    /// Bytes in them.
+    pub const REFUSED_BYTES: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 /// Per-pool counters kept by the kernel, one per-CPU entry per pool.
@@ -479,6 +513,7 @@ mod pod {
     unsafe impl aya::Pod for RouteValue {}
     unsafe impl aya::Pod for PoolInfo {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for LeaseHolder {}
     unsafe impl aya::Pod for PoolCounters {}
     unsafe impl aya::Pod for SlowCounters {}
     unsafe impl aya::Pod for Event {}

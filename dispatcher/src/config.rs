@@ -139,11 +139,13 @@ struct RawFastPath {
     enabled: bool,
     #[serde(default = "default_true")]
     direct_responses: bool,
+    #[serde(default = "default_true")]
+    lease_gate: bool,
 }
 
 impl Default for RawFastPath {
     fn default() -> Self {
-        RawFastPath { max_body: None, enabled: true, direct_responses: true }
+        RawFastPath { max_body: None, enabled: true, direct_responses: true, lease_gate: true }
     }
 }
 
@@ -269,6 +271,9 @@ pub struct Config {
     /// Whether workers may write a connection's responses straight into
     /// its socket (a lease on the connection, see `worker::proto`).
     pub direct_responses: bool,
+    /// Whether the kernel lets only the dispatcher and a connection's
+    /// lease holder write into its socket (the sk_msg lease gate).
+    pub lease_gate: bool,
     /// Largest body the slow path accepts.
     pub max_body: u64,
     pub response_timeout_secs: u64,
@@ -623,6 +628,7 @@ impl Config {
             max_fast_body: raw.fast_path.max_body.unwrap_or(DEFAULT_MAX_FAST_BODY),
             fast_path: raw.fast_path.enabled,
             direct_responses: raw.fast_path.direct_responses,
+            lease_gate: raw.fast_path.lease_gate,
             max_body: raw.limits.max_body.unwrap_or(DEFAULT_MAX_BODY),
             response_timeout_secs: raw.limits.response_timeout_secs.unwrap_or(DEFAULT_RESPONSE_TIMEOUT_SECS).max(1),
             header_timeout_secs: raw.limits.header_timeout_secs.unwrap_or(DEFAULT_HEADER_TIMEOUT_SECS).max(1),

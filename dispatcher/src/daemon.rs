@@ -175,7 +175,7 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
 /// Wakes the connection of each cookie the verdict program puts on the
 /// `events` ring, and the supervisor of each slot it raises a demand on.
 fn watch_events(ring: aya::maps::RingBuf<aya::maps::MapData>, conns: Arc<Conns>, pools: Arc<Registry>) -> Result<()> {
-    use dispatcher_ebpf::abi::{Event, EVENT_DEMAND, EVENT_HANDOFF};
+    use dispatcher_ebpf::abi::{Event, EVENT_DEMAND, EVENT_HANDOFF, EVENT_WRITE_REFUSED};
     // SAFETY: the AsyncFd owns the ring (and its fd) while registered.
     let mut ring = unsafe { tokio::io::unix::AsyncFd::register(ring) }.context("polling `events`")?;
     tokio::spawn(async move {
@@ -190,6 +190,7 @@ fn watch_events(ring: aya::maps::RingBuf<aya::maps::MapData>, conns: Arc<Conns>,
                 let e: Event = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) };
                 match e.kind {
                     EVENT_HANDOFF => conns.wake(e.cookie),
+                    EVENT_WRITE_REFUSED => conns.write_refused(e.cookie, e.ring),
                     EVENT_DEMAND => {
                         let ring = e.ring as usize;
                         if let Some(p) = pools.for_ring(ring) {

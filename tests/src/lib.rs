@@ -613,6 +613,19 @@ impl Client {
         }
     }
 
+    /// What arrives until the server closes the connection or sends
+    /// nothing for `quiet`.
+    pub fn rest_until_quiet(&mut self, quiet: Duration) -> Vec<u8> {
+        self.stream.set_read_timeout(Some(quiet)).unwrap();
+        let mut out = std::mem::take(&mut self.buf);
+        let mut chunk = [0u8; 65536];
+        while let Ok(k @ 1..) = self.stream.read(&mut chunk) {
+            out.extend_from_slice(&chunk[..k]);
+        }
+        self.stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        out
+    }
+
     /// Whether the server closed the connection (reads EOF within the
     /// timeout, after any buffered bytes).
     pub fn is_closed(&mut self) -> bool {

@@ -321,6 +321,9 @@ fn kill_9_under_load(extra: &str) {
     eprintln!("kill -9 under load: {bad_gateway} of {} requests got 502", KILL_CLIENTS * KILL_LOAD);
 }
 
+/// SIGKILLs of the upload test's worker.
+const UPLOAD_KILLS: u32 = 6;
+
 /// Slow-path uploads (each body past what the kernel queues) while the
 /// worker is SIGKILLed again and again: each gets its own body back or a
 /// 502, and none waits for the client's time-out. A head sent into the
@@ -368,9 +371,12 @@ fn kill_9_during_slow_path_uploads_answers_each_or_502_and_never_hangs() {
             })
         })
         .collect();
+    // Six kills in a row: the restart back-off doubles from 200 ms, so the
+    // last replacement comes 6.4 s after the last kill, well inside the
+    // clients' read time-out (a seventh would make it 12.8 s).
     let mut kills = 0;
     let t0 = Instant::now();
-    while kills < 8 && t0.elapsed() < Duration::from_secs(30) {
+    while kills < UPLOAD_KILLS && t0.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(600));
         if let Some(&w) = d.workers().first() {
             signal(w, libc::SIGKILL);

@@ -275,3 +275,93 @@ fn eventually_worker(d: &Dispatcher) -> u32 {
     }));
     w[0]
 }
+
+/// The lease gate (sk_msg on `conns`): a worker that kept a duplicate of a
+/// leased socket writes into it after its lease came back. With the gate
+/// on, the kernel refuses the write (EACCES), nothing reaches the client,
+/// the attempt is counted and the dispatcher closes the connection; with
+/// it off, the forged response reaches the client, which is what the gate
+/// is for.
+#[test]
+fn a_worker_that_kept_a_leased_socket_cannot_write_into_it_after_the_lease_came_back() {
+    let Some(strike) = strike_after_release("") else { return };
+    assert!(!strike.report.is_empty(), "the hostile worker kept no socket");
+    for line in strike.report.lines() {
+        assert!(line.ends_with(" err 13"), "a forged write was not refused with EACCES: {line}");
+    }
+    assert!(
+        strike.rest.is_empty(),
+        "the client got bytes after its last answer: {:?}",
+        String::from_utf8_lossy(&strike.rest)
+    );
+    let stats = strike.d.stats();
+    assert!(stats["lease_gate"]["refused"].as_u64().unwrap() >= 1, "{stats}");
+    assert!(strike.d.log().contains("lease gate refused a write"), "{}", strike.d.log());
+}
+
+#[test]
+fn without_the_lease_gate_a_kept_socket_lets_a_worker_forge_answers() {
+    let Some(strike) = strike_after_release("[fast_path]\nlease_gate = false\n") else { return };
+    assert!(strike.report.lines().any(|l| l.contains(" ok ")), "{}", strike.report);
+    assert!(String::from_utf8_lossy(&strike.rest).contains("INJECTED"), "{:?}", String::from_utf8_lossy(&strike.rest));
+}
+
+/// What [`strike_after_release`] saw.
+struct Strike {
+    d: Dispatcher,
+    /// The hostile worker's outcome per kept socket.
+    report: String,
+    /// What the client read after its last answer, until the connection
+    /// closed or went quiet.
+    rest: Vec<u8>,
+    _dir: tests::TempDir,
+}
+
+/// A connection leased to `hostile_worker` (tests/src/bin), which keeps a
+/// duplicate of the socket; the lease taken back for good by a slow-path
+/// request; then the worker's forged write.
+fn strike_after_release(extra: &str) -> Option<Strike> {
+    if !tests::privileged() {
+        return None;
+    }
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = tests::TempDir::new(&format!("hostile{}x{n}", std::process::id()));
+    // The worker runs unprivileged: it reads the trigger and writes its
+    // report here.
+    std::fs::set_permissions(&dir.path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let (trigger, report) = (dir.path.join("strike"), dir.path.join("report"));
+    let command = tests::bin_dir().join("hostile_worker").display().to_string();
+    let env = format!("env = {{ HOSTILE_TRIGGER = {:?}, HOSTILE_REPORT = {:?} }}", trigger.display(), report.display());
+    let pool = PoolDef { name: "h", routes: &["*/"], args: &[], extra: &env, command: Some(&command) };
+    let d = Dispatcher::start(&[pool], extra);
+    let mut c = d.connect();
+    let port = c.stream.local_addr().unwrap().port();
+    let mut leased = false;
+    for i in 0..LEASE_TRIES {
+        let r = c.get("x", &format!("/{i}"));
+        assert_eq!((r.status, String::from_utf8_lossy(&r.body).to_string()), (200, format!("ok /{i}")));
+        let inode = server_inode(d.port, port).expect("connection in /proc/net/tcp");
+        let worker = d.workers().first().copied().unwrap_or(0);
+        if wait_until(Duration::from_millis(200), Duration::from_millis(10), || holds(worker, inode)) {
+            leased = true;
+            break;
+        }
+    }
+    assert!(leased, "the hostile worker never got the socket:\n{}", d.log());
+    // Its thread looks every 2 ms; then the lease comes back for good
+    // (user space takes a connection whose head the kernel cannot frame).
+    std::thread::sleep(Duration::from_millis(100));
+    let long = "v".repeat(LONG_HEADER);
+    c.send(format!("GET /slow HTTP/1.1\r\nHost: x\r\nX-Long: {long}\r\n\r\n").as_bytes());
+    let r = c.read_response();
+    assert_eq!((r.status, String::from_utf8_lossy(&r.body).to_string()), (200, "ok /slow".to_string()));
+    std::fs::write(&trigger, b"").unwrap();
+    assert!(eventually(|| report.exists()), "the hostile worker did not strike:\n{}", d.log());
+    std::thread::sleep(Duration::from_millis(50));
+    let report = std::fs::read_to_string(&report).unwrap();
+    // A refused write closes the connection; an accepted one is read,
+    // then the connection is quiet.
+    let rest = c.rest_until_quiet(Duration::from_secs(2));
+    Some(Strike { d, report, rest, _dir: dir })
+}

@@ -12,6 +12,7 @@
 //!   (`direct_responses = false`; the design before leases)
 //! - slow: the dispatcher with kernel classification off (user space only)
 //! - fast-100k: the fast path with 100,000 more routes (route-table scaling)
+//! - fast-nogate: the fast path without the lease gate (its cost)
 //!
 //! Cases: small GET responses at each `--connections` count, and (unless
 //! `--small-only`) 64 KiB responses, a 1 MiB POST echoed back, and the
@@ -40,10 +41,13 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 /// Setups, in the order they are reported. `fast-100k` is the fast path
-/// with 100,000 more routes (other hosts) in its table.
-const SETUPS: [&str; 6] = ["standalone", "nginx", "fast", "relay", "slow", "fast-100k"];
+/// with 100,000 more routes (other hosts) in its table; `fast-nogate` the
+/// fast path with `lease_gate = false`.
+const SETUPS: [&str; 7] = ["standalone", "nginx", "fast", "relay", "slow", "fast-100k", "fast-nogate"];
 /// Index of `fast-100k` in [`SETUPS`].
 const FAST_100K: usize = 5;
+/// Index of `fast-nogate` in [`SETUPS`].
+const FAST_NOGATE: usize = 6;
 /// Extra routes of the `fast-100k` setup.
 const EXTRA_ROUTES: usize = 100_000;
 
@@ -171,7 +175,7 @@ impl App {
     /// Its setups, in report order; the last one is the dispatcher's.
     fn setups(self) -> &'static [&'static str] {
         match self {
-            App::Static => &["nginx-1w", "nginx-auto", "fast"],
+            App::Static => &["nginx-1w", "nginx-auto", "fast-nogate", "fast"],
             App::Axum => &["direct", "fast"],
             App::Python => &["nginx", "fast"],
             App::Php => &["nginx", "fast"],
@@ -181,7 +185,7 @@ impl App {
     /// One sentence on what its setups are, for the report.
     fn describe(self) -> &'static str {
         match self {
-            App::Static => "nginx serving the directory itself (`root`, `sendfile on`, `tcp_nopush on`, keep-alive, `access_log off`, no `open_file_cache`: its default) with 1 worker process (`nginx-1w`, as the pool has 1 worker) and with `worker_processes auto` (`nginx-auto`, one per core); fast = a dispatcher pool running `dispatcher-worker static DIR` over the same directory (its in-memory cache of files up to 1 MiB, one `fstatat` per request).",
+            App::Static => "nginx serving the directory itself (`root`, `sendfile on`, `tcp_nopush on`, keep-alive, `access_log off`, no `open_file_cache`: its default) with 1 worker process (`nginx-1w`, as the pool has 1 worker) and with `worker_processes auto` (`nginx-auto`, one per core); fast = a dispatcher pool running `dispatcher-worker static DIR` over the same directory (its in-memory cache of files up to 1 MiB, one `fstatat` per request; larger files by `sendfile`); fast-nogate = the same without the lease gate (`lease_gate = false`), so fast/fast-nogate is the gate's cost on this path.",
             App::Axum => "the axum example app (examples/apps/axum, one current-thread tokio runtime): direct = served by `axum::serve` (hyper) on its own port; fast = the same binary in a dispatcher pool, through `worker::serve` (kernel path, direct responses).",
             App::Python => "the WSGI example app (examples/apps/python) under gunicorn (`-k gthread --workers 2 --threads 8`, so it keeps connections alive): nginx = `worker_processes auto` with `proxy_pass` to it and upstream `keepalive 256`; fast = a `proxy` pool whose worker starts the same gunicorn command on its own port and forwards to it (hyper's pooled client).",
             App::Php => "the PHP example (examples/apps/php) under php-fpm with 8 children (`pm = static`) on a Unix socket: nginx = `worker_processes auto` with `fastcgi_pass` to a php-fpm of its own (a new FastCGI connection per request, nginx's default: its `fastcgi_keep_conn` with php-fpm needs as many children as kept connections across workers); fast = a `fastcgi` pool whose worker starts php-fpm with the same settings (`--php-fpm --children 8`, connections kept, one per child).",
@@ -212,13 +216,15 @@ impl App {
                 wait_port(ports[0], "nginx (static, 1 worker)")?;
                 procs.0.push(start_nginx_static(dir, "auto", "auto", ports[1], &site)?);
                 wait_port(ports[1], "nginx (static, auto)")?;
-                let cfg = format!(
-                    "listen = \"127.0.0.1:{}\"\ninstance = \"bench-static\"\n[[pool]]\nname = \"static\"\nroutes = [\"*/\"]\ncommand = \"dispatcher-worker\"\nargs = [\"static\", \"{}\"]\n",
-                    ports[2],
-                    site.display()
-                );
-                procs.0.push(spawn_dispatcher(bin, dir, "static", &cfg, "warn")?);
-                wait_port(ports[2], "dispatcher (static)")?;
+                for (i, (name, gate)) in [(2, ("static-nogate", false)), (3, ("static", true))] {
+                    let cfg = format!(
+                        "listen = \"127.0.0.1:{}\"\ninstance = \"bench-{name}\"\n[fast_path]\nlease_gate = {gate}\n[[pool]]\nname = \"static\"\nroutes = [\"*/\"]\ncommand = \"dispatcher-worker\"\nargs = [\"static\", \"{}\"]\n",
+                        ports[i],
+                        site.display()
+                    );
+                    procs.0.push(spawn_dispatcher(bin, dir, name, &cfg, "warn")?);
+                    wait_port(ports[i], "dispatcher (static)")?;
+                }
                 Ok(ports)
             }
             App::Axum => {
@@ -580,21 +586,23 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-fn start_dispatcher(
-    bin: &Path,
-    dir: &Path,
-    name: &str,
-    port: u16,
+/// How an echo setup's dispatcher runs: the kernel path, direct
+/// responses (leases), the lease gate, and routes added to its table.
+struct Paths {
     fast: bool,
     direct: bool,
+    gate: bool,
     extra_routes: usize,
-) -> Result<Child> {
+}
+
+fn start_dispatcher(bin: &Path, dir: &Path, name: &str, port: u16, paths: Paths) -> Result<Child> {
+    let Paths { fast, direct, gate, extra_routes } = paths;
     let mut routes = String::from("\"*/\"");
     for i in 0..extra_routes {
         let _ = write!(routes, ", \"h{i}.bench/p{i}/\"");
     }
     let cfg = format!(
-        "listen = \"127.0.0.1:{port}\"\ninstance = \"bench-{name}\"\n[fast_path]\nenabled = {fast}\ndirect_responses = {direct}\nmax_body = {BENCH_MAX_FAST_BODY}\n[[pool]]\nname = \"echo\"\nroutes = [{routes}]\ncommand = \"dispatcher-worker\"\nargs = [\"echo\"]\nring_bytes = {BENCH_RING_BYTES}\nqueue_bytes = {BENCH_QUEUE_BYTES}\n"
+        "listen = \"127.0.0.1:{port}\"\ninstance = \"bench-{name}\"\n[fast_path]\nenabled = {fast}\ndirect_responses = {direct}\nlease_gate = {gate}\nmax_body = {BENCH_MAX_FAST_BODY}\n[[pool]]\nname = \"echo\"\nroutes = [{routes}]\ncommand = \"dispatcher-worker\"\nargs = [\"echo\"]\nring_bytes = {BENCH_RING_BYTES}\nqueue_bytes = {BENCH_QUEUE_BYTES}\n"
     );
     spawn_dispatcher(bin, dir, name, &cfg, "warn")
 }
@@ -853,14 +861,46 @@ fn start_echo_setups(bin: &Path, dir: &Path, procs: &mut Procs) -> Result<Vec<u1
     wait_port(ports[0], "standalone worker")?;
     procs.0.push(start_nginx(dir, ports[1], ports[0])?);
     wait_port(ports[1], "nginx")?;
-    procs.0.push(start_dispatcher(bin, dir, "fast", ports[2], true, true, 0)?);
+    procs.0.push(start_dispatcher(
+        bin,
+        dir,
+        "fast",
+        ports[2],
+        Paths { fast: true, direct: true, gate: true, extra_routes: 0 },
+    )?);
     wait_port(ports[2], "dispatcher (fast)")?;
-    procs.0.push(start_dispatcher(bin, dir, "relay", ports[3], true, false, 0)?);
+    procs.0.push(start_dispatcher(
+        bin,
+        dir,
+        "relay",
+        ports[3],
+        Paths { fast: true, direct: false, gate: true, extra_routes: 0 },
+    )?);
     wait_port(ports[3], "dispatcher (relay)")?;
-    procs.0.push(start_dispatcher(bin, dir, "slow", ports[4], false, false, 0)?);
+    procs.0.push(start_dispatcher(
+        bin,
+        dir,
+        "slow",
+        ports[4],
+        Paths { fast: false, direct: false, gate: true, extra_routes: 0 },
+    )?);
     wait_port(ports[4], "dispatcher (slow)")?;
-    procs.0.push(start_dispatcher(bin, dir, "fast100k", ports[FAST_100K], true, true, EXTRA_ROUTES)?);
+    procs.0.push(start_dispatcher(
+        bin,
+        dir,
+        "fast100k",
+        ports[FAST_100K],
+        Paths { fast: true, direct: true, gate: true, extra_routes: EXTRA_ROUTES },
+    )?);
     wait_port(ports[FAST_100K], "dispatcher (fast, 100k routes)")?;
+    procs.0.push(start_dispatcher(
+        bin,
+        dir,
+        "fastnogate",
+        ports[FAST_NOGATE],
+        Paths { fast: true, direct: true, gate: false, extra_routes: 0 },
+    )?);
+    wait_port(ports[FAST_NOGATE], "dispatcher (fast, no lease gate)")?;
     Ok(ports)
 }
 
@@ -1006,7 +1046,7 @@ fn write_echo(
     rss: &[u64],
 ) -> Result<()> {
     writeln!(md, "## Echo\n")?;
-    writeln!(md, "The same echo worker behind every setup. Setups: standalone = the worker serving HTTP itself; nginx = nginx proxying to it (upstream keep-alive); fast = the dispatcher's kernel path with direct responses; relay = the kernel path with responses relayed by the dispatcher; slow = everything through the dispatcher's user space; fast-100k = fast with 100,000 more routes.\n")?;
+    writeln!(md, "The same echo worker behind every setup. Setups: standalone = the worker serving HTTP itself; nginx = nginx proxying to it (upstream keep-alive); fast = the dispatcher's kernel path with direct responses; relay = the kernel path with responses relayed by the dispatcher; slow = everything through the dispatcher's user space; fast-100k = fast with 100,000 more routes; fast-nogate = fast without the lease gate (`lease_gate = false`: no sk_msg program checking who writes into client sockets).\n")?;
     writeln!(md, "| case | connections | setup | req/s | p50 µs | p99 µs | CPU s / 100k req | errors | fast/nginx | fast/standalone |")?;
     writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
     for (ci, case) in cases.iter().enumerate() {
@@ -1055,6 +1095,16 @@ fn write_echo(
             md,
             "Route-table scaling at {c} connections: 100,001 vs 1 route, throughput ratio {:.2} ({:.2}–{:.2}).",
             r.0, r.1, r.2
+        )?;
+    }
+    // The lease gate's cost: fast (gate on) vs fast-nogate, per round.
+    writeln!(md)?;
+    for (ci, case) in cases.iter().enumerate() {
+        let r = median(samples[ci][2].iter().zip(&samples[ci][FAST_NOGATE]).map(|(x, y)| x.rps / y.rps).collect());
+        writeln!(
+            md,
+            "Lease gate, {} at {} connections: throughput with it / without it {:.2} ({:.2}–{:.2}).",
+            case.label, case.conns, r.0, r.1, r.2
         )?;
     }
     writeln!(md, "\nPeak RSS (VmHWM, process and its children, KiB): {}. The dispatcher setups' figures include the workers' mappings of their 32 MiB rings (mapped twice by the kernel's ring layout).", SETUPS.iter().zip(rss).map(|(s, r)| format!("{s} {r}")).collect::<Vec<_>>().join(", "))?;
@@ -1199,7 +1249,7 @@ fn write_results(
 
 /// A grouped bar chart of median throughput per connection count.
 fn chart(cases: &[Case], samples: &[Vec<Vec<Sample>>], cores: usize, kernel: &str) -> String {
-    let colors = ["#4c72b0", "#dd8452", "#55a868", "#937860", "#c44e52", "#8172b3"];
+    let colors = ["#4c72b0", "#dd8452", "#55a868", "#937860", "#c44e52", "#8172b3", "#64b5cd"];
     let (w, h, left, bottom, top) = (720.0, 400.0, 70.0, 50.0, 40.0);
     let max = samples
         .iter()

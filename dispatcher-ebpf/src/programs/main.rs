@@ -7,6 +7,8 @@
 //! - `queue`: ring selection, record writes, counters.
 //! - `retrans`: trims the old bytes of a retransmitted segment that
 //!   overlaps what TCP already delivered.
+//! - `gate::lease_gate` (sk_msg on `conns`): lets only the dispatcher and
+//!   the current lease holder write into a client socket.
 //! - `guard::guard` (XDP, on the interface when one is configured): drops
 //!   packets to the service port from denied sources or over a source's
 //!   new-connection rate, before the TCP stack.
@@ -19,6 +21,8 @@
 mod classify;
 #[cfg(target_arch = "bpf")]
 mod connect;
+#[cfg(target_arch = "bpf")]
+mod gate;
 #[cfg(target_arch = "bpf")]
 mod guard;
 #[cfg(target_arch = "bpf")]

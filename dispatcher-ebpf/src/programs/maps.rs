@@ -4,12 +4,15 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
-    btf_maps::{Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SockHash},
+    btf_maps::{
+        Array, ArrayOfMaps, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, SkStorage, SockHash,
+    },
     macros::btf_map,
 };
 use dispatcher_ebpf::abi::{
-    reason, retrans, verdict, Config, ConnState, Event, GuardConfig, PoolCounters, PoolInfo, RateState, RouteKeyData,
-    RouteValue, SlowCounters, GUARD_MAX_CIDRS, GUARD_MAX_SOURCES, MAX_POOLS, MAX_RINGS, MAX_ROUTE_ENTRIES,
+    gate, reason, retrans, verdict, Config, ConnState, Event, GuardConfig, LeaseHolder, PoolCounters, PoolInfo,
+    RateState, RouteKeyData, RouteValue, SlowCounters, GUARD_MAX_CIDRS, GUARD_MAX_SOURCES, MAX_POOLS, MAX_RINGS,
+    MAX_ROUTE_ENTRIES,
 };
 
 /// Connections accepted on the listening port, keyed by socket cookie.
@@ -29,6 +32,16 @@ pub static conn_state: HashMap<u64, ConnState, 65536, { BPF_F_NO_PREALLOC as usi
 /// (which would take the client's bytes, so TCP never pushed back).
 #[btf_map]
 pub static paused: HashMap<u64, u32, 65536, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
+
+/// Who may write into each client socket besides the dispatcher (see
+/// `gate.rs`); keyed by the socket, set by the dispatcher with the
+/// socket's fd.
+#[btf_map]
+pub static lease_holder: SkStorage<LeaseHolder> = SkStorage::new();
+
+/// The lease gate's counters, by `abi::gate`.
+#[btf_map]
+pub static gate_stats: PerCpuArray<u64, { gate::COUNT as usize }> = PerCpuArray::new();
 
 /// One all-zero `ConnState`: the value new connections start from (too
 /// large to build on the BPF stack).

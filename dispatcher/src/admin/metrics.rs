@@ -198,6 +198,16 @@ pub fn render(ctx: &Context) -> String {
         for (w, n) in &stats.retransmits {
             let _ = writeln!(out, "dispatcher_retransmitted_overlaps_total{{what=\"{w}\"}} {n}");
         }
+        help(
+            &mut out,
+            "dispatcher_lease_gate_refused_total",
+            "counter",
+            "Writes into a client socket the lease gate refused (neither the dispatcher nor the lease holder), and their bytes.",
+        );
+        if let (Some(w), Some(b)) = (stats.lease_gate.get("refused"), stats.lease_gate.get("refused_bytes")) {
+            let _ = writeln!(out, "dispatcher_lease_gate_refused_total{{what=\"writes\"}} {w}");
+            let _ = writeln!(out, "dispatcher_lease_gate_refused_total{{what=\"bytes\"}} {b}");
+        }
         help(&mut out, "dispatcher_guard_packets_total", "counter", "Packets the XDP guard judged, by verdict.");
         for (v, n) in &stats.guard {
             let _ = writeln!(out, "dispatcher_guard_packets_total{{verdict=\"{v}\"}} {n}");

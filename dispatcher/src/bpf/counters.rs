@@ -71,6 +71,9 @@ pub struct Stats {
     pub retransmits: BTreeMap<String, u64>,
     /// The XDP guard's packets by verdict.
     pub guard: BTreeMap<String, u64>,
+    /// The lease gate's refused writes (`abi::gate`): `refused`,
+    /// `refused_bytes`.
+    pub lease_gate: BTreeMap<String, u64>,
 }
 
 /// One pool index's counters, summed over CPUs.
@@ -129,6 +132,13 @@ pub fn read_stats(instance: &str, npools: Option<u32>) -> Result<Stats> {
         ];
         for (i, name) in names {
             stats.retransmits.insert(name.to_string(), m.get(&i, 0)?.iter().sum());
+        }
+    }
+    if let Ok(m) = open("gate_stats") {
+        let m: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(m))?;
+        use dispatcher_ebpf::abi::gate;
+        for (i, name) in [(gate::REFUSED, "refused"), (gate::REFUSED_BYTES, "refused_bytes")] {
+            stats.lease_gate.insert(name.to_string(), m.get(&i, 0)?.iter().sum());
         }
     }
     for r in 1..reason::COUNT {

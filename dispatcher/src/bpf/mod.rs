@@ -24,7 +24,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, MapData, ProgramArray, RingBuf, SockHash},
-    programs::{links::CgroupAttachMode, SkSkb, SockOps, Xdp, XdpMode},
+    programs::{links::CgroupAttachMode, SkMsg, SkSkb, SockOps, Xdp, XdpMode},
     Ebpf, EbpfLoader, VerifierLogLevel,
 };
 use dispatcher_ebpf::abi::Config as KConfig;
@@ -67,6 +67,7 @@ const PINNED_MAPS: &[&str] = &[
     "guard_rate",
     "guard_stats",
     "guard_conns",
+    "gate_stats",
 ];
 
 /// The loaded programs of one instance, and their pins. Holding it keeps
@@ -165,12 +166,23 @@ impl Kernel {
             verdict.attach(&conns_fd).context("attaching the stream verdict to `conns`")?;
             verdict.pin(pin_dir.join("classify")).context("pinning classify")?;
         }
+        if cfg.lease_gate {
+            // Before the listening socket opens: the gate covers only the
+            // sockets put into `conns` after it is attached.
+            let gate: &mut SkMsg =
+                ebpf.program_mut("lease_gate").ok_or_else(|| anyhow!("no program lease_gate"))?.try_into()?;
+            gate.load().map_err(verifier("lease_gate"))?;
+            gate.attach(&conns_fd).context("attaching the lease gate (sk_msg) to `conns`")?;
+            gate.pin(pin_dir.join("lease_gate")).context("pinning lease_gate")?;
+        }
         {
             let mut c: Array<&mut MapData, KConfig> = Array::try_from(ebpf.map_mut("config").unwrap())?;
             let kc = KConfig {
                 max_fast_body: cfg.max_fast_body,
                 listen_port: cfg.listen.port() as u32,
                 enabled: cfg.fast_path as u32,
+                dispatcher_tgid: std::process::id(),
+                _pad: 0,
             };
             c.set(0, kc, 0).context("writing `config`")?;
         }
@@ -207,7 +219,8 @@ impl Kernel {
             }
         };
         let (routes, lookup) = RouteTable::new(take("routes")?, names)?;
-        let conns = ConnTable::new(take("conn_state")?, take("paused")?)?;
+        let holder = if cfg.lease_gate { Some(take("lease_holder")?) } else { None };
+        let conns = ConnTable::new(take("conn_state")?, take("paused")?, holder)?;
         let rings = Rings::new(pin_dir.clone(), take("pools")?, take("rings")?, take("ring_awake")?)?;
         let counters = Counters::new(take("pool_stats")?, take("slow_stats")?)?;
         let events = RingBuf::try_from(take("events")?)?;
@@ -217,6 +230,9 @@ impl Kernel {
             ("classify", "sk_skb stream verdict", "sockhash `conns`".to_string()),
             ("classify_step", "sk_skb (tail call)", "program array `steps`".to_string()),
         ];
+        if cfg.lease_gate {
+            attached.push(("lease_gate", "sk_msg", "sockhash `conns`".to_string()));
+        }
         if let Some(iface) = &cfg.iface {
             let mode = attach_guard(ebpf, iface, &pin_dir)?;
             attached.push(("guard", "xdp", format!("{iface} ({mode} mode)")));

@@ -105,6 +105,7 @@ impl Conn {
         };
         tracing::debug!(conn = self.cookie, gen, seq, "lease released");
         to.settled(self.cookie);
+        self.gate_home();
         self.unpark();
         // The worker's writes count as written from here on (a later
         // holder's death is judged against this).
@@ -131,6 +132,7 @@ impl Conn {
     pub(super) async fn lease_lost(&mut self, gen: u32, entry: u32) -> Flow {
         let Some(to) = self.lease.end(gen) else { return Flow::Continue };
         to.settled(self.cookie);
+        self.gate_home();
         let t = to.trace(self.cookie, entry).unwrap_or(worker::progress::Trace {
             next: self.next,
             taken: self.next,
@@ -281,15 +283,21 @@ impl Conn {
         // Not while the socket has something for user space: a hand-off
         // (its wake-up may already be spent on revoking a lease that this
         // grant would replace) or the peer's close.
+        // The worker's process must be known (its hello) for the lease
+        // gate to let it write.
         let grant = self.ctx.limits.direct_responses
+            && (to.pid() != 0 || !self.ctx.conn_state.gated())
             && self.lease.is_home()
             && self.slow.is_none()
             && self.pending.is_empty()
             && !self.eof
             && !self.woken
             && self.ctx.conn_state.get(self.cookie).is_none_or(|st| st.mode != MODE_SLOW);
-        let fd = if grant { self.sock.fd().and_then(dup_fd) } else { None };
+        let fd = if grant && self.gate_let(to.pid()) { self.sock.fd().and_then(dup_fd) } else { None };
         let Some(fd) = fd else {
+            if grant {
+                self.gate_home();
+            }
             to.send(LeaseMsg::Deny { conn: self.cookie, from: self.next }, None);
             return;
         };
@@ -299,6 +307,23 @@ impl Conn {
             tracing::debug!(conn = self.cookie, gen = self.lease_gen, from = self.next, "lease granted");
             self.lease.grant(self.lease_gen, to);
             self.park();
+        } else {
+            self.gate_home();
+        }
+    }
+
+    /// Lets process `pid` (besides the dispatcher) write into the socket:
+    /// before its lease or tunnel goes out. False if the lease gate could
+    /// not be told (then nothing goes out).
+    pub(super) fn gate_let(&self, pid: u32) -> bool {
+        self.sock.fd().is_some_and(|fd| self.ctx.conn_state.let_write(fd, self.cookie, pid))
+    }
+
+    /// Only the dispatcher may write into the socket again: the lease came
+    /// back or was lost.
+    pub(super) fn gate_home(&self) {
+        if self.ctx.conn_state.gated() {
+            self.gate_let(0);
         }
     }
 

@@ -323,6 +323,14 @@ impl Conn {
                         Some(ToConn::Lost { taken, in_flight }) => {
                             if let Flow::Close = self.requests_lost(taken, in_flight).await { return; }
                         }
+                        Some(ToConn::WriteRefused { pid }) => {
+                            // A worker kept the socket after its lease (or
+                            // someone got hold of it): nothing it wrote
+                            // reached the client, and the kernel now
+                            // refuses every write on this socket.
+                            tracing::warn!(conn = self.cookie, pid, "the lease gate refused a write into this connection by a process that does not hold it; closing the connection");
+                            return;
+                        }
                         Some(ToConn::ChannelGone { pool, slot, gen }) => {
                             if let Flow::Close = self.channel_gone(pool, slot, gen).await { return; }
                         }

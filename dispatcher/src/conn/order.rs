@@ -108,7 +108,10 @@ impl Conn {
             tracing::info!(conn = self.cookie, early = early.len(), "upgraded after too many early bytes: closing");
             return Flow::Close;
         }
-        let fd = self.sock.fd().and_then(super::socket::dup_fd);
+        // The worker writes into the socket from here on: the lease gate
+        // must know it first.
+        let known = to.pid() != 0 || !self.ctx.conn_state.gated();
+        let fd = if known && self.gate_let(to.pid()) { self.sock.fd().and_then(super::socket::dup_fd) } else { None };
         if fd.is_some_and(|fd| to.tunnel(self.cookie, fd, early)) {
             tracing::debug!(conn = self.cookie, "upgraded: the connection is the worker's");
             self.handed_over = true;

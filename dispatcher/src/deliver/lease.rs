@@ -36,6 +36,12 @@ pub struct LeaseTx {
     /// The worker is gone (its control or lease socket closed), and with
     /// it whatever it held.
     dead: std::sync::atomic::AtomicBool,
+    /// The worker's process id, from the credentials the kernel attached
+    /// to its hello on the lease socket (not the pid activation started:
+    /// a pool's command may be a wrapper that runs the worker as its
+    /// child). 0 until then; no lease is granted before it is known,
+    /// since the lease gate lets only this process write.
+    pid: std::sync::atomic::AtomicU32,
 }
 
 #[derive(Debug, Default)]
@@ -157,6 +163,46 @@ impl LeaseTx {
         self.wake.notify_one();
     }
 
+    /// The worker's process id (0: not known yet).
+    pub fn pid(&self) -> u32 {
+        self.pid.load(Ordering::Relaxed)
+    }
+
+    /// Reads the worker's hello (any packet on the lease socket): the sender's
+    /// process id, checked by the kernel (`SO_PASSCRED`), is the one the
+    /// lease gate will let write. Only the first counts.
+    async fn read_hello(self: Arc<Self>) {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
+        loop {
+            let Ok(mut g) = self.sock.readable().await else { return };
+            let mut buf = [0u8; 16];
+            let mut cmsg = nix::cmsg_space!(UnixCredentials);
+            let mut iov = [io::IoSliceMut::new(&mut buf)];
+            let r = recvmsg::<()>(self.sock.get_ref().as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT);
+            match r {
+                Ok(m) if m.bytes == 0 => return,
+                Ok(m) => {
+                    let pid = m.cmsgs().ok().into_iter().flatten().find_map(|c| match c {
+                        ControlMessageOwned::ScmCredentials(c) => Some(c.pid()),
+                        _ => None,
+                    });
+                    if let Some(pid) = pid.filter(|&p| p > 0) {
+                        self.pid.store(pid as u32, Ordering::Relaxed);
+                        tracing::debug!(pid, "lease socket: the worker said hello");
+                        // Nothing else comes this way; the task (and its
+                        // hold on the socket) ends here.
+                        return;
+                    }
+                }
+                Err(nix::errno::Errno::EAGAIN) => g.clear_ready(),
+                Err(e) => {
+                    tracing::debug!("lease socket read: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
     /// The worker exited.
     pub fn is_closed(&self) -> bool {
         self.dead.load(Ordering::Relaxed)
@@ -204,16 +250,20 @@ pub fn lease_socket(progress: Arc<worker::progress::ProgressMap>) -> Result<(Arc
     let fl = nix::fcntl::fcntl(ours.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).context("F_GETFL")?;
     let fl = nix::fcntl::OFlag::from_bits_truncate(fl) | nix::fcntl::OFlag::O_NONBLOCK;
     nix::fcntl::fcntl(ours.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(fl)).context("F_SETFL")?;
+    // The worker's hello arrives with its credentials (read_hello).
+    nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::PassCred, &true).context("SO_PASSCRED")?;
     // SAFETY: the AsyncFd owns the fd for as long as it is registered.
-    let sock = unsafe { AsyncFd::register_with_interest(ours, Interest::WRITABLE) }?;
+    let sock = unsafe { AsyncFd::register_with_interest(ours, Interest::WRITABLE | Interest::READABLE) }?;
     let tx = Arc::new(LeaseTx {
         sock,
         progress,
         queue: Default::default(),
         wake: Default::default(),
         dead: Default::default(),
+        pid: Default::default(),
     });
     tokio::spawn(tx.clone().write_queued());
+    tokio::spawn(tx.clone().read_hello());
     Ok((tx, theirs))
 }
 

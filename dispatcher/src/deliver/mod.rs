@@ -46,6 +46,10 @@ pub enum ToConn {
     /// gone (its worker died or exited): slow-path requests sent over it
     /// and not answered never will be (see `pool::link::SlotLink`).
     ChannelGone { pool: u32, slot: usize, gen: u64 },
+    /// The lease gate refused a write into the connection's socket by
+    /// process `pid` (neither the dispatcher nor the lease holder): the
+    /// socket takes no more writes.
+    WriteRefused { pid: u32 },
 }
 
 /// How long a response for a not-yet-registered connection is kept.
@@ -208,6 +212,14 @@ impl Conns {
     pub fn lost(&self, cookie: u64, taken: u32, in_flight: u64) {
         if let Some(l) = self.live.lock().unwrap().get(&cookie) {
             let _ = l.tx.send(ToConn::Lost { taken, in_flight });
+        }
+    }
+
+    /// Tells connection `cookie` the lease gate refused process `pid`'s
+    /// write into it.
+    pub fn write_refused(&self, cookie: u64, pid: u32) {
+        if let Some(l) = self.live.lock().unwrap().get(&cookie) {
+            let _ = l.tx.send(ToConn::WriteRefused { pid });
         }
     }
 

@@ -37,6 +37,15 @@ impl Outbound {
     /// Reads the lease socket until the dispatcher closes it.
     pub(super) fn spawn_lease_reader(self: &Arc<Self>, fd: OwnedFd) -> io::Result<()> {
         set_nonblocking(&fd)?;
+        // Hello: the kernel attaches this process's credentials, and the
+        // dispatcher grants leases only once it knows who to let write
+        // into a leased socket (its lease gate checks the writer).
+        // SAFETY: send(2) of a constant buffer on a socket we own.
+        if unsafe { libc::send(fd.as_raw_fd(), b"hello".as_ptr().cast(), 5, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) }
+            < 0
+        {
+            tracing::warn!("lease socket hello: {}", io::Error::last_os_error());
+        }
         let fd = Arc::new(fd);
         let _ = self.lease_sock.set(fd.clone());
         // SAFETY: the fd stays open while the AsyncFd (holding an Arc) lives.
