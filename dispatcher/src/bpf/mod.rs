@@ -166,7 +166,14 @@ impl Kernel {
             verdict.attach(&conns_fd).context("attaching the stream verdict to `conns`")?;
             verdict.pin(pin_dir.join("classify")).context("pinning classify")?;
         }
-        if cfg.lease_gate {
+        let gate = cfg.lease_gate && initial_pid_namespace();
+        if cfg.lease_gate && !gate {
+            tracing::warn!(
+                "the lease gate is off: this dispatcher is not in the initial pid namespace (a container?), and the \
+                 kernel names writers by their pid there; set `fast_path.lease_gate = false` to say so"
+            );
+        }
+        if gate {
             // Before the listening socket opens: the gate covers only the
             // sockets put into `conns` after it is attached.
             let gate: &mut SkMsg =
@@ -219,7 +226,7 @@ impl Kernel {
             }
         };
         let (routes, lookup) = RouteTable::new(take("routes")?, names)?;
-        let holder = if cfg.lease_gate { Some(take("lease_holder")?) } else { None };
+        let holder = if gate { Some(take("lease_holder")?) } else { None };
         let conns = ConnTable::new(take("conn_state")?, take("paused")?, holder)?;
         let rings = Rings::new(pin_dir.clone(), take("pools")?, take("rings")?, take("ring_awake")?)?;
         let counters = Counters::new(take("pool_stats")?, take("slow_stats")?)?;
@@ -230,7 +237,7 @@ impl Kernel {
             ("classify", "sk_skb stream verdict", "sockhash `conns`".to_string()),
             ("classify_step", "sk_skb (tail call)", "program array `steps`".to_string()),
         ];
-        if cfg.lease_gate {
+        if gate {
             attached.push(("lease_gate", "sk_msg", "sockhash `conns`".to_string()));
         }
         if let Some(iface) = &cfg.iface {
@@ -260,6 +267,16 @@ impl Drop for Kernel {
     fn drop(&mut self) {
         self.unpin();
     }
+}
+
+/// Whether this process is in the initial pid namespace, where the pids
+/// the lease gate sees (`bpf_get_current_pid_tgid`) are the ones this
+/// process knows (its own, and those the kernel puts in a worker's
+/// `SCM_CREDENTIALS`). The initial namespace's inode is fixed
+/// (`PROC_PID_INIT_INO`).
+fn initial_pid_namespace() -> bool {
+    const PROC_PID_INIT_INO: u64 = 0xEFFF_FFFC;
+    fs::read_link("/proc/self/ns/pid").is_ok_and(|l| l.to_string_lossy() == format!("pid:[{PROC_PID_INIT_INO}]"))
 }
 
 /// Attaches the guard to `iface`: driver mode first, generic mode if the

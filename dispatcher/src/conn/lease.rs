@@ -204,11 +204,11 @@ impl Conn {
     /// slow-path requests sent over it that are not answered get 502 (the
     /// worker may have died before reading them; nothing will answer). A
     /// body still arriving for one of them is read and dropped.
-    pub(super) async fn channel_gone(&mut self, pool: u32, slot: usize, gen: u64) -> Flow {
+    pub(super) async fn channel_gone(&mut self, pool: usize, slot: usize, gen: u64) -> Flow {
         let mut seqs: Vec<u32> = self
             .sent
             .iter()
-            .filter(|(_, s)| s.link.index == pool && s.slot == slot && s.gen == gen)
+            .filter(|(_, s)| Arc::as_ptr(&s.link) as usize == pool && s.slot == slot && s.gen == gen)
             .map(|(&seq, _)| seq)
             .collect();
         if seqs.is_empty() {
@@ -223,13 +223,7 @@ impl Conn {
         if let Some(s) = self.slow.as_mut() {
             s.body_lost(pool, slot, &seqs);
         }
-        tracing::warn!(
-            conn = self.cookie,
-            pool,
-            slot,
-            ?seqs,
-            "the worker's channel ended with these requests unanswered"
-        );
+        tracing::warn!(conn = self.cookie, slot, ?seqs, "the worker's channel ended with these requests unanswered");
         self.answer_lost(&seqs).await
     }
 

@@ -24,10 +24,14 @@ use crate::{
 
 /// Where the body of the request being parsed goes.
 pub(super) enum BodyTo {
-    /// To `link`'s worker slot `slot` (local), which has the head.
+    /// To `link`'s worker slot `slot` (local), which has the head: the
+    /// worker of control channel generation `gen` (`pool::link::Ctl`), or
+    /// whichever worker takes the slot's ring (`None`: the head went
+    /// through the kernel).
     Pool {
         link: Arc<PoolLink>,
         slot: usize,
+        gen: Option<u64>,
         seq: u32,
         close: bool,
         /// Body bytes still to come ([`LENGTH_UNKNOWN`] if chunked).
@@ -96,12 +100,13 @@ impl Slow {
         self.body_got = 0;
     }
 
-    /// The worker that request(s) `seqs` went to (pool `pool`, slot
+    /// The worker that request(s) `seqs` went to (pool `pool` (its
+    /// `PoolLink`'s address), slot
     /// `slot`) is gone: a body still arriving for one of them is read from
     /// the client and dropped.
-    pub(super) fn body_lost(&mut self, pool: u32, slot: usize, seqs: &[u32]) {
+    pub(super) fn body_lost(&mut self, pool: usize, slot: usize, seqs: &[u32]) {
         if matches!(&self.body_to, BodyTo::Pool { link, slot: s, seq, .. }
-            if link.index == pool && *s == slot && seqs.contains(seq))
+            if Arc::as_ptr(link) as usize == pool && *s == slot && seqs.contains(seq))
         {
             self.body_to = BodyTo::Discard;
             self.unread = 0;
@@ -172,7 +177,8 @@ impl Conn {
             // The head went through the kernel to ring `st.ring`.
             if let Some(link) = self.ctx.pools.get(st.pool) {
                 let slot = (st.ring as usize).saturating_sub(link.first_ring);
-                s.body_to = BodyTo::Pool { link, slot, seq: st.seq, close: st.req_flags != 0, left: st.body_left };
+                let close = st.req_flags != 0;
+                s.body_to = BodyTo::Pool { link, slot, gen: None, seq: st.seq, close, left: st.body_left };
             }
             s.seq = st.seq + 1;
             s.body_started();
@@ -205,8 +211,8 @@ impl Conn {
             let n = (s.body_left as usize).min(data.len());
             s.body_left -= n as u64;
             let last = s.body_left == 0;
-            if let BodyTo::Pool { link, slot, seq, close, left } = &mut s.body_to {
-                forward_body(self.cookie, link, *slot, *seq, &data[..n], last, *close, left);
+            if let BodyTo::Pool { link, slot, gen, seq, close, left } = &mut s.body_to {
+                forward_body(self.cookie, link, (*slot, *gen), *seq, &data[..n], last, *close, left);
                 s.unread += n as u64;
             }
             s.body_got += n as u64;
@@ -326,15 +332,15 @@ impl Conn {
                 self.ctx.counters.count_slow(Some(pool), 1, 0);
                 if h.content_length > 0 {
                     let left = h.content_length;
-                    self.slow.as_mut().unwrap().body_to = BodyTo::Pool { link, slot, seq, close, left };
+                    self.slow.as_mut().unwrap().body_to = BodyTo::Pool { link, slot, gen: Some(gen), seq, close, left };
                 }
                 Flow::Continue
             }
             Event::Body { data, last } => {
                 let s = self.slow.as_mut().unwrap();
                 s.body_got += data.len() as u64;
-                if let BodyTo::Pool { link, slot, seq, close, left } = &mut s.body_to {
-                    forward_body(self.cookie, link, *slot, *seq, &data, last, *close, left);
+                if let BodyTo::Pool { link, slot, gen, seq, close, left } = &mut s.body_to {
+                    forward_body(self.cookie, link, (*slot, *gen), *seq, &data, last, *close, left);
                     s.unread += data.len() as u64;
                 }
                 if last {
@@ -344,11 +350,11 @@ impl Conn {
             }
             Event::Trailers(t) => {
                 let s = self.slow.as_mut().unwrap();
-                if let BodyTo::Pool { link, slot, seq, .. } = &s.body_to {
+                if let BodyTo::Pool { link, slot, gen, seq, .. } = &s.body_to {
                     // Not body bytes: outside the upload window.
                     let mut hdr = body_header(self.cookie, *seq, t.len() as u32, false, false, LENGTH_UNKNOWN);
                     hdr.flags |= REC_TRAILERS;
-                    link.send_record(*slot, hdr, &t);
+                    link.send_follow(*slot, *gen, hdr, &t);
                 }
                 Flow::Continue
             }
@@ -413,7 +419,7 @@ fn body_header(conn: u64, seq: u32, len: u32, last: bool, close: bool, left: u64
 fn forward_body(
     cookie: u64,
     link: &PoolLink,
-    slot: usize,
+    (slot, gen): (usize, Option<u64>),
     seq: u32,
     data: &[u8],
     last: bool,
@@ -424,11 +430,11 @@ fn forward_body(
     let mut chunks = data.chunks(max).peekable();
     if data.is_empty() && last {
         let hdr = body_header(cookie, seq, 0, last, close, *left);
-        link.send_record(slot, hdr, &[]);
+        link.send_follow(slot, gen, hdr, &[]);
     }
     while let Some(c) = chunks.next() {
         let end = last && chunks.peek().is_none();
-        link.send_record(slot, body_header(cookie, seq, c.len() as u32, end, close, *left), c);
+        link.send_follow(slot, gen, body_header(cookie, seq, c.len() as u32, end, close, *left), c);
         if *left != LENGTH_UNKNOWN {
             *left = left.saturating_sub(c.len() as u64);
         }

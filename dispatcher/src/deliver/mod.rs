@@ -42,10 +42,12 @@ pub enum ToConn {
     /// The worker's application read `len` more bytes of the body of
     /// request `seq` that the slow path forwarded (its upload window).
     BodyRead { seq: u32, len: u32 },
-    /// The control channel `gen` of pool `pool`'s worker slot `slot` is
-    /// gone (its worker died or exited): slow-path requests sent over it
-    /// and not answered never will be (see `pool::link::SlotLink`).
-    ChannelGone { pool: u32, slot: usize, gen: u64 },
+    /// The control channel `gen` of worker slot `slot` of pool `pool` (the
+    /// address of its `PoolLink`: a reload's new pool of the same index
+    /// starts its generations again) is gone (its worker died or exited):
+    /// slow-path requests sent over it and not answered never will be
+    /// (see `pool::link::Ctl`).
+    ChannelGone { pool: usize, slot: usize, gen: u64 },
     /// The lease gate refused a write into the connection's socket by
     /// process `pid` (neither the dispatcher nor the lease holder): the
     /// socket takes no more writes.
@@ -226,7 +228,7 @@ impl Conns {
     /// Tells every connection that control channel `gen` of pool `pool`'s
     /// slot `slot` is gone. Rare (a worker's end), so a broadcast rather
     /// than a per-request index of who sent what where.
-    pub fn channel_gone(&self, pool: u32, slot: usize, gen: u64) {
+    pub fn channel_gone(&self, pool: usize, slot: usize, gen: u64) {
         for l in self.live.lock().unwrap().values() {
             let _ = l.tx.send(ToConn::ChannelGone { pool, slot, gen });
         }

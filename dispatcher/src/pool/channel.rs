@@ -134,7 +134,7 @@ pub(super) fn connect(
         // And what it never took: slow-path records still in the channel
         // or unread in the socket when it died (a 256 KiB upload sent as
         // its worker was killed waited for its client's time-out).
-        conns.channel_gone(link.index, slot, gen);
+        conns.channel_gone(Arc::as_ptr(&link) as usize, slot, gen);
     });
     Ok((theirs.into(), lease_fd, Some(progress_fd)))
 }

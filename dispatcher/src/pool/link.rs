@@ -165,6 +165,32 @@ impl PoolLink {
         gen
     }
 
+    /// Sends a record that follows a head (body, trailers) to the worker
+    /// that has the head: generation `gen` of slot `slot`'s channel (or,
+    /// `None`, whoever takes the slot's ring). A record for a channel that
+    /// is gone is dropped (its request gets 502 when the channel's end
+    /// reaches the connection): given to the next worker, it would be a
+    /// body without a head, which that worker refuses with a 400.
+    pub fn send_follow(&self, slot: usize, gen: Option<u64>, hdr: RecordHeader, data: &[u8]) {
+        let Some(gen) = gen else {
+            self.send_record(slot, hdr, data);
+            return;
+        };
+        let Some(s) = self.slots.get(slot) else { return };
+        let ctl = s.ctl.lock().unwrap();
+        if gen == ctl.gen + 1 {
+            // The head waits for the next worker: so does this.
+            drop(ctl);
+            self.send_record(slot, hdr, data);
+            return;
+        }
+        let Some(tx) = ctl.tx.as_ref().filter(|_| gen == ctl.gen) else { return };
+        let mut buf = Vec::with_capacity(hdr.len as usize + 32);
+        buf.extend_from_slice(&hdr.to_bytes());
+        buf.extend_from_slice(data);
+        let _ = tx.send(Bytes::from(buf));
+    }
+
     /// Request `seq` of connection `conn` will not be answered by slot
     /// `slot`'s next worker (the one it was sent to died): its records
     /// still waiting there are dropped (they would reach that worker
