@@ -284,7 +284,7 @@ fn eventually_worker(d: &Dispatcher) -> u32 {
 /// is for.
 #[test]
 fn a_worker_that_kept_a_leased_socket_cannot_write_into_it_after_the_lease_came_back() {
-    let Some(strike) = strike_after_release("") else { return };
+    let Some(strike) = strike_after_release("[fast_path]\nlease_gate = true\n") else { return };
     assert!(!strike.report.is_empty(), "the hostile worker kept no socket");
     for line in strike.report.lines() {
         assert!(line.ends_with(" err 13"), "a forged write was not refused with EACCES: {line}");
@@ -301,7 +301,8 @@ fn a_worker_that_kept_a_leased_socket_cannot_write_into_it_after_the_lease_came_
 
 #[test]
 fn without_the_lease_gate_a_kept_socket_lets_a_worker_forge_answers() {
-    let Some(strike) = strike_after_release("[fast_path]\nlease_gate = false\n") else { return };
+    // The default (the gate costs too much on large files to be on).
+    let Some(strike) = strike_after_release("") else { return };
     assert!(strike.report.lines().any(|l| l.contains(" ok ")), "{}", strike.report);
     assert!(String::from_utf8_lossy(&strike.rest).contains("INJECTED"), "{:?}", String::from_utf8_lossy(&strike.rest));
 }

@@ -12,7 +12,7 @@
 //!   (`direct_responses = false`; the design before leases)
 //! - slow: the dispatcher with kernel classification off (user space only)
 //! - fast-100k: the fast path with 100,000 more routes (route-table scaling)
-//! - fast-nogate: the fast path without the lease gate (its cost)
+//! - fast-gate: the fast path with the lease gate on (its cost)
 //!
 //! Cases: small GET responses at each `--connections` count, and (unless
 //! `--small-only`) 64 KiB responses, a 1 MiB POST echoed back, and the
@@ -41,13 +41,13 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 /// Setups, in the order they are reported. `fast-100k` is the fast path
-/// with 100,000 more routes (other hosts) in its table; `fast-nogate` the
-/// fast path with `lease_gate = false`.
-const SETUPS: [&str; 7] = ["standalone", "nginx", "fast", "relay", "slow", "fast-100k", "fast-nogate"];
+/// with 100,000 more routes (other hosts) in its table; `fast-gate` the
+/// fast path with `lease_gate = true`.
+const SETUPS: [&str; 7] = ["standalone", "nginx", "fast", "relay", "slow", "fast-100k", "fast-gate"];
 /// Index of `fast-100k` in [`SETUPS`].
 const FAST_100K: usize = 5;
-/// Index of `fast-nogate` in [`SETUPS`].
-const FAST_NOGATE: usize = 6;
+/// Index of `fast-gate` in [`SETUPS`].
+const FAST_GATE: usize = 6;
 /// Extra routes of the `fast-100k` setup.
 const EXTRA_ROUTES: usize = 100_000;
 
@@ -175,7 +175,7 @@ impl App {
     /// Its setups, in report order; the last one is the dispatcher's.
     fn setups(self) -> &'static [&'static str] {
         match self {
-            App::Static => &["nginx-1w", "nginx-auto", "fast-nogate", "fast"],
+            App::Static => &["nginx-1w", "nginx-auto", "fast-gate", "fast"],
             App::Axum => &["direct", "fast"],
             App::Python => &["nginx", "fast"],
             App::Php => &["nginx", "fast"],
@@ -185,7 +185,7 @@ impl App {
     /// One sentence on what its setups are, for the report.
     fn describe(self) -> &'static str {
         match self {
-            App::Static => "nginx serving the directory itself (`root`, `sendfile on`, `tcp_nopush on`, keep-alive, `access_log off`, no `open_file_cache`: its default) with 1 worker process (`nginx-1w`, as the pool has 1 worker) and with `worker_processes auto` (`nginx-auto`, one per core); fast = a dispatcher pool running `dispatcher-worker static DIR` over the same directory (its in-memory cache of files up to 1 MiB, one `fstatat` per request; larger files by `sendfile`); fast-nogate = the same without the lease gate (`lease_gate = false`), so fast/fast-nogate is the gate's cost on this path.",
+            App::Static => "nginx serving the directory itself (`root`, `sendfile on`, `tcp_nopush on`, keep-alive, `access_log off`, no `open_file_cache`: its default) with 1 worker process (`nginx-1w`, as the pool has 1 worker) and with `worker_processes auto` (`nginx-auto`, one per core); fast = a dispatcher pool running `dispatcher-worker static DIR` over the same directory (its in-memory cache of files up to 1 MiB, one `fstatat` per request; larger files by `sendfile`); fast-gate = the same with the lease gate on (`lease_gate = true`), so fast/fast-gate is what the gate costs on this path.",
             App::Axum => "the axum example app (examples/apps/axum, one current-thread tokio runtime): direct = served by `axum::serve` (hyper) on its own port; fast = the same binary in a dispatcher pool, through `worker::serve` (kernel path, direct responses).",
             App::Python => "the WSGI example app (examples/apps/python) under gunicorn (`-k gthread --workers 2 --threads 8`, so it keeps connections alive): nginx = `worker_processes auto` with `proxy_pass` to it and upstream `keepalive 256`; fast = a `proxy` pool whose worker starts the same gunicorn command on its own port and forwards to it (hyper's pooled client).",
             App::Php => "the PHP example (examples/apps/php) under php-fpm with 8 children (`pm = static`) on a Unix socket: nginx = `worker_processes auto` with `fastcgi_pass` to a php-fpm of its own (a new FastCGI connection per request, nginx's default: its `fastcgi_keep_conn` with php-fpm needs as many children as kept connections across workers); fast = a `fastcgi` pool whose worker starts php-fpm with the same settings (`--php-fpm --children 8`, connections kept, one per child).",
@@ -216,7 +216,7 @@ impl App {
                 wait_port(ports[0], "nginx (static, 1 worker)")?;
                 procs.0.push(start_nginx_static(dir, "auto", "auto", ports[1], &site)?);
                 wait_port(ports[1], "nginx (static, auto)")?;
-                for (i, (name, gate)) in [(2, ("static-nogate", false)), (3, ("static", true))] {
+                for (i, (name, gate)) in [(2, ("static-gate", true)), (3, ("static", false))] {
                     let cfg = format!(
                         "listen = \"127.0.0.1:{}\"\ninstance = \"bench-{name}\"\n[fast_path]\nlease_gate = {gate}\n[[pool]]\nname = \"static\"\nroutes = [\"*/\"]\ncommand = \"dispatcher-worker\"\nargs = [\"static\", \"{}\"]\n",
                         ports[i],
@@ -866,7 +866,7 @@ fn start_echo_setups(bin: &Path, dir: &Path, procs: &mut Procs) -> Result<Vec<u1
         dir,
         "fast",
         ports[2],
-        Paths { fast: true, direct: true, gate: true, extra_routes: 0 },
+        Paths { fast: true, direct: true, gate: false, extra_routes: 0 },
     )?);
     wait_port(ports[2], "dispatcher (fast)")?;
     procs.0.push(start_dispatcher(
@@ -874,7 +874,7 @@ fn start_echo_setups(bin: &Path, dir: &Path, procs: &mut Procs) -> Result<Vec<u1
         dir,
         "relay",
         ports[3],
-        Paths { fast: true, direct: false, gate: true, extra_routes: 0 },
+        Paths { fast: true, direct: false, gate: false, extra_routes: 0 },
     )?);
     wait_port(ports[3], "dispatcher (relay)")?;
     procs.0.push(start_dispatcher(
@@ -882,7 +882,7 @@ fn start_echo_setups(bin: &Path, dir: &Path, procs: &mut Procs) -> Result<Vec<u1
         dir,
         "slow",
         ports[4],
-        Paths { fast: false, direct: false, gate: true, extra_routes: 0 },
+        Paths { fast: false, direct: false, gate: false, extra_routes: 0 },
     )?);
     wait_port(ports[4], "dispatcher (slow)")?;
     procs.0.push(start_dispatcher(
@@ -890,17 +890,17 @@ fn start_echo_setups(bin: &Path, dir: &Path, procs: &mut Procs) -> Result<Vec<u1
         dir,
         "fast100k",
         ports[FAST_100K],
-        Paths { fast: true, direct: true, gate: true, extra_routes: EXTRA_ROUTES },
+        Paths { fast: true, direct: true, gate: false, extra_routes: EXTRA_ROUTES },
     )?);
     wait_port(ports[FAST_100K], "dispatcher (fast, 100k routes)")?;
     procs.0.push(start_dispatcher(
         bin,
         dir,
-        "fastnogate",
-        ports[FAST_NOGATE],
-        Paths { fast: true, direct: true, gate: false, extra_routes: 0 },
+        "fastgate",
+        ports[FAST_GATE],
+        Paths { fast: true, direct: true, gate: true, extra_routes: 0 },
     )?);
-    wait_port(ports[FAST_NOGATE], "dispatcher (fast, no lease gate)")?;
+    wait_port(ports[FAST_GATE], "dispatcher (fast, lease gate)")?;
     Ok(ports)
 }
 
@@ -1046,7 +1046,7 @@ fn write_echo(
     rss: &[u64],
 ) -> Result<()> {
     writeln!(md, "## Echo\n")?;
-    writeln!(md, "The same echo worker behind every setup. Setups: standalone = the worker serving HTTP itself; nginx = nginx proxying to it (upstream keep-alive); fast = the dispatcher's kernel path with direct responses; relay = the kernel path with responses relayed by the dispatcher; slow = everything through the dispatcher's user space; fast-100k = fast with 100,000 more routes; fast-nogate = fast without the lease gate (`lease_gate = false`: no sk_msg program checking who writes into client sockets).\n")?;
+    writeln!(md, "The same echo worker behind every setup. Setups: standalone = the worker serving HTTP itself; nginx = nginx proxying to it (upstream keep-alive); fast = the dispatcher's kernel path with direct responses; relay = the kernel path with responses relayed by the dispatcher; slow = everything through the dispatcher's user space; fast-100k = fast with 100,000 more routes; fast-gate = fast with the lease gate (`lease_gate = true`: an sk_msg program checks who writes into each client socket).\n")?;
     writeln!(md, "| case | connections | setup | req/s | p50 µs | p99 µs | CPU s / 100k req | errors | fast/nginx | fast/standalone |")?;
     writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
     for (ci, case) in cases.iter().enumerate() {
@@ -1097,10 +1097,10 @@ fn write_echo(
             r.0, r.1, r.2
         )?;
     }
-    // The lease gate's cost: fast (gate on) vs fast-nogate, per round.
+    // The lease gate's cost: fast-gate vs fast (gate off), per round.
     writeln!(md)?;
     for (ci, case) in cases.iter().enumerate() {
-        let r = median(samples[ci][2].iter().zip(&samples[ci][FAST_NOGATE]).map(|(x, y)| x.rps / y.rps).collect());
+        let r = median(samples[ci][FAST_GATE].iter().zip(&samples[ci][2]).map(|(x, y)| x.rps / y.rps).collect());
         writeln!(
             md,
             "Lease gate, {} at {} connections: throughput with it / without it {:.2} ({:.2}–{:.2}).",
