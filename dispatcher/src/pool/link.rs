@@ -147,16 +147,14 @@ impl PoolLink {
     /// generation of the channel it goes to (see [`Ctl::gen`]).
     pub fn send_record(&self, slot: usize, hdr: RecordHeader, data: &[u8]) -> u64 {
         let Some(s) = self.slots.get(slot) else { return 0 };
-        let mut buf = Vec::with_capacity(hdr.len as usize + 32);
-        buf.extend_from_slice(&hdr.to_bytes());
-        buf.extend_from_slice(data);
+        let buf = record(hdr, data);
         let mut ctl = s.ctl.lock().unwrap();
         let buf = match &ctl.tx {
-            Some(tx) => match tx.send(Bytes::from(buf)) {
+            Some(tx) => match tx.send(buf) {
                 Ok(()) => return ctl.gen,
                 Err(e) => e.0,
             },
-            None => Bytes::from(buf),
+            None => buf,
         };
         ctl.waiting.push(buf);
         let gen = ctl.gen + 1;
@@ -185,10 +183,7 @@ impl PoolLink {
             return;
         }
         let Some(tx) = ctl.tx.as_ref().filter(|_| gen == ctl.gen) else { return };
-        let mut buf = Vec::with_capacity(hdr.len as usize + 32);
-        buf.extend_from_slice(&hdr.to_bytes());
-        buf.extend_from_slice(data);
-        let _ = tx.send(Bytes::from(buf));
+        let _ = tx.send(record(hdr, data));
     }
 
     /// Request `seq` of connection `conn` will not be answered by slot
@@ -286,4 +281,12 @@ impl PoolLink {
     pub fn release(&self, bytes: u64) {
         let _ = self.inflight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(bytes)));
     }
+}
+
+/// A request record as it goes into a control socket: header, then data.
+fn record(hdr: RecordHeader, data: &[u8]) -> Bytes {
+    let mut buf = Vec::with_capacity(hdr.len as usize + 32);
+    buf.extend_from_slice(&hdr.to_bytes());
+    buf.extend_from_slice(data);
+    Bytes::from(buf)
 }
