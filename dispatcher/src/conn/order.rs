@@ -115,6 +115,11 @@ impl Conn {
         if fd.is_some_and(|fd| to.tunnel(self.cookie, fd, early)) {
             tracing::debug!(conn = self.cookie, "upgraded: the connection is the worker's");
             self.handed_over = true;
+        } else if !known {
+            tracing::warn!(
+                conn = self.cookie,
+                "upgraded, but the lease gate does not know the worker (no hello): closing"
+            );
         } else {
             tracing::warn!(conn = self.cookie, "upgraded, but the worker is gone: closing");
         }
