@@ -107,6 +107,11 @@ pub const REC_TRAILERS: u8 = 8;
 /// (sent with `RESP_UPGRADE`) makes the connection the worker's; any other
 /// answer lets the connection go on as HTTP.
 pub const REC_UPGRADE: u8 = 16;
+/// Head record flag, with `REC_UPGRADE`: the dispatcher can splice the
+/// connection in the kernel after a 101 (see `TunnelCtl`); a worker whose
+/// app answers on a TCP socket sends that socket back with the 101
+/// (`wire::LeaseMsg::Splice`) instead of taking the client's.
+pub const REC_SPLICE: u8 = 32;
 
 /// Header of every request record, in a ring or on a worker's control
 /// socket. `len` data bytes follow it.
@@ -277,6 +282,13 @@ pub struct ConnState {
     /// the first byte of a head, not from the last (a drip-fed head is cut
     /// at the limit), and a body's rate is its bytes over this age.
     pub since_ns: u64,
+    /// MODE_SLOW: bytes the verdict passed to user space since the
+    /// hand-off (its segment included). User space has read all of them
+    /// when its own count of bytes read is this: only then may a tunnel
+    /// redirect the next segment past it (see `TunnelCtl`).
+    pub slow_passed: u64,
+    /// Bytes the verdict redirected into the tunnel's other socket.
+    pub tun_redirected: u64,
     /// Scanner state for the head being framed.
     pub scan: Scanner,
     /// The head being assembled, laid out as the ring record it becomes.
@@ -366,6 +378,59 @@ pub struct LeaseHolder {
 /// kernel keeps an sk_msg drop verdict for the socket), so the dispatcher
 /// closes the connection.
 pub const EVENT_WRITE_REFUSED: u32 = 3;
+
+/// Bytes were passed to user space on a spliced socket (`cookie`): the
+/// dispatcher reads them and forwards them itself, in order.
+pub const EVENT_TUNNEL: u32 = 4;
+
+/// How user space steers one socket of a spliced tunnel (`tunnel_ctl`,
+/// keyed by the socket's cookie; written by the dispatcher only).
+///
+/// The verdict redirects a segment into the socket `peer` (in `tunnels`
+/// for a client's socket, in `conns` for an app's) only when user space
+/// has read and forwarded every byte passed to it before (`taken` equals
+/// the program's count of passed bytes) and the redirected bytes stay
+/// within `limit`; otherwise it passes the segment to user space.
+/// Ordering: a passed byte is always older than a redirected one, and
+/// user space forwards what it read only after the kernel's redirected
+/// bytes have reached the peer's send queue. Memory: a redirect is queued
+/// without limit in the kernel (it opens the sender's window at once), so
+/// `limit` bounds what a tunnel can have in flight there; past it the
+/// bytes wait in the receive queue, whose window closes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelCtl {
+    pub peer: u64,
+    pub taken: u64,
+    pub limit: u64,
+}
+
+/// The verdict's counters for an app's socket in `tunnels` (in
+/// `tunnel_seen`, created zeroed by the dispatcher before the socket goes
+/// into the map; written by the program only).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelSeen {
+    /// Bytes passed to user space.
+    pub passed: u64,
+    /// Bytes redirected into the client's socket.
+    pub redirected: u64,
+    /// As in `ConnState` (retransmitted bytes are trimmed here too).
+    pub tcp_next: u32,
+    pub tcp_known: u32,
+}
+
+/// Counters of spliced tunnels (`tunnel_stats`), by index.
+pub mod tunnel {
+    /// Segments redirected from one socket of a tunnel into the other.
+    pub const REDIRECTED: u32 = 0;
+    pub const REDIRECTED_BYTES: u32 = 1;
+    /// Segments passed to user space instead (before the tunnel caught up,
+    /// or past its in-flight limit).
+    pub const PASSED: u32 = 2;
+    pub const PASSED_BYTES: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
 
 /// Counters of the lease gate (`gate_stats`), by index.
 pub mod gate {
@@ -514,6 +579,8 @@ mod pod {
     unsafe impl aya::Pod for PoolInfo {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for LeaseHolder {}
+    unsafe impl aya::Pod for TunnelCtl {}
+    unsafe impl aya::Pod for TunnelSeen {}
     unsafe impl aya::Pod for PoolCounters {}
     unsafe impl aya::Pod for SlowCounters {}
     unsafe impl aya::Pod for Event {}

@@ -325,6 +325,8 @@ pub const LEASE_REVOKE: u32 = 3;
 pub const LEASE_FORGET: u32 = 4;
 /// Lease message kind: [`LeaseMsg::Tunnel`].
 pub const LEASE_TUNNEL: u32 = 5;
+/// Worker → dispatcher: [`LeaseMsg::Splice`].
+pub const LEASE_SPLICE: u32 = 6;
 /// The most client bytes a [`LeaseMsg::Tunnel`] carries after its record.
 pub const TUNNEL_MAX_EARLY: usize = 64 << 10;
 
@@ -371,6 +373,14 @@ pub enum LeaseMsg {
     /// the record in the same message (at most [`TUNNEL_MAX_EARLY`]).
     /// The dispatcher forgets the connection.
     Tunnel { conn: u64 },
+    /// Worker → dispatcher, for an upgrade request marked `REC_SPLICE`:
+    /// the answer to request `seq` is a 101, whose `head_len` bytes follow
+    /// the record, then what the app sent after its 101 that the worker
+    /// had read (at most [`TUNNEL_MAX_EARLY`]); the app's socket comes as
+    /// SCM_RIGHTS. The dispatcher writes the 101 and joins the client's
+    /// socket and the app's in the kernel; the worker keeps nothing. With
+    /// nothing either way for `idle_secs` (0: never), the tunnel closes.
+    Splice { conn: u64, seq: u32, head_len: u32, idle_secs: u32 },
 }
 
 impl LeaseMsg {
@@ -381,7 +391,8 @@ impl LeaseMsg {
             | LeaseMsg::Deny { conn, .. }
             | LeaseMsg::Revoke { conn, .. }
             | LeaseMsg::Forget { conn }
-            | LeaseMsg::Tunnel { conn } => conn,
+            | LeaseMsg::Tunnel { conn }
+            | LeaseMsg::Splice { conn, .. } => conn,
         }
     }
 
@@ -393,6 +404,9 @@ impl LeaseMsg {
             LeaseMsg::Revoke { conn, gen } => LeaseRecord { conn, kind: LEASE_REVOKE, gen, ..Default::default() },
             LeaseMsg::Forget { conn } => LeaseRecord { conn, kind: LEASE_FORGET, ..Default::default() },
             LeaseMsg::Tunnel { conn } => LeaseRecord { conn, kind: LEASE_TUNNEL, ..Default::default() },
+            LeaseMsg::Splice { conn, seq, head_len, idle_secs } => {
+                LeaseRecord { conn, kind: LEASE_SPLICE, from: seq, gen: head_len, entry: idle_secs }
+            }
         };
         plain::to_bytes(&r)
     }
@@ -411,6 +425,7 @@ impl LeaseMsg {
             LEASE_REVOKE => Ok(LeaseMsg::Revoke { conn, gen }),
             LEASE_FORGET => Ok(LeaseMsg::Forget { conn }),
             LEASE_TUNNEL => Ok(LeaseMsg::Tunnel { conn }),
+            LEASE_SPLICE => Ok(LeaseMsg::Splice { conn, seq: from, head_len: gen, idle_secs: entry }),
             kind => Err(DecodeError::UnknownKind { what: "lease message", kind }),
         }
     }
@@ -477,6 +492,7 @@ mod tests {
             (LeaseMsg::Revoke { conn: 5, gen: 6 }, [3, 0, 6, 0]),
             (LeaseMsg::Forget { conn: 5 }, [4, 0, 0, 0]),
             (LeaseMsg::Tunnel { conn: 5 }, [5, 0, 0, 0]),
+            (LeaseMsg::Splice { conn: 5, seq: 7, head_len: 130, idle_secs: 600 }, [6, 7, 130, 600]),
         ];
         for (m, words) in cases {
             let mut want = [0u8; LEASE_MSG_LEN];

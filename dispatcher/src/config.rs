@@ -143,11 +143,13 @@ struct RawFastPath {
     /// and half of a 1 MiB `sendfile`'s throughput (docs/design.md).
     #[serde(default)]
     lease_gate: bool,
+    #[serde(default = "default_true")]
+    tunnel_splice: bool,
 }
 
 impl Default for RawFastPath {
     fn default() -> Self {
-        RawFastPath { max_body: None, enabled: true, direct_responses: true, lease_gate: false }
+        RawFastPath { max_body: None, enabled: true, direct_responses: true, lease_gate: false, tunnel_splice: true }
     }
 }
 
@@ -276,6 +278,9 @@ pub struct Config {
     /// Whether the kernel lets only the dispatcher and a connection's
     /// lease holder write into its socket (the sk_msg lease gate).
     pub lease_gate: bool,
+    /// Whether the kernel joins a spliced tunnel's two sockets after a 101
+    /// (sockmap redirects), rather than a worker copying between them.
+    pub tunnel_splice: bool,
     /// Largest body the slow path accepts.
     pub max_body: u64,
     pub response_timeout_secs: u64,
@@ -631,6 +636,7 @@ impl Config {
             fast_path: raw.fast_path.enabled,
             direct_responses: raw.fast_path.direct_responses,
             lease_gate: raw.fast_path.lease_gate,
+            tunnel_splice: raw.fast_path.tunnel_splice,
             max_body: raw.limits.max_body.unwrap_or(DEFAULT_MAX_BODY),
             response_timeout_secs: raw.limits.response_timeout_secs.unwrap_or(DEFAULT_RESPONSE_TIMEOUT_SECS).max(1),
             header_timeout_secs: raw.limits.header_timeout_secs.unwrap_or(DEFAULT_HEADER_TIMEOUT_SECS).max(1),

@@ -70,6 +70,7 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
         max_frames: 4 * cfg.max_pipelined,
     });
     let timeouts = Arc::new(conn::Timeouts::default());
+    let splice = maps.tunnels.map(|t| Arc::new(crate::splice::Splicer::new(t, conn_table.clone())));
     let conn_ctx = Arc::new(conn::Context {
         limits: conn::Limits::of(&cfg),
         conn_state: conn_table.clone(),
@@ -81,6 +82,7 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
         access_log: access_log.clone(),
         local: local.clone(),
         timeouts: timeouts.clone(),
+        splice: splice.clone(),
     });
     let admin_ctx = Arc::new(admin::Context {
         instance: cfg.instance.clone(),
@@ -104,7 +106,7 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
             return Err(e);
         }
     };
-    watch_events(maps.events, conns.clone(), pools.clone())?;
+    watch_events(maps.events, conns.clone(), pools.clone(), splice)?;
     admin::control::listen(&run_dir, admin_ctx.clone())?;
     if let Some(addr) = cfg.metrics {
         admin::metrics::listen(addr, admin_ctx).await?;
@@ -174,8 +176,13 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
 
 /// Wakes the connection of each cookie the verdict program puts on the
 /// `events` ring, and the supervisor of each slot it raises a demand on.
-fn watch_events(ring: aya::maps::RingBuf<aya::maps::MapData>, conns: Arc<Conns>, pools: Arc<Registry>) -> Result<()> {
-    use dispatcher_ebpf::abi::{Event, EVENT_DEMAND, EVENT_HANDOFF, EVENT_WRITE_REFUSED};
+fn watch_events(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    conns: Arc<Conns>,
+    pools: Arc<Registry>,
+    splice: Option<Arc<crate::splice::Splicer>>,
+) -> Result<()> {
+    use dispatcher_ebpf::abi::{Event, EVENT_DEMAND, EVENT_HANDOFF, EVENT_TUNNEL, EVENT_WRITE_REFUSED};
     // SAFETY: the AsyncFd owns the ring (and its fd) while registered.
     let mut ring = unsafe { tokio::io::unix::AsyncFd::register(ring) }.context("polling `events`")?;
     tokio::spawn(async move {
@@ -191,6 +198,11 @@ fn watch_events(ring: aya::maps::RingBuf<aya::maps::MapData>, conns: Arc<Conns>,
                 match e.kind {
                     EVENT_HANDOFF => conns.wake(e.cookie),
                     EVENT_WRITE_REFUSED => conns.write_refused(e.cookie, e.ring),
+                    EVENT_TUNNEL => {
+                        if let Some(s) = &splice {
+                            s.wake(e.cookie);
+                        }
+                    }
                     EVENT_DEMAND => {
                         let ring = e.ring as usize;
                         if let Some(p) = pools.for_ring(ring) {

@@ -25,6 +25,7 @@ mod deliver;
 mod fuzz;
 mod http;
 mod pool;
+mod splice;
 
 use std::path::PathBuf;
 

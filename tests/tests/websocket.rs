@@ -2,8 +2,9 @@
 //! examples/apps/node/server.js) in a `proxy` pool, from a raw client:
 //! the 101, messages both ways (one sent with the request, before the
 //! 101), a tunnel left quiet past the dispatcher's time-outs and the pool's
-//! idle time-out, each side closing; and upgrades that are declined (the
-//! connection goes on as HTTP).
+//! idle time-out, each side closing; the tunnel spliced in the kernel
+//! (sockmap redirects), or copied by the worker when splicing is off; and
+//! upgrades that are declined (the connection goes on as HTTP).
 
 use std::{
     io::{Read, Write},
@@ -110,10 +111,25 @@ fn is_eof(s: &mut TcpStream) -> bool {
     matches!(s.read(&mut b), Ok(0)) || matches!(s.read(&mut b), Ok(0))
 }
 
+/// Bytes of spliced tunnels the kernel redirected (`dispatcher stats`).
+fn redirected(d: &Dispatcher) -> u64 {
+    d.stats()["tunnels"]["redirected_bytes"].as_u64().unwrap_or(0)
+}
+
 #[test]
 fn a_websocket_echo_goes_through_a_proxy_pool_and_the_client_closes_it() {
-    let dir = node_dir("echo");
-    let Some(d) = start(&dir, "", "") else { return };
+    echo_and_close("echo", "");
+}
+
+#[test]
+fn a_websocket_echo_copied_by_the_worker_when_splicing_is_off() {
+    echo_and_close("copied", "[fast_path]\ntunnel_splice = false\n");
+}
+
+fn echo_and_close(test: &str, top: &str) {
+    let spliced = top.is_empty();
+    let dir = node_dir(test);
+    let Some(d) = start(&dir, "", top) else { return };
     // A first message sent with the request, before the 101 (the
     // dispatcher hands it over with the connection).
     let (mut s, head) = upgrade(&d, &frame(1, b"early"));
@@ -123,12 +139,25 @@ fn a_websocket_echo_goes_through_a_proxy_pool_and_the_client_closes_it() {
     // RFC 6455's own example key and its accept value.
     assert!(lower.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
     assert_eq!(read_frame(&mut s), (1, b"early".to_vec()));
-    for n in [5usize, 300, 70_000, 1 << 20] {
+    // 24 MiB goes past a spliced tunnel's in-flight limit (4 MiB) each
+    // way: the dispatcher forwards what the kernel passes up then, in
+    // order with what the kernel redirected.
+    for n in [5usize, 300, 70_000, 1 << 20, 24 << 20] {
         let msg: Vec<u8> = (0..n).map(|i| (i * 7 % 251) as u8).collect();
         s.write_all(&frame(2, &msg)).unwrap();
         let (op, got) = read_frame(&mut s);
         assert_eq!((op, got.len()), (2, n));
         assert!(got == msg, "a {n}-byte message came back different");
+    }
+    // Both ways through the kernel (the 1 MiB message there and back), or
+    // not at all.
+    let r = redirected(&d);
+    if spliced {
+        assert!(r >= 2 << 20, "the kernel redirected only {r} bytes: {}\n{}", d.stats(), d.log());
+        let passed = d.stats()["tunnels"]["passed_bytes"].as_u64().unwrap_or(0);
+        assert!(passed > 0, "the kernel never passed bytes up past the in-flight limit: {}", d.stats());
+    } else {
+        assert_eq!(r, 0, "{}", d.stats());
     }
     // The client closes: the app answers the close and ends; the client
     // sees the end.
@@ -146,13 +175,11 @@ fn a_quiet_tunnel_outlives_the_time_outs_and_the_app_closing_ends_it() {
     let Some(d) = start(&dir, "idle_timeout_secs = 1\n", top) else { return };
     let (mut s, head) = upgrade(&d, b"");
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}\n{}", d.log());
-    let worker = d.workers();
-    // Quiet for three times every time-out: the tunnel stays, and so does
-    // the worker (an open tunnel is work).
+    // Quiet for three times every time-out: the tunnel stays (spliced in
+    // the kernel, it does not need the worker, which may idle out).
     std::thread::sleep(Duration::from_secs(3));
     s.write_all(&frame(1, b"still there?")).unwrap();
     assert_eq!(read_frame(&mut s), (1, b"still there?".to_vec()), "{}", d.log());
-    assert_eq!(d.workers(), worker, "the worker changed under an open tunnel");
     // The app closes: the client gets its close, then the end.
     s.write_all(&frame(1, b"bye")).unwrap();
     assert_eq!(read_frame(&mut s).0, 8);

@@ -75,6 +75,16 @@ impl Addr {
         self.connect().await.is_ok()
     }
 
+    /// A new TCP connection to the app (without Nagle); for a TCP address.
+    pub async fn connect_tcp(&self) -> std::io::Result<tokio::net::TcpStream> {
+        let Addr::Tcp(a) = self else {
+            return Err(std::io::Error::other("not a TCP address"));
+        };
+        let tcp = tokio::net::TcpStream::connect(a).await?;
+        tcp.set_nodelay(true)?;
+        Ok(tcp)
+    }
+
     /// A new connection to the app (TCP without Nagle).
     pub async fn connect(&self) -> std::io::Result<Box<dyn Io>> {
         Ok(match self {

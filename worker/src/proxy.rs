@@ -105,7 +105,12 @@ impl AppPool {
     }
 
     async fn connect(&self) -> Result<SendRequest<crate::Body>, BoxError> {
-        let io = self.addr.connect().await?;
+        let io = match &self.addr {
+            // Kept as a TcpStream so that a tunnel can take the socket out
+            // of hyper after a 101 (to splice it in the kernel).
+            Addr::Tcp(_) => AppStream::Tcp(self.addr.connect_tcp().await?),
+            Addr::Unix(_) => AppStream::Other(self.addr.connect().await?),
+        };
         let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
         let addr = self.addr.to_string();
         tokio::spawn(async move {
@@ -157,6 +162,112 @@ impl Drop for PooledBody {
     }
 }
 
+/// A connection to the app.
+enum AppStream {
+    Tcp(tokio::net::TcpStream),
+    Other(Box<dyn crate::app::Io>),
+}
+
+impl tokio::io::AsyncRead for AppStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            AppStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            AppStream::Other(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for AppStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            AppStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            AppStream::Other(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            AppStream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            AppStream::Other(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            AppStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            AppStream::Other(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The app's TCP socket out of its upgraded connection, with what hyper
+/// had read past the 101, for the dispatcher to splice; `Err` gives the
+/// connection back when that cannot be (not TCP, or too much read).
+fn app_socket(
+    up: hyper::upgrade::Upgraded,
+    idle: Option<Duration>,
+) -> Result<crate::upgrade::SpliceApp, Box<dyn crate::app::Io>> {
+    let parts = match up.downcast::<hyper_util::rt::TokioIo<AppStream>>() {
+        Ok(p) => p,
+        Err(up) => return Err(Box::new(hyper_util::rt::TokioIo::new(up))),
+    };
+    let early = parts.read_buf;
+    match parts.io.into_inner() {
+        AppStream::Tcp(s) if early.len() <= crate::proto::TUNNEL_MAX_EARLY => match s.into_std() {
+            Ok(s) => Ok(crate::upgrade::SpliceApp { fd: Arc::new(s.into()), early, idle }),
+            Err(e) => {
+                tracing::warn!("the app's socket could not leave the poller: {e}");
+                Err(rebuild(AppStream::Other(Box::new(tokio::io::empty())), early))
+            }
+        },
+        io => Err(rebuild(io, early)),
+    }
+}
+
+/// An upgraded connection again, from its parts.
+fn rebuild(io: AppStream, early: Bytes) -> Box<dyn crate::app::Io> {
+    Box::new(Prefixed { early, io })
+}
+
+/// A stream that first yields `early`.
+struct Prefixed {
+    early: Bytes,
+    io: AppStream,
+}
+
+impl tokio::io::AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.early.is_empty() {
+            let n = self.early.len().min(buf.remaining());
+            buf.put_slice(&self.early.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Prefixed {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// The app's side of a 101, in its response's extensions.
 #[derive(Clone)]
 struct AppUpgrade(Arc<Mutex<Option<hyper::upgrade::OnUpgrade>>>);
@@ -165,13 +276,11 @@ struct AppUpgrade(Arc<Mutex<Option<hyper::upgrade::OnUpgrade>>>);
 /// end of stream on one side shuts the other's write side, and the tunnel
 /// ends when both have, when either breaks, or after `idle` with nothing
 /// either way (both then close).
-async fn tunnel(client: crate::upgrade::OnUpgrade, app: hyper::upgrade::OnUpgrade, idle: Option<Duration>) {
+async fn tunnel(client: crate::upgrade::OnUpgrade, app: Box<dyn crate::app::Io>, idle: Option<Duration>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (client, app) = tokio::join!(client.upgraded(), app);
-    let (client, app) = match (client, app) {
-        (Ok(c), Ok(a)) => (c, hyper_util::rt::TokioIo::new(a)),
-        (Err(e), _) => return tracing::warn!("upgrade: the client's connection: {e}"),
-        (_, Err(e)) => return tracing::warn!("upgrade: the app's connection: {e}"),
+    let client = match client.upgraded().await {
+        Ok(c) => c,
+        Err(e) => return tracing::warn!("upgrade: the client's connection: {e}"),
     };
     let (cr, cw) = tokio::io::split(client);
     let (ar, aw) = tokio::io::split(app);
@@ -259,7 +368,29 @@ impl tower_service::Service<Request<crate::Body>> for Forward {
                             if let Some(p) = proto {
                                 parts.headers.insert(header::UPGRADE, p);
                             }
-                            tokio::spawn(tunnel(client, app, idle));
+                            match app.await {
+                                Ok(app) => {
+                                    // Spliced in the kernel if it can be,
+                                    // else copied here.
+                                    let app = if client.can_splice() {
+                                        app_socket(app, idle)
+                                    } else {
+                                        Err(Box::new(hyper_util::rt::TokioIo::new(app)) as Box<dyn crate::app::Io>)
+                                    };
+                                    match app {
+                                        Ok(s) => {
+                                            parts.extensions.insert(s);
+                                        }
+                                        Err(app) => {
+                                            tokio::spawn(tunnel(client, app, idle));
+                                        }
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::warn!(addr = %pool.addr, "upgrade: the app's connection: {e}");
+                                    parts.status = http::StatusCode::BAD_GATEWAY;
+                                }
+                            }
                         }
                         (Some(_), None) => {
                             // A 101 to a request that did not ask for it.

@@ -226,7 +226,7 @@ fn to_http(raw: Raw, body: Body, can_tunnel: bool) -> Option<(Meta, http::Reques
     }
     let mut upgrade = None;
     if raw.upgrade && can_tunnel {
-        let (on, tx) = OnUpgrade::new();
+        let (on, tx) = OnUpgrade::new(raw.splice);
         b = b.extension(on);
         upgrade = Some(tx);
     }
@@ -267,6 +267,19 @@ fn switch(out: &Arc<Outbound>, meta: &Meta, headers: &HeaderMap, tx: UpgradeTx) 
     });
 }
 
+/// Sends the 101 with `headers`, the app's socket and what the app sent
+/// after its 101 to the dispatcher, which joins that socket with the
+/// client's in the kernel once the 101 is written.
+fn splice(out: &Arc<Outbound>, meta: &Meta, headers: &HeaderMap, app: crate::upgrade::SpliceApp) {
+    let mut b = BytesMut::new();
+    encode::switching(&mut b, headers);
+    out.count(101, meta.received.elapsed());
+    out.log_raw(meta.conn, meta.received, &meta.raw_head, 101, 0);
+    if let Err(e) = out.splice(meta.conn, meta.seq, &b, &app.early, app.fd, app.idle) {
+        tracing::warn!(conn = meta.conn, "sending a tunnel to splice to the dispatcher: {e}");
+    }
+}
+
 /// Polls `body` once: its next frame if one is ready now.
 async fn poll_once<B: HttpBody + Unpin>(body: &mut B) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
     std::future::poll_fn(|cx: &mut Context<'_>| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
@@ -284,13 +297,14 @@ where
     B::Error: Into<BoxError>,
 {
     use bytes::Buf;
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
     let status = parts.status;
     let upgrade = meta.upgrade.take();
     if status == StatusCode::SWITCHING_PROTOCOLS {
-        match upgrade {
-            Some(tx) => switch(out, meta, &parts.headers, tx),
-            None => {
+        match (upgrade, parts.extensions.remove::<crate::upgrade::SpliceApp>()) {
+            (Some(_), Some(app)) => splice(out, meta, &parts.headers, app),
+            (Some(tx), None) => switch(out, meta, &parts.headers, tx),
+            (None, _) => {
                 tracing::error!(
                     conn = meta.conn,
                     seq = meta.seq,

@@ -83,7 +83,17 @@ where
         }
         let head = buf.split_to(head_len).freeze();
         let body = buf.split_to(cl).freeze();
-        let raw = Raw { conn: 0, seq, head, body, close, from_kernel: false, peer: s.peer_addr().ok(), upgrade: false };
+        let raw = Raw {
+            conn: 0,
+            seq,
+            head,
+            body,
+            close,
+            from_kernel: false,
+            peer: s.peer_addr().ok(),
+            upgrade: false,
+            splice: false,
+        };
         seq = seq.wrapping_add(1);
         let Ok(req) = Request::parse(raw) else { return Ok(()) };
         let head_only = req.method == "HEAD";

@@ -32,6 +32,7 @@ use tokio::sync::oneshot;
 #[derive(Clone)]
 pub struct OnUpgrade {
     rx: Arc<std::sync::Mutex<Option<Pending>>>,
+    splice: bool,
 }
 
 /// Where the upgraded connection (or why there is none) arrives.
@@ -52,9 +53,17 @@ pub enum UpgradeError {
 
 impl OnUpgrade {
     /// A pending upgrade and its other end (kept by `serve`).
-    pub(crate) fn new() -> (OnUpgrade, oneshot::Sender<Result<Upgraded, UpgradeError>>) {
+    pub(crate) fn new(splice: bool) -> (OnUpgrade, oneshot::Sender<Result<Upgraded, UpgradeError>>) {
         let (tx, rx) = oneshot::channel();
-        (OnUpgrade { rx: Arc::new(std::sync::Mutex::new(Some(rx))) }, tx)
+        (OnUpgrade { rx: Arc::new(std::sync::Mutex::new(Some(rx))), splice }, tx)
+    }
+
+    /// Whether the dispatcher can join the client's socket with an app's
+    /// TCP socket in the kernel: a service that talks to the app over TCP
+    /// puts [`SpliceApp`] in its 101's extensions instead of calling
+    /// [`OnUpgrade::upgraded`].
+    pub(crate) fn can_splice(&self) -> bool {
+        self.splice
     }
 
     /// The client's connection, once the 101 is written and it is this
@@ -64,6 +73,17 @@ impl OnUpgrade {
         let rx = self.rx.lock().unwrap().take().ok_or(UpgradeError::Taken)?;
         rx.await.map_err(|_| UpgradeError::NotUpgraded)?
     }
+}
+
+/// In a 101's extensions (to a request whose [`OnUpgrade`] can splice):
+/// the app's socket and what the app sent after its 101 that was already
+/// read, for the dispatcher to join with the client's socket.
+#[derive(Clone)]
+pub(crate) struct SpliceApp {
+    pub fd: Arc<OwnedFd>,
+    pub early: Bytes,
+    /// The tunnel closes after this long with nothing either way.
+    pub idle: Option<std::time::Duration>,
 }
 
 /// The client's connection after a 101: what it sent early, then the

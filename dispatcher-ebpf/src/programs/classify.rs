@@ -33,7 +33,7 @@ use dispatcher_ebpf::{
 
 use crate::{
     maps::{config, conn_state, events, paused, routes, steps},
-    queue, retrans,
+    queue, retrans, tunnel,
 };
 
 /// Result of one step.
@@ -68,7 +68,7 @@ fn run(ctx: &SkBuffContext, first: bool) -> u32 {
     // are processed one at a time (the socket is locked).
     let st = unsafe { &mut *st };
     if first {
-        st.seg_off = match retrans::trim_old(ctx, st) {
+        st.seg_off = match retrans::trim_old(ctx, &mut st.tcp_known, &mut st.tcp_next) {
             retrans::Fresh::From(skip) => skip,
             // All seen before (and passed on or consumed then).
             retrans::Fresh::Nothing => return SK_DROP,
@@ -83,7 +83,8 @@ fn run(ctx: &SkBuffContext, first: bool) -> u32 {
         MODE_HEAD => head_step(ctx, st, cookie, off, len),
         MODE_BODY => body_step(ctx, st, cookie, off, len),
         MODE_DRAIN => return SK_DROP,
-        _ => return SK_PASS,
+        // User space's (counted), or a spliced tunnel's.
+        _ => return tunnel::steer(ctx, cookie, &mut st.slow_passed, &mut st.tun_redirected, tunnel::Peer::App),
     };
     match next {
         Next::At(off) => {
@@ -94,20 +95,21 @@ fn run(ctx: &SkBuffContext, first: bool) -> u32 {
             // SAFETY: steps[0] holds classify_step, a program of this type.
             unsafe { steps.tail_call(ctx, 0) };
             // The tail-call budget is spent: user space takes the rest.
-            handoff(st, cookie, reason::TOO_MANY_STEPS, UNROUTED, off, 0)
+            handoff(st, cookie, reason::TOO_MANY_STEPS, UNROUTED, off, 0, len)
         }
         Next::Handoff { reason, pool, skip } => {
             let prefix = st.head_len;
-            handoff(st, cookie, reason, pool, skip, prefix)
+            handoff(st, cookie, reason, pool, skip, prefix, len)
         }
     }
 }
 
 /// Gives the connection to user space from segment offset `skip`, after
-/// `prefix` buffered head bytes.
+/// `prefix` buffered head bytes; the segment (`len` bytes) is passed whole.
 #[inline(always)]
-fn handoff(st: &mut ConnState, cookie: u64, why: u32, pool: u32, skip: u32, prefix: u32) -> u32 {
+fn handoff(st: &mut ConnState, cookie: u64, why: u32, pool: u32, skip: u32, prefix: u32, len: u32) -> u32 {
     st.mode = MODE_SLOW;
+    st.slow_passed = len as u64;
     st.handoff_skip = skip;
     st.handoff_prefix = prefix;
     st.handoff_reason = why;

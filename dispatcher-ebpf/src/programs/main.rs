@@ -12,6 +12,9 @@
 //! - `guard::guard` (XDP, on the interface when one is configured): drops
 //!   packets to the service port from denied sources or over a source's
 //!   new-connection rate, before the TCP stack.
+//! - `tunnel::tunnel` (sk_skb stream verdict on `tunnels`) and
+//!   `tunnel::steer` (called by `classify`): splice a tunnel's two sockets
+//!   after a 101.
 //! - `maps`: every map, with the names `bpftool` shows.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 // Atomic adds on the BPF target (see queue::atomic_add).
@@ -31,6 +34,8 @@ mod maps;
 mod queue;
 #[cfg(target_arch = "bpf")]
 mod retrans;
+#[cfg(target_arch = "bpf")]
+mod tunnel;
 
 /// Returns `n` (which must be in `1..=max`, `max` a power of two) in a
 /// form whose range `1..=max` the verifier can see. The black box keeps

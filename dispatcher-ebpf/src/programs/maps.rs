@@ -10,15 +10,33 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use dispatcher_ebpf::abi::{
-    gate, reason, retrans, verdict, Config, ConnState, Event, GuardConfig, LeaseHolder, PoolCounters, PoolInfo,
-    RateState, RouteKeyData, RouteValue, SlowCounters, GUARD_MAX_CIDRS, GUARD_MAX_SOURCES, MAX_POOLS, MAX_RINGS,
-    MAX_ROUTE_ENTRIES,
+    gate, reason, retrans, tunnel, verdict, Config, ConnState, Event, GuardConfig, LeaseHolder, PoolCounters, PoolInfo,
+    RateState, RouteKeyData, RouteValue, SlowCounters, TunnelCtl, TunnelSeen, GUARD_MAX_CIDRS, GUARD_MAX_SOURCES,
+    MAX_POOLS, MAX_RINGS, MAX_ROUTE_ENTRIES,
 };
 
 /// Connections accepted on the listening port, keyed by socket cookie.
 /// The stream verdict program is attached to this map.
 #[btf_map]
 pub static conns: SockHash<u64, 65536> = SockHash::new();
+
+/// The app's sockets of spliced tunnels, keyed by socket cookie (put in
+/// by the dispatcher after a 101); the `tunnel` verdict is attached here.
+#[btf_map]
+pub static tunnels: SockHash<u64, 65536> = SockHash::new();
+
+/// How each socket of a spliced tunnel is steered (see `abi::TunnelCtl`),
+/// by socket cookie; written by the dispatcher.
+#[btf_map]
+pub static tunnel_ctl: HashMap<u64, TunnelCtl, 65536, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
+
+/// The `tunnel` verdict's counters per app socket, by socket cookie.
+#[btf_map]
+pub static tunnel_seen: HashMap<u64, TunnelSeen, 65536, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
+
+/// Spliced tunnels' counters, by `abi::tunnel`.
+#[btf_map]
+pub static tunnel_stats: PerCpuArray<u64, { tunnel::COUNT as usize }> = PerCpuArray::new();
 
 /// Per-connection framing state, keyed by socket cookie. Created by the
 /// sockops program when the connection is established, deleted by the

@@ -22,7 +22,7 @@ use aya_ebpf::{
     helpers::generated::{bpf_probe_read_kernel, bpf_skb_adjust_room},
     programs::SkBuffContext,
 };
-use dispatcher_ebpf::abi::{retrans, ConnState};
+use dispatcher_ebpf::abi::retrans;
 
 use crate::{maps::retrans_stats, queue::atomic_add};
 
@@ -43,9 +43,10 @@ pub enum Fresh {
 }
 
 /// Trims the bytes of the segment the program saw before; remembers how
-/// far the connection's byte stream has been seen.
+/// far the connection's byte stream has been seen (`tcp_next`, valid once
+/// `tcp_known` is nonzero; the fields of `ConnState` or `TunnelSeen`).
 #[inline(always)]
-pub fn trim_old(ctx: &SkBuffContext, st: &mut ConnState) -> Fresh {
+pub fn trim_old(ctx: &SkBuffContext, tcp_known: &mut u32, tcp_next: &mut u32) -> Fresh {
     let skb = ctx.skb.skb;
     let len = ctx.len();
     let mut seqs = [0u32; 2];
@@ -65,14 +66,14 @@ pub fn trim_old(ctx: &SkBuffContext, st: &mut ConnState) -> Fresh {
         return Fresh::From(0);
     }
     let end = seq.wrapping_add(len);
-    if st.tcp_known == 0 {
-        st.tcp_known = 1;
-        st.tcp_next = end;
+    if *tcp_known == 0 {
+        *tcp_known = 1;
+        *tcp_next = end;
         return Fresh::From(0);
     }
-    let old = st.tcp_next.wrapping_sub(seq) as i32;
-    if (end.wrapping_sub(st.tcp_next) as i32) > 0 {
-        st.tcp_next = end;
+    let old = tcp_next.wrapping_sub(seq) as i32;
+    if (end.wrapping_sub(*tcp_next) as i32) > 0 {
+        *tcp_next = end;
     }
     if old <= 0 {
         return Fresh::From(0);

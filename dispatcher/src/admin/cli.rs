@@ -66,7 +66,7 @@ pub fn stats(instance: &str) -> Result<()> {
         });
         pools.insert(name, serde_json::to_value(p)?);
     }
-    let out = serde_json::json!({ "instance": instance, "pools": pools, "handoffs": stats.handoffs, "retransmits": stats.retransmits, "guard": stats.guard, "lease_gate": stats.lease_gate });
+    let out = serde_json::json!({ "instance": instance, "pools": pools, "handoffs": stats.handoffs, "retransmits": stats.retransmits, "guard": stats.guard, "lease_gate": stats.lease_gate, "tunnels": stats.tunnels });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }

@@ -208,6 +208,19 @@ pub fn render(ctx: &Context) -> String {
             let _ = writeln!(out, "dispatcher_lease_gate_refused_total{{what=\"writes\"}} {w}");
             let _ = writeln!(out, "dispatcher_lease_gate_refused_total{{what=\"bytes\"}} {b}");
         }
+        help(
+            &mut out,
+            "dispatcher_tunnel_bytes_total",
+            "counter",
+            "Bytes of spliced tunnels (after a 101), moved by the kernel's redirect or by the dispatcher.",
+        );
+        {
+            for (k, how) in [("redirected_bytes", "kernel"), ("passed_bytes", "dispatcher")] {
+                if let Some(v) = stats.tunnels.get(k) {
+                    let _ = writeln!(out, "dispatcher_tunnel_bytes_total{{by=\"{how}\"}} {v}");
+                }
+            }
+        }
         help(&mut out, "dispatcher_guard_packets_total", "counter", "Packets the XDP guard judged, by verdict.");
         for (v, n) in &stats.guard {
             let _ = writeln!(out, "dispatcher_guard_packets_total{{verdict=\"{v}\"}} {n}");

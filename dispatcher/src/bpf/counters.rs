@@ -74,6 +74,9 @@ pub struct Stats {
     /// The lease gate's refused writes (`abi::gate`): `refused`,
     /// `refused_bytes`.
     pub lease_gate: BTreeMap<String, u64>,
+    /// Spliced tunnels' segments and bytes, redirected by the kernel or
+    /// passed to the dispatcher.
+    pub tunnels: BTreeMap<String, u64>,
 }
 
 /// One pool index's counters, summed over CPUs.
@@ -139,6 +142,19 @@ pub fn read_stats(instance: &str, npools: Option<u32>) -> Result<Stats> {
         use dispatcher_ebpf::abi::gate;
         for (i, name) in [(gate::REFUSED, "refused"), (gate::REFUSED_BYTES, "refused_bytes")] {
             stats.lease_gate.insert(name.to_string(), m.get(&i, 0)?.iter().sum());
+        }
+    }
+    if let Ok(m) = open("tunnel_stats") {
+        let m: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(m))?;
+        use dispatcher_ebpf::abi::tunnel;
+        let names = [
+            (tunnel::REDIRECTED, "redirected"),
+            (tunnel::REDIRECTED_BYTES, "redirected_bytes"),
+            (tunnel::PASSED, "passed"),
+            (tunnel::PASSED_BYTES, "passed_bytes"),
+        ];
+        for (i, name) in names {
+            stats.tunnels.insert(name.to_string(), m.get(&i, 0)?.iter().sum());
         }
     }
     for r in 1..reason::COUNT {

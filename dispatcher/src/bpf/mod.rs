@@ -14,6 +14,7 @@ mod rings;
 mod route_names;
 mod routes;
 mod sys;
+mod tunnels;
 
 use std::{
     fs,
@@ -34,6 +35,7 @@ pub use counters::{read_stats, Counters};
 pub use guard::{Guard, GuardList};
 pub use rings::Rings;
 pub use routes::{RouteLookup, RouteTable, Routed};
+pub use tunnels::TunnelTable;
 
 use crate::config::Config;
 
@@ -68,6 +70,10 @@ const PINNED_MAPS: &[&str] = &[
     "guard_stats",
     "guard_conns",
     "gate_stats",
+    "tunnels",
+    "tunnel_ctl",
+    "tunnel_seen",
+    "tunnel_stats",
 ];
 
 /// The loaded programs of one instance, and their pins. Holding it keeps
@@ -95,6 +101,9 @@ pub struct Maps {
     pub counters: Counters,
     /// The XDP guard's lists, limits and counters.
     pub guard: Guard,
+    /// `tunnels`, `tunnel_ctl`, `tunnel_seen` (the splice tasks); None
+    /// when tunnels are not spliced.
+    pub tunnels: Option<TunnelTable>,
     /// `events`: hand-offs and demands for a worker (taken by the task
     /// that reads it).
     pub events: RingBuf<MapData>,
@@ -166,6 +175,18 @@ impl Kernel {
             verdict.attach(&conns_fd).context("attaching the stream verdict to `conns`")?;
             verdict.pin(pin_dir.join("classify")).context("pinning classify")?;
         }
+        let splice = cfg.tunnel_splice && !cfg.lease_gate;
+        if splice {
+            let tunnels_fd = {
+                let t: SockHash<&mut MapData, u64> = SockHash::try_from(ebpf.map_mut("tunnels").unwrap())?;
+                t.fd().try_clone().context("duplicating the `tunnels` fd")?
+            };
+            let verdict: &mut SkSkb =
+                ebpf.program_mut("tunnel").ok_or_else(|| anyhow!("no program tunnel"))?.try_into()?;
+            verdict.load().map_err(verifier("tunnel"))?;
+            verdict.attach(&tunnels_fd).context("attaching the tunnel verdict to `tunnels`")?;
+            verdict.pin(pin_dir.join("tunnel")).context("pinning tunnel")?;
+        }
         let gate = cfg.lease_gate && initial_pid_namespace();
         if cfg.lease_gate && !gate {
             tracing::warn!(
@@ -231,6 +252,11 @@ impl Kernel {
         let rings = Rings::new(pin_dir.clone(), take("pools")?, take("rings")?, take("ring_awake")?)?;
         let counters = Counters::new(take("pool_stats")?, take("slow_stats")?)?;
         let events = RingBuf::try_from(take("events")?)?;
+        let tunnels = if splice {
+            Some(TunnelTable::new(take("tunnels")?, take("tunnel_ctl")?, take("tunnel_seen")?)?)
+        } else {
+            None
+        };
 
         let mut attached = vec![
             ("track_conn", "sockops", format!("cgroup {}", cgroup.display())),
@@ -240,12 +266,15 @@ impl Kernel {
         if gate {
             attached.push(("lease_gate", "sk_msg", "sockhash `conns`".to_string()));
         }
+        if splice {
+            attached.push(("tunnel", "sk_skb stream verdict", "sockhash `tunnels`".to_string()));
+        }
         if let Some(iface) = &cfg.iface {
             let mode = attach_guard(ebpf, iface, &pin_dir)?;
             attached.push(("guard", "xdp", format!("{iface} ({mode} mode)")));
             guard.at = Some((iface.clone(), mode));
         }
-        Ok(Maps { conns, routes, lookup, rings, counters, guard, events, attached })
+        Ok(Maps { conns, routes, lookup, rings, counters, guard, tunnels, events, attached })
     }
 
     pub fn pin_dir(&self) -> &Path {

@@ -110,7 +110,7 @@ impl Conn {
         // The worker's writes count as written from here on (a later
         // holder's death is judged against this).
         if let Sock::Polled(stream) = &self.sock {
-            if let Ok(n) = socket_written(stream) {
+            if let Ok(n) = socket_written(std::os::fd::AsRawFd::as_raw_fd(stream)) {
                 self.written = n;
             }
         }
@@ -142,7 +142,7 @@ impl Conn {
         });
         self.unpark();
         let Sock::Polled(stream) = &self.sock else { return Flow::Close };
-        let n = match socket_written(stream) {
+        let n = match socket_written(std::os::fd::AsRawFd::as_raw_fd(stream)) {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(conn = self.cookie, "the worker holding the connection died; closing it ({e})");

@@ -39,6 +39,7 @@ use tokio::{net::TcpStream, sync::mpsc};
 use tracing::Instrument;
 
 pub use parking::Parking;
+pub(crate) use socket::socket_written;
 pub use timers::{Timeout, Timeouts};
 
 use crate::{
@@ -70,6 +71,9 @@ pub struct Context {
     pub local: Arc<LocalAnswers>,
     /// Connections the time-outs ended, counted.
     pub timeouts: Arc<Timeouts>,
+    /// Where upgraded connections are spliced with their app's socket
+    /// (None: `fast_path.tunnel_splice` is off, or the lease gate is on).
+    pub splice: Option<Arc<crate::splice::Splicer>>,
 }
 
 /// The limits a connection enforces (from `[limits]` and `[fast_path]`).
@@ -158,6 +162,7 @@ pub async fn serve(
         written: 0,
         request_line: Vec::new(),
         handed_over: false,
+        read: 0,
         resume_due: false,
         deferred: std::collections::VecDeque::new(),
         replay_due: false,
@@ -213,6 +218,9 @@ struct Conn {
     /// not closed here, and its kernel state stays (the verdict program
     /// still trims retransmitted bytes off its segments).
     handed_over: bool,
+    /// Bytes read from the socket (all after the kernel's hand-off: the
+    /// kernel counts the same to splice a tunnel, see `abi::TunnelCtl`).
+    read: u64,
     /// An upgrade was declined: the parser's held bytes are parsed next.
     resume_due: bool,
     /// Parsed events held back: a request that waits for this
@@ -295,6 +303,7 @@ impl Conn {
                             self.revoke();
                         }
                         Ok(n) => {
+                            self.read += n as u64;
                             self.last_progress = Instant::now();
                             let data = if buf.is_empty() { probe[..n].to_vec() } else { buf[..n].to_vec() };
                             if buf.is_empty() {

@@ -73,7 +73,8 @@ impl Conn {
             self.replay_due |= !self.deferred.is_empty();
             if upgrade {
                 match tunnel {
-                    Some(to) => return self.hand_over(to),
+                    Some(crate::deliver::Tunnel::Worker(to)) => return self.hand_over(to),
+                    Some(crate::deliver::Tunnel::Splice(s)) => return self.splice_over(s).await,
                     // Declined: what the client sent since is HTTP again.
                     None => {
                         if let Some(s) = &mut self.slow {
@@ -123,6 +124,35 @@ impl Conn {
         } else {
             tracing::warn!(conn = self.cookie, "upgraded, but the worker is gone: closing");
         }
+        Flow::Close
+    }
+
+    /// The 101 is written: after what the app sent after it, the
+    /// connection and the app's socket are joined in the kernel, watched
+    /// by a splice task; this task forgets the connection.
+    async fn splice_over(&mut self, to: crate::deliver::SpliceTo) -> Flow {
+        let early = self.slow.as_mut().map(|s| s.parser.take_rest()).unwrap_or_default();
+        if early.len() > dispatcher_ebpf::wire::TUNNEL_MAX_EARLY {
+            tracing::info!(conn = self.cookie, early = early.len(), "upgraded after too many early bytes: closing");
+            return Flow::Close;
+        }
+        let Some(splicer) = self.ctx.splice.clone() else {
+            tracing::warn!(conn = self.cookie, "a worker sent a tunnel to splice, but splicing is off: closing");
+            return Flow::Close;
+        };
+        if !to.early.is_empty() && !self.write(&to.early).await {
+            return Flow::Close;
+        }
+        let Sock::Polled(stream) = std::mem::replace(&mut self.sock, Sock::Gone) else { return Flow::Close };
+        let client = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(conn = self.cookie, "upgraded, but the socket could not leave the poller: {e}");
+                return Flow::Close;
+            }
+        };
+        self.handed_over = true;
+        splicer.start(self.cookie, client, to.app, early, self.read, to.idle);
         Flow::Close
     }
 

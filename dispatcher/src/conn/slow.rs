@@ -11,7 +11,7 @@ use std::{
 
 use dispatcher_ebpf::abi::{
     reason, RecordHeader, LENGTH_UNKNOWN, MODE_SLOW, RECORD_BODY, RECORD_HEAD, REC_CLOSE, REC_LAST, REC_SLOW,
-    REC_TRAILERS, REC_UPGRADE,
+    REC_SPLICE, REC_TRAILERS, REC_UPGRADE,
 };
 use dispatcher_ebpf::wire::MAX_FRAME;
 
@@ -313,6 +313,11 @@ impl Conn {
                 }
                 if h.upgrade {
                     flags |= REC_UPGRADE;
+                    // The kernel can join the client's socket with an
+                    // app's only if it tracks the connection.
+                    if self.ctx.splice.is_some() && self.ctx.conn_state.get(self.cookie).is_some() {
+                        flags |= REC_SPLICE;
+                    }
                 }
                 let hdr = RecordHeader {
                     conn: self.cookie,

@@ -1,11 +1,8 @@
 //! What the connection task asks the kernel about its TCP socket.
 
-use tokio::net::TcpStream;
-
 /// Bytes written into a TCP socket by anyone since it opened: acknowledged
 /// plus still queued, read until no ACK moved them in between.
-pub(super) fn socket_written(stream: &TcpStream) -> std::io::Result<u64> {
-    use std::os::fd::AsRawFd;
+pub(crate) fn socket_written(fd: std::os::fd::RawFd) -> std::io::Result<u64> {
     /// `struct tcp_info` up to `tcpi_bytes_acked` (linux/tcp.h).
     #[repr(C)]
     #[derive(Default)]
@@ -15,7 +12,6 @@ pub(super) fn socket_written(stream: &TcpStream) -> std::io::Result<u64> {
         _pacing: [u64; 2],
         bytes_acked: u64,
     }
-    let fd = stream.as_raw_fd();
     let outq = || {
         let mut q: libc::c_int = 0;
         // SAFETY: SIOCOUTQ writes one int.

@@ -10,10 +10,10 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use dispatcher_ebpf::wire::{LeaseMsg, NO_ENTRY};
+use dispatcher_ebpf::wire::{LeaseMsg, LEASE_MSG_LEN, NO_ENTRY};
 use tokio::io::{unix::AsyncFd, Interest};
 
-use super::Conns;
+use super::{Conns, Frame};
 
 /// The dispatcher's end of one worker's lease socket: grants (with the
 /// connection's socket), denials, revocations and forgets, in order.
@@ -168,37 +168,85 @@ impl LeaseTx {
         self.pid.load(Ordering::Relaxed)
     }
 
-    /// Reads the worker's hello (any packet on the lease socket): the sender's
-    /// process id, checked by the kernel (`SO_PASSCRED`), is the one the
-    /// lease gate will let write. Only the first counts.
-    async fn read_hello(self: Arc<Self>) {
+    /// Reads what the worker sends on its lease socket until it closes:
+    /// its hello first (any packet), whose sender's process id, checked by
+    /// the kernel (`SO_PASSCRED`), is the one the lease gate will let
+    /// write (only the first counts); then 101s to splice
+    /// ([`LeaseMsg::Splice`]), each delivered to its connection.
+    async fn read_worker(self: Arc<Self>, conns: Arc<Conns>) {
         use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixCredentials};
+        let mut buf = vec![0u8; LEASE_MSG_LEN + 4096 + dispatcher_ebpf::wire::TUNNEL_MAX_EARLY];
         loop {
             let Ok(mut g) = self.sock.readable().await else { return };
-            let mut buf = [0u8; 16];
-            let mut cmsg = nix::cmsg_space!(UnixCredentials);
+            let mut cmsg = nix::cmsg_space!(UnixCredentials, [std::os::fd::RawFd; 1]);
             let mut iov = [io::IoSliceMut::new(&mut buf)];
-            let r = recvmsg::<()>(self.sock.get_ref().as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT);
-            match r {
+            let r = recvmsg::<()>(
+                self.sock.get_ref().as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+            );
+            let (n, pid, fd) = match r {
                 Ok(m) if m.bytes == 0 => return,
                 Ok(m) => {
-                    let pid = m.cmsgs().ok().into_iter().flatten().find_map(|c| match c {
-                        ControlMessageOwned::ScmCredentials(c) => Some(c.pid()),
-                        _ => None,
-                    });
-                    if let Some(pid) = pid.filter(|&p| p > 0) {
-                        self.pid.store(pid as u32, Ordering::Relaxed);
-                        tracing::debug!(pid, "lease socket: the worker said hello");
-                        // Nothing else comes this way; the task (and its
-                        // hold on the socket) ends here.
-                        return;
+                    let (mut pid, mut fd) = (None, None);
+                    for c in m.cmsgs().ok().into_iter().flatten() {
+                        match c {
+                            ControlMessageOwned::ScmCredentials(c) => pid = Some(c.pid()),
+                            ControlMessageOwned::ScmRights(fds) => {
+                                for f in fds {
+                                    // SAFETY: the kernel just gave us this descriptor.
+                                    let f = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(f) };
+                                    fd.get_or_insert(f);
+                                }
+                            }
+                            _ => {}
+                        }
                     }
+                    (m.bytes, pid, fd)
                 }
-                Err(nix::errno::Errno::EAGAIN) => g.clear_ready(),
+                Err(nix::errno::Errno::EAGAIN) => {
+                    g.clear_ready();
+                    continue;
+                }
                 Err(e) => {
                     tracing::debug!("lease socket read: {e}");
                     return;
                 }
+            };
+            if self.pid() == 0 {
+                if let Some(pid) = pid.filter(|&p| p > 0) {
+                    self.pid.store(pid as u32, Ordering::Relaxed);
+                    tracing::debug!(pid, "lease socket: the worker said hello");
+                }
+                continue;
+            }
+            match LeaseMsg::decode(&buf[..n]) {
+                Ok(LeaseMsg::Splice { conn, seq, head_len, idle_secs }) => {
+                    let rest = &buf[LEASE_MSG_LEN.min(n)..n];
+                    let head_len = (head_len as usize).min(rest.len());
+                    let (Some(app), true) = (fd, head_len > 0) else {
+                        tracing::warn!(conn, "a splice from the worker without the app's socket or a 101; ignored");
+                        continue;
+                    };
+                    let head = bytes::Bytes::copy_from_slice(&rest[..head_len]);
+                    let early = bytes::Bytes::copy_from_slice(&rest[head_len..]);
+                    let idle = (idle_secs > 0).then(|| std::time::Duration::from_secs(idle_secs.into()));
+                    let splice = super::SpliceTo { app, early, idle };
+                    let f = Frame {
+                        seq,
+                        data: head,
+                        last: true,
+                        close: false,
+                        ask: None,
+                        release: None,
+                        credit: None,
+                        tunnel: Some(super::Tunnel::Splice(splice)),
+                    };
+                    conns.deliver(conn, f);
+                }
+                Ok(m) => tracing::warn!("an unexpected message from the worker on its lease socket: {m:?}"),
+                Err(e) => tracing::warn!("a message from the worker on its lease socket: {e}"),
             }
         }
     }
@@ -243,14 +291,17 @@ impl LeaseTx {
 }
 
 /// Makes a lease socket pair and the writer task for our end.
-pub fn lease_socket(progress: Arc<worker::progress::ProgressMap>) -> Result<(Arc<LeaseTx>, OwnedFd)> {
+pub fn lease_socket(
+    progress: Arc<worker::progress::ProgressMap>,
+    conns: Arc<Conns>,
+) -> Result<(Arc<LeaseTx>, OwnedFd)> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .context("lease socketpair")?;
     let fl = nix::fcntl::fcntl(ours.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL).context("F_GETFL")?;
     let fl = nix::fcntl::OFlag::from_bits_truncate(fl) | nix::fcntl::OFlag::O_NONBLOCK;
     nix::fcntl::fcntl(ours.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(fl)).context("F_SETFL")?;
-    // The worker's hello arrives with its credentials (read_hello).
+    // The worker's hello arrives with its credentials (read_worker).
     nix::sys::socket::setsockopt(&ours, nix::sys::socket::sockopt::PassCred, &true).context("SO_PASSCRED")?;
     // SAFETY: the AsyncFd owns the fd for as long as it is registered.
     let sock = unsafe { AsyncFd::register_with_interest(ours, Interest::WRITABLE | Interest::READABLE) }?;
@@ -263,7 +314,7 @@ pub fn lease_socket(progress: Arc<worker::progress::ProgressMap>) -> Result<(Arc
         pid: Default::default(),
     });
     tokio::spawn(tx.clone().write_queued());
-    tokio::spawn(tx.clone().read_hello());
+    tokio::spawn(tx.clone().read_worker(conns));
     Ok((tx, theirs))
 }
 

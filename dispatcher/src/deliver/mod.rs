@@ -269,9 +269,28 @@ pub struct Frame {
     /// `RecordKind::Written` record goes to the worker's control socket
     /// here (the worker sends more only as parts are written).
     pub credit: Option<Credit>,
-    /// (On the last frame of a 101 to an upgrade request) once it is
-    /// written, the connection goes to this worker's lease socket.
-    pub tunnel: Option<Arc<LeaseTx>>,
+    /// (On the last frame of a 101 to an upgrade request) where the
+    /// connection goes once it is written.
+    pub tunnel: Option<Tunnel>,
+}
+
+/// Where an upgraded connection goes after its 101.
+#[derive(Debug)]
+pub enum Tunnel {
+    /// To this worker's lease socket (`LeaseMsg::Tunnel`).
+    Worker(Arc<LeaseTx>),
+    /// Into the kernel, joined with the app's socket the worker sent.
+    Splice(SpliceTo),
+}
+
+/// The app's side of a tunnel to splice: its socket, and what it sent
+/// after its 101 that the worker had read (for the client first).
+#[derive(Debug)]
+pub struct SpliceTo {
+    pub app: std::os::fd::OwnedFd,
+    pub early: Bytes,
+    /// The pool's tunnel idle time-out.
+    pub idle: Option<std::time::Duration>,
 }
 
 /// Where a streamed response's write acknowledgements go: the control

@@ -16,7 +16,7 @@ use worker::proto::{read_frame, BATCH_BYTES};
 use super::link::PoolLink;
 use crate::{
     access_log::AccessLog,
-    deliver::{lease_socket, Conns, Credit, Frame},
+    deliver::{lease_socket, Conns, Credit, Frame, Tunnel},
 };
 
 /// Makes a control socket for a new worker of `link`: our end is served
@@ -33,7 +33,7 @@ pub(super) fn connect(
     let progress = Arc::new(progress);
     let (lease_tx, lease_fd) = match leases {
         true => {
-            let (tx, fd) = lease_socket(progress.clone())?;
+            let (tx, fd) = lease_socket(progress.clone(), conns.clone())?;
             (Some(tx), Some(fd))
         }
         false => (None, None),
@@ -105,7 +105,7 @@ pub(super) fn connect(
                 Ok(WorkerFrame::Response { conn, seq, last, close, want_lease, stream, upgrade }) => {
                     let ask = if want_lease { lease_tx.clone() } else { None };
                     let credit = stream.then(|| Credit(tx.clone()));
-                    let tunnel = if upgrade && last { lease_tx.clone() } else { None };
+                    let tunnel = if upgrade && last { lease_tx.clone().map(Tunnel::Worker) } else { None };
                     let data = Bytes::from(data);
                     conns.deliver(conn, Frame { seq, data, last, close, ask, release: None, credit, tunnel });
                 }

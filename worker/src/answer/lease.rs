@@ -84,7 +84,7 @@ impl Outbound {
         );
         match m {
             // Handled before it gets here (`on_message`).
-            LeaseMsg::Tunnel { .. } => {}
+            LeaseMsg::Tunnel { .. } | LeaseMsg::Splice { .. } => {}
             LeaseMsg::Grant { conn, from, gen, entry } => {
                 let usable = matches!(map.get(&conn), Some(LeaseState::Asked { sent_after: false, .. }));
                 match fd {

@@ -51,6 +51,35 @@ impl Outbound {
         self.ctl.send(frame(f, head)).is_ok()
     }
 
+    /// Sends `head`, a 101's, with the app's socket `app` and `early` (what
+    /// the app sent after it) to the dispatcher on the lease socket
+    /// ([`crate::proto::LeaseMsg::Splice`]).
+    pub(crate) fn splice(
+        &self,
+        conn: u64,
+        seq: u32,
+        head: &[u8],
+        early: &[u8],
+        app: std::sync::Arc<std::os::fd::OwnedFd>,
+        idle: Option<std::time::Duration>,
+    ) -> std::io::Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let Some(sock) = self.lease_sock.get() else {
+            return Err(std::io::Error::other("no lease socket"));
+        };
+        let idle_secs = idle.map_or(0, |d| d.as_secs().clamp(1, u32::MAX as u64) as u32);
+        let m = crate::proto::LeaseMsg::Splice { conn, seq, head_len: head.len() as u32, idle_secs }.encode();
+        let iov = [std::io::IoSlice::new(&m), std::io::IoSlice::new(head), std::io::IoSlice::new(early)];
+        let fds = [app.as_raw_fd()];
+        let cmsgs = [ControlMessage::ScmRights(&fds)];
+        // Blocking is fine: the dispatcher reads this socket all the time,
+        // and a packet this size fits its buffer.
+        sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+            .map(|_| ())
+            .map_err(std::io::Error::from)
+    }
+
     /// Tells the dispatcher this worker reads no more requests.
     pub(crate) fn send_stopped(&self) {
         let _ = self.ctl.send(frame(WorkerFrame::Stopped, &[]));

@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 
 use bytes::{Bytes, BytesMut};
-use dispatcher_ebpf::abi::{RecordHeader, LENGTH_UNKNOWN, REC_CLOSE, REC_LAST, REC_SLOW, REC_TRAILERS, REC_UPGRADE};
+use dispatcher_ebpf::abi::{
+    RecordHeader, LENGTH_UNKNOWN, REC_CLOSE, REC_LAST, REC_SLOW, REC_SPLICE, REC_TRAILERS, REC_UPGRADE,
+};
 use dispatcher_ebpf::wire::RecordKind;
 use tokio::sync::mpsc;
 
@@ -29,6 +31,9 @@ pub struct Raw {
     /// An upgrade request the dispatcher holds the connection for
     /// (`REC_UPGRADE`): a 101 makes the connection this worker's.
     pub upgrade: bool,
+    /// With `upgrade`: the dispatcher can splice the connection with an
+    /// app's TCP socket in the kernel (`REC_SPLICE`).
+    pub splice: bool,
 }
 
 /// The client address a head record carries.
@@ -134,6 +139,7 @@ impl Reassembly {
                     from_kernel,
                     peer: peer_of(hdr),
                     upgrade: hdr.flags & REC_UPGRADE != 0,
+                    splice: hdr.flags & REC_SPLICE != 0,
                 };
                 if hdr.flags & REC_LAST != 0 && hdr.content_length == 0 {
                     self.partial.remove(&key);
@@ -225,6 +231,7 @@ impl Reassembly {
                     from_kernel: p.from_kernel,
                     peer: p.peer,
                     upgrade: false,
+                    splice: false,
                 }))
             }
             // Wake-ups carry nothing; a kind we do not know is skipped.
