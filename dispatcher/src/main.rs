@@ -9,6 +9,8 @@
 //!   connection tasks.
 //! - `pool`: the running pools, their worker slots as activation drives
 //!   them, the workers' control channels, reloads.
+//! - `splice`: spliced tunnels (the kernel joins a client's socket with
+//!   its app's after a 101; a task watches them).
 //! - `conn`: one client connection (ordered write-back, leases, slow path,
 //!   time-outs, parking).
 //! - `admin`: control socket, inspection, metrics, the CLI's client side.
