@@ -136,7 +136,7 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let cookie = match socket_cookie(&stream) {
+                let cookie = match conn::socket_cookie(stream.as_raw_fd()) {
                     Ok(c) => c,
                     Err(e) => { tracing::warn!("SO_COOKIE: {e}"); continue; }
                 };
@@ -228,19 +228,6 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
     sock.listen(LISTEN_BACKLOG)
-}
-
-fn socket_cookie(s: &tokio::net::TcpStream) -> std::io::Result<u64> {
-    let mut v: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt into a u64 with its size.
-    let r = unsafe {
-        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, &mut v as *mut u64 as *mut _, &mut len)
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(v)
 }
 
 /// Removes a directory when dropped.

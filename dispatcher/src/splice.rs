@@ -317,14 +317,5 @@ fn socket_written(s: &std::net::TcpStream) -> io::Result<u64> {
 }
 
 fn socket_cookie(s: &impl AsRawFd) -> io::Result<u64> {
-    let mut v: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt into a u64 with its size.
-    let r = unsafe {
-        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, &mut v as *mut u64 as *mut _, &mut len)
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(v)
+    crate::conn::socket_cookie(s.as_raw_fd())
 }

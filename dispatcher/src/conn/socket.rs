@@ -45,3 +45,15 @@ pub(crate) fn socket_written(fd: std::os::fd::RawFd) -> std::io::Result<u64> {
 pub(super) fn dup_fd(fd: std::os::fd::BorrowedFd<'_>) -> Option<std::os::fd::OwnedFd> {
     fd.try_clone_to_owned().map_err(|e| tracing::warn!("dup of a client socket: {e}")).ok()
 }
+
+/// The socket's cookie (`SO_COOKIE`): its key in the kernel's maps.
+pub(crate) fn socket_cookie(fd: std::os::fd::RawFd) -> std::io::Result<u64> {
+    let mut v: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 with its size.
+    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE, &mut v as *mut u64 as *mut _, &mut len) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(v)
+}
