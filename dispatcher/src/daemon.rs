@@ -136,7 +136,7 @@ pub async fn serve(source: ConfigSource) -> Result<()> {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let cookie = match conn::socket_cookie(stream.as_raw_fd()) {
+                let cookie = match crate::tcp::socket_cookie(stream.as_raw_fd()) {
                     Ok(c) => c,
                     Err(e) => { tracing::warn!("SO_COOKIE: {e}"); continue; }
                 };

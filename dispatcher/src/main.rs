@@ -4,7 +4,7 @@
 //! - `config`: the TOML; `http`: user-space HTTP framing and the
 //!   dispatcher's own answers; `bpf`: the kernel objects (programs, pins,
 //!   and each group of maps owned by the part that uses it);
-//!   `access_log`.
+//!   `access_log`; `tcp`: what the kernel tells of a TCP socket.
 //! - `deliver`: where a worker's frames and lease messages meet the
 //!   connection tasks.
 //! - `pool`: the running pools, their worker slots as activation drives
@@ -28,6 +28,7 @@ mod fuzz;
 mod http;
 mod pool;
 mod splice;
+mod tcp;
 
 use std::path::PathBuf;
 

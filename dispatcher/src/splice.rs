@@ -311,11 +311,11 @@ async fn write_all(s: &AsyncFd<std::net::TcpStream>, mut data: &[u8]) -> io::Res
 }
 
 /// Bytes written into a TCP socket by anyone since it opened (see
-/// `conn::socket::socket_written`).
+/// `tcp::socket_written`).
 fn socket_written(s: &std::net::TcpStream) -> io::Result<u64> {
-    crate::conn::socket_written(s.as_raw_fd())
+    crate::tcp::socket_written(s.as_raw_fd())
 }
 
 fn socket_cookie(s: &impl AsRawFd) -> io::Result<u64> {
-    crate::conn::socket_cookie(s.as_raw_fd())
+    crate::tcp::socket_cookie(s.as_raw_fd())
 }

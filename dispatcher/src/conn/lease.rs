@@ -13,11 +13,8 @@ use dispatcher_ebpf::abi::MODE_SLOW;
 use dispatcher_ebpf::wire::{LeaseMsg, NO_ENTRY};
 use tokio::net::TcpStream;
 
-use super::{
-    socket::{dup_fd, socket_written},
-    Conn, Flow, Sock,
-};
-use crate::deliver::LeaseTx;
+use super::{socket::dup_fd, Conn, Flow, Sock};
+use crate::{deliver::LeaseTx, tcp::socket_written};
 
 /// Who writes on the connection: the states of its lease.
 ///

@@ -39,7 +39,6 @@ use tokio::{net::TcpStream, sync::mpsc};
 use tracing::Instrument;
 
 pub use parking::Parking;
-pub(crate) use socket::{socket_cookie, socket_written};
 pub use timers::{Timeout, Timeouts};
 
 use crate::{
