@@ -47,6 +47,13 @@ const IN_FLIGHT: u64 = 4 << 20;
 /// into the other socket before the tunnel is given up.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
+/// Looks at a busy direction's drain this often, and at an idle one's
+/// at least this often.
+const LOOK_MIN: Duration = Duration::from_millis(1);
+const LOOK_MAX: Duration = Duration::from_secs(1);
+/// The in-flight limit moves in steps of at least this (a map update).
+const LIMIT_STEP: u64 = 256 << 10;
+
 /// Starts and tracks spliced tunnels.
 pub struct Splicer {
     table: TunnelTable,
@@ -91,8 +98,7 @@ impl Splicer {
             me.total.fetch_add(1, Ordering::Relaxed);
             let app = std::net::TcpStream::from(app);
             let app_cookie = socket_cookie(&app).unwrap_or(0);
-            let notify = Arc::new(Notify::new());
-            match me.run(cookie, client, app_cookie, app, to_app, client_read, idle, &notify).await {
+            match me.run(cookie, client, app_cookie, app, to_app, client_read, idle).await {
                 Ok(()) => tracing::debug!(conn = cookie, "spliced tunnel closed"),
                 Err(e) => tracing::info!(conn = cookie, "spliced tunnel closed: {e}"),
             }
@@ -118,7 +124,6 @@ impl Splicer {
         to_app: Bytes,
         client_read: u64,
         idle: Option<Duration>,
-        notify: &Arc<Notify>,
     ) -> io::Result<()> {
         if app_cookie == 0 {
             return Err(io::Error::other("the app's socket has no cookie (not a TCP socket?)"));
@@ -131,16 +136,15 @@ impl Splicer {
         let client = unsafe { AsyncFd::register_with_interest(client, Interest::WRITABLE) }?;
         let app = unsafe { AsyncFd::register_with_interest(app, Interest::WRITABLE) }?;
         write_all(&app, &to_app).await?;
-        let hup = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
-        let flags = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
-        hup.add(client.get_ref(), EpollEvent::new(flags, 0)).map_err(io::Error::from)?;
-        hup.add(app.get_ref(), EpollEvent::new(flags, 1)).map_err(io::Error::from)?;
-        // SAFETY: as above.
-        let hup = unsafe { AsyncFd::register_with_interest(hup.0, Interest::READABLE) }?;
+        // One epoll set per direction, for its source's end of stream.
+        let client_hup = hup_watch(client.get_ref())?;
+        let app_hup = hup_watch(app.get_ref())?;
+        // A wake-up per source socket: the kernel passed bytes up on it.
+        let (up_notify, down_notify) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
         {
             let mut t = self.tasks.lock().unwrap();
-            t.insert(cookie, notify.clone());
-            t.insert(app_cookie, notify.clone());
+            t.insert(cookie, up_notify.clone());
+            t.insert(app_cookie, down_notify.clone());
         }
         let mut up = Way {
             src_cookie: cookie,
@@ -150,6 +154,7 @@ impl Splicer {
             written: 0,
             taken: client_read,
             done: false,
+            limit: IN_FLIGHT,
         };
         let mut down = Way {
             src_cookie: app_cookie,
@@ -159,6 +164,7 @@ impl Splicer {
             written: 0,
             taken: 0,
             done: false,
+            limit: IN_FLIGHT,
         };
         // The app's socket first: the client's segments are redirected
         // into it as soon as the client's are steered.
@@ -184,14 +190,84 @@ impl Splicer {
             return Err(io::Error::last_os_error());
         }
         tracing::debug!(conn = cookie, app = app_cookie, "tunnel spliced in the kernel");
+        // The two directions go on independently: one waiting for its
+        // destination to drain must not hold the other up. (In one loop,
+        // an echo app blocked writing into a full receive queue that only
+        // the other direction empties stopped taking input, and the tunnel
+        // stalled at the in-flight limit.)
+        let both = async {
+            tokio::try_join!(
+                self.way(&mut up, &client, &app, &client_hup, &up_notify),
+                self.way(&mut down, &app, &client, &app_hup, &down_notify),
+            )
+        };
+        // Idle: nothing written into either socket (by the kernel's
+        // redirects or by this task) for `idle`.
+        let idle_out = async {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut moved = (0u64, Instant::now());
+            loop {
+                tick.tick().await;
+                let now = socket_written(client.get_ref())? + socket_written(app.get_ref())?;
+                if now != moved.0 {
+                    moved = (now, Instant::now());
+                } else if idle.is_some_and(|idle| moved.1.elapsed() >= idle) {
+                    return io::Result::Ok(());
+                }
+            }
+        };
+        let r = tokio::select! {
+            r = both => r.map(|_| ()),
+            r = idle_out => {
+                if r.is_ok() {
+                    tracing::info!(conn = cookie, spliced = true, "a tunnel idle for {:?} closed", idle.unwrap_or_default());
+                }
+                r
+            }
+        };
+        if r.is_err() {
+            // One side broke: reset both. Closed gently, a socket whose
+            // unread bytes sat in the kernel's redirect queues sent a FIN
+            // and stayed, orphaned, with an echo app blocked writing into
+            // it and nobody reading either (found by killing a client in
+            // the middle of a bulk echo).
+            abort(client.get_ref());
+            abort(app.get_ref());
+        }
+        r
+    }
+
+    /// One direction, `src` to `dst`, until its end of stream has been
+    /// passed on: forwards what the kernel passes up, woken by `notify`
+    /// (the verdict's event), by `src`'s peer closing (`hup`), or by a
+    /// look at how far the redirected bytes drained, to move the in-flight
+    /// limit on before the kernel reaches it: every millisecond while
+    /// bytes flow, backing off to a second when they do not. Moved only
+    /// when passed bytes were forwarded, the limit was reached every 4 MiB
+    /// and a bulk echo was copied here as much as redirected (904 MiB/s,
+    /// 2.3 CPU s per GiB, as much as the worker's copy).
+    async fn way(
+        &self,
+        way: &mut Way,
+        src: &AsyncFd<std::net::TcpStream>,
+        dst: &AsyncFd<std::net::TcpStream>,
+        hup: &AsyncFd<OwnedFd>,
+        notify: &Notify,
+    ) -> io::Result<()> {
         let mut buf = vec![0u8; 64 << 10];
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        let mut moved = (0u64, Instant::now());
+        let (mut look, mut seen) = (LOOK_MIN, u64::MAX);
         loop {
-            self.forward(&mut up, &client, &app, &mut buf).await?;
-            self.forward(&mut down, &app, &client, &mut buf).await?;
-            if up.done && down.done {
+            self.forward(way, src, dst, &mut buf).await?;
+            if way.done {
                 return Ok(());
+            }
+            let redirected = self.redirected(way);
+            if redirected != seen {
+                seen = redirected;
+                look = LOOK_MIN;
+                self.move_limit(way, dst)?;
+            } else {
+                look = (look * 2).min(LOOK_MAX);
             }
             tokio::select! {
                 g = hup.readable() => {
@@ -200,23 +276,27 @@ impl Splicer {
                         // SAFETY: ManuallyDrop: the fd stays the AsyncFd's.
                         std::os::fd::FromRawFd::from_raw_fd(hup.get_ref().as_raw_fd())
                     }));
-                    let mut ev = [EpollEvent::empty(); 2];
+                    let mut ev = [EpollEvent::empty(); 1];
                     if set.wait(&mut ev, EpollTimeout::ZERO).map_err(io::Error::from)? == 0 {
                         g.clear_ready();
                     }
                 }
                 _ = notify.notified() => {}
-                _ = tick.tick() => {
-                    let now = self.redirected(&up) + self.redirected(&down) + up.written + down.written;
-                    if now != moved.0 {
-                        moved = (now, Instant::now());
-                    } else if idle.is_some_and(|idle| moved.1.elapsed() >= idle) {
-                        tracing::info!(conn = cookie, spliced = true, "a tunnel idle for {:?} closed", idle.unwrap_or_default());
-                        return Ok(());
-                    }
-                }
+                _ = tokio::time::sleep(look) => {}
             }
         }
+    }
+
+    /// Lets the kernel redirect up to IN_FLIGHT bytes past those of `way`
+    /// already in `dst`'s send queue.
+    fn move_limit(&self, way: &mut Way, dst: &AsyncFd<std::net::TcpStream>) -> io::Result<()> {
+        let drained = socket_written(dst.get_ref())?.saturating_sub(way.base + way.written);
+        let limit = drained + IN_FLIGHT;
+        if limit >= way.limit + LIMIT_STEP {
+            self.table.steer(way.src_cookie, TunnelCtl { peer: way.peer_cookie, taken: way.taken, limit })?;
+            way.limit = limit;
+        }
+        Ok(())
     }
 
     /// Bytes the kernel redirected from `way`'s source so far.
@@ -260,6 +340,7 @@ impl Splicer {
             // Redirects go on from here, with room for IN_FLIGHT more.
             let limit = self.redirected(way) + IN_FLIGHT;
             self.table.steer(way.src_cookie, TunnelCtl { peer: way.peer_cookie, taken: way.taken, limit })?;
+            way.limit = limit;
         }
         Ok(())
     }
@@ -297,6 +378,32 @@ struct Way {
     taken: u64,
     /// The source ended (its FIN passed on).
     done: bool,
+    /// The in-flight limit last given to the kernel.
+    limit: u64,
+}
+
+/// Makes closing `s` reset the connection (SO_LINGER on, time 0).
+fn abort(s: &std::net::TcpStream) {
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt of a struct linger; a failure leaves a gentle close.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
+/// An epoll set that is readable once `s`'s peer has closed
+/// (`EPOLLRDHUP`, edge-triggered: never for data).
+fn hup_watch(s: &std::net::TcpStream) -> io::Result<AsyncFd<OwnedFd>> {
+    let set = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
+    set.add(s, EpollEvent::new(EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET, 0)).map_err(io::Error::from)?;
+    // SAFETY: the AsyncFd owns the set while it is registered.
+    Ok(unsafe { AsyncFd::register_with_interest(set.0, Interest::READABLE) }?)
 }
 
 async fn write_all(s: &AsyncFd<std::net::TcpStream>, mut data: &[u8]) -> io::Result<()> {

@@ -247,3 +247,100 @@ fn a_declined_upgrade_leaves_the_connection_to_http() {
     let r = c.get("x", "/");
     assert_eq!(r.status, 200, "{r:?}");
 }
+
+/// A pool of `upgrade_echo` (tests/src/bin: 101 to anything, then every
+/// byte back, no framing).
+fn start_raw_echo(top: &str) -> Option<Dispatcher> {
+    let app = tests::bin_dir().join("upgrade_echo").display().to_string();
+    Dispatcher::start_if_privileged(&[PoolDef::worker("raw", &["*/"], &["proxy", "--", &app])], top)
+}
+
+/// Bulk both ways at once on several spliced tunnels: each client writes
+/// while it reads the echo, so both directions run past the in-flight
+/// limit together (one waiting for the other once stalled the tunnel at
+/// 4 MiB); every byte comes back, in order.
+#[test]
+fn bulk_echoes_both_ways_at_once_through_spliced_tunnels() {
+    let Some(d) = start_raw_echo("") else { return };
+    const EACH: usize = 24 << 20;
+    let port = d.port;
+    let clients: Vec<_> = (0..3)
+        .map(|k| {
+            std::thread::spawn(move || {
+                let mut s = raw_upgrade(port);
+                let data: Vec<u8> = (0..EACH).map(|i| ((i * 13 + k * 7) % 251) as u8).collect();
+                let mut w = s.try_clone().unwrap();
+                let sent = data.clone();
+                let writer = std::thread::spawn(move || {
+                    for piece in sent.chunks(256 << 10) {
+                        w.write_all(piece).unwrap();
+                    }
+                });
+                let mut got = vec![0u8; EACH];
+                s.read_exact(&mut got).expect("the whole echo");
+                writer.join().unwrap();
+                assert!(got == data, "tunnel {k}: the echo came back different");
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap_or_else(|_| panic!("a tunnel failed: {}\n{}", d.stats(), d.log()));
+    }
+    assert!(redirected(&d) >= 8 << 20, "the kernel redirected only {} bytes: {}", redirected(&d), d.stats());
+}
+
+/// A client that vanishes (reset) in the middle of a bulk echo, with the
+/// app blocked writing into the tunnel: the app's connection is reset
+/// too, not left to an orphaned socket nobody reads.
+#[test]
+fn a_client_reset_in_the_middle_of_a_spliced_echo_resets_the_app() {
+    let Some(d) = start_raw_echo("") else { return };
+    let mut s = raw_upgrade(d.port);
+    // Written, never read: every queue on the way fills up.
+    s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let piece = vec![7u8; 256 << 10];
+    for _ in 0..128 {
+        if s.write_all(&piece).is_err() {
+            break;
+        }
+    }
+    // Gone the hard way, as a killed client goes with unread bytes.
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt of a struct linger on our socket.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    drop(s);
+    assert!(
+        d.wait_log(Duration::from_secs(10), |l| l.contains("upgrade_echo: a connection ended")),
+        "the app's side of the tunnel is still open: {}",
+        d.log()
+    );
+    // The dispatcher goes on: a new tunnel echoes.
+    let mut s = raw_upgrade(d.port);
+    s.write_all(b"still here").unwrap();
+    let mut back = [0u8; 10];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"still here");
+}
+
+/// A tunnel to `upgrade_echo`, after its 101.
+fn raw_upgrade(port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"GET /raw HTTP/1.1\r\nHost: x\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).expect("the answer's head"), 1, "closed: {:?}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101 "), "{}", String::from_utf8_lossy(&head));
+    s
+}
