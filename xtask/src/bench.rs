@@ -40,6 +40,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+mod tunnel;
+
 /// Setups, in the order they are reported. `fast-100k` is the fast path
 /// with 100,000 more routes (other hosts) in its table; `fast-gate` the
 /// fast path with `lease_gate = true`.
@@ -67,10 +69,15 @@ impl Options {
         self.sections.iter().any(|s| s == "echo")
     }
 
+    fn tunnel(&self) -> bool {
+        self.sections.iter().any(|s| s == "tunnel")
+    }
+
     fn apps(&self) -> Result<Vec<App>> {
         for s in &self.sections {
-            if s != "echo" && !App::ALL.iter().any(|a| a.name() == s) {
-                let known: Vec<&str> = std::iter::once("echo").chain(App::ALL.iter().map(|a| a.name())).collect();
+            if s != "echo" && s != "tunnel" && !App::ALL.iter().any(|a| a.name() == s) {
+                let known: Vec<&str> =
+                    ["echo", "tunnel"].into_iter().chain(App::ALL.iter().map(|a| a.name())).collect();
                 bail!("no bench section `{s}` (there are: {})", known.join(", "));
             }
         }
@@ -148,7 +155,8 @@ enum App {
     /// `worker::serve`.
     Axum,
     /// The WSGI example app (examples/apps/python) under gunicorn, behind
-    /// nginx's `proxy_pass` (upstream keep-alive) vs in a `proxy` pool.
+    /// nginx's `proxy_pass` (upstream keep-alive) vs in a `proxy` pool;
+    /// and gunicorn with no proxy at all (`direct`), the ceiling of both.
     Python,
     /// The PHP example (examples/apps/php) under php-fpm, behind nginx's
     /// `fastcgi_pass` vs in a `fastcgi` pool.
@@ -177,7 +185,7 @@ impl App {
         match self {
             App::Static => &["nginx-1w", "nginx-auto", "fast-gate", "fast"],
             App::Axum => &["direct", "fast"],
-            App::Python => &["nginx", "fast"],
+            App::Python => &["direct", "nginx", "fast"],
             App::Php => &["nginx", "fast"],
         }
     }
@@ -187,7 +195,7 @@ impl App {
         match self {
             App::Static => "nginx serving the directory itself (`root`, `sendfile on`, `tcp_nopush on`, keep-alive, `access_log off`, no `open_file_cache`: its default) with 1 worker process (`nginx-1w`, as the pool has 1 worker) and with `worker_processes auto` (`nginx-auto`, one per core); fast = a dispatcher pool running `dispatcher-worker static DIR` over the same directory (its in-memory cache of files up to 1 MiB, one `fstatat` per request; larger files by `sendfile`); fast-gate = the same with the lease gate on (`lease_gate = true`), so fast/fast-gate is what the gate costs on this path.",
             App::Axum => "the axum example app (examples/apps/axum, one current-thread tokio runtime): direct = served by `axum::serve` (hyper) on its own port; fast = the same binary in a dispatcher pool, through `worker::serve` (kernel path, direct responses).",
-            App::Python => "the WSGI example app (examples/apps/python) under gunicorn (`-k gthread --workers 2 --threads 8`, so it keeps connections alive): nginx = `worker_processes auto` with `proxy_pass` to it and upstream `keepalive 256`; fast = a `proxy` pool whose worker starts the same gunicorn command on its own port and forwards to it (hyper's pooled client).",
+            App::Python => "the WSGI example app (examples/apps/python) under gunicorn (`-k gthread --workers 2 --threads 8`, so it keeps connections alive): direct = wrk straight at gunicorn, no proxy (what no proxy in front of it can pass on these cores); nginx = `worker_processes auto` with `proxy_pass` to it, upstream `keepalive 256`, and the forwarding fields a proxy pool sets (`X-Forwarded-For`, `X-Forwarded-Proto`, `Forwarded`, as gunicorn's deployment guide has nginx set the first two), so gunicorn gets the same request from both; fast = a `proxy` pool whose worker starts the same gunicorn command on its own port and forwards to it (hyper's pooled client).",
             App::Php => "the PHP example (examples/apps/php) under php-fpm with 8 children (`pm = static`) on a Unix socket: nginx = `worker_processes auto` with `fastcgi_pass` to a php-fpm of its own (a new FastCGI connection per request, nginx's default: its `fastcgi_keep_conn` with php-fpm needs as many children as kept connections across workers); fast = a `fastcgi` pool whose worker starts php-fpm with the same settings (`--php-fpm --children 8`, connections kept, one per child).",
         }
     }
@@ -253,8 +261,9 @@ impl App {
                     .context("copying examples/apps/python/app.py")?;
                 let ok = Command::new("chmod").args(["-R", "a+rX"]).arg(dir).status()?;
                 anyhow::ensure!(ok.success(), "chmod -R a+rX {}", dir.display());
-                let ports: Vec<u16> = self.setups().iter().map(|_| free_port()).collect();
                 let gunicorn_port = free_port();
+                // `direct` is nginx's gunicorn itself.
+                let ports = vec![gunicorn_port, free_port(), free_port()];
                 let app_dir = app.display().to_string();
                 let gunicorn = |bind: &str| -> Vec<String> {
                     ["gunicorn", "--chdir", &app_dir, "-b", bind, "-k", "gthread", "--workers", "2", "--threads", "8"]
@@ -275,8 +284,8 @@ impl App {
                 wait_port(gunicorn_port, "gunicorn")?;
                 let ngx = dir.join("nginx-python");
                 fs::create_dir_all(&ngx)?;
-                procs.0.push(start_nginx(&ngx, ports[0], gunicorn_port)?);
-                wait_port(ports[0], "nginx (python)")?;
+                procs.0.push(start_nginx(&ngx, ports[1], gunicorn_port, true)?);
+                wait_port(ports[1], "nginx (python)")?;
                 let args: Vec<String> = ["proxy".to_string(), "--".to_string()]
                     .into_iter()
                     .chain(gunicorn("127.0.0.1:$PORT"))
@@ -284,11 +293,11 @@ impl App {
                     .collect();
                 let cfg = format!(
                     "listen = \"127.0.0.1:{}\"\ninstance = \"bench-python\"\n[[pool]]\nname = \"python\"\nroutes = [\"*/\"]\ncommand = \"dispatcher-worker\"\nargs = [{}]\nstart_mode = \"always-running\"\n",
-                    ports[1],
+                    ports[2],
                     args.join(", ")
                 );
                 procs.0.push(spawn_dispatcher(bin, dir, "python", &cfg, "warn")?);
-                wait_port(ports[1], "dispatcher (python)")?;
+                wait_port(ports[2], "dispatcher (python)")?;
                 Ok(ports)
             }
             App::Php => {
@@ -707,7 +716,16 @@ http {{
     run_nginx(dir, &conf, "nginx-error.log", "starting nginx")
 }
 
-fn start_nginx(dir: &Path, port: u16, upstream: u16) -> Result<Child> {
+/// nginx proxying to `upstream` with keep-alive; `forwarded`: with the
+/// fields a proxy pool adds to each request (for a like-for-like app
+/// comparison: gunicorn parses each field, a fifth of its time per request
+/// for these three on the text page).
+fn start_nginx(dir: &Path, port: u16, upstream: u16, forwarded: bool) -> Result<Child> {
+    let fields = if forwarded {
+        "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n            proxy_set_header X-Forwarded-Proto $scheme;\n            proxy_set_header Forwarded \"for=$remote_addr;host=\\\"$http_host\\\";proto=$scheme\";"
+    } else {
+        ""
+    };
     let conf = format!(
         r#"worker_processes auto;
 pid {dir}/nginx.pid;
@@ -736,6 +754,7 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $host;
+            {fields}
         }}
     }}
 }}
@@ -750,7 +769,7 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
     let apps = o.apps()?;
     let cases = cases(o);
     let app_cases = app_cases(o, &apps);
-    if cases.is_empty() && app_cases.is_empty() {
+    if cases.is_empty() && app_cases.is_empty() && !o.tunnel() {
         bail!("nothing to measure (the app sections run at --connections counts up to {APP_MAX_CONNECTIONS})");
     }
     let dir = std::env::temp_dir().join(format!("dispatcher-bench-{}", std::process::id()));
@@ -768,13 +787,17 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
         app_procs.push(procs.0.len());
         app_ports.push(app.start(bin, root, &dir, &mut procs)?);
     }
+    let tunnel_ports = if o.tunnel() { tunnel::start(bin, &dir, &mut procs)? } else { Vec::new() };
     std::thread::sleep(Duration::from_secs(1));
 
     // samples[case][setup][round]
     let mut samples: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); SETUPS.len()]; cases.len()];
     let mut app_samples: Vec<Vec<Vec<Sample>>> =
         app_cases.iter().map(|c| vec![Vec::new(); c.app.setups().len()]).collect();
-    let per_round = cases.len() * SETUPS.len() + app_cases.iter().map(|c| c.app.setups().len()).sum::<usize>();
+    // tunnel_samples[setup][round]
+    let mut tunnel_samples: Vec<Vec<tunnel::Sample>> = vec![Vec::new(); tunnel_ports.len()];
+    let per_round =
+        cases.len() * SETUPS.len() + app_cases.iter().map(|c| c.app.setups().len()).sum::<usize>() + tunnel_ports.len();
     let total = per_round as u32 * o.rounds;
     let mut k = 0;
     for round in 0..o.rounds {
@@ -808,6 +831,17 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
                 app_samples[ci][si].push(s);
             }
         }
+        for (si, port) in tunnel_ports.iter().enumerate() {
+            k += 1;
+            let setup = tunnel::SETUPS[si];
+            println!(
+                "[xtask] bench {k}/{total}: round {} tunnel {setup}: {} tunnels {}s",
+                round + 1,
+                tunnel::CONNECTIONS,
+                o.seconds
+            );
+            tunnel_samples[si].push(tunnel::measure(*port, o.seconds).with_context(|| format!("tunnel {setup}"))?);
+        }
     }
     let rss: Vec<u64> = procs.0.iter().map(|c| peak_rss_kib(c.id())).collect();
     drop(procs);
@@ -818,7 +852,8 @@ pub fn run(bin: &Path, root: &Path, o: &Options) -> Result<PathBuf> {
     let recycle = if long { Some(recycle_under_load(bin, &dir, o.seconds)?) } else { None };
     let _ = fs::remove_dir_all(&dir);
     let apps = AppResults { apps: &apps, cases: &app_cases, samples: &app_samples, rss: &app_rss };
-    write_results(root, o, &cases, &samples, echo_rss, &apps, cold.as_ref(), recycle.as_ref())
+    let tunnel = (!tunnel_samples.is_empty()).then_some(&tunnel_samples[..]);
+    write_results(root, o, &cases, &samples, echo_rss, &apps, tunnel, cold.as_ref(), recycle.as_ref())
 }
 
 /// The conformance suite (`tests::conformance`) against nginx and the
@@ -859,7 +894,7 @@ fn start_echo_setups(bin: &Path, dir: &Path, procs: &mut Procs) -> Result<Vec<u1
             .context("starting the standalone worker")?,
     );
     wait_port(ports[0], "standalone worker")?;
-    procs.0.push(start_nginx(dir, ports[1], ports[0])?);
+    procs.0.push(start_nginx(dir, ports[1], ports[0], false)?);
     wait_port(ports[1], "nginx")?;
     procs.0.push(start_dispatcher(
         bin,
@@ -1167,6 +1202,23 @@ fn write_app(md: &mut String, json: &mut Vec<String>, app: App, r: &AppResults, 
             ));
         }
     }
+    // With the app measured on its own, how much any proxy could pass nginx
+    // by (the proxy and the app share these cores).
+    if let (Some(d), Some(n)) = (setups.iter().position(|s| *s == "direct"), setups.iter().position(|s| *s == "nginx"))
+    {
+        let lines: Vec<String> = r
+            .cases
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.app == app)
+            .map(|(ci, c)| {
+                let s = &r.samples[ci];
+                let (m, lo, hi) = median(s[d].iter().zip(&s[n]).map(|(x, y)| x.rps / y.rps).collect());
+                format!("{} at {}: {m:.2} ({lo:.2}–{hi:.2})", c.label, c.conns)
+            })
+            .collect();
+        writeln!(md, "\nThe ceiling, direct/nginx (no proxy over nginx): {}.", lines.join("; "))?;
+    }
     writeln!(
         md,
         "\nPeak RSS (VmHWM, process and its children, KiB): {}.",
@@ -1183,6 +1235,7 @@ fn write_results(
     samples: &[Vec<Vec<Sample>>],
     rss: &[u64],
     apps: &AppResults,
+    tunnel: Option<&[Vec<tunnel::Sample>]>,
     cold: Option<&Cold>,
     recycle: Option<&Recycle>,
 ) -> Result<PathBuf> {
@@ -1224,9 +1277,12 @@ fn write_results(
     for (ai, app) in apps.apps.iter().enumerate() {
         write_app(&mut md, &mut json, *app, apps, ai)?;
     }
+    if let Some(t) = tunnel {
+        tunnel::write(&mut md, &mut json, t, o.seconds)?;
+    }
     // A run of some sections only (`--only`) writes beside the full run's
     // results instead of over them.
-    let stem = match cases.is_empty() || apps.apps.len() < App::ALL.len() {
+    let stem = match cases.is_empty() || apps.apps.len() < App::ALL.len() || tunnel.is_none() {
         false => "results".to_string(),
         true => format!("results-{}", o.sections.join("-")),
     };

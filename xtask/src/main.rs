@@ -69,9 +69,11 @@ enum Cmd {
         /// a `static` pool; `axum`: the axum example on hyper vs in a
         /// pool; `python`: the WSGI example under gunicorn behind nginx's
         /// proxy_pass vs in a proxy pool; `php`: the PHP example under
-        /// php-fpm behind nginx's fastcgi_pass vs in a fastcgi pool). The
-        /// app sections run at the --connections counts up to 256.
-        #[arg(long, value_delimiter = ',', default_value = "echo,static,axum,python,php")]
+        /// php-fpm behind nginx's fastcgi_pass vs in a fastcgi pool), and
+        /// `tunnel` (bytes through upgraded connections: kernel splice vs
+        /// the worker's copy vs nginx). The app sections run at the
+        /// --connections counts up to 256.
+        #[arg(long, value_delimiter = ',', default_value = "echo,static,axum,python,php,tunnel")]
         only: Vec<String>,
         /// Measure the `dispatcher` and `dispatcher-worker` binaries in DIR
         /// (e.g. copies of an earlier commit's target/release) instead of

@@ -1,0 +1,242 @@
+//! The bench's tunnel section: bytes through an upgraded connection (what
+//! a WebSocket becomes after its 101), the kernel's splice against the
+//! copies a proxy makes.
+//!
+//! The app is `upgrade_echo` (tests/src/bin): 101 to any request, then
+//! every byte back. Setups, in report order:
+//! - direct: the client straight at the app (no proxy; the ceiling);
+//! - nginx: `proxy_pass` with the usual upgrade fields
+//!   (`proxy_set_header Upgrade $http_upgrade; Connection "upgrade"`);
+//! - copy: a proxy pool with `fast_path.tunnel_splice = false` (the worker
+//!   copies both ways, 64 KiB at a time);
+//! - splice: the same pool with splicing on (the default): the kernel
+//!   redirects between the client's socket and the app's.
+//!
+//! Each run opens [`CONNECTIONS`] tunnels; on each a thread writes 256 KiB
+//! pieces for the run's seconds while another reads the echo, until all
+//! it wrote is back. The figures: bytes echoed per second (one way) and
+//! whole-system CPU seconds per GiB echoed.
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::TcpStream,
+    path::Path,
+    process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use super::{free_port, median, run_nginx, spawn_dispatcher, system_busy_seconds, wait_port, Procs};
+
+/// The setups, in report order; the last is the one the ratios are of.
+pub(super) const SETUPS: [&str; 4] = ["direct", "nginx", "copy", "splice"];
+/// Tunnels open at once in a run.
+pub(super) const CONNECTIONS: usize = 4;
+/// Size of each write.
+const PIECE: usize = 256 << 10;
+
+/// One run of one setup.
+#[derive(Clone, Debug, Default)]
+pub(super) struct Sample {
+    /// MiB echoed per second (counted once, not per direction).
+    mib_s: f64,
+    /// Whole-system CPU seconds per GiB echoed.
+    cpu_per_gib: f64,
+}
+
+/// Starts the app and the setups in front of it; their ports in
+/// [`SETUPS`] order.
+pub(super) fn start(bin: &Path, dir: &Path, procs: &mut Procs) -> Result<Vec<u16>> {
+    let d = dir.join("tunnel");
+    fs::create_dir_all(&d)?;
+    // A copy the pools' unprivileged user can run.
+    let app = d.join("upgrade_echo");
+    fs::copy(bin.join("upgrade_echo"), &app)
+        .with_context(|| format!("copying {} (built by the tests crate)", bin.join("upgrade_echo").display()))?;
+    let ok = Command::new("chmod").args(["-R", "a+rX"]).arg(dir).status()?;
+    ensure!(ok.success(), "chmod -R a+rX {}", dir.display());
+    let ports: Vec<u16> = SETUPS.iter().map(|_| free_port()).collect();
+    procs.0.push(
+        Command::new(&app)
+            .arg(format!("127.0.0.1:{}", ports[0]))
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting upgrade_echo")?,
+    );
+    wait_port(ports[0], "upgrade_echo")?;
+    procs.0.push(start_nginx(&d, ports[1], ports[0])?);
+    wait_port(ports[1], "nginx (tunnel)")?;
+    for (i, splice) in [(2, false), (3, true)] {
+        let name = SETUPS[i];
+        let cfg = format!(
+            "listen = \"127.0.0.1:{}\"\ninstance = \"bench-tunnel-{name}\"\n[fast_path]\ntunnel_splice = {splice}\n[[pool]]\nname = \"tunnel\"\nroutes = [\"*/\"]\ncommand = \"dispatcher-worker\"\nargs = [\"proxy\", \"--\", {:?}]\nstart_mode = \"always-running\"\n",
+            ports[i],
+            app.display().to_string()
+        );
+        procs.0.push(spawn_dispatcher(bin, dir, &format!("tunnel-{name}"), &cfg, "warn")?);
+        wait_port(ports[i], "dispatcher (tunnel)")?;
+    }
+    // One tunnel through each, so that a setup that cannot tunnel fails
+    // before the run, not in it.
+    for (port, name) in ports.iter().zip(SETUPS) {
+        run(*port, 1, Duration::from_millis(100)).with_context(|| format!("a tunnel through {name}"))?;
+    }
+    Ok(ports)
+}
+
+fn start_nginx(dir: &Path, port: u16, app: u16) -> Result<std::process::Child> {
+    let conf = format!(
+        r#"worker_processes auto;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        location / {{
+            proxy_pass http://127.0.0.1:{app};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            # Its tunnel buffers, one per direction: as large as the
+            # app's and the worker's (the default, 4 KiB, is a system
+            # call per 4 KiB).
+            proxy_buffer_size 64k;
+            proxy_buffers 8 64k;
+            proxy_busy_buffers_size 128k;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"#,
+        dir = dir.display()
+    );
+    run_nginx(dir, &conf, "nginx-error.log", "starting nginx (tunnel)")
+}
+
+/// One measured run against `port`.
+pub(super) fn measure(port: u16, seconds: u32) -> Result<Sample> {
+    let cpu0 = system_busy_seconds();
+    let (bytes, elapsed) = run(port, CONNECTIONS, Duration::from_secs(seconds.into()))?;
+    let cpu = system_busy_seconds() - cpu0;
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    Ok(Sample { mib_s: bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64(), cpu_per_gib: cpu / gib.max(1e-9) })
+}
+
+/// Opens `conns` tunnels and echoes through them for `time`: the bytes
+/// echoed (all of them came back) and how long it took.
+fn run(port: u16, conns: usize, time: Duration) -> Result<(u64, Duration)> {
+    let t0 = Instant::now();
+    let deadline = t0 + time;
+    let threads: Vec<_> = (0..conns).map(|_| std::thread::spawn(move || tunnel(port, deadline))).collect();
+    let mut total = 0;
+    for t in threads {
+        total += t.join().map_err(|_| anyhow::anyhow!("a tunnel's thread panicked"))??;
+    }
+    Ok((total, t0.elapsed()))
+}
+
+/// One tunnel: upgrade, then write until `deadline` while reading the
+/// echo, until all that was written came back.
+fn tunnel(port: u16, deadline: Instant) -> Result<u64> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"GET /tunnel HTTP/1.1\r\nHost: bench\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ensure!(s.read(&mut byte)? == 1 && head.len() < 16 << 10, "the connection ended before a whole answer");
+        head.push(byte[0]);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        bail!("answered {:?}, not 101", String::from_utf8_lossy(&head[..head.len().min(40)]));
+    }
+    let written = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut w = s.try_clone()?;
+    let writer = {
+        let (written, done) = (written.clone(), done.clone());
+        std::thread::spawn(move || -> std::io::Result<()> {
+            let piece: Vec<u8> = (0..PIECE).map(|i| (i % 251) as u8).collect();
+            let r = (|| {
+                while Instant::now() < deadline {
+                    w.write_all(&piece)?;
+                    written.fetch_add(PIECE as u64, Ordering::Release);
+                }
+                Ok(())
+            })();
+            done.store(true, Ordering::Release);
+            r
+        })
+    };
+    // Short read time-outs, to see the writer finish while the echo has
+    // caught up (nothing more would come).
+    s.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let mut buf = vec![0u8; PIECE];
+    let (mut read, mut last) = (0u64, Instant::now());
+    loop {
+        if done.load(Ordering::Acquire) && read >= written.load(Ordering::Acquire) {
+            break;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => bail!("the tunnel closed with {} bytes not echoed", written.load(Ordering::Acquire) - read),
+            Ok(n) => {
+                read += n as u64;
+                last = Instant::now();
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                ensure!(last.elapsed() < Duration::from_secs(10), "no echo for 10 s ({read} bytes back)");
+            }
+            Err(e) => return Err(e).context("reading the echo"),
+        }
+    }
+    writer.join().map_err(|_| anyhow::anyhow!("a writer panicked"))?.context("writing into the tunnel")?;
+    ensure!(
+        read == written.load(Ordering::Acquire),
+        "{read} bytes echoed for {} written",
+        written.load(Ordering::Acquire)
+    );
+    Ok(read)
+}
+
+/// The section's table: `samples[setup][round]`.
+pub(super) fn write(md: &mut String, json: &mut Vec<String>, samples: &[Vec<Sample>], seconds: u32) -> Result<()> {
+    use std::fmt::Write as _;
+    let last = SETUPS.len() - 1;
+    writeln!(md, "\n## Tunnels (upgraded connections)\n")?;
+    writeln!(md, "`upgrade_echo` (tests/src/bin: 101, then every byte back) on its own (direct), behind nginx (`proxy_pass`, `Upgrade`/`Connection` set, `proxy_buffer_size 64k`), in a proxy pool copied by the worker (copy: `fast_path.tunnel_splice = false`) and in the same pool spliced by the kernel (splice). {CONNECTIONS} tunnels at once, each written 256 KiB at a time for {seconds} s while its echo is read back; MiB/s echoed, whole-system CPU s per GiB echoed.\n")?;
+    let heads: String = SETUPS[..last].iter().map(|p| format!(" splice/{p} |")).collect();
+    writeln!(md, "| setup | MiB/s | CPU s / GiB |{heads}")?;
+    writeln!(md, "|---|---|---|{}", "---|".repeat(last))?;
+    for (si, setup) in SETUPS.iter().enumerate() {
+        let s = &samples[si];
+        let (m, lo, hi) = median(s.iter().map(|x| x.mib_s).collect());
+        let cpu = median(s.iter().map(|x| x.cpu_per_gib).collect()).0;
+        let ratios: Vec<(f64, f64, f64)> = (0..last)
+            .map(|pi| median(samples[last].iter().zip(&samples[pi]).map(|(x, y)| x.mib_s / y.mib_s).collect()))
+            .collect();
+        let cells: String = if si == last {
+            ratios.iter().map(|(m, lo, hi)| format!(" {m:.2} ({lo:.2}–{hi:.2}) |")).collect()
+        } else {
+            " |".repeat(last)
+        };
+        writeln!(md, "| {setup} | {m:.0} ({lo:.0}–{hi:.0}) | {cpu:.2} |{cells}")?;
+        json.push(format!(
+            "{{\"case\":\"tunnel\",\"setup\":\"{setup}\",\"mib_s\":{m:.1},\"mib_s_min\":{lo:.1},\"mib_s_max\":{hi:.1},\"cpu_s_per_gib\":{cpu:.3}}}"
+        ));
+    }
+    Ok(())
+}
