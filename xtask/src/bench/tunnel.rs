@@ -14,8 +14,9 @@
 //!
 //! Each run opens [`CONNECTIONS`] tunnels; on each a thread writes 256 KiB
 //! pieces for the run's seconds while another reads the echo, until all
-//! it wrote is back. The figures: bytes echoed per second (one way) and
-//! whole-system CPU seconds per GiB echoed.
+//! it wrote is back (bytes echoed per second, one way; whole-system CPU
+//! seconds per GiB); then, for as long, each sends 64 bytes and waits
+//! for their echo (round trips per second; CPU seconds per 100k).
 
 use std::{
     fs,
@@ -41,13 +42,20 @@ pub(super) const CONNECTIONS: usize = 4;
 /// Size of each write.
 const PIECE: usize = 256 << 10;
 
-/// One run of one setup.
+/// Size of a ping-pong message.
+const PING: usize = 64;
+
+/// One run of one setup: a bulk echo, then a ping-pong.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Sample {
     /// MiB echoed per second (counted once, not per direction).
     mib_s: f64,
     /// Whole-system CPU seconds per GiB echoed.
     cpu_per_gib: f64,
+    /// Ping-pong round trips per second (all tunnels).
+    trips_s: f64,
+    /// Whole-system CPU seconds per 100k round trips.
+    cpu_per_100k: f64,
 }
 
 /// Starts the app and the setups in front of it; their ports in
@@ -126,13 +134,44 @@ http {{
     run_nginx(dir, &conf, "nginx-error.log", "starting nginx (tunnel)")
 }
 
-/// One measured run against `port`.
+/// One measured run against `port`: `seconds` of bulk echo, then as many
+/// of ping-pong.
 pub(super) fn measure(port: u16, seconds: u32) -> Result<Sample> {
+    let time = Duration::from_secs(seconds.into());
     let cpu0 = system_busy_seconds();
-    let (bytes, elapsed) = run(port, CONNECTIONS, Duration::from_secs(seconds.into()))?;
+    let (bytes, elapsed) = run(port, CONNECTIONS, time)?;
     let cpu = system_busy_seconds() - cpu0;
     let gib = bytes as f64 / (1u64 << 30) as f64;
-    Ok(Sample { mib_s: bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64(), cpu_per_gib: cpu / gib.max(1e-9) })
+    let cpu0 = system_busy_seconds();
+    let t0 = Instant::now();
+    let threads: Vec<_> = (0..CONNECTIONS).map(|_| std::thread::spawn(move || ping_pong(port, t0 + time))).collect();
+    let mut trips = 0;
+    for t in threads {
+        trips += t.join().map_err(|_| anyhow::anyhow!("a ping-pong thread panicked"))??;
+    }
+    let (ptime, pcpu) = (t0.elapsed().as_secs_f64(), system_busy_seconds() - cpu0);
+    Ok(Sample {
+        mib_s: bytes as f64 / (1 << 20) as f64 / elapsed.as_secs_f64(),
+        cpu_per_gib: cpu / gib.max(1e-9),
+        trips_s: trips as f64 / ptime,
+        cpu_per_100k: pcpu / (trips as f64).max(1.0) * 100_000.0,
+    })
+}
+
+/// One tunnel's ping-pong until `deadline`: a 64-byte message, then its
+/// echo, again and again (a chat or a game's traffic, not a transfer):
+/// the round trips made.
+fn ping_pong(port: u16, deadline: Instant) -> Result<u64> {
+    let mut s = upgrade(port)?;
+    let (msg, mut back) = ([42u8; PING], [0u8; PING]);
+    let mut trips = 0;
+    while Instant::now() < deadline {
+        s.write_all(&msg)?;
+        s.read_exact(&mut back).context("reading a ping's echo")?;
+        ensure!(back == msg, "a ping came back different");
+        trips += 1;
+    }
+    Ok(trips)
 }
 
 /// Opens `conns` tunnels and echoes through them for `time`: the bytes
@@ -151,6 +190,11 @@ fn run(port: u16, conns: usize, time: Duration) -> Result<(u64, Duration)> {
 /// One tunnel: upgrade, then write until `deadline` while reading the
 /// echo, until all that was written came back.
 fn tunnel(port: u16, deadline: Instant) -> Result<u64> {
+    bulk(upgrade(port)?, deadline)
+}
+
+/// A tunnel through `port`, after its 101.
+fn upgrade(port: u16) -> Result<TcpStream> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -164,6 +208,11 @@ fn tunnel(port: u16, deadline: Instant) -> Result<u64> {
     if !head.starts_with(b"HTTP/1.1 101") {
         bail!("answered {:?}, not 101", String::from_utf8_lossy(&head[..head.len().min(40)]));
     }
+    Ok(s)
+}
+
+/// One tunnel's write-while-reading echo.
+fn bulk(mut s: TcpStream, deadline: Instant) -> Result<u64> {
     let written = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
     let mut w = s.try_clone()?;
@@ -217,25 +266,46 @@ pub(super) fn write(md: &mut String, json: &mut Vec<String>, samples: &[Vec<Samp
     use std::fmt::Write as _;
     let last = SETUPS.len() - 1;
     writeln!(md, "\n## Tunnels (upgraded connections)\n")?;
-    writeln!(md, "`upgrade_echo` (tests/src/bin: 101, then every byte back) on its own (direct), behind nginx (`proxy_pass`, `Upgrade`/`Connection` set, `proxy_buffer_size 64k`), in a proxy pool copied by the worker (copy: `fast_path.tunnel_splice = false`) and in the same pool spliced by the kernel (splice). {CONNECTIONS} tunnels at once, each written 256 KiB at a time for {seconds} s while its echo is read back; MiB/s echoed, whole-system CPU s per GiB echoed.\n")?;
+    writeln!(md, "`upgrade_echo` (tests/src/bin: 101, then every byte back) on its own (direct), behind nginx (`proxy_pass`, `Upgrade`/`Connection` set, `proxy_buffer_size 64k`), in a proxy pool copied by the worker (copy: `fast_path.tunnel_splice = false`) and in the same pool spliced by the kernel (splice). {CONNECTIONS} tunnels at once. Bulk: each written 256 KiB at a time for {seconds} s while its echo is read back (MiB/s echoed). Ping-pong: for {seconds} s more, each sends 64 bytes and waits for them to come back. CPU is the whole system's.")?;
     let heads: String = SETUPS[..last].iter().map(|p| format!(" splice/{p} |")).collect();
-    writeln!(md, "| setup | MiB/s | CPU s / GiB |{heads}")?;
-    writeln!(md, "|---|---|---|{}", "---|".repeat(last))?;
+    // (title, unit, its figure, its CPU figure, CPU unit)
+    type Of = fn(&Sample) -> f64;
+    let tables: [(&str, &str, Of, Of, &str); 2] = [
+        ("Bulk echo", "MiB/s", |x| x.mib_s, |x| x.cpu_per_gib, "CPU s / GiB"),
+        (
+            "Ping-pong (64 B, one at a time per tunnel)",
+            "round trips/s",
+            |x| x.trips_s,
+            |x| x.cpu_per_100k,
+            "CPU s / 100k trips",
+        ),
+    ];
+    for (title, unit, of, cpu_of, cpu_unit) in tables {
+        writeln!(md, "\n{title}:\n\n| setup | {unit} | {cpu_unit} |{heads}")?;
+        writeln!(md, "|---|---|---|{}", "---|".repeat(last))?;
+        for (si, setup) in SETUPS.iter().enumerate() {
+            let s = &samples[si];
+            let (m, lo, hi) = median(s.iter().map(of).collect());
+            let cpu = median(s.iter().map(cpu_of).collect()).0;
+            let cells: String = if si == last {
+                (0..last)
+                    .map(|pi| median(samples[last].iter().zip(&samples[pi]).map(|(x, y)| of(x) / of(y)).collect()))
+                    .map(|(m, lo, hi)| format!(" {m:.2} ({lo:.2}–{hi:.2}) |"))
+                    .collect()
+            } else {
+                " |".repeat(last)
+            };
+            writeln!(md, "| {setup} | {m:.0} ({lo:.0}–{hi:.0}) | {cpu:.2} |{cells}")?;
+        }
+    }
     for (si, setup) in SETUPS.iter().enumerate() {
         let s = &samples[si];
         let (m, lo, hi) = median(s.iter().map(|x| x.mib_s).collect());
-        let cpu = median(s.iter().map(|x| x.cpu_per_gib).collect()).0;
-        let ratios: Vec<(f64, f64, f64)> = (0..last)
-            .map(|pi| median(samples[last].iter().zip(&samples[pi]).map(|(x, y)| x.mib_s / y.mib_s).collect()))
-            .collect();
-        let cells: String = if si == last {
-            ratios.iter().map(|(m, lo, hi)| format!(" {m:.2} ({lo:.2}–{hi:.2}) |")).collect()
-        } else {
-            " |".repeat(last)
-        };
-        writeln!(md, "| {setup} | {m:.0} ({lo:.0}–{hi:.0}) | {cpu:.2} |{cells}")?;
+        let (t, tlo, thi) = median(s.iter().map(|x| x.trips_s).collect());
         json.push(format!(
-            "{{\"case\":\"tunnel\",\"setup\":\"{setup}\",\"mib_s\":{m:.1},\"mib_s_min\":{lo:.1},\"mib_s_max\":{hi:.1},\"cpu_s_per_gib\":{cpu:.3}}}"
+            "{{\"case\":\"tunnel\",\"setup\":\"{setup}\",\"mib_s\":{m:.1},\"mib_s_min\":{lo:.1},\"mib_s_max\":{hi:.1},\"cpu_s_per_gib\":{:.3},\"trips_s\":{t:.1},\"trips_s_min\":{tlo:.1},\"trips_s_max\":{thi:.1},\"cpu_s_per_100k_trips\":{:.3}}}",
+            median(s.iter().map(|x| x.cpu_per_gib).collect()).0,
+            median(s.iter().map(|x| x.cpu_per_100k).collect()).0,
         ));
     }
     Ok(())
