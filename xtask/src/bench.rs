@@ -677,10 +677,10 @@ fn start_php_fpm(dir: &Path, sock: &Path, children: usize) -> Result<Child> {
         .with_context(|| format!("starting {}", fpm.display()))
 }
 
-/// nginx in front of php-fpm: the usual PHP location (`fastcgi_params`,
-/// SCRIPT_FILENAME from the root), on `port`.
-fn start_nginx_fastcgi(dir: &Path, port: u16, sock: &Path, root: &Path) -> Result<Child> {
-    let conf = format!(
+/// The start of an nginx configuration of the bench's: `worker_processes
+/// auto`, its files in `dir`, no access log; the `http` block left open.
+fn nginx_head(dir: &Path) -> String {
+    format!(
         r#"worker_processes auto;
 pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log warn;
@@ -691,7 +691,16 @@ http {{
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
+    scgi_temp_path {dir}/scgi;"#,
+        dir = dir.display()
+    )
+}
+
+/// nginx in front of php-fpm: the usual PHP location (`fastcgi_params`,
+/// SCRIPT_FILENAME from the root), on `port`.
+fn start_nginx_fastcgi(dir: &Path, port: u16, sock: &Path, root: &Path) -> Result<Child> {
+    let conf = format!(
+        r#"{head}
     fastcgi_buffers 16 16k;
     server {{
         listen 127.0.0.1:{port} reuseport;
@@ -709,7 +718,7 @@ http {{
     }}
 }}
 "#,
-        dir = dir.display(),
+        head = nginx_head(dir),
         root = root.display(),
         sock = sock.display(),
     );

@@ -33,7 +33,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::{free_port, median, run_nginx, spawn_dispatcher, system_busy_seconds, wait_port, Procs};
+use super::{free_port, median, nginx_head, run_nginx, spawn_dispatcher, system_busy_seconds, wait_port, Procs};
 
 /// The setups, in report order; the last is the one the ratios are of.
 pub(super) const SETUPS: [&str; 4] = ["direct", "nginx", "copy", "splice"];
@@ -100,17 +100,7 @@ pub(super) fn start(bin: &Path, dir: &Path, procs: &mut Procs) -> Result<Vec<u16
 
 fn start_nginx(dir: &Path, port: u16, app: u16) -> Result<std::process::Child> {
     let conf = format!(
-        r#"worker_processes auto;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
+        r#"{head}
     server {{
         listen 127.0.0.1:{port} reuseport;
         location / {{
@@ -129,7 +119,7 @@ http {{
     }}
 }}
 "#,
-        dir = dir.display()
+        head = nginx_head(dir)
     );
     run_nginx(dir, &conf, "nginx-error.log", "starting nginx (tunnel)")
 }
