@@ -16,7 +16,8 @@
 //! Sockets here are never polled for input (the kernel would wake the
 //! task for every redirected segment): an epoll set watches for the peer
 //! closing (`EPOLLRDHUP`), the verdict reports passed bytes on `events`,
-//! and a one-second tick looks anyway.
+//! and each direction looks at its drain every millisecond while bytes
+//! flow (to move the in-flight limit on), every second when they do not.
 
 use std::{
     collections::HashMap,
