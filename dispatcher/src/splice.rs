@@ -205,6 +205,7 @@ impl Splicer {
         // Idle: nothing written into either socket (by the kernel's
         // redirects or by this task) for `idle`.
         let idle_out = async {
+            let Some(idle) = idle else { return std::future::pending().await };
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut moved = (0u64, Instant::now());
             loop {
@@ -212,7 +213,7 @@ impl Splicer {
                 let now = socket_written(client.get_ref())? + socket_written(app.get_ref())?;
                 if now != moved.0 {
                     moved = (now, Instant::now());
-                } else if idle.is_some_and(|idle| moved.1.elapsed() >= idle) {
+                } else if moved.1.elapsed() >= idle {
                     return io::Result::Ok(());
                 }
             }
@@ -243,10 +244,9 @@ impl Splicer {
     /// (the verdict's event), by `src`'s peer closing (`hup`), or by a
     /// look at how far the redirected bytes drained, to move the in-flight
     /// limit on before the kernel reaches it: every millisecond while
-    /// bytes flow, backing off to a second when they do not. Moved only
-    /// when passed bytes were forwarded, the limit was reached every 4 MiB
-    /// and a bulk echo was copied here as much as redirected (904 MiB/s,
-    /// 2.3 CPU s per GiB, as much as the worker's copy).
+    /// bytes flow, backing off to a second when they do not. (A sender
+    /// that outruns its reader meets the limit all the same: see
+    /// docs/design.md, "Spliced tunnels", on what that costs.)
     async fn way(
         &self,
         way: &mut Way,
