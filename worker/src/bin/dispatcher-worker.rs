@@ -73,8 +73,9 @@ enum Mode {
         tunnel_idle_timeout: u64,
         /// Threads forwarding requests (default: one per CPU this process
         /// may run on; 1: all on the main thread, as the other modes). On
-        /// 2 cores in front of gunicorn, two gave 0.98× nginx's throughput
-        /// at 256 clients and 0.85× at 16, one 0.87× and 0.72×.
+        /// 2 cores in front of gunicorn, two gave 0.98–0.99× nginx's
+        /// throughput at 256 clients and 0.85–0.94× at 16; one gave
+        /// 0.87–0.94× and 0.72–0.88× (two runs each).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
         threads: Option<u16>,
         /// The app's program and arguments.
